@@ -1,0 +1,208 @@
+"""Low-rank-plus-diagonal algebra: Sigma = W W^T + diag(d) and A_c = diag(lambda_c) + Sigma^{-1}.
+
+Nothing here forms a G x G array (except ``dense()`` helpers that exist for tests).
+
+Inner Woodbury (``LowRankCov``), D = diag(1/d), K = I_k + W^T D W::
+
+    Sigma^{-1} v  = D v - D W K^{-1} W^T D v
+    log det Sigma = sum_g log d_g + log det K
+
+Outer Woodbury (``PosteriorPrecision``), per cell c with lambda = lambda_c, M = diag(lambda + 1/d),
+V = D W, S = K - V^T M^{-1} V. Written without cancellation as::
+
+    S   = I_k + W^T diag(lambda / (1 + lambda d)) W                         (>= I_k)
+    A^{-1} b   = b / m + r * (W S^{-1} W^T (r * b)),   m = lambda + 1/d,  r = 1 / (1 + lambda d)
+    log det A  = sum_g log m_g + log det S - log det K
+    diag(A^{-1})_g = 1/m_g + r_g^2 * W_g S^{-1} W_g^T
+
+The k x k matrices S of all N cells come from one (N x G) @ (G x k(k+1)/2) product with the
+table of loading products W_ga W_gb (a <= b); everything else is O(N G k).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+__all__ = ["LowRankCov", "PosteriorPrecision"]
+
+_LOG2PI = float(np.log(2.0 * np.pi))
+
+
+def _pair_index(k: int) -> tuple[np.ndarray, np.ndarray]:
+    return np.triu_indices(k)
+
+
+def _batched_cho_solve(L: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Solve (L L^T) y = b for batched lower Cholesky factors L (N,k,k), b (N,k) or (N,k,r)."""
+    vec = b.ndim == L.ndim - 1
+    B = b[..., None] if vec else b
+    # two triangular solves through the batched generic solver (k is small)
+    y = np.linalg.solve(L, B)
+    y = np.linalg.solve(np.swapaxes(L, -1, -2), y)
+    return y[..., 0] if vec else y
+
+
+class LowRankCov:
+    """Sigma = W W^T + diag(d) with O(Gk) products, solves and log-determinant."""
+
+    def __init__(self, W: np.ndarray, d: np.ndarray) -> None:
+        W = np.asarray(W, dtype=float)
+        d = np.asarray(d, dtype=float)
+        if W.ndim != 2 or d.ndim != 1 or W.shape[0] != d.shape[0]:
+            raise ValueError(f"shape mismatch: W {W.shape}, d {d.shape}")
+        if np.any(d <= 0):
+            raise ValueError("d must be strictly positive")
+        self.W = W
+        self.d = d
+        self.G, self.k = W.shape
+        self.dinv = 1.0 / d
+        self.V = W * self.dinv[:, None]  # V = D W
+        self.K = np.eye(self.k) + W.T @ self.V  # K = I + W^T D W
+        self.L_K = np.linalg.cholesky(self.K)
+        L_inv = np.linalg.inv(self.L_K)
+        self.K_inv = L_inv.T @ L_inv
+        self._logdet_K = 2.0 * float(np.sum(np.log(np.diag(self.L_K))))
+        iu, ju = _pair_index(self.k)
+        self._iu, self._ju = iu, ju
+        # table T[g, p] = W_{g a_p} W_{g b_p} for the k(k+1)/2 pairs a_p <= b_p
+        self.pair_table = W[:, iu] * W[:, ju]
+
+    @classmethod
+    def from_params(cls, params) -> "LowRankCov":
+        return cls(params.W, params.d)
+
+    # ---- Sigma ---------------------------------------------------------------------------
+    def mv(self, v: np.ndarray) -> np.ndarray:
+        """Sigma v = W (W^T v) + d * v for v of shape (..., G)."""
+        return (v @ self.W) @ self.W.T + self.d * v
+
+    def inv_mv(self, v: np.ndarray) -> np.ndarray:
+        """Sigma^{-1} v = D v - V K^{-1} V^T v for v of shape (..., G)."""
+        t = v @ self.V  # (..., k) = V^T v
+        return self.dinv * v - (t @ self.K_inv) @ self.V.T
+
+    def logdet(self) -> float:
+        """log det Sigma = sum_g log d_g + log det K."""
+        return float(np.sum(np.log(self.d))) + self._logdet_K
+
+    def quad(self, v: np.ndarray) -> np.ndarray:
+        """v^T Sigma^{-1} v for v of shape (..., G)."""
+        return np.einsum("...g,...g->...", v, self.inv_mv(v))
+
+    def logpdf(self, x: np.ndarray, mu: np.ndarray) -> np.ndarray:
+        """log N(x | mu, Sigma) = -G/2 log 2pi - 1/2 log det Sigma - 1/2 (x-mu)^T Sigma^{-1} (x-mu)."""
+        r = x - mu
+        return -0.5 * (self.G * _LOG2PI + self.logdet() + self.quad(r))
+
+    def diag(self) -> np.ndarray:
+        return np.einsum("ga,ga->g", self.W, self.W) + self.d
+
+    def dense(self) -> np.ndarray:
+        """Dense G x G Sigma (tests, small G, or explicit user request only)."""
+        return self.W @ self.W.T + np.diag(self.d)
+
+    def sample(self, rng: np.random.Generator, n: int) -> np.ndarray:
+        """n zero-mean draws W z + sqrt(d) eps with covariance Sigma, shape (n, G)."""
+        z = rng.standard_normal((n, self.k))
+        e = rng.standard_normal((n, self.G))
+        return z @ self.W.T + np.sqrt(self.d) * e
+
+    # ---- helpers shared with PosteriorPrecision ------------------------------------------
+    def unpack_pairs(self, P: np.ndarray) -> np.ndarray:
+        """(N, k(k+1)/2) packed symmetric entries (a <= b) -> (N, k, k)."""
+        out = np.empty(P.shape[:-1] + (self.k, self.k))
+        out[..., self._iu, self._ju] = P
+        out[..., self._ju, self._iu] = P
+        return out
+
+    def pack_pairs_weighted(self, S: np.ndarray) -> np.ndarray:
+        """(N,k,k) symmetric -> packed (N, p) with off-diagonal entries doubled, so that
+        sum_ab W_ga W_gb S_ab = (packed @ pair_table.T)_g."""
+        P = S[..., self._iu, self._ju].copy()
+        P[..., self._iu != self._ju] *= 2.0
+        return P
+
+
+class PosteriorPrecision:
+    """A_c = diag(lambda_c) + Sigma^{-1} for N cells at once (outer Woodbury, no G x G).
+
+    Parameters
+    ----------
+    cov : LowRankCov
+    lam : (N, G) array of lambda_c = exp(x_c - eta_c) >= 0.
+    """
+
+    def __init__(self, cov: LowRankCov, lam: np.ndarray) -> None:
+        lam = np.asarray(lam, dtype=float)
+        if lam.ndim != 2 or lam.shape[1] != cov.G:
+            raise ValueError(f"lam must have shape (N, {cov.G}), got {lam.shape}")
+        self.cov = cov
+        self.lam = lam
+        ld = lam * cov.d
+        self.r = 1.0 / (1.0 + ld)  # r = 1 / (1 + lambda d)
+        self.m = lam + cov.dinv  # m = lambda + 1/d
+        # S_c = I + W^T diag(lambda/(1 + lambda d)) W: one (N x G) @ (G x p) product
+        P = (lam * self.r) @ cov.pair_table
+        S = cov.unpack_pairs(P)
+        S[..., np.arange(cov.k), np.arange(cov.k)] += 1.0
+        self.S = S
+        self.L_S = np.linalg.cholesky(S)
+
+    @property
+    def N(self) -> int:
+        return self.lam.shape[0]
+
+    def mv(self, v: np.ndarray) -> np.ndarray:
+        """A v = lambda * v + Sigma^{-1} v, for v (N, G) or (S, N, G)."""
+        return self.lam * v + self.cov.inv_mv(v)
+
+    def solve(self, b: np.ndarray) -> np.ndarray:
+        """A^{-1} b = b/m + r * W S^{-1} W^T (r * b); b of shape (N, G) or (N, G, n_rhs)."""
+        b = np.asarray(b, dtype=float)
+        if b.ndim == 2:
+            t = (self.r * b) @ self.cov.W  # (N, k)
+            s = _batched_cho_solve(self.L_S, t)
+            return b / self.m + self.r * (s @ self.cov.W.T)
+        if b.ndim == 3:
+            rb = self.r[:, :, None] * b
+            t = np.einsum("ngj,ga->naj", rb, self.cov.W)  # (N, k, n_rhs)
+            s = _batched_cho_solve(self.L_S, t)
+            return b / self.m[:, :, None] + self.r[:, :, None] * np.einsum("ga,naj->ngj", self.cov.W, s)
+        raise ValueError(f"b must be (N, G) or (N, G, n_rhs), got shape {b.shape}")
+
+    def logdet(self) -> np.ndarray:
+        """log det A_c = sum_g log m_g + log det S_c - log det K, shape (N,)."""
+        ld_S = 2.0 * np.sum(np.log(np.diagonal(self.L_S, axis1=-2, axis2=-1)), axis=-1)
+        return np.sum(np.log(self.m), axis=1) + ld_S - self.cov._logdet_K
+
+    def S_inv(self) -> np.ndarray:
+        eye = np.broadcast_to(np.eye(self.cov.k), self.S.shape)
+        return _batched_cho_solve(self.L_S, eye.copy())
+
+    def inv_diag(self) -> np.ndarray:
+        """diag(A_c^{-1})_g = 1/m_g + r_g^2 W_g S_c^{-1} W_g^T, shape (N, G), O(N G k^2)."""
+        packed = self.cov.pack_pairs_weighted(self.S_inv())
+        return 1.0 / self.m + self.r**2 * (packed @ self.cov.pair_table.T)
+
+    def sample(self, rng: np.random.Generator, n_draws: int) -> np.ndarray:
+        """Zero-mean draws with covariance A_c^{-1}, shape (n_draws, N, G).
+
+        x = M^{-1/2} e1 + M^{-1} V L_S^{-T} e2 = e1 / sqrt(m) + r * (W L_S^{-T} e2),
+        e1 ~ N(0, I_G), e2 ~ N(0, I_k); Cov = M^{-1} + M^{-1} V S^{-1} V^T M^{-1} = A^{-1}.
+        """
+        N, G, k = self.N, self.cov.G, self.cov.k
+        e1 = rng.standard_normal((n_draws, N, G))
+        e2 = rng.standard_normal((n_draws, N, k))
+        # y = L_S^{-T} e2 for every draw and cell
+        LT_inv = np.linalg.inv(np.swapaxes(self.L_S, -1, -2))  # (N, k, k)
+        y = np.einsum("nab,snb->sna", LT_inv, e2)
+        return e1 / np.sqrt(self.m) + self.r * (y @ self.cov.W.T)
+
+    def quad(self, v: np.ndarray) -> np.ndarray:
+        """v^T A v, v of shape (..., N, G) -> (..., N)."""
+        return np.einsum("...g,...g->...", v, self.mv(v))
+
+    def dense(self) -> np.ndarray:
+        """Dense (N, G, G) A_c (tests only)."""
+        Si = np.linalg.inv(self.cov.dense())
+        return np.stack([np.diag(l) + Si for l in self.lam])
