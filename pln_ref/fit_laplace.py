@@ -1,0 +1,273 @@
+"""Outer optimisation of the globals theta = (mu, W, d) on the Laplace-approximated evidence.
+
+Per cell, with xi* = (x*, eta*) the MAP from ``laplace.newton_map`` (seed notation)::
+
+    l_c(theta) = log p(u_c, xi*(theta) | theta) - 1/2 log det(-H(xi*; theta)) + (G+1)/2 log 2 pi
+
+(``model.log_joint`` at the MAP, which contains -1/2 log det Sigma, minus half the log
+determinant of the joint precision, computed by the matrix-determinant lemma as
+log det A + log s). The objective is L(theta) = (1/N) sum_c l_c(theta); no prior on theta
+(maximum marginal likelihood). For a cell whose MAP sits on eta = 0 the same Gaussian formula is
+used at the boundary point (its truncated-eta correction log Phi(delta sqrt s) + s delta^2/2 is
+omitted; the number of such cells is reported).
+
+Exact total gradient (``ift=True``), alpha = Sigma^{-1}(x* - mu), C = [(-H)^{-1}]_xx
+= A^{-1} + b b^T / s::
+
+    dl/dtheta = d/dtheta log p(u, xi | theta)|_xi*            (partial; grad_xi f = 0 at the MAP)
+              - 1/2 d/dtheta log det(-H)|_xi*                 (partial)
+              - 1/2 r^T dxi*/dtheta,   r_g = lambda_g v_g^T (-H)^{-1} v_g,  r_eta = -sum_g r_g
+    dxi*/dtheta = (-H)^{-1} d(grad_xi f)/dtheta               (implicit-function theorem)
+
+With Sigma^{-1} C Sigma^{-1} = Sigma^{-1} - Lambda + Lambda A^{-1} Lambda + q q^T / s,
+q = lambda (1 - b), every term is O(N G k^2); the adjoint w = (-H)^{-1} r turns the implicit
+term into the theta-gradient of 1/2 w_x^T Sigma^{-1} (x* - mu). ``ift=False`` drops that term
+(stop-gradient on the MAP). d = exp(rho) keeps d > 0 (Adam works on rho = log d).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from .laplace import CellPosteriors, newton_map
+from .lowrank import LowRankCov
+from .model import _LOG2PI, log_joint
+from .params import PLNParams
+
+__all__ = ["laplace_objective", "LaplaceFitState", "optimize_globals"]
+
+
+def laplace_objective(
+    counts: np.ndarray,
+    params: PLNParams,
+    log_anchor: np.ndarray | None,
+    post: CellPosteriors,
+    *,
+    ift: bool = True,
+    with_grad: bool = True,
+) -> tuple[np.ndarray, dict[str, np.ndarray] | None]:
+    """Per-cell Laplace evidence l_c (N,) and the gradient of sum_c l_c w.r.t. mu, W, d.
+
+    ``post`` must hold the MAPs of ``counts`` under ``params`` (from ``newton_map``).
+    """
+    u = np.asarray(counts, dtype=float)
+    N, G = u.shape
+    cap = params.capture is not None
+    cov = post.precision.cov
+    l = log_joint(u, post.x_map, post.eta_map if cap else None, params, log_anchor, cov=cov)
+    l = l - 0.5 * post.log_det_neg_H() + 0.5 * (G + cap) * _LOG2PI
+    if not with_grad:
+        return l, None
+    W, d = params.W, params.d
+    A = post.precision
+    lam, r, m = A.lam, A.r, A.m
+    alpha = cov.inv_mv(post.x_map - params.mu)  # Sigma^{-1}(x* - mu)
+    aW = alpha @ W  # (N, k)
+    Sinv = A.S_inv()
+    inv_diag = A.inv_diag()
+    eye = np.eye(params.k)
+
+    # (1) partial of log p(u, xi | theta):  G_Sigma = 1/2 (alpha alpha^T - Sigma^{-1})
+    # (2) partial of -1/2 log det(-H):      G_Sigma = 1/2 Sigma^{-1} C Sigma^{-1}
+    #     = 1/2 (Sigma^{-1} - Lambda + Lambda A^{-1} Lambda + q q^T/s); the Sigma^{-1} terms cancel.
+    g_mu = alpha.sum(axis=0)
+    g_W = alpha.T @ aW  # sum_c alpha_c (alpha_c^T W)
+    g_W += -lam.sum(axis=0)[:, None] * W
+    g_W += (lam**2 / m).sum(axis=0)[:, None] * W  # Lambda A^{-1} Lambda W, diagonal part
+    g_W += np.einsum("ng,ga,nab->gb", lam * r, W, eye - Sinv)  # ... low-rank part
+    diag2 = -lam + lam**2 * inv_diag
+    if cap:
+        q = lam * (1.0 - post.b)  # Sigma^{-1} b = lambda - lambda b
+        g_W += (q / post.s[:, None]).T @ (q @ W)
+        diag2 = diag2 + q**2 / post.s[:, None]
+    g_d = 0.5 * (alpha**2 + diag2).sum(axis=0)
+
+    if ift:
+        # (3) implicit term: r = d log det(-H) / d xi, adjoint w = (-H)^{-1} r
+        if cap:
+            rx = lam * (inv_diag + (1.0 - post.b) ** 2 / post.s[:, None])
+            a2 = A.solve(rx)
+            r_eta = -rx.sum(axis=1)
+            w_eta = (r_eta + np.einsum("ng,ng->n", lam, a2)) / post.s
+            w_eta = np.where(post.on_bound, 0.0, w_eta)  # eta held at its bound
+            wx = a2 + post.b * w_eta[:, None]
+        else:
+            rx = lam * inv_diag
+            wx = A.solve(rx)
+        beta = cov.inv_mv(wx)  # Sigma^{-1} w_x
+        g_mu -= 0.5 * beta.sum(axis=0)
+        g_W -= 0.5 * (beta.T @ aW + alpha.T @ (beta @ W))
+        g_d -= 0.5 * (alpha * beta).sum(axis=0)
+    return l, {"mu": g_mu, "W": g_W, "d": g_d}
+
+
+@dataclass
+class LaplaceFitState:
+    """Everything needed to continue an outer optimisation (saved atomically as .npz)."""
+
+    mu: np.ndarray
+    W: np.ndarray
+    rho: np.ndarray  # log d
+    m1: dict = field(default_factory=dict)  # Adam first moments
+    m2: dict = field(default_factory=dict)  # Adam second moments
+    step: int = 0
+    lr: float = 0.01
+    x_map: np.ndarray | None = None
+    eta_map: np.ndarray | None = None
+    history: list = field(default_factory=list)
+    best: dict | None = None
+    best_value: float = -np.inf
+    stall: int = 0
+    stopped: str = ""
+
+    def params(self, capture) -> PLNParams:
+        return PLNParams(self.mu, self.W, np.exp(self.rho), capture)
+
+    def save(self, path: str) -> None:
+        """Atomic write (temporary file + os.replace): a crash never leaves a torn checkpoint."""
+        arrays = {"mu": self.mu, "W": self.W, "rho": self.rho,
+                  "history": np.asarray(self.history, dtype=float).reshape(-1, 3)}
+        for k, v in self.m1.items():
+            arrays[f"m1_{k}"] = v
+        for k, v in self.m2.items():
+            arrays[f"m2_{k}"] = v
+        if self.x_map is not None:
+            arrays["x_map"] = self.x_map
+            arrays["eta_map"] = self.eta_map
+        if self.best is not None:
+            for k, v in self.best.items():
+                arrays[f"best_{k}"] = v
+        meta = {"step": self.step, "lr": self.lr, "best_value": self.best_value,
+                "stall": self.stall, "stopped": self.stopped}
+        arrays["meta"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
+        d = os.path.dirname(os.path.abspath(path))
+        fd, tmp = tempfile.mkstemp(dir=d, suffix=".npz")
+        os.close(fd)
+        try:
+            np.savez(tmp, **arrays)
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+
+    @classmethod
+    def load(cls, path: str) -> "LaplaceFitState":
+        z = np.load(path)
+        meta = json.loads(bytes(z["meta"]).decode())
+        st = cls(mu=z["mu"], W=z["W"], rho=z["rho"], step=meta["step"], lr=meta["lr"],
+                 best_value=meta["best_value"], stall=meta["stall"], stopped=meta["stopped"])
+        st.m1 = {k[3:]: z[k] for k in z.files if k.startswith("m1_")}
+        st.m2 = {k[3:]: z[k] for k in z.files if k.startswith("m2_")}
+        st.history = [tuple(r) for r in z["history"]]
+        if "x_map" in z.files:
+            st.x_map, st.eta_map = z["x_map"], z["eta_map"]
+        best = {k[5:]: z[k] for k in z.files if k.startswith("best_")}
+        st.best = best or None
+        return st
+
+
+def optimize_globals(
+    counts: np.ndarray,
+    init: PLNParams,
+    log_anchor: np.ndarray | None,
+    *,
+    n_steps: int = 2000,
+    lr: float = 0.02,
+    batch_size: int | None = None,
+    ift: bool = True,
+    patience: int = 50,
+    rtol: float = 1e-5,
+    seed: int = 0,
+    gtol: float = 1e-6,
+    checkpoint: str | None = None,
+    checkpoint_every: int = 50,
+    resume: LaplaceFitState | None = None,
+    progress: bool = True,
+) -> tuple[LaplaceFitState, PLNParams]:
+    """Adam on L(theta) = mean_c l_c(theta) (module docstring), warm-started Newton per step.
+
+    Early stopping: stop when the best (smoothed, for minibatches) objective has not improved by
+    more than ``rtol * (1 + |best|)`` for ``patience`` steps. Divergence guard: a non-finite or
+    sharply worse objective restores the best state and halves the learning rate.
+    ``checkpoint`` is written atomically every ``checkpoint_every`` steps and at the end; pass
+    ``resume=LaplaceFitState.load(path)`` to continue.
+    """
+    u = np.asarray(counts, dtype=float)
+    N, G = u.shape
+    capture = init.capture
+    rng = np.random.default_rng(seed)
+    st = resume or LaplaceFitState(mu=init.mu.copy(), W=init.W.copy(), rho=np.log(init.d), lr=lr)
+    if not st.m1:
+        st.m1 = {k: np.zeros_like(v) for k, v in (("mu", st.mu), ("W", st.W), ("rho", st.rho))}
+        st.m2 = {k: np.zeros_like(v) for k, v in st.m1.items()}
+    b1, b2, eps = 0.9, 0.999, 1e-8
+    full = batch_size is None or batch_size >= N
+    smooth = 0.0 if full else 0.9
+    ema = None if not st.history else st.history[-1][2]
+    bar = tqdm(total=n_steps, initial=min(st.step, n_steps), desc="Laplace fit", disable=not progress)
+    t0 = time.time()
+    while st.step < n_steps and not st.stopped:
+        idx = np.arange(N) if full else rng.choice(N, size=batch_size, replace=False)
+        params = st.params(capture)
+        cov = LowRankCov.from_params(params)
+        x0 = None if st.x_map is None else st.x_map[idx]
+        e0 = None if st.eta_map is None else st.eta_map[idx]
+        la = None if log_anchor is None else log_anchor[idx]
+        post = newton_map(u[idx], params, la, x0=x0, eta0=e0, gtol=gtol, cov=cov)
+        if st.x_map is None:
+            st.x_map = np.zeros((N, G))
+            st.eta_map = np.zeros(N)
+            if not full:  # initial MAPs for everyone, so warm starts exist for every cell
+                allp = newton_map(u, params, log_anchor, gtol=gtol, cov=cov)
+                st.x_map, st.eta_map = allp.x_map, allp.eta_map
+        st.x_map[idx], st.eta_map[idx] = post.x_map, post.eta_map
+        l, g = laplace_objective(u[idx], params, la, post, ift=ift)
+        value = float(np.mean(l))
+        ema = value if ema is None or full else smooth * ema + (1 - smooth) * value
+        if not np.isfinite(value) or (st.best is not None and ema < st.best_value - 10 * (1 + abs(st.best_value))):
+            if st.best is None:
+                raise FloatingPointError("Laplace objective is not finite at the initial point")
+            st.mu, st.W, st.rho = st.best["mu"].copy(), st.best["W"].copy(), st.best["rho"].copy()
+            st.lr *= 0.5
+            st.m1 = {k: np.zeros_like(v) for k, v in st.m1.items()}
+            st.m2 = {k: np.zeros_like(v) for k, v in st.m2.items()}
+            st.x_map = None
+            ema = st.best_value
+            continue
+        if ema > st.best_value + rtol * (1 + abs(st.best_value)):
+            st.best_value = ema
+            st.best = {"mu": st.mu.copy(), "W": st.W.copy(), "rho": st.rho.copy()}
+            st.stall = 0
+        else:
+            st.stall += 1
+        st.history.append((st.step, value, ema))
+        grads = {"mu": g["mu"] / len(idx), "W": g["W"] / len(idx), "rho": g["d"] * params.d / len(idx)}
+        st.step += 1
+        for k, gk in grads.items():  # Adam ascent step on L
+            st.m1[k] = b1 * st.m1[k] + (1 - b1) * gk
+            st.m2[k] = b2 * st.m2[k] + (1 - b2) * gk**2
+            mh = st.m1[k] / (1 - b1**st.step)
+            vh = st.m2[k] / (1 - b2**st.step)
+            setattr(st, k, getattr(st, k) + st.lr * mh / (np.sqrt(vh) + eps))
+        bar.update(1)
+        bar.set_postfix(objective=f"{value:.4f}", cells_on_bound=int(post.on_bound.sum()))
+        if st.stall >= patience:
+            st.stopped = f"converged: no improvement > rtol={rtol:g} in {patience} steps"
+        if checkpoint and (st.step % checkpoint_every == 0 or st.stopped):
+            st.save(checkpoint)
+    bar.close()
+    if not st.stopped:
+        st.stopped = f"n_steps={n_steps} reached"
+    if st.best is not None:
+        st.mu, st.W, st.rho = st.best["mu"].copy(), st.best["W"].copy(), st.best["rho"].copy()
+    if checkpoint:
+        st.save(checkpoint)
+    st.__dict__["wall_time"] = time.time() - t0
+    return st, st.params(capture)

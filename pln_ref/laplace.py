@@ -1,0 +1,406 @@
+"""Per-cell joint Newton on (x, eta) and the Laplace posterior it defines.
+
+Objective of cell c (``model.log_joint`` up to constants, seed notation)::
+
+    f(x, eta) = u^T (x - eta 1) - 1^T lambda - 1/2 (x - mu)^T Sigma^{-1} (x - mu)
+                - (eta - m)^2 / (2 sigma_M^2),              lambda = e^{x - eta},  eta >= 0
+
+Newton step (one factorisation of A = diag(lambda) + Sigma^{-1} serves both right-hand sides)::
+
+    a = A^{-1} g_x,  b = A^{-1} lambda,  s = 1^T lambda + 1/sigma_M^2 - lambda^T b   (> 0)
+    delta_eta = (g_eta + lambda^T a) / s,   delta_x = a + b delta_eta
+
+Globalisation: backtracking (Armijo) line search along the projected path
+(x + t dx, max(0, eta + t deta)); active set for the bound eta >= 0 (Bertsekas' projected
+Newton): a cell whose eta is (epsilon-)at 0 and whose joint step points outward keeps eta = 0 and
+takes the x-only Newton step a = A^{-1} g_x. Convergence per cell: the infinity norm of the
+projected gradient <= ``gtol``. A cell whose Newton decrement falls to round-off level before
+that stops too, is reported in ``converged_by`` as "roundoff" and counts as not converged.
+
+Laplace posterior (``CellPosteriors``), interior cells (eta_hat > 0)::
+
+    eta ~ N(eta_hat, 1/s),   x | eta ~ N(x_hat + b (eta - eta_hat), A^{-1})
+
+Cells on the bound (eta_hat = 0, g_eta <= 0): the same quadratic expansion of f at the
+constrained MAP, restricted to eta >= 0, is normalised exactly: eta ~ TruncN(delta, 1/s, low=0)
+with delta = g_eta / s <= 0, and x | eta ~ N(x_hat + b eta, A^{-1}). Their "Laplace covariance"
+is therefore that of a truncated Gaussian in eta (not (-H)^{-1}); with ``eta="map"`` (the seed's
+PPC mode) eta is held at 0 and x ~ N(x_hat, A^{-1}) for every cell alike.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+from scipy.special import log_ndtr, ndtr
+from tqdm.auto import tqdm
+
+from .lowrank import LowRankCov, PosteriorPrecision
+from .model import _LOG2PI, neg_hessian
+from .params import PLNParams
+
+__all__ = ["newton_map", "CellPosteriors", "cell_objective"]
+
+_EPS_BOUND = 1e-10  # epsilon-active set for eta >= 0
+
+
+def cell_objective(
+    u: np.ndarray, x: np.ndarray, eta: np.ndarray, mu: np.ndarray, cov: LowRankCov,
+    m: np.ndarray | None, sigma_M: float | None,
+) -> np.ndarray:
+    """f(x, eta) per cell (module docstring): log_joint without its (x, eta)-free constants."""
+    z = x - eta[:, None]
+    with np.errstate(over="ignore", invalid="ignore"):
+        f = np.sum(u * z - np.exp(z), axis=1) - 0.5 * cov.quad(x - mu)
+    if m is not None:
+        f = f - 0.5 * ((eta - m) / sigma_M) ** 2
+    return np.where(np.isfinite(f), f, -np.inf)
+
+
+def _gradient_numpy(u, x, eta, mu, cov, m, sigma_M):
+    with np.errstate(over="ignore"):
+        lam = np.exp(x - eta[:, None])
+    g_x = u - lam - cov.inv_mv(x - mu)
+    if m is None:
+        return g_x, np.zeros(len(eta)), lam
+    g_eta = lam.sum(axis=1) - u.sum(axis=1) - (eta - m) / sigma_M**2
+    return g_x, g_eta, lam
+
+
+class _BridgeStanGradient:
+    """g_x (and g_eta for eta > 1e-8) from ``stan/pln_cell.stan`` through BridgeStan.
+
+    BridgeStan differentiates on the unconstrained scale (x, log eta) with the Jacobian log eta:
+    d lp / d log(eta) = g_eta * eta + 1, so g_eta = (grad - 1) / eta. That division loses all
+    precision as eta -> 0, so for eta <= 1e-8 the single eta component uses the analytic formula.
+    """
+
+    def __init__(self, u, params, log_anchor):
+        from .engines import bridgestan_model, pln_cell_data
+
+        if params.capture is None:
+            raise ValueError('gradient="bridgestan" needs capture settings (pln_cell has eta)')
+        self.model = bridgestan_model("pln_cell", pln_cell_data(u, params, log_anchor))
+        self.N, self.G = u.shape
+
+    def __call__(self, idx, u, x, eta, mu, cov, m, sigma_M, x_all, eta_all):
+        x_all = x_all.copy()
+        eta_all = eta_all.copy()
+        x_all[idx] = x
+        eta_all[idx] = eta
+        theta = np.concatenate([x_all.ravel(), np.log(np.maximum(eta_all, 1e-300))])
+        _, grad = self.model.log_density_gradient(theta, propto=True, jacobian=True)
+        gx = grad[: self.N * self.G].reshape(self.N, self.G)[idx]
+        gl = grad[self.N * self.G :][idx]
+        g_np_x, g_np_eta, lam = _gradient_numpy(u, x, eta, mu, cov, m, sigma_M)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            g_eta = np.where(eta > 1e-8, (gl - 1.0) / eta, g_np_eta)
+        return gx, g_eta, lam
+
+
+@dataclass
+class CellPosteriors:
+    """MAPs and Laplace posteriors of N cells (see module docstring for the approximation).
+
+    Attributes: x_map (N,G), eta_map (N,), on_bound (N,) bool, converged (N,) bool,
+    grad_norm (N,) projected-gradient infinity norm, n_iter (N,), objective (N,) f at the MAP,
+    precision (PosteriorPrecision of A at the MAP), b (N,G) = A^{-1} lambda, s (N,) Schur
+    complement, delta (N,) Newton eta offset (0 inside, <= 0 on the bound), log_det_neg_H (N,).
+    """
+
+    params: PLNParams
+    x_map: np.ndarray
+    eta_map: np.ndarray
+    on_bound: np.ndarray
+    converged: np.ndarray
+    grad_norm: np.ndarray
+    n_iter: np.ndarray
+    objective: np.ndarray
+    precision: PosteriorPrecision
+    b: np.ndarray | None
+    s: np.ndarray | None
+    delta: np.ndarray | None
+    log_anchor: np.ndarray | None
+    converged_by: np.ndarray = field(default=None)
+
+    @property
+    def capture(self) -> bool:
+        return self.params.capture is not None
+
+    @property
+    def N(self) -> int:
+        return self.x_map.shape[0]
+
+    def log_det_neg_H(self) -> np.ndarray:
+        """log det(-H) = log det A + log s (the joint (x, eta) precision at the MAP)."""
+        ld = self.precision.logdet()
+        return ld + np.log(self.s) if self.capture else ld
+
+    # --- eta marginal -------------------------------------------------------------------
+    def _eta_loc_scale(self):
+        sd = 1.0 / np.sqrt(self.s)
+        loc = self.eta_map + self.delta  # delta = 0 for interior cells
+        return loc, sd
+
+    def eta_mean_var(self) -> tuple[np.ndarray, np.ndarray]:
+        """Mean and variance of eta under the Laplace posterior (truncated on the bound)."""
+        if not self.capture:
+            return np.zeros(self.N), np.zeros(self.N)
+        loc, sd = self._eta_loc_scale()
+        a = (0.0 - loc) / sd
+        mean = loc.copy()
+        var = sd**2
+        ob = self.on_bound
+        if np.any(ob):
+            # truncated normal on [0, inf): moments via the inverse Mills ratio
+            lam_ = np.exp(-0.5 * a[ob] ** 2 - 0.5 * _LOG2PI - log_ndtr(-a[ob]))
+            mean[ob] = loc[ob] + sd[ob] * lam_
+            var[ob] = sd[ob] ** 2 * (1.0 + a[ob] * lam_ - lam_**2)
+        return mean, var
+
+    def sd_x(self, eta: str = "free") -> np.ndarray:
+        """Posterior SD of x per cell and gene: sqrt(diag A^{-1} [+ b^2 Var(eta)]), O(N G k^2)."""
+        v = self.precision.inv_diag()
+        if eta == "free" and self.capture:
+            v = v + self.b**2 * self.eta_mean_var()[1][:, None]
+        elif eta not in ("free", "map"):
+            raise ValueError('eta must be "free" or "map"')
+        return np.sqrt(v)
+
+    def mean_x(self, eta: str = "free") -> np.ndarray:
+        """E[x] under the approximation (x_hat + b (E eta - eta_hat) when eta is free)."""
+        if eta == "free" and self.capture:
+            return self.x_map + self.b * (self.eta_mean_var()[0] - self.eta_map)[:, None]
+        return self.x_map.copy()
+
+    def expected_exp_x(self, eta: str = "free") -> np.ndarray:
+        """Denoised expression E[e^{x_g}] = e^{x_hat_g + diag(A^{-1})_g / 2} E[e^{b_g (eta - eta_hat)}]."""
+        base = self.x_map + 0.5 * self.precision.inv_diag()
+        if eta == "map" or not self.capture:
+            return np.exp(base)
+        loc, sd = self._eta_loc_scale()
+        t = self.b
+        shift = loc - self.eta_map  # = delta
+        lmgf = t * shift[:, None] + 0.5 * (t * sd[:, None]) ** 2
+        ob = self.on_bound
+        if np.any(ob):
+            # truncated-normal MGF: E e^{tZ} = e^{t loc + t^2 sd^2/2} Phi(loc/sd + t sd) / Phi(loc/sd)
+            z0 = (loc[ob] / sd[ob])[:, None]
+            lmgf[ob] += log_ndtr(z0 + t[ob] * sd[ob][:, None]) - log_ndtr(z0)
+        return np.exp(base + lmgf)
+
+    # --- draws and density ----------------------------------------------------------------
+    def sample(self, rng: np.random.Generator, n_draws: int, eta: str = "free"):
+        """Draws (x (S,N,G), eta (S,N)) from the Laplace posterior; eta="map" holds eta at its MAP."""
+        if eta not in ("free", "map"):
+            raise ValueError('eta must be "free" or "map"')
+        x = self.x_map[None] + self.precision.sample(rng, n_draws)
+        e = np.broadcast_to(self.eta_map, (n_draws, self.N)).copy()
+        if eta == "free" and self.capture:
+            loc, sd = self._eta_loc_scale()
+            uu = rng.uniform(size=(n_draws, self.N))
+            # inverse-CDF draw of N(loc, sd^2) truncated to [0, inf) (no truncation inside)
+            lo = np.where(self.on_bound, ndtr(-loc / sd), 0.0)
+            from scipy.special import ndtri
+
+            e = loc + sd * ndtri(lo + uu * (1.0 - lo))
+            e = np.where(self.on_bound, np.maximum(e, 0.0), e)
+            x = x + self.b[None] * (e - self.eta_map)[..., None]
+        return x, e
+
+    def logpdf(self, x: np.ndarray, eta: np.ndarray) -> np.ndarray:
+        """log q(x, eta) of the approximation with eta free (module docstring), shape (S, N)."""
+        x = np.asarray(x, dtype=float)
+        eta = np.asarray(eta, dtype=float)
+        G = x.shape[-1]
+        mean_x = self.x_map
+        out = 0.0
+        if self.capture:
+            loc, sd = self._eta_loc_scale()
+            zz = (eta - loc) / sd
+            le = -0.5 * zz**2 - np.log(sd) - 0.5 * _LOG2PI
+            le = le - np.where(self.on_bound, log_ndtr(loc / sd), 0.0)
+            le = np.where(self.on_bound & (eta < 0), -np.inf, le)
+            out = le
+            mean_x = self.x_map + self.b * (eta - self.eta_map)[..., None]
+        r = x - mean_x
+        lx = -0.5 * (G * _LOG2PI - self.precision.logdet() + self.precision.quad(r))
+        return out + lx
+
+    def subset(self, idx) -> "CellPosteriors":
+        """The posteriors of a subset of cells (index or boolean mask)."""
+        P = PosteriorPrecision(self.precision.cov, self.precision.lam[idx])
+        pick = lambda a: None if a is None else a[idx]  # noqa: E731
+        return CellPosteriors(
+            params=self.params, x_map=self.x_map[idx], eta_map=self.eta_map[idx],
+            on_bound=self.on_bound[idx], converged=self.converged[idx],
+            grad_norm=self.grad_norm[idx], n_iter=self.n_iter[idx], objective=self.objective[idx],
+            precision=P, b=pick(self.b), s=pick(self.s), delta=pick(self.delta),
+            log_anchor=pick(self.log_anchor), converged_by=pick(self.converged_by),
+        )
+
+
+def _default_start(u: np.ndarray, m: np.ndarray | None):
+    eta0 = np.zeros(u.shape[0]) if m is None else np.maximum(m, 0.0)
+    x0 = np.log(u + 0.5) + eta0[:, None]
+    return x0, eta0
+
+
+def newton_map(
+    counts: np.ndarray,
+    params: PLNParams,
+    log_anchor: np.ndarray | None = None,
+    *,
+    x0: np.ndarray | None = None,
+    eta0: np.ndarray | None = None,
+    gtol: float = 1e-6,
+    max_iter: int = 200,
+    gradient: str = "numpy",
+    armijo: float = 1e-4,
+    progress: bool = False,
+    cov: LowRankCov | None = None,
+) -> CellPosteriors:
+    """MAP of every cell's (x, eta) by globally convergent projected Newton (module docstring).
+
+    Parameters
+    ----------
+    counts : (N, G) non-negative counts u.
+    params : globals (mu, W, d) and capture settings; capture None fixes eta = 0.
+    log_anchor : (N,) log L_c of the capture prior (default: log of the realised library size).
+    x0, eta0 : warm starts (default x0 = log(u + 1/2) + eta0, eta0 = max(m, 0)).
+    gtol : tolerance on the infinity norm of the projected gradient.
+    gradient : "numpy" (analytic) or "bridgestan" (gradient of stan/pln_cell.stan).
+    """
+    u = np.asarray(counts, dtype=float)
+    if u.ndim != 2 or u.shape[1] != params.G:
+        raise ValueError(f"counts must have shape (N, {params.G}), got {u.shape}")
+    if not np.all(np.isfinite(u)) or np.any(u < 0):
+        raise ValueError("counts must be finite and non-negative")
+    N, G = u.shape
+    cov = cov or LowRankCov.from_params(params)
+    mu = params.mu
+    if params.capture is not None:
+        if log_anchor is None:
+            L = u.sum(axis=1)
+            if np.any(L <= 0):
+                raise ValueError(
+                    f"{int(np.sum(L <= 0))} cells have zero library size: pass log_anchor "
+                    "(the capture prior's library size) explicitly for them"
+                )
+            log_anchor = np.log(L)
+        log_anchor = np.asarray(log_anchor, dtype=float)
+        if log_anchor.shape != (N,) or not np.all(np.isfinite(log_anchor)):
+            raise ValueError(f"log_anchor must be a finite array of shape ({N},)")
+        m_all = params.capture.prior_mean(log_anchor)
+        sigma_M = params.capture.sigma_M
+    else:
+        m_all, sigma_M = None, None
+    if gradient == "numpy":
+        grad_fn = None
+    elif gradient == "bridgestan":
+        grad_fn = _BridgeStanGradient(u, params, log_anchor)
+    else:
+        raise ValueError(f'gradient must be "numpy" or "bridgestan", got {gradient!r}')
+
+    xs, es = _default_start(u, m_all)
+    x = xs if x0 is None else np.array(x0, dtype=float, copy=True)
+    eta = es if eta0 is None else np.maximum(np.array(eta0, dtype=float, copy=True), 0.0)
+    if params.capture is None:
+        eta = np.zeros(N)
+    if x.shape != (N, G) or eta.shape != (N,):
+        raise ValueError("x0 / eta0 have the wrong shape")
+
+    n_iter = np.zeros(N, dtype=int)
+    done = np.zeros(N, dtype=bool)
+    conv_by = np.full(N, "max_iter", dtype="<U9")
+    gnorm_all = np.full(N, np.inf)
+    active = np.arange(N)
+    bar = tqdm(total=N, desc="Newton", disable=not progress, leave=False)
+    for it in range(max_iter + 1):
+        if active.size == 0:
+            break
+        ua, xa, ea = u[active], x[active], eta[active]
+        ma = None if m_all is None else m_all[active]
+        if grad_fn is None:
+            gx, ge, lam = _gradient_numpy(ua, xa, ea, mu, cov, ma, sigma_M)
+        else:
+            gx, ge, lam = grad_fn(active, ua, xa, ea, mu, cov, ma, sigma_M, x, eta)
+        A = PosteriorPrecision(cov, lam)
+        if m_all is not None:
+            ab = A.solve(np.stack([gx, lam], axis=-1))
+            a, b = ab[..., 0], ab[..., 1]
+            s = lam.sum(axis=1) + 1.0 / sigma_M**2 - np.einsum("ng,ng->n", lam, b)
+            deta_free = (ge + np.einsum("ng,ng->n", lam, a)) / s
+            bound = (ea <= _EPS_BOUND) & (deta_free <= 0)
+            dx = np.where(bound[:, None], a, a + b * deta_free[:, None])
+            deta = np.where(bound, -ea, deta_free)
+            g_eta_proj = np.where((ea <= _EPS_BOUND) & (ge <= 0), 0.0, ge)
+        else:
+            dx = A.solve(gx)
+            deta = np.zeros(active.size)
+            g_eta_proj = np.zeros(active.size)
+        gnorm = np.maximum(np.max(np.abs(gx), axis=1), np.abs(g_eta_proj))
+        f0 = cell_objective(ua, xa, ea, mu, cov, ma, sigma_M)
+        dec2 = np.einsum("ng,ng->n", gx, dx) + ge * deta  # Newton decrement^2 (>= 0)
+        conv_g = gnorm <= gtol
+        # round-off floor: the Newton step no longer changes the iterate in floating point
+        conv_d = (~conv_g) & (dec2 <= (4 * np.finfo(float).eps) ** 2 * np.maximum(1.0, np.abs(f0)))
+        fin = conv_g | conv_d
+        gnorm_all[active] = gnorm
+        conv_by[active[conv_g]] = "gradient"
+        conv_by[active[conv_d]] = "roundoff"
+        done[active[conv_g]] = True
+        bar.update(int(fin.sum()))
+        if it == max_iter:
+            break
+        keep = ~fin
+        if not np.any(keep):
+            active = active[keep]
+            break
+        active, ua, xa, ea = active[keep], ua[keep], xa[keep], ea[keep]
+        dx, deta, gx, ge, f0 = dx[keep], deta[keep], gx[keep], ge[keep], f0[keep]
+        ma = None if ma is None else ma[keep]
+        # backtracking line search along the projected path
+        t = np.ones(active.size)
+        pending = np.ones(active.size, dtype=bool)
+        x_new, e_new = xa.copy(), ea.copy()
+        tol_round = 16 * np.finfo(float).eps * np.maximum(1.0, np.abs(f0))
+        for _ in range(60):
+            p = np.flatnonzero(pending)
+            if p.size == 0:
+                break
+            xt = xa[p] + t[p, None] * dx[p]
+            et = np.maximum(ea[p] + t[p] * deta[p], 0.0)
+            ft = cell_objective(ua[p], xt, et, mu, cov, None if ma is None else ma[p], sigma_M)
+            gain = np.einsum("ng,ng->n", gx[p], xt - xa[p]) + ge[p] * (et - ea[p])
+            ok = ft >= f0[p] + armijo * gain - tol_round[p]
+            acc = p[ok]
+            x_new[acc], e_new[acc] = xt[ok], et[ok]
+            pending[acc] = False
+            t[p[~ok]] *= 0.5
+        x[active] = x_new
+        eta[active] = e_new
+        n_iter[active] += 1
+    bar.close()
+
+    # final state: gradient, factorisation and Schur pieces at the MAP for every cell
+    if grad_fn is None:
+        gx, ge, lam = _gradient_numpy(u, x, eta, mu, cov, m_all, sigma_M)
+    else:
+        gx, ge, lam = grad_fn(np.arange(N), u, x, eta, mu, cov, m_all, sigma_M, x, eta)
+    A = PosteriorPrecision(cov, lam)
+    b = s = delta = None
+    on_bound = np.zeros(N, dtype=bool)
+    if m_all is not None:
+        b = A.solve(lam)
+        s = lam.sum(axis=1) + 1.0 / sigma_M**2 - np.einsum("ng,ng->n", lam, b)
+        on_bound = eta <= _EPS_BOUND
+        eta = np.where(on_bound, 0.0, eta)
+        delta = np.where(on_bound, (ge + np.einsum("ng,ng->n", lam, A.solve(gx))) / s, 0.0)
+    return CellPosteriors(
+        params=params, x_map=x, eta_map=eta, on_bound=on_bound, converged=done,
+        grad_norm=gnorm_all, n_iter=n_iter,
+        objective=cell_objective(u, x, eta, mu, cov, m_all, sigma_M),
+        precision=A, b=b, s=s, delta=delta, log_anchor=log_anchor, converged_by=conv_by,
+    )
