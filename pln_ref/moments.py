@@ -34,7 +34,7 @@ import logging
 from dataclasses import dataclass
 
 import numpy as np
-from scipy.special import log_ndtr
+from scipy.special import erfcx, log_ndtr
 
 from .data import as_counts
 from .params import Capture, PLNParams
@@ -53,7 +53,8 @@ __all__ = [
     "all_pairs",
 ]
 
-log = logging.getLogger(__name__)
+_logger = logging.getLogger(__name__)
+_SQRT2 = np.sqrt(2.0)
 
 
 # --------------------------------------------------------------------------------------------
@@ -63,13 +64,22 @@ def truncnorm_mgf(t: float, m, s, *, log: bool = False):
     """E[exp(t eta)] for eta ~ N(m, s^2) truncated to [0, inf), elementwise in m (and s).
 
     log E = m t + s^2 t^2 / 2 + log Phi((m + s^2 t)/s) - log Phi(m/s)   (``log=True`` returns this).
-    Stable far in both tails: log_ndtr never underflows for the arguments used here.
+    Stable far in both tails: log_ndtr never underflows, and when both Phi arguments are negative
+    the equivalent form log erfcx(-(m + s^2 t)/(s sqrt2)) - log erfcx(-m/(s sqrt2)) is used, which has
+    no cancellation of O((m/s)^2) terms.
     """
     m = np.asarray(m, dtype=float)
     s = np.asarray(s, dtype=float)
     if np.any(~(s > 0)):
         raise ValueError("truncated-normal scale s must be positive")
-    lv = m * t + 0.5 * (s * t) ** 2 + log_ndtr((m + s * s * t) / s) - log_ndtr(m / s)
+    z1, z0 = (m + s * s * t) / s, m / s
+    with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+        direct = m * t + 0.5 * (s * t) ** 2 + log_ndtr(z1) - log_ndtr(z0)
+        # both arguments negative: log Phi(z) = -z^2/2 + log(erfcx(-z/sqrt2)/2), and the quadratic
+        # terms cancel exactly, so log E = log erfcx(-z1/sqrt2) - log erfcx(-z0/sqrt2): no cancellation
+        # between O((m/s)^2) terms far in the left tail.
+        tail = np.log(erfcx(-z1 / _SQRT2)) - np.log(erfcx(-z0 / _SQRT2))
+    lv = np.where((z0 < 0) & (z1 < 0), tail, direct)
     return lv if log else np.exp(lv)
 
 
@@ -439,7 +449,7 @@ def method_of_moments(
         "sigma_diag_hat": s_diag,
     }
     if info["n_var_clamped"] or info["n_cov_clamped"]:
-        log.info(
+        _logger.info(
             "method_of_moments: clamped %d variances (no overdispersion) and %d covariances",
             info["n_var_clamped"],
             info["n_cov_clamped"],
