@@ -277,7 +277,7 @@ def _principal_axis_fa(apply, s_diag, k, *, d_floor, n_iter, tol, rng, exact_den
     Iterate: W = top-k eigenpairs of (Sigma_hat - diag(d)) (negative eigenvalues -> 0),
              d = max(diag(Sigma_hat) - rowsum(W^2), d_floor).
     ``exact_dense`` (G x G) -> dense eigh each step; else subspace iteration on ``apply(V) = Sigma_hat V``
-    (block of k + 8 vectors, warm-started, one power step per iteration).
+    (block of k + 8 vectors, warm-started; per iteration one pass: Rayleigh-Ritz + power step).
     """
     G = s_diag.shape[0]
     d = np.maximum(0.5 * s_diag, d_floor)
@@ -292,12 +292,14 @@ def _principal_axis_fa(apply, s_diag, k, *, d_floor, n_iter, tol, rng, exact_den
             evals, evecs = np.linalg.eigh(M)
             evals, evecs = evals[::-1][:k], evecs[:, ::-1][:, :k]
         else:
+            # one operator pass per iteration: Rayleigh-Ritz on span(Q), then a power step
             Y = apply(Q) - d[:, None] * Q
-            Q = np.linalg.qr(Y)[0]
-            T = Q.T @ (apply(Q) - d[:, None] * Q)
+            T = Q.T @ Y
             te, tv = np.linalg.eigh(0.5 * (T + T.T))
-            order = np.argsort(te)[::-1][:k]
-            evals, evecs = te[order], Q @ tv[:, order]
+            order = np.argsort(te)[::-1]
+            te, tv = te[order], tv[:, order]
+            evals, evecs = te[:k], Q @ tv[:, :k]
+            Q = np.linalg.qr(Y @ tv)[0]
         W = evecs * np.sqrt(np.maximum(evals, 0.0))
         d_new = np.maximum(s_diag - np.einsum("ga,ga->g", W, W), d_floor)
         delta = float(np.max(np.abs(d_new - d)))
@@ -417,7 +419,7 @@ def method_of_moments(
         r = min(k + oversample, min(N, G) - 1)
         _, sv, vt = svds(Z, k=r, random_state=seed)
         Qr = vt.T * sv  # R ~= Qr Qr^T
-        block = max(1, int(2e7 // G))
+        block = max(1, int(2e6 // G))  # ~16 MB per temporary block
         counted = {"n": None}
 
         def apply(X):

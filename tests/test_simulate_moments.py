@@ -41,6 +41,16 @@ def test_truncnorm_sampler_matches_scipy(m, s):
     assert abs(draws.mean() - ref.mean()) < 4.5 * se
 
 
+def test_truncnorm_sampler_far_tail():
+    # m/s = -1e4: eta | eta >= 0 is ~ Exponential(rate |m|/s^2) to relative O((s/m)^2)
+    m, s = -5000.0, 0.5
+    draws = sample_truncnorm_lower0(np.full(200_000, m), s, np.random.default_rng(3))
+    assert np.all(np.isfinite(draws)) and np.all(draws >= 0)
+    scale = s * s / abs(m)
+    assert draws.mean() == pytest.approx(scale, rel=0.01)
+    assert stats.kstest(draws / scale, "expon").pvalue > 1e-3
+
+
 def _quad_mgf(t, m, s):
     lz = log_ndtr(m / s)
 
