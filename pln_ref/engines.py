@@ -1,0 +1,478 @@
+"""Stan engines: locate the Stan programs, build BridgeStan models, run NUTS with one interface.
+
+The Stan programs in ``stan/`` are the source of truth for the densities:
+
+* ``pln_cell``  -- latents (x^(c), eta^(c)) of N cells given fixed globals; its BridgeStan
+  ``log_density`` on theta_unc = (x[1], ..., x[N], log eta) (x cell-major, C order) equals
+  ``pln_ref.model.log_joint(u, x, eta, params, log_anchor).sum() + sum(log eta)``.
+* ``pln_joint`` -- globals (mu, W, d) and all latents, with documented priors
+  (see :func:`pln_joint_data`).
+
+Engines for NUTS (:func:`sample_nuts`), same arguments for all:
+
+* ``"stanli"``    -- stanli (no compiler needed; always available here).
+* ``"cmdstanpy"`` -- CmdStan through cmdstanpy; used by default when ``cmdstanpy.cmdstan_path()``
+  finds an installation (this module never calls the installer).
+* ``"pystan"``    -- PyStan 3 (``pip install pystan``), optional cross-check.
+
+PROCESS BOUNDARIES: neither a ``bridgestan.StanModel`` nor a ``stanli.Model`` may be pickled or
+sent to another process (no pickling / double free / hung pools).  Callers that use Dask or a
+worker pool send the program NAME (or its text) plus the data dict, and call
+:func:`bridgestan_model` / :func:`sample_nuts` inside the worker.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+from .params import PLNParams
+
+__all__ = [
+    "ENGINES",
+    "stan_program",
+    "bridgestan_model",
+    "sample_nuts",
+    "pln_cell_data",
+    "pln_cell_unconstrain",
+    "pln_joint_data",
+    "default_engine",
+]
+
+ENGINES = ("stanli", "cmdstanpy", "pystan")
+_ENGINE_ALIASES = {"stanli": "stanli", "cmdstanpy": "cmdstanpy", "cmdstan": "cmdstanpy", "pystan": "pystan"}
+
+# stanli / CmdStan sampler columns -> ArviZ sample_stats names.
+_STAT_NAMES = {
+    "lp__": "lp",
+    "accept_stat__": "acceptance_rate",
+    "stepsize__": "step_size",
+    "treedepth__": "tree_depth",
+    "n_leapfrog__": "n_steps",
+    "divergent__": "diverging",
+    "energy__": "energy",
+}
+
+# Named dims of the variables of the pln_* programs (others get "<name>_dim_<i>").
+_DIMS = {
+    "x": ("cell", "gene"),
+    "eta": ("cell",),
+    "mu": ("gene",),
+    "d": ("gene",),
+    "W": ("gene", "factor"),
+    "W_id": ("gene", "factor"),
+    "Sigma": ("gene", "gene_b"),
+    "Omega": ("gene", "gene_b"),
+    "u_rep": ("cell", "gene"),
+}
+
+
+# --------------------------------------------------------------------------- programs
+def _program_dirs() -> list[Path]:
+    here = Path(__file__).resolve().parent
+    # installed wheel: repo stan/ is force-included as pln_ref/stan/; editable/repo: ../stan
+    return [here / "stan", here.parent / "stan"]
+
+
+def stan_program(name: str) -> Path:
+    """Path of ``stan/NAME.stan`` (wheel: ``pln_ref/stan/``; repo/editable: ``<repo>/stan/``).
+
+    ``name`` may carry the ``.stan`` suffix.  Unknown name -> ValueError listing what exists.
+    """
+    if not isinstance(name, str) or not name or "/" in name or "\\" in name:
+        raise ValueError(f"Stan program name must be a bare name like 'pln_cell', got {name!r}")
+    stem = name[:-5] if name.endswith(".stan") else name
+    for folder in _program_dirs():
+        path = folder / f"{stem}.stan"
+        if path.is_file():
+            return path
+    available = sorted({p.stem for folder in _program_dirs() if folder.is_dir() for p in folder.glob("*.stan")})
+    raise ValueError(
+        f"unknown Stan program {stem!r}: no {stem}.stan in {[str(p) for p in _program_dirs()]}; "
+        f"available: {available}"
+    )
+
+
+def _resolve_program(program: str | os.PathLike) -> Path:
+    """A program name ('pln_cell') or a path to a .stan file."""
+    if isinstance(program, os.PathLike) or (isinstance(program, str) and ("/" in program or os.sep in program)):
+        path = Path(program)
+        if not path.is_file():
+            raise ValueError(f"Stan program file {str(path)!r} does not exist")
+        return path
+    return stan_program(str(program))
+
+
+def _jsonable(data: Mapping[str, Any]) -> dict:
+    out = {}
+    for key, val in data.items():
+        arr = np.asarray(val)
+        if arr.dtype.kind == "b":
+            arr = arr.astype(int)
+        out[key] = arr.tolist() if arr.ndim else arr.item()
+    return out
+
+
+def _check_data(data: Mapping[str, Any]) -> dict:
+    if not isinstance(data, Mapping):
+        raise ValueError(f"Stan data must be a dict of name -> value, got {type(data).__name__}")
+    return dict(data)
+
+
+# --------------------------------------------------------------------------- BridgeStan
+def bridgestan_model(program: str | os.PathLike, data: Mapping[str, Any], *, seed: int = 0):
+    """A ``bridgestan.StanModel`` for ``program`` (name in ``stan/`` or path) and ``data``.
+
+    Default: built in-process by stanli (no compiler, ~0.02 s).  If the environment variable
+    ``BRIDGESTAN`` points at a BridgeStan source tree, the program is compiled with it instead
+    (Stan C++; first build takes a while).  Either way the object is a real
+    ``bridgestan.StanModel`` (log_density, log_density_gradient, param_constrain, ...).
+    The model must stay in the process that built it (see the module docstring).
+    """
+    path = _resolve_program(program)
+    data = _check_data(data)
+    src = os.environ.get("BRIDGESTAN")
+    if src:
+        import bridgestan
+
+        if not Path(src).is_dir():
+            raise ValueError(f"BRIDGESTAN={src!r} is not a directory (expected a BridgeStan source tree)")
+        bridgestan.set_bridgestan_path(src)
+        return bridgestan.StanModel(str(path), data=json.dumps(_jsonable(data)), seed=int(seed))
+    import stanli
+
+    return stanli.bridgestan_model(stan_file=str(path), data=_jsonable(data), seed=int(seed))
+
+
+# --------------------------------------------------------------------------- NUTS
+def default_engine() -> str:
+    """'cmdstanpy' if ``cmdstanpy.cmdstan_path()`` finds CmdStan, else 'stanli' (never installs)."""
+    try:
+        import cmdstanpy
+
+        cmdstanpy.cmdstan_path()
+        return "cmdstanpy"
+    except Exception:
+        return "stanli"
+
+
+def _positive_int(name: str, value: Any, minimum: int = 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    return int(value)
+
+
+def _normalise_inits(inits, chains: int) -> list[dict] | None:
+    """None, one dict of constrained values (all chains), or a list of one dict per chain."""
+    if inits is None:
+        return None
+    if isinstance(inits, Mapping):
+        return [dict(inits)] * chains
+    if isinstance(inits, Sequence) and all(isinstance(i, Mapping) for i in inits):
+        if len(inits) != chains:
+            raise ValueError(f"inits has {len(inits)} dicts but chains={chains}")
+        return [dict(i) for i in inits]
+    raise ValueError("inits must be None, a dict of constrained parameter values, or a list of one dict per chain")
+
+
+def _dims_for(variables: Mapping[str, tuple], dims: Mapping[str, Sequence[str]] | None):
+    """Named dims where the known names are consistent in length, default names otherwise."""
+    table = dict(_DIMS)
+    if dims:
+        table.update({k: tuple(v) for k, v in dims.items()})
+    lengths: dict[str, int] = {}
+    out: dict[str, list[str]] = {}
+    for name, shape in variables.items():
+        shape = tuple(shape)
+        names = table.get(name)
+        ok = names is not None and len(names) == len(shape) and all(
+            lengths.get(n, s) == s for n, s in zip(names, shape)
+        )
+        if not ok:
+            names = tuple(f"{name}_dim_{i}" for i in range(len(shape)))
+        for n, s in zip(names, shape):
+            lengths[n] = s
+        out[name] = list(names)
+    coords = {n: np.arange(s) for n, s in lengths.items()}
+    return out, coords
+
+
+def _to_inference_data(posterior: dict, stats: dict, attrs: dict, dims=None):
+    import arviz as az
+
+    posterior = {k: v for k, v in posterior.items() if v.size > 0}
+    shapes = {k: v.shape[2:] for k, v in posterior.items()}
+    dim_map, coords = _dims_for(shapes, dims)
+    stats = dict(stats)
+    if "diverging" in stats:
+        stats["diverging"] = np.asarray(stats["diverging"]).astype(bool)
+    for key in ("tree_depth", "n_steps"):
+        if key in stats:
+            stats[key] = np.asarray(stats[key]).astype(np.int64)
+    return az.from_dict(posterior=posterior, sample_stats=stats, coords=coords, dims=dim_map, attrs=attrs)
+
+
+def _sample_stanli(path, data, *, chains, warmup, draws, seed, adapt_delta, max_treedepth, inits,
+                   dense_metric, dims):
+    import stanli
+
+    model = stanli.Model(stan_file=str(path), data=_jsonable(data), seed=seed)
+    init_vec = None
+    if inits is not None:
+        init_vec = np.array([model.unconstrain({k: np.asarray(v).tolist() for k, v in i.items()}) for i in inits])
+    t0 = time.perf_counter()
+    fit = model.sample(
+        chains=chains, seed=seed, warmup=warmup, samples=draws, delta=adapt_delta, max_depth=max_treedepth,
+        inits=init_vec, metric="dense_e" if dense_metric else "diag_e", refresh=0,
+    )
+    wall = time.perf_counter() - t0
+    posterior = {name: np.asarray(fit.draws(name)).reshape(chains, draws, *tuple(shape))
+                 for name, shape in fit.variables.items()}
+    import stanli as _s
+
+    stats = {_STAT_NAMES.get(col, col.rstrip("_")): np.asarray(fit.sampler_stats[:, :, i])
+             for i, col in enumerate(_s.SAMPLER_COLUMNS)}
+    attrs = {"engine": "stanli", "engine_version": _s.__version__, "sampling_time": wall,
+             "max_treedepth": max_treedepth, "adapt_delta": adapt_delta, "num_warmup": warmup}
+    return _to_inference_data(posterior, stats, attrs, dims)
+
+
+def _sample_cmdstanpy(path, data, *, chains, warmup, draws, seed, adapt_delta, max_treedepth, inits,
+                      dense_metric, dims):
+    import arviz as az
+    import cmdstanpy
+
+    try:
+        cmdstanpy.cmdstan_path()
+    except Exception as err:  # never call the installer from here
+        raise ImportError(
+            "engine='cmdstanpy' needs a CmdStan installation: run `python -m cmdstanpy.install_cmdstan` "
+            "(needs internet access and a C++ toolchain) or set the CMDSTAN environment variable; "
+            "or use engine='stanli'"
+        ) from err
+    model = cmdstanpy.CmdStanModel(stan_file=str(path))
+    t0 = time.perf_counter()
+    fit = model.sample(
+        data=_jsonable(data), chains=chains, iter_warmup=warmup, iter_sampling=draws, seed=seed,
+        adapt_delta=adapt_delta, max_treedepth=max_treedepth, metric="dense_e" if dense_metric else "diag_e",
+        inits=[_jsonable(i) for i in inits] if inits is not None else None, show_progress=False,
+    )
+    wall = time.perf_counter() - t0
+    variables = {name: tuple(v.shape[1:]) for name, v in fit.stan_variables().items()}
+    dim_map, coords = _dims_for(variables, dims)
+    idata = az.from_cmdstanpy(posterior=fit, coords=coords, dims=dim_map)
+    idata.sample_stats["diverging"] = idata.sample_stats["diverging"].astype(bool)
+    idata.posterior.attrs.update({"engine": "cmdstanpy", "sampling_time": wall, "max_treedepth": max_treedepth,
+                                  "adapt_delta": adapt_delta, "num_warmup": warmup})
+    return idata
+
+
+def _sample_pystan(path, data, *, chains, warmup, draws, seed, adapt_delta, max_treedepth, inits,
+                   dense_metric, dims):
+    try:
+        import stan  # PyStan 3
+    except ImportError as err:
+        raise ImportError("engine='pystan' needs PyStan 3: `pip install pystan` (or `pip install pln-ref[pystan]`)") from err
+    import arviz as az
+
+    if dense_metric:
+        raise ValueError("engine='pystan' supports only the diagonal metric (dense_metric=False)")
+    post = stan.build(Path(path).read_text(), data=_jsonable(data), random_seed=seed)
+    kwargs = dict(num_chains=chains, num_warmup=warmup, num_samples=draws, delta=adapt_delta, max_depth=max_treedepth)
+    if inits is not None:
+        kwargs["init"] = [_jsonable(i) for i in inits]
+    t0 = time.perf_counter()
+    fit = post.sample(**kwargs)
+    wall = time.perf_counter() - t0
+    variables = {name: tuple(fit[name].shape[:-1]) for name in fit.param_names}
+    dim_map, coords = _dims_for(variables, dims)
+    idata = az.from_pystan(posterior=fit, posterior_model=post, coords=coords, dims=dim_map)
+    ss = idata.sample_stats
+    renames = {k: v for k, v in {"divergent": "diverging", "treedepth": "tree_depth", "accept_stat": "acceptance_rate",
+                                 "n_leapfrog": "n_steps", "stepsize": "step_size"}.items() if k in ss}
+    if renames:
+        idata.sample_stats = ss.rename(renames)
+    idata.sample_stats["diverging"] = idata.sample_stats["diverging"].astype(bool)
+    idata.posterior.attrs.update({"engine": "pystan", "sampling_time": wall, "max_treedepth": max_treedepth,
+                                  "adapt_delta": adapt_delta, "num_warmup": warmup})
+    return idata
+
+
+def sample_nuts(
+    program: str | os.PathLike,
+    data: Mapping[str, Any],
+    *,
+    engine: str | None = None,
+    chains: int = 4,
+    warmup: int = 1000,
+    draws: int = 1000,
+    seed: int = 0,
+    adapt_delta: float = 0.8,
+    max_treedepth: int = 10,
+    inits: Mapping[str, Any] | Sequence[Mapping[str, Any]] | None = None,
+    dense_metric: bool = False,
+    dims: Mapping[str, Sequence[str]] | None = None,
+):
+    """NUTS draws of ``program`` (name in ``stan/`` or a path) as an ``arviz.InferenceData``.
+
+    engine: None -> 'cmdstanpy' if CmdStan is installed, else 'stanli'; or 'stanli', 'cmdstanpy'
+    ('cmdstan'), 'pystan'.  ``inits`` are CONSTRAINED values: one dict for every chain or a list
+    of one dict per chain.  The posterior has named dims for the pln_* variables (cell, gene,
+    factor, gene_b) and ``sample_stats`` uses ArviZ names: diverging (bool), tree_depth,
+    acceptance_rate, n_steps, step_size, lp, energy -- so ``arviz.summary`` / divergence
+    counts see them.  ``idata.attrs['sampling_time']`` holds wall seconds of sampling
+    (``idata.posterior.attrs`` for cmdstanpy / pystan).
+    """
+    if engine is None:
+        engine = default_engine()
+    if not isinstance(engine, str) or engine.lower() not in _ENGINE_ALIASES:
+        raise ValueError(
+            f"unknown engine {engine!r}: choose one of {ENGINES} (or None for the default). "
+            "stanli is bundled; cmdstanpy needs CmdStan (`python -m cmdstanpy.install_cmdstan`); "
+            "pystan needs `pip install pystan`"
+        )
+    engine = _ENGINE_ALIASES[engine.lower()]
+    path = _resolve_program(program)
+    data = _check_data(data)
+    chains = _positive_int("chains", chains)
+    warmup = _positive_int("warmup", warmup, 0)
+    draws = _positive_int("draws", draws)
+    max_treedepth = _positive_int("max_treedepth", max_treedepth)
+    seed = _positive_int("seed", seed, 0)
+    if not (0.0 < float(adapt_delta) < 1.0):
+        raise ValueError(f"adapt_delta must lie in (0, 1), got {adapt_delta!r}")
+    kwargs = dict(chains=chains, warmup=warmup, draws=draws, seed=seed, adapt_delta=float(adapt_delta),
+                  max_treedepth=max_treedepth, inits=_normalise_inits(inits, chains),
+                  dense_metric=bool(dense_metric), dims=dims)
+    runner = {"stanli": _sample_stanli, "cmdstanpy": _sample_cmdstanpy, "pystan": _sample_pystan}[engine]
+    return runner(path, data, **kwargs)
+
+
+# --------------------------------------------------------------------------- pln helpers
+def _counts_int(counts) -> np.ndarray:
+    arr = np.asarray(counts)
+    if arr.ndim != 2:
+        raise ValueError(f"counts must be a 2-d (cells x genes) array, got shape {arr.shape}")
+    if arr.size == 0:
+        raise ValueError("counts is empty")
+    arr = arr.astype(float)
+    if not np.all(np.isfinite(arr)):
+        raise ValueError("counts contain NaN or inf")
+    if np.any(arr < 0):
+        raise ValueError("counts contain negative values")
+    if np.any(arr != np.round(arr)):
+        raise ValueError("counts contain non-integer values")
+    if arr.max() > np.iinfo(np.int32).max:
+        raise ValueError("counts exceed Stan's 32-bit integer range")
+    return arr.astype(np.int64)
+
+
+def _log_anchor(log_anchor, N: int) -> np.ndarray:
+    la = np.asarray(log_anchor, dtype=float).reshape(-1)
+    if la.shape != (N,):
+        raise ValueError(f"log_anchor must have one entry per cell (N={N}), got shape {np.shape(log_anchor)}")
+    if not np.all(np.isfinite(la)):
+        raise ValueError("log_anchor contains NaN or inf (a zero library size gives log 0 = -inf)")
+    return la
+
+
+def pln_cell_data(counts, params: PLNParams, log_anchor) -> dict:
+    """Data dict of ``stan/pln_cell.stan``: u, mu, W, d, log_M0, sigma_M, log_L = log_anchor.
+
+    ``params.capture`` must be set (pln_cell always has eta > 0 with the TruncN prior).
+    """
+    if not isinstance(params, PLNParams):
+        raise ValueError("params must be a pln_ref.params.PLNParams")
+    if params.capture is None:
+        raise ValueError("pln_cell needs a capture prior: params.capture is None (use params.with_capture(Capture(M0)))")
+    u = _counts_int(counts)
+    N, G = u.shape
+    if G != params.G:
+        raise ValueError(f"counts have G={G} genes but params have G={params.G}")
+    return {
+        "N": N, "G": G, "k": params.k, "u": u,
+        "mu": np.asarray(params.mu, float), "W": np.asarray(params.W, float), "d": np.asarray(params.d, float),
+        "log_M0": float(np.log(params.capture.M0)), "sigma_M": float(params.capture.sigma_M),
+        "log_L": _log_anchor(log_anchor, N),
+    }
+
+
+def pln_cell_unconstrain(x, eta) -> np.ndarray:
+    """theta_unc of pln_cell: (x[1], ..., x[N]) cell-major (C order of the (N, G) array), then log eta."""
+    x = np.asarray(x, dtype=float)
+    eta = np.asarray(eta, dtype=float).reshape(-1)
+    if x.ndim != 2:
+        raise ValueError(f"x must be (N, G), got shape {x.shape}")
+    if eta.shape != (x.shape[0],):
+        raise ValueError(f"eta must have N={x.shape[0]} entries, got shape {eta.shape}")
+    if not (np.all(np.isfinite(x)) and np.all(np.isfinite(eta))):
+        raise ValueError("x or eta contains NaN or inf")
+    if np.any(eta <= 0):
+        raise ValueError("eta must be > 0 (pln_cell declares eta with lower=0)")
+    return np.concatenate([x.ravel(order="C"), np.log(eta)])
+
+
+def pln_joint_data(
+    counts,
+    k: int,
+    *,
+    capture=None,
+    log_anchor=None,
+    mu_loc=None,
+    mu_scale: float = 2.5,
+    w_scale: float = 1.0,
+    d_loc: float = float(np.log(0.2)),
+    d_scale: float = 1.0,
+) -> dict:
+    """Data dict of ``stan/pln_joint.stan``.
+
+    Priors (weakly informative):
+        mu_g  ~ N(mu_loc_g, mu_scale^2)    default mu_loc_g = log(mean_c u_cg + 0.5) + mean_c m_c
+                                           (data-dependent guess; pass a fixed mu_loc for SBC)
+        W_ga  ~ N(0, w_scale^2)            (rotation-invariant; identified output W_id, Sigma)
+        d_g   ~ LogNormal(d_loc, d_scale^2) default median 0.2, 95% in (0.03, 1.4): zero density
+                                           at d = 0 keeps away from the Heywood boundary
+        eta_c ~ TruncN(log M0 - log L_c, sigma_M^2, low=0) if capture (a pln_ref.Capture) is given
+    log_anchor defaults to the log realised library size log(sum_g u_cg) (empirical Bayes; an SBC
+    must pass the exogenous anchor it simulated from).
+    """
+    from .params import Capture
+
+    u = _counts_int(counts)
+    N, G = u.shape
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 1 <= k < G:
+        raise ValueError(f"k must be an integer with 1 <= k < G={G}, got {k!r}")
+    if capture is not None and not isinstance(capture, Capture):
+        raise ValueError("capture must be a pln_ref.Capture or None")
+    if log_anchor is None:
+        lib = u.sum(axis=1)
+        if capture is not None and np.any(lib == 0):
+            raise ValueError("cells with zero total count: pass log_anchor explicitly")
+        log_anchor = np.log(np.maximum(lib, 1))
+    la = _log_anchor(log_anchor, N)
+    if capture is not None:
+        log_M0, sigma_M = float(np.log(capture.M0)), float(capture.sigma_M)
+        shift = float(np.mean(log_M0 - la))
+    else:
+        log_M0, sigma_M, shift = 0.0, 1.0, 0.0
+    if mu_loc is None:
+        mu_loc = np.log(u.mean(axis=0) + 0.5) + shift
+    mu_loc = np.asarray(mu_loc, dtype=float).reshape(-1)
+    if mu_loc.shape != (G,) or not np.all(np.isfinite(mu_loc)):
+        raise ValueError(f"mu_loc must be {G} finite numbers")
+    for name, val in (("mu_scale", mu_scale), ("w_scale", w_scale), ("d_scale", d_scale)):
+        if not (np.isfinite(val) and val > 0):
+            raise ValueError(f"{name} must be positive and finite, got {val!r}")
+    if not np.isfinite(d_loc):
+        raise ValueError(f"d_loc must be finite, got {d_loc!r}")
+    return {
+        "N": N, "G": G, "k": int(k), "u": u, "capture": int(capture is not None),
+        "log_M0": log_M0, "sigma_M": sigma_M, "log_L": la,
+        "mu_loc": mu_loc, "mu_scale": float(mu_scale), "w_scale": float(w_scale),
+        "d_loc": float(d_loc), "d_scale": float(d_scale),
+    }

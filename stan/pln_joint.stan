@@ -1,0 +1,106 @@
+// pln_joint.stan -- full joint posterior of the PLN model with capture: globals (mu, W, d) and
+// every cell's latents (x^(c), eta^(c)).  Seed notation (pln-model.md):
+//   x^(c)   ~ N(mu, Sigma),   Sigma = W W^T + diag(d)
+//   eta^(c) ~ TruncN(log M0 - log L_c, sigma_M^2, low = 0)          (only when capture == 1)
+//   u_g^(c) | x, eta ~ Poisson(exp(x_g^(c) - eta^(c)))
+//
+// MIXING EXPERIMENTS: see the block below (filled in from measurements).
+//
+// Density: every statement is `target += *_lpdf/_lpmf` (full constants), so
+//   log_density(theta_unc) = log p(mu) + log p(W) + log p(d)
+//                          + sum_c pln_ref.model.log_joint(u_c, x_c, eta_c; mu, W, d)
+//                          + Jacobians (sum log d + sum log eta).
+// Unconstrained order: mu (G), W (G x k, column-major), log d (G), x (cell-major), log eta (N).
+functions {
+  // Rows of B (k x k) orthonormalised by Gram-Schmidt: B = L Qr with L lower-triangular,
+  // L_aa = |residual of row a| > 0, Qr orthogonal.  Returns Qr^T so that B * Qr^T = L.
+  matrix lq_rotation(matrix B) {
+    int k = rows(B);
+    matrix[k, k] Qr;
+    for (a in 1:k) {
+      row_vector[k] v = B[a];
+      for (b in 1:(a - 1)) v -= dot_product(v, Qr[b]) * Qr[b];
+      Qr[a] = v / sqrt(dot_self(v));
+    }
+    return Qr';
+  }
+}
+data {
+  int<lower=1> N;                       // cells
+  int<lower=1> G;                       // genes
+  int<lower=1, upper=G - 1> k;          // rank of W
+  array[N, G] int<lower=0> u;           // counts
+  int<lower=0, upper=1> capture;        // 1: eta^(c) is a parameter with the TruncN prior; 0: eta = 0
+  real log_M0;                          // log M0 (ignored when capture == 0)
+  real<lower=0> sigma_M;                // capture prior SD (ignored when capture == 0)
+  vector[N] log_L;                      // log anchor library size (ignored when capture == 0)
+  // Priors (weakly informative, documented in pln_ref.engines.pln_joint_data):
+  vector[G] mu_loc;                     // mu_g ~ N(mu_loc_g, mu_scale)
+  real<lower=0> mu_scale;
+  real<lower=0> w_scale;                // W_ga ~ N(0, w_scale)   (rotation-invariant prior)
+  real d_loc;                           // d_g ~ LogNormal(d_loc, d_scale): density -> 0 at d -> 0
+  real<lower=0> d_scale;                //   (keeps away from the Heywood boundary d = 0)
+}
+transformed data {
+  int Ne = capture ? N : 0;
+  vector[N] m = log_M0 - log_L;         // m_c = log M0 - log L_c
+  real log_2pi = log(2 * pi());
+}
+parameters {
+  vector[G] mu;                         // prior mean of x
+  matrix[G, k] W;                       // loadings (unidentified up to W -> W Q, Q orthogonal)
+  vector<lower=0>[G] d;                 // residual variances
+  array[N] vector[G] x;                 // latent log-rates (centred)
+  vector<lower=0>[Ne] eta;              // capture loss
+}
+model {
+  // Woodbury pieces (O(G k^2)), never a G x G matrix:
+  vector[G] Dinv = inv(d);                                // D = diag(1/d)
+  matrix[G, k] DW = diag_pre_multiply(Dinv, W);           // V = D W
+  matrix[k, k] L_K = cholesky_decompose(add_diag(W' * DW, 1.0));  // K = I + W^T D W = L_K L_K^T
+  // -G/2 log 2pi - 1/2 log det Sigma,  log det Sigma = sum log d + log det K
+  real log_norm_x = -0.5 * G * log_2pi - 0.5 * (sum(log(d)) + 2 * sum(log(diagonal(L_K))));
+
+  // priors on the globals
+  target += normal_lpdf(mu | mu_loc, mu_scale);           // mu_g ~ N(mu_loc_g, mu_scale^2)
+  target += normal_lpdf(to_vector(W) | 0, w_scale);       // W_ga ~ N(0, w_scale^2)
+  target += lognormal_lpdf(d | d_loc, d_scale);           // d_g ~ LogNormal(d_loc, d_scale^2)
+
+  for (c in 1:N) {
+    vector[G] r = x[c] - mu;                              // r = x - mu
+    vector[k] z = mdivide_left_tri_low(L_K, DW' * r);     // z^T z = (W^T D r)^T K^{-1} (W^T D r)
+    // log N(x | mu, Sigma) = log_norm_x - 1/2 [r^T D r - (W^T D r)^T K^{-1} (W^T D r)]
+    target += log_norm_x - 0.5 * (dot_product(r, Dinv .* r) - dot_self(z));
+    // Poisson: sum_g [u_g (x_g - eta) - exp(x_g - eta) - lgamma(u_g + 1)]
+    if (capture) {
+      target += poisson_log_lpmf(u[c] | x[c] - eta[c]);
+    } else {
+      target += poisson_log_lpmf(u[c] | x[c]);
+    }
+  }
+  if (capture) {
+    // log TruncN(eta | m, sigma_M, low=0) = normal_lpdf(eta | m, sigma_M) - normal_lccdf(0 | m, sigma_M)
+    target += normal_lpdf(eta | m, sigma_M) - normal_lccdf(0 | m, sigma_M);
+  }
+}
+generated quantities {
+  // Identified quantities: Sigma = W W^T + diag(d) and its correlation matrix are invariant
+  // under W -> W Q.  W_id = W Q is the rotation that makes the top k x k block lower-triangular
+  // with positive diagonal (LQ decomposition of B = W[1:k] by Gram-Schmidt on its rows).
+  matrix[G, G] Sigma = add_diag(tcrossprod(W), d);        // small G only (G x G here is fine)
+  matrix[G, G] Omega;                                     // correlation of x
+  matrix[G, k] W_id;
+  array[N, G] int u_rep;                                  // posterior predictive counts
+  real log_lik = 0;                                       // sum_c,g log Poisson(u | exp(x - eta)): SBC test quantity
+  {
+    vector[G] s = inv_sqrt(diagonal(Sigma));
+    Omega = quad_form_diag(Sigma, s);                     // Omega_gh = Sigma_gh / sqrt(Sigma_gg Sigma_hh)
+    W_id = W * lq_rotation(W[1:k, :]);                    // W Q with (W Q)[1:k] lower-tri, diag > 0
+    for (c in 1:N) {
+      vector[G] lr = x[c];                                // log rate x - eta
+      if (capture) lr = x[c] - eta[c];
+      u_rep[c] = poisson_log_rng(lr);
+      log_lik += poisson_log_lpmf(u[c] | lr);
+    }
+  }
+}

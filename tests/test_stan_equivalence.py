@@ -1,0 +1,125 @@
+"""stan/pln_cell.stan and stan/pln_joint.stan against pln_ref.model.log_joint (NumPy).
+
+Tolerances (stated once, used everywhere):
+  value:    |stan - numpy| <= 1e-9 * max(|numpy|, 1)
+  gradient: ||stan - numpy||_2 <= 1e-9 * max(||numpy||_2, 1)          (norm-wise relative)
+Unconstrained scale of pln_cell: theta = (x cell-major, log eta), so
+  log_density = sum_c log_joint_c + sum_c log eta_c,   d/dlog eta = g_eta * eta + 1.
+The maximum relative errors seen are printed at the end of the module (run with ``pytest -s``).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
+from scipy import stats
+
+from pln_ref.engines import bridgestan_model, pln_cell_data, pln_cell_unconstrain, pln_joint_data
+from pln_ref.model import grad_log_joint, log_joint
+from pln_ref.params import Capture, PLNParams
+
+REL_TOL = 1e-9
+MAX_ERR = {"cell_value": 0.0, "cell_grad": 0.0, "joint_value": 0.0, "joint_grad_latent": 0.0}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _report_max_errors():
+    yield
+    print("\n[stan-equivalence] max relative errors: " + ", ".join(f"{k}={v:.3e}" for k, v in MAX_ERR.items()))
+
+
+def _rel(a, b) -> float:
+    a, b = np.atleast_1d(np.asarray(a, float)), np.atleast_1d(np.asarray(b, float))
+    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1.0))
+
+
+def _floats(lo, hi):
+    return st.floats(lo, hi, allow_nan=False, allow_infinity=False)
+
+
+@st.composite
+def cells(draw):
+    G = draw(st.integers(3, 12))
+    k = draw(st.integers(1, min(3, G - 1)))
+    N = draw(st.integers(1, 3))
+    mu = draw(hnp.arrays(float, G, elements=_floats(-3.0, 8.0)))
+    W = draw(hnp.arrays(float, (G, k), elements=_floats(-2.0, 2.0)))
+    d = draw(hnp.arrays(float, G, elements=_floats(0.05, 3.0)))
+    x = draw(hnp.arrays(float, (N, G), elements=_floats(-5.0, 10.0)))
+    eta = draw(hnp.arrays(float, N, elements=_floats(0.01, 8.0)))
+    u = draw(hnp.arrays(np.int64, (N, G), elements=st.integers(0, 10_000)))
+    L = draw(hnp.arrays(float, N, elements=_floats(100.0, 5000.0)))
+    M0 = draw(_floats(1e3, 1e6))
+    sigma_M = draw(_floats(0.1, 2.0))
+    params = PLNParams(mu=mu, W=W, d=d, capture=Capture(M0=M0, sigma_M=sigma_M))
+    return u, x, eta, params, np.log(L)
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(cells())
+def test_pln_cell_matches_log_joint(case):
+    u, x, eta, params, log_L = case
+    model = bridgestan_model("pln_cell", pln_cell_data(u, params, log_L))
+    theta = pln_cell_unconstrain(x, eta)
+    # the documented order: constrained output is x (Stan column-major over [N, G]) then eta
+    np.testing.assert_allclose(model.param_constrain(theta), np.concatenate([x.T.ravel(), eta]), rtol=1e-14, atol=0)
+
+    ref = float(log_joint(u, x, eta, params, log_L).sum() + np.log(eta).sum())
+    val, grad = model.log_density_gradient(theta)
+    g_x, g_eta = grad_log_joint(u, x, eta, params, log_L)
+    ref_grad = np.concatenate([g_x.ravel(), g_eta * eta + 1.0])
+
+    err_v = abs(val - ref) / max(abs(ref), 1.0)
+    err_g = _rel(grad, ref_grad)
+    MAX_ERR["cell_value"] = max(MAX_ERR["cell_value"], err_v)
+    MAX_ERR["cell_grad"] = max(MAX_ERR["cell_grad"], err_g)
+    assert err_v <= REL_TOL, (val, ref)
+    assert err_g <= REL_TOL, (grad, ref_grad)
+
+
+def _joint_priors_numpy(data: dict, mu, W, d) -> float:
+    """log p(mu) + log p(W) + log p(d) of pln_joint (full constants)."""
+    return float(
+        stats.norm.logpdf(mu, data["mu_loc"], data["mu_scale"]).sum()
+        + stats.norm.logpdf(W, 0.0, data["w_scale"]).sum()
+        + stats.lognorm.logpdf(d, s=data["d_scale"], scale=np.exp(data["d_loc"])).sum()
+    )
+
+
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(cells(), st.booleans())
+def test_pln_joint_minus_priors_is_sum_of_log_joint(case, with_capture):
+    """pln_joint uses target += with full constants, so the comparison is absolute:
+    log_density - priors - Jacobians(sum log d + sum log eta) == sum_c log_joint_c."""
+    u, x, eta, params, log_L = case
+    G, k = params.G, params.k
+    capture = params.capture if with_capture else None
+    p = params.with_capture(capture)
+    data = pln_joint_data(u, k, capture=capture, log_anchor=log_L)
+    model = bridgestan_model("pln_joint", data)
+    parts = [p.mu, p.W.ravel(order="F"), np.log(p.d), x.ravel()]
+    if capture is not None:
+        parts.append(np.log(eta))
+    theta = np.concatenate(parts)
+    assert model.param_unc_num() == theta.size
+    cons = model.param_constrain(theta)
+    np.testing.assert_allclose(cons[: G + G * k + G], np.concatenate([p.mu, p.W.ravel(order="F"), p.d]), rtol=1e-14)
+
+    eta_used = eta if capture is not None else None
+    cells_sum = float(log_joint(u, x, eta_used, p, log_L).sum())
+    jac = float(np.log(p.d).sum() + (np.log(eta).sum() if capture is not None else 0.0))
+    val, grad = model.log_density_gradient(theta)
+    lhs = val - _joint_priors_numpy(data, p.mu, p.W, p.d) - jac
+    err_v = abs(lhs - cells_sum) / max(abs(cells_sum), 1.0)
+
+    # latent block of the gradient: the priors on (mu, W, d) do not involve x or eta
+    g_x, g_eta = grad_log_joint(u, x, eta_used, p, log_L)
+    ref = [g_x.ravel()] + ([g_eta * eta + 1.0] if capture is not None else [])
+    err_g = _rel(grad[G + G * k + G:], np.concatenate(ref))
+    MAX_ERR["joint_value"] = max(MAX_ERR["joint_value"], err_v)
+    MAX_ERR["joint_grad_latent"] = max(MAX_ERR["joint_grad_latent"], err_g)
+    assert err_v <= REL_TOL, (lhs, cells_sum)
+    assert err_g <= REL_TOL
