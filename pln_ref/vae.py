@@ -250,7 +250,7 @@ class VAEConfig:
     seed: int = 0
     kl_anneal_steps: int = 0
     residual: str = "laplace"
-    n_local_rounds: int = 6
+    n_local_rounds: int = 4
     warm_rounds: int = 2
     val_fraction: float = 0.1
     eval_every: int = 100

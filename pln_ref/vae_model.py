@@ -88,7 +88,8 @@ def lambert_log_solve(L: torch.Tensor, n_iter: int = 4, w0: torch.Tensor | None 
         w = w0
     for _ in range(n_iter):
         ew = torch.exp(w)
-        w = w - (ew + w - L) / (ew + 1.0)
+        num = (ew + w).sub_(L)
+        w = w - num.div_(ew.add_(1.0))
     return w
 
 
@@ -134,7 +135,7 @@ class PLNVAE(nn.Module):
     """
 
     def __init__(self, G: int, k: int, hidden=(128, 64), capture=None, residual: str = "laplace",
-                 n_local_rounds: int = 6):
+                 n_local_rounds: int = 4):
         super().__init__()
         if residual not in ("laplace", "prior"):
             raise ValueError(f"residual must be 'laplace' or 'prior', got {residual!r}")
@@ -142,6 +143,7 @@ class PLNVAE(nn.Module):
         self.hidden = tuple(int(h) for h in hidden)
         self.residual = residual
         self.n_local_rounds = int(n_local_rounds)
+        self.profile_newton = True
         self.capture = capture  # pln_ref.params.Capture or None (plain python object)
         layers, width = [], G + 1
         for h in self.hidden:
@@ -199,9 +201,13 @@ class PLNVAE(nn.Module):
     def local_updates(self, u, m, logvar, prior_m=None, w_r=None, n_rounds=None) -> LocalState:
         """(r, v) of q(e) and (a, b) of q(eta) in closed form (see module docstring); no grad.
 
-        ``n_rounds`` (default ``self.n_local_rounds`` = 6) alternating sweeps eta -> (r, v): the
-        eta/r coupling converges linearly (ratio ~0.5 per sweep; mean ELBO gap to the fixed point
-        measured 0.44 / 0.019 / 0.0012 / 0.0001 nats per cell after 2 / 4 / 6 / 8 sweeps at G=1000).
+        ``n_rounds`` (default ``self.n_local_rounds`` = 4) sweeps eta -> (r, v). Sweep 1 solves
+        eta's location exactly given (r, v) (Lambert W); later sweeps take a Newton step on the
+        profile ELBO in eta (r's response dr_g/da = y_g/(1+y_g) included), which removes the slow
+        eta/r "translation" mode of plain alternation. Measured at G=1000, k=10, 256 cells, mean
+        ELBO gap to the fixed point after 2/3/4/6 sweeps: plain alternation 0.44 / 0.085 / 0.019 /
+        0.0012 nats per cell, profile Newton 0.74 / 0.014 / 6e-6 / 1e-6 (max over cells 3e-3 at 4).
+        Without capture the (r, v) fixed point alone is iterated (at most 3 sweeps).
         ``w_r``: warm start log y = log(u d - r) from an earlier call (training caches it per cell).
         """
         d = self.d
@@ -219,14 +225,28 @@ class PLNVAE(nn.Module):
         cap = self.capture
         U = u.sum(1)
         n_rounds = self.n_local_rounds if n_rounds is None else int(n_rounds)
-        for _ in range(max(1, n_rounds)):
+        if cap is None:
+            n_rounds = min(n_rounds, 3)
+        for it in range(max(1, n_rounds)):
             if cap is not None:
                 s2 = cap.sigma_M**2
                 logR = torch.logsumexp(o + r + 0.5 * v, dim=1)
-                Lz = logR + math.log(s2) + U * s2 - prior_m
-                y = torch.exp(lambert_log_solve(Lz))
-                a = y - U * s2 + prior_m
-                b = torch.sqrt(s2 / (1.0 + y))
+                if it == 0 or self.residual == "prior" or not self.profile_newton:
+                    # exact argmax of f(eta) given (r, v): Lambert W
+                    Lz = logR + math.log(s2) + U * s2 - prior_m
+                    ye = torch.exp(lambert_log_solve(Lz))
+                    a = ye - U * s2 + prior_m
+                else:
+                    # Newton step on the profile F(a) = max_{r,v} ELBO: r responds to a through
+                    # dr_g/da = kappa_g = y_g / (1 + y_g)  (y_g = lambda_g d_g), so
+                    # F'(a) = -U + R e^{-a} - (a - m)/s2,  -F''(a) = e^{-a} sum_g lam_g / (1 + y_g) + 1/s2
+                    y_r = torch.exp(w_r)
+                    lam0 = torch.exp(o + r + 0.5 * v - logR[:, None])  # lam_g / R
+                    R_a = torch.exp(logR - a)
+                    grad = -U + R_a - (a - prior_m) / s2
+                    hess = R_a * (lam0 / (1.0 + y_r)).sum(1) + 1.0 / s2
+                    a = a + torch.clamp(grad / hess, -2.0, 2.0)
+                b = torch.sqrt(1.0 / (torch.exp(logR - a) + 1.0 / s2))  # conditional curvature
                 _, e_exp, _, _ = truncnorm_moments(a, b, prior_m, cap.sigma_M)
                 log_e_exp = torch.log(e_exp)
             if self.residual == "prior":

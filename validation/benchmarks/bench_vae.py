@@ -1,0 +1,241 @@
+"""Benchmark of the PLN VAE (issue 4): training time, Sigma recovery, scoring throughput, drift,
+and (``--nuts``) the per-cell posterior vs NUTS with the validation-suite metrics.
+
+Usage (2 shared cores: keep one thread)::
+
+    OMP_NUM_THREADS=1 python validation/benchmarks/bench_vae.py --out validation/out/bench_vae.json
+    OMP_NUM_THREADS=1 python validation/benchmarks/bench_vae.py --nuts --skip-main --out ...
+
+Sections (each result is written to the JSON as soon as it exists):
+  main        simulated N=2000, G=1000, k=10 with capture (``pln_ref.simulate.random_params``):
+              VAE training wall time; off-diagonal correlation error of the fitted Sigma vs the
+              truth (relative Frobenius ||C_hat - C||_F / ||C||_F over g != h, max |C_hat - C|,
+              both for the method-of-moments start, the VAE, optionally the Laplace fit
+              ``--laplace-steps`` and the VAE with the prior-residual ELBO ``--prior-variant``);
+              aggregate-posterior drift.
+  throughput  G=2000, k=10: cells/s of ``VAEResult.encode`` on new cells vs
+              ``laplace.newton_map`` on the same cells with the same parameters.
+  nuts        G=50, k=3 (N=2000 training cells): VAE posterior of ``--nuts-cells`` cells vs NUTS
+              on ``pln_cell`` under the VAE's own globals (and the Laplace posterior under the same
+              globals, for reference): standardised mean error, SD ratio, 50/90% coverage, PSIS k-hat.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+import torch  # noqa: E402
+
+from pln_ref.simulate import random_params, simulate  # noqa: E402
+from pln_ref.vae import fit_vae  # noqa: E402
+
+
+def corr_error(P, truth) -> dict:
+    C, Ch = truth.correlation_dense(), P.correlation_dense()
+    off = ~np.eye(truth.G, dtype=bool)
+    diff = (Ch - C)[off]
+    return {"rel_fro_offdiag": float(np.linalg.norm(diff) / np.linalg.norm(C[off])),
+            "max_abs_offdiag": float(np.abs(diff).max()),
+            "mean_abs_offdiag": float(np.abs(diff).mean())}
+
+
+def subspace_deg(P, truth) -> list:
+    from scipy.linalg import subspace_angles
+    return [float(a) for a in np.degrees(subspace_angles(P.W, truth.W))]
+
+
+def dump(out: dict, path: Path) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(out, indent=1))
+    os.replace(tmp, path)
+
+
+def section_main(args, out, path):
+    p = random_params(args.G, args.k, seed=args.seed, capture=True)
+    sim = simulate(p, args.N, seed=args.seed + 1)
+    u, la = np.asarray(sim.counts, float), sim.log_anchor
+    res_main = {"N": args.N, "G": args.G, "k": args.k, "mean_count": float(u.mean()),
+                "frac_zero": float(np.mean(u == 0)), "eta_true_mean": float(sim.eta.mean())}
+    out["main"] = res_main
+    from pln_ref.moments import method_of_moments
+    t0 = time.perf_counter()
+    mom = method_of_moments(u, args.k, capture=p.capture, log_anchor=la)
+    res_main["mom"] = {"time_s": time.perf_counter() - t0, **corr_error(mom, p),
+                       "angles_deg": subspace_deg(mom, p)}
+    dump(out, path)
+
+    t0 = time.perf_counter()
+    fit = fit_vae(u, args.k, capture=p.capture, log_anchor=la, n_steps=args.steps, seed=args.seed,
+                  batch_size=args.batch_size, lr=args.lr, progress=args.progress, init=mom)
+    wall = time.perf_counter() - t0
+    vae = {"train_wall_s": wall, "steps_run": len(fit.history["elbo"]),
+           "stopped_step": fit.history["stopped_step"], "best_val_elbo": fit.history["best_val_elbo"],
+           "s_per_step": wall / max(1, len(fit.history["elbo"])),
+           **corr_error(fit.params, p), "angles_deg": subspace_deg(fit.params, p),
+           "d_mean_fit": float(fit.d.mean()), "d_mean_true": float(p.d.mean()),
+           "mu_bias": float(np.mean(fit.mu - p.mu)),
+           "eta_corr": float(np.corrcoef(fit.eta_map, sim.eta)[0, 1]),
+           "eta_bias": float(np.mean(fit.eta_map - sim.eta)),
+           "x_rmse_vs_true": float(np.sqrt(np.mean((fit.x_map - sim.x) ** 2))),
+           "drift": fit.aggregate_posterior_drift(),
+           "val_elbo_trace": fit.history["val_elbo"]}
+    res_main["vae"] = vae
+    dump(out, path)
+    print(json.dumps({k: v for k, v in vae.items() if k != "val_elbo_trace"}, indent=1), flush=True)
+
+    if args.prior_variant:
+        t0 = time.perf_counter()
+        fp = fit_vae(u, args.k, capture=p.capture, log_anchor=la, n_steps=args.steps, seed=args.seed,
+                     batch_size=args.batch_size, lr=args.lr, progress=args.progress, init=mom,
+                     residual="prior")
+        res_main["vae_prior_residual"] = {"train_wall_s": time.perf_counter() - t0,
+                                          "steps_run": len(fp.history["elbo"]),
+                                          **corr_error(fp.params, p), "angles_deg": subspace_deg(fp.params, p),
+                                          "d_mean_fit": float(fp.d.mean()), "d_min_fit": float(fp.d.min())}
+        dump(out, path)
+
+    if args.laplace_steps > 0:
+        from pln_ref.fit_laplace import optimize_globals
+        t0 = time.perf_counter()
+        _, lp = optimize_globals(u, mom, la, n_steps=args.laplace_steps, progress=args.progress,
+                                 seed=args.seed)
+        res_main["laplace"] = {"train_wall_s": time.perf_counter() - t0, "n_steps": args.laplace_steps,
+                               **corr_error(lp, p), "angles_deg": subspace_deg(lp, p),
+                               "d_mean_fit": float(lp.d.mean())}
+        dump(out, path)
+    return fit
+
+
+def section_throughput(args, out, path):
+    G = args.G_throughput
+    p = random_params(G, args.k, seed=args.seed + 10, capture=True)
+    sim = simulate(p, args.n_train_tp + args.n_new, seed=args.seed + 11)
+    u, la = np.asarray(sim.counts, float), sim.log_anchor
+    n_tr = args.n_train_tp
+    fit = fit_vae(u[:n_tr], args.k, capture=p.capture, log_anchor=la[:n_tr], n_steps=args.tp_steps,
+                  seed=args.seed, progress=args.progress)
+    new_u, new_la = u[n_tr:], la[n_tr:]
+    fit.encode(new_u[:256], new_la[:256])  # warm-up
+    times = []
+    for _ in range(3):
+        t0 = time.perf_counter()
+        q = fit.encode(new_u, new_la)
+        times.append(time.perf_counter() - t0)
+    tp = {"G": G, "k": args.k, "n_new_cells": int(new_u.shape[0]), "vae_encode_s": min(times),
+          "vae_cells_per_s": new_u.shape[0] / min(times), "torch_threads": torch.get_num_threads()}
+    out["throughput"] = tp
+    dump(out, path)
+    try:
+        from pln_ref.laplace import newton_map
+    except ImportError:
+        newton_map = None
+    if newton_map is not None:
+        n_lap = min(args.n_laplace_tp, new_u.shape[0])
+        t0 = time.perf_counter()
+        post = newton_map(new_u[:n_lap], fit.params, new_la[:n_lap])
+        tl = time.perf_counter() - t0
+        tp.update({"laplace_n_cells": n_lap, "laplace_s": tl, "laplace_cells_per_s": n_lap / tl,
+                   "laplace_converged_frac": float(np.mean(post.converged)),
+                   "speedup_vae_over_laplace": (new_u.shape[0] / min(times)) / (n_lap / tl)})
+        # how far the VAE posterior mean is from the Laplace MAP on the same cells / params
+        dx = q.x_mean[:n_lap] - post.x_map
+        tp["vae_vs_laplace_x_rmse"] = float(np.sqrt(np.mean(dx**2)))
+        tp["vae_vs_laplace_eta_rmse"] = float(np.sqrt(np.mean((q.eta_mean[:n_lap] - post.eta_map) ** 2)))
+        dump(out, path)
+    print(json.dumps(tp, indent=1), flush=True)
+
+
+def section_nuts(args, out, path):
+    from pln_ref.compare import compare_cells, summarise
+    from pln_ref.engines import pln_cell_data, sample_nuts
+    from pln_ref.gate import check_gate
+    from pln_ref.laplace import newton_map
+    from pln_ref.psis import cell_psis
+
+    p = random_params(50, 3, seed=args.seed + 20, capture=True)
+    sim = simulate(p, 2000 + args.nuts_cells, seed=args.seed + 21)
+    u, la = np.asarray(sim.counts, float), sim.log_anchor
+    fit = fit_vae(u[:2000], 3, capture=p.capture, log_anchor=la[:2000], n_steps=1500, seed=args.seed,
+                  progress=args.progress)
+    cu, cla = u[2000:], la[2000:]
+    params = fit.params
+    q = fit.encode(cu, cla)
+    lap = newton_map(cu, params, cla)
+    t0 = time.perf_counter()
+    idata = sample_nuts("pln_cell", pln_cell_data(cu.astype(np.int64), params, cla), chains=4,
+                        warmup=1000, draws=1000, seed=args.seed)
+    nuts_s = time.perf_counter() - t0
+    gate = check_gate(idata, var_names=["x", "eta"])
+    res = {"G": 50, "k": 3, "n_cells": int(cu.shape[0]), "nuts_s": nuts_s,
+           "gate_passed": bool(gate.passed), "gate": gate.summary()}
+    for label, method in (("vae", q), ("laplace", lap)):
+        cmp = compare_cells(method, idata, gate=gate, force=not gate.passed, seed=args.seed, label=label)
+        ps = cell_psis(method, cu, params, cla, n_draws=2000, seed=args.seed)
+        khat = np.asarray(ps["result"].khat)
+        res[label] = {"x": summarise(cmp["x"]),
+                      "eta": summarise(cmp["eta"]) if "eta" in cmp else None,
+                      "khat": [float(v) for v in khat],
+                      "khat_share_gt_0.7": float(np.mean(khat > 0.7)),
+                      "khat_share_gt_0.5": float(np.mean(khat > 0.5))}
+        out["nuts"] = res
+        dump(out, path)
+    print(json.dumps({k: res[k] for k in ("nuts_s", "gate_passed")}, indent=1), flush=True)
+    for label in ("vae", "laplace"):
+        r = res[label]
+        print(label, "x:", {m: r["x"][m] for m in ("std_mean_error", "sd_ratio", "cover90")},
+              "eta:", None if r["eta"] is None else {m: r["eta"][m] for m in ("std_mean_error", "sd_ratio", "cover90")},
+              "khat>0.7:", r["khat_share_gt_0.7"], flush=True)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default="validation/out/bench_vae.json")
+    ap.add_argument("--N", type=int, default=2000)
+    ap.add_argument("--G", type=int, default=1000)
+    ap.add_argument("--k", type=int, default=10)
+    ap.add_argument("--steps", type=int, default=3000)
+    ap.add_argument("--batch-size", type=int, default=256)
+    ap.add_argument("--lr", type=float, default=3e-3)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--laplace-steps", type=int, default=0)
+    ap.add_argument("--prior-variant", action="store_true")
+    ap.add_argument("--G-throughput", type=int, default=2000)
+    ap.add_argument("--n-train-tp", type=int, default=1000)
+    ap.add_argument("--tp-steps", type=int, default=200)
+    ap.add_argument("--n-new", type=int, default=4000)
+    ap.add_argument("--n-laplace-tp", type=int, default=500)
+    ap.add_argument("--skip-main", action="store_true")
+    ap.add_argument("--skip-throughput", action="store_true")
+    ap.add_argument("--nuts", action="store_true")
+    ap.add_argument("--nuts-cells", type=int, default=8)
+    ap.add_argument("--progress", action="store_true")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(1)
+    path = Path(args.out)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    out = {"args": vars(args), "torch": torch.__version__}
+    if path.exists():
+        try:
+            out = {**json.loads(path.read_text()), "args": vars(args)}
+        except json.JSONDecodeError:
+            pass
+    if not args.skip_main:
+        section_main(args, out, path)
+    if not args.skip_throughput:
+        section_throughput(args, out, path)
+    if args.nuts:
+        section_nuts(args, out, path)
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
