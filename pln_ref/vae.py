@@ -381,6 +381,35 @@ class VAEResult:
         adata.uns["pln_vae"] = s
         return adata
 
+    def to_arviz(self, n_draws: int = 200, cells=None, seed: int = 0):
+        """``arviz.InferenceData`` with draws of the VAE posterior of (some) training cells.
+
+        posterior: x (1 chain, n_draws, cell, gene), eta (cell), z (cell, factor) drawn from q
+        (z is drawn jointly with x: x = mu + W z + e); constant_data: mu, W, d. ``cells``: index
+        array (default all cells; keep n_draws * N * G moderate).
+        """
+        import arviz as az
+
+        q = self.posterior
+        idx = np.arange(q.N) if cells is None else np.asarray(cells)
+        rng = np.random.default_rng(seed)
+        S, p = int(n_draws), self.params
+        zm, zv = q.z_mean[idx], q.z_var[idx]
+        z = zm + np.sqrt(zv) * rng.standard_normal((S, len(idx), p.k))
+        x = p.mu + q.r[idx] + z @ p.W.T + np.sqrt(q.v[idx]) * rng.standard_normal((S, len(idx), p.G))
+        sub = VAEPosterior(p, zm, zv, q.r[idx], q.v[idx],
+                           None if q.eta_loc is None else q.eta_loc[idx],
+                           None if q.eta_scale is None else q.eta_scale[idx])
+        _, eta = sub.sample(rng, S)
+        return az.from_dict(
+            posterior={"x": x[None], "eta": eta[None], "z": z[None]},
+            constant_data={"mu": p.mu, "W": p.W, "d": p.d},
+            dims={"x": ["cell", "gene"], "eta": ["cell"], "z": ["cell", "factor"],
+                  "mu": ["gene"], "W": ["gene", "factor"], "d": ["gene"]},
+            coords={"cell": idx, "gene": np.arange(p.G), "factor": np.arange(p.k)},
+            attrs={"inference_method": "vae"},
+        )
+
     def save(self, path) -> Path:
         """Directory with model.pt (torch state dict), params.npz (mu, W, d, training-cell
         posterior, anchor, history) and config.json."""

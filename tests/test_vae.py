@@ -157,13 +157,18 @@ def test_training_improves_elbo_and_recovers_subspace(fitted, sim_data):
     # the ELBO improves: first 20 steps (random encoder) vs the last 100 steps, nats per cell
     assert e[-100:].mean() > e[:20].mean() + 1.0
     angles = np.degrees(subspace_angles(res.W, p.W))
-    # measured max principal angle 12.1 deg (seed 0, N=2000, G=50, k=3, mean count 0.86)
-    assert angles.max() < 15.0, angles
-    # off-diagonal correlation: relative Frobenius error measured 0.224 (method of moments: 0.280)
+    # measured principal angles 11.9, 8.1, 6.5 deg (seed 0, N=2000, G=50, k=3, mean count 0.86);
+    # the method-of-moments start has 13.5, 10.4, 8.9
+    assert angles.max() < 14.0, angles
+    # off-diagonal correlation: relative Frobenius error measured 0.222 (method of moments: 0.280)
+    from pln_ref.moments import method_of_moments
+    mom = method_of_moments(sim_data.counts, K_TRAIN, capture=p.capture, log_anchor=sim_data.log_anchor)
     err = _corr_err(res.params, p)
-    assert err < 0.25
-    # d is learned (not collapsed): mean fitted d measured 0.222 vs true 0.278
-    assert 0.6 * p.d.mean() < res.d.mean() < 1.3 * p.d.mean()
+    assert err < 0.24
+    assert err < _corr_err(mom, p) - 0.03
+    # d is learned, not collapsed to its floor: mean fitted d measured 0.222 vs true 0.278
+    # (mean-field VB shrinks d: its optimum is avg(v + r^2) with the under-dispersed q(e))
+    assert 0.7 * p.d.mean() < res.d.mean() < 1.1 * p.d.mean()
     # capture: posterior mean eta tracks the truth (corr measured 0.965)
     assert np.corrcoef(res.eta_map, sim_data.eta)[0, 1] > 0.93
     assert res.history["stopped_step"] <= 1500
@@ -172,7 +177,8 @@ def test_training_improves_elbo_and_recovers_subspace(fitted, sim_data):
 def test_aggregate_posterior_drift_figures(fitted):
     drift = fitted.aggregate_posterior_drift()
     assert set(drift) >= {"mean_norm", "means", "aggregate"}
-    # measured: ||mean|| 0.019, aggregate ||cov - I||_F 0.064, eigenvalues in [0.97, 1.05]
+    # measured: ||mean|| 0.019, aggregate ||cov - I||_F 0.064, eigenvalues in [0.973, 1.052]
+    # (the encoder means alone have covariance eigenvalues 0.63..0.75: q(z) variance 0.32 fills the rest)
     assert drift["mean_norm"] < 0.1
     assert drift["aggregate"]["cov_minus_I_fro"] < 0.2
     assert 0.85 < drift["aggregate"]["eig_min"] <= drift["aggregate"]["eig_max"] < 1.15
@@ -292,3 +298,11 @@ def test_encode_bad_input(fitted):
     bad[0, 0] = np.inf
     with pytest.raises(ValueError, match="inf"):
         fitted.encode(bad)
+
+
+def test_to_arviz(fitted):
+    pytest.importorskip("arviz")
+    idata = fitted.to_arviz(n_draws=20, cells=np.arange(4))
+    assert idata.posterior["x"].shape == (1, 20, 4, G_TRAIN)
+    assert idata.posterior["eta"].shape == (1, 20, 4)
+    assert idata.posterior["z"].shape == (1, 20, 4, K_TRAIN)
