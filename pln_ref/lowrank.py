@@ -165,9 +165,9 @@ class PosteriorPrecision:
             return b / self.m + self.r * (s @ self.cov.W.T)
         if b.ndim == 3:
             rb = self.r[:, :, None] * b
-            t = np.einsum("ngj,ga->naj", rb, self.cov.W)  # (N, k, n_rhs)
+            t = np.swapaxes(np.swapaxes(rb, 1, 2) @ self.cov.W, 1, 2)  # (N, k, n_rhs)
             s = _batched_cho_solve(self.L_S, t)
-            return b / self.m[:, :, None] + self.r[:, :, None] * np.einsum("ga,naj->ngj", self.cov.W, s)
+            return b / self.m[:, :, None] + self.r[:, :, None] * (self.cov.W @ s)
         raise ValueError(f"b must be (N, G) or (N, G, n_rhs), got shape {b.shape}")
 
     def logdet(self) -> np.ndarray:

@@ -1,0 +1,192 @@
+"""``pln_ref.fit``: one entry point for the PLN with capture (Laplace or VAE inference).
+
+Capture settings. The prior eta_c ~ TruncN(log M0 - log L_c, sigma_M^2, low=0) needs M0 (the
+prior median total mRNA per cell) and sigma_M:
+
+- ``capture="auto"`` (default): M0 = median library size / ``capture_efficiency`` (default 0.1,
+  a typical droplet capture efficiency) and sigma_M = 0.5. M0 fixes the absolute level of mu
+  only: shifting log M0 by c shifts mu by about c and eta by about c (exactly, while eta stays
+  away from its bound), and leaves Sigma, correlations and relative expression unchanged.
+- ``capture=Capture(M0, sigma_M)`` or ``M0=..., sigma_M=...``: explicit settings.
+- ``capture=None``: no capture (eta = 0). Library-size variation is then absorbed by x and shows
+  up as a common positive covariance of all genes in Sigma.
+
+The anchor L_c is the realised library size by default (empirical Bayes); pass ``library_size``
+to use an exogenous anchor (as in simulation and SBC, see the notes on the capture prior).
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+from .data import as_counts, check_genes_cells
+from .params import Capture, PLNParams
+
+__all__ = ["fit", "resolve_capture"]
+
+
+def resolve_capture(
+    counts: np.ndarray,
+    capture="auto",
+    *,
+    M0: float | None = None,
+    sigma_M: float | None = None,
+    capture_efficiency: float = 0.1,
+) -> Capture | None:
+    """Turn the user's capture arguments into a ``Capture`` (or None); see module docstring."""
+    if capture is None:
+        if M0 is not None:
+            raise ValueError("M0 given but capture=None: pass capture='auto' or drop M0")
+        return None
+    if isinstance(capture, Capture):
+        if M0 is not None or sigma_M is not None:
+            raise ValueError("give either capture=Capture(...) or M0/sigma_M, not both")
+        return capture
+    if capture != "auto":
+        raise ValueError(f"capture must be 'auto', a pln_ref.Capture or None, got {capture!r}")
+    if M0 is None:
+        if not (0 < capture_efficiency <= 1):
+            raise ValueError(f"capture_efficiency must be in (0, 1], got {capture_efficiency}")
+        M0 = float(np.median(counts.sum(axis=1))) / capture_efficiency
+    return Capture(M0=M0, sigma_M=0.5 if sigma_M is None else sigma_M)
+
+
+def fit(
+    data,
+    model: str = "pln",
+    inference_method: str = "laplace",
+    *,
+    k: int = 10,
+    layer: str | None = None,
+    capture="auto",
+    M0: float | None = None,
+    sigma_M: float | None = None,
+    capture_efficiency: float = 0.1,
+    library_size=None,
+    n_steps: int = 2000,
+    batch_size: int | None = None,
+    lr: float | None = None,
+    optimizer: str = "adam",
+    ift: bool = True,
+    gtol: float = 1e-6,
+    seed: int = 0,
+    checkpoint: str | None = None,
+    resume: str | None = None,
+    progress: bool = True,
+    vae_latent_dim: int | None = None,
+    **vae_kwargs,
+):
+    """Fit the PLN with capture to a count matrix.
+
+    Parameters
+    ----------
+    data : (cells x genes) counts: numpy array, scipy.sparse matrix or AnnData (``layer``).
+    model : only "pln".
+    inference_method : "laplace" (per-cell Newton + outer optimisation of mu, W, d on the
+        Laplace evidence, ``pln_ref.fit_laplace``) or "vae" (``pln_ref.vae``).
+    k : rank of W (``vae_latent_dim`` is an alias for the VAE path).
+    capture, M0, sigma_M, capture_efficiency, library_size : see module docstring.
+    n_steps, batch_size, lr, optimizer ("adam" | "lbfgs"), ift, gtol : outer optimisation
+        (Laplace); ``batch_size=None`` is full batch.
+    checkpoint : path of an .npz written atomically during the fit; ``resume``: such a path to
+        continue from (a crash loses at most ``checkpoint_every`` steps).
+
+    Returns a ``LaplaceResult`` or a ``VAEResult`` (same attribute names).
+    """
+    if model != "pln":
+        raise ValueError(f"model must be 'pln', got {model!r}")
+    if inference_method not in ("laplace", "vae"):
+        raise ValueError(f"inference_method must be 'laplace' or 'vae', got {inference_method!r}")
+    gene_names = cell_names = None
+    try:
+        import anndata as ad
+
+        if isinstance(data, ad.AnnData):
+            gene_names = [str(g) for g in data.var_names]
+            cell_names = [str(c) for c in data.obs_names]
+    except ImportError:  # pragma: no cover
+        pass
+    u = as_counts(data, layer=layer)
+    N, G = u.shape
+    if vae_latent_dim is not None:
+        k = vae_latent_dim
+    if not (isinstance(k, (int, np.integer)) and 1 <= k < G):
+        raise ValueError(f"k must be an integer with 1 <= k < G = {G} genes, got {k!r}")
+    rep = check_genes_cells(u)
+    if rep.n_zero_genes:
+        raise ValueError(
+            f"{rep.message()}: an all-zero gene has no identified mean (mu -> -inf); "
+            "remove such genes first, e.g. adata[:, np.asarray(adata.X.sum(0)).ravel() > 0]"
+        )
+    log_anchor = None
+    if library_size is not None:
+        L = np.asarray(library_size, dtype=float)
+        if L.shape != (N,) or not np.all(np.isfinite(L)) or np.any(L <= 0):
+            raise ValueError(f"library_size must be {N} positive finite numbers")
+        log_anchor = np.log(L)
+    cap = resolve_capture(u, capture, M0=M0, sigma_M=sigma_M, capture_efficiency=capture_efficiency)
+    if cap is not None and log_anchor is None:
+        if rep.n_zero_cells:
+            raise ValueError(
+                f"{rep.message()}: the capture prior is anchored on each cell's library size, "
+                "which is 0 for these cells; remove them or pass library_size"
+            )
+        log_anchor = np.log(u.sum(axis=1))
+
+    if inference_method == "vae":
+        from .vae import fit_vae
+
+        kw = dict(vae_kwargs)
+        if lr is not None:
+            kw["lr"] = lr
+        return fit_vae(u, k, capture=cap, log_anchor=log_anchor, n_steps=n_steps,
+                       batch_size=256 if batch_size is None else batch_size, seed=seed,
+                       progress=progress, **kw)
+    if vae_kwargs:
+        raise ValueError(f"unknown arguments for the Laplace path: {sorted(vae_kwargs)}")
+    anchor = "library_size argument" if library_size is not None else "realised library size"
+    return _fit_laplace(u, k, cap, log_anchor, anchor=anchor, n_steps=n_steps, batch_size=batch_size,
+                        lr=0.05 if lr is None else lr, optimizer=optimizer, ift=ift, gtol=gtol,
+                        seed=seed, checkpoint=checkpoint, resume=resume, progress=progress,
+                        gene_names=gene_names, cell_names=cell_names)
+
+
+def _fit_laplace(u, k, cap, log_anchor, *, anchor, n_steps, batch_size, lr, optimizer, ift, gtol, seed,
+                 checkpoint, resume, progress, gene_names, cell_names):
+    from .fit_laplace import LaplaceFitState, laplace_objective, optimize_globals
+    from .laplace import newton_map
+    from .moments import method_of_moments
+    from .results import LaplaceResult
+
+    t0 = time.time()
+    init = method_of_moments(u, k, capture=cap, log_anchor=log_anchor)
+    state = None
+    if resume is not None:
+        state = LaplaceFitState.load(resume)
+        if state.W.shape != (u.shape[1], k) or (state.x_map is not None and state.x_map.shape != u.shape):
+            raise ValueError(f"checkpoint {resume} does not match this data (genes, k) = {(u.shape[1], k)}")
+        state.stopped = ""
+    st, params = optimize_globals(
+        u, init, log_anchor, n_steps=n_steps, lr=lr, batch_size=batch_size, ift=ift, seed=seed,
+        gtol=gtol, checkpoint=checkpoint, resume=state, progress=progress, optimizer=optimizer,
+    )
+    cells = newton_map(u, params, log_anchor, x0=st.x_map, eta0=st.eta_map, gtol=gtol)
+    history = np.asarray(st.history, dtype=float).reshape(-1, 3)
+    objective = float(np.mean(laplace_objective(u, params, log_anchor, cells, with_grad=False)[0]))
+    settings = {
+        "inference_method": "laplace", "k": k, "n_steps": n_steps, "batch_size": batch_size,
+        "lr": lr, "optimizer": optimizer, "ift": ift, "gtol": gtol, "seed": seed,
+        "capture": None if cap is None else {"M0": cap.M0, "sigma_M": cap.sigma_M},
+        "anchor": anchor,
+    }
+    diagnostics = {
+        "objective": objective, "steps": st.step, "stopped": st.stopped,
+        "wall_time_s": time.time() - t0,
+        "cells_converged": int(cells.converged.sum()), "max_grad_norm": float(cells.grad_norm.max()),
+        "max_newton_iter": int(cells.n_iter.max()), "cells_on_bound": int(cells.on_bound.sum()),
+    }
+    return LaplaceResult(params=params, cells=cells, history=history, settings=settings,
+                         diagnostics=diagnostics, init=init, gene_names=gene_names,
+                         cell_names=cell_names)
