@@ -53,6 +53,8 @@ __all__ = [
     "plot_ecdf_diff",
     "toy_normal_task",
     "laplace_conditional_task",
+    "joint_nuts_task",
+    "draw_joint_prior",
 ]
 
 
@@ -544,5 +546,98 @@ def laplace_conditional_task(indices: list[int], seeds: list[np.random.SeedSeque
                "total_count": float(u[c].sum())}
         if params.capture is not None:
             res["rank_eta"] = sbc_ranks(eta[c], es[:, c], rng)
+        out.append(res)
+    return out
+
+
+JOINT_PRIOR_DEFAULTS = {"mu_loc": 3.0, "mu_scale": 0.5, "w_scale": 0.5, "d_loc": float(np.log(0.2)),
+                        "d_scale": 0.5, "M0": 1000.0, "sigma_M": 0.5, "lib_lo": 50.0, "lib_hi": 500.0}
+
+
+def draw_joint_prior(cfg: dict, ss: np.random.SeedSequence) -> dict:
+    """Globals, anchors, latents and counts from the prior of ``pln_joint`` (as passed to it as data):
+
+        mu_g ~ N(mu_loc, mu_scale^2), W_ga ~ N(0, w_scale^2), d_g ~ LogNormal(d_loc, d_scale^2),
+        log L_c ~ Uniform(log lib_lo, log lib_hi)   (exogenous anchor, drawn first, given to inference)
+        eta_c ~ TruncN(log M0 - log L_c, sigma_M^2, low 0), x_c ~ N(mu, W W^T + diag d),
+        u_cg ~ Poisson(exp(x_cg - eta_c)).
+    """
+    c = {**JOINT_PRIOR_DEFAULTS, **cfg}
+    N, G, k = int(c["N"]), int(c["G"]), int(c["k"])
+    rng = np.random.default_rng(ss)
+    mu = rng.normal(c["mu_loc"], c["mu_scale"], G)
+    W = rng.normal(0.0, c["w_scale"], (G, k))
+    d = np.exp(rng.normal(c["d_loc"], c["d_scale"], G))
+    log_L = rng.uniform(np.log(c["lib_lo"]), np.log(c["lib_hi"]), N)
+    m = np.log(c["M0"]) - log_L
+    s = c["sigma_M"]
+    eta = stats.truncnorm.rvs((0 - m) / s, np.inf, loc=m, scale=s, random_state=rng)
+    x = mu + rng.normal(size=(N, k)) @ W.T + np.sqrt(d) * rng.normal(size=(N, G))
+    u = rng.poisson(np.exp(x - eta[:, None]))
+    return {"mu": mu, "W": W, "d": d, "log_L": log_L, "eta": eta, "x": x, "u": u, "cfg": c}
+
+
+def _poisson_loglik(u, x, eta):
+    from scipy.special import gammaln
+
+    lr = x - eta[..., None]
+    return np.sum(u * lr - np.exp(lr) - gammaln(u + 1), axis=(-2, -1))
+
+
+def joint_nuts_task(indices: list[int], seeds: list[np.random.SeedSequence], config: dict) -> list[dict]:
+    """Joint NUTS SBC of ``pln_joint`` (one simulation = one data set; built inside the worker).
+
+    Ranks (among L draws picked evenly from the chains, see :func:`thin_draws`) of mu (G), d (G),
+    the upper triangle of Sigma, x[c, 0] and eta[c] for the first ``n_latent`` cells, and the
+    joint log-likelihood test quantity sum_cg log Poisson(u_cg | exp(x_cg - eta_c)).
+    Also stores the gate outcome, min ESS (``ess_ok`` = ESS >= L) and divergences.
+    """
+    from .engines import pln_joint_data, sample_nuts
+    from .gate import check_gate
+    from .params import Capture
+    import warnings
+
+    L = int(config.get("L", 99))
+    n_lat = int(config.get("n_latent", 3))
+    out = []
+    for i, ss in zip(indices, seeds):
+        pr = draw_joint_prior(config, ss)
+        c = pr["cfg"]
+        G = pr["mu"].shape[0]
+        data = pln_joint_data(pr["u"], int(c["k"]), capture=Capture(c["M0"], c["sigma_M"]),
+                              log_anchor=pr["log_L"], mu_loc=np.full(G, c["mu_loc"]),
+                              mu_scale=c["mu_scale"], w_scale=c["w_scale"], d_loc=c["d_loc"],
+                              d_scale=c["d_scale"])
+        stan_seed = int(np.random.SeedSequence(ss.entropy, spawn_key=tuple(ss.spawn_key) + (7,))
+                        .generate_state(1)[0] % (2**31 - 1))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            idata = sample_nuts("pln_joint", data, chains=int(c.get("chains", 4)), warmup=int(c.get("warmup", 500)),
+                                draws=int(c.get("draws", 500)), seed=stan_seed,
+                                adapt_delta=float(c.get("adapt_delta", 0.9)))
+            gate = check_gate(idata, var_names=["mu", "d", "Sigma", "x", "eta"])
+        post = idata.posterior
+        iu = np.triu_indices(G)
+        S_true = pr["W"] @ pr["W"].T + np.diag(pr["d"])
+        chains_draws = lambda a: np.asarray(a)  # noqa: E731  (chain, draw, ...)
+        Sig = chains_draws(post["Sigma"].values)[:, :, iu[0], iu[1]]
+        xs = chains_draws(post["x"].values)
+        es = chains_draws(post["eta"].values)
+        ll = _poisson_loglik(pr["u"][None, None], xs, es)
+        q_draws = np.concatenate([post["mu"].values, post["d"].values, Sig, xs[:, :, :n_lat, 0],
+                                  es[:, :, :n_lat], ll[..., None]], axis=-1)
+        q_true = np.concatenate([pr["mu"], pr["d"], S_true[iu], pr["x"][:n_lat, 0], pr["eta"][:n_lat],
+                                 [_poisson_loglik(pr["u"], pr["x"], pr["eta"])]])
+        th, ess_min = thin_draws(q_draws, L)
+        rng = np.random.default_rng(np.random.SeedSequence(ss.entropy, spawn_key=tuple(ss.spawn_key) + (8,)))
+        r = sbc_ranks(q_true, th, rng)
+        nS = iu[0].size
+        o = 0
+        res = {}
+        for name, n in (("mu", G), ("d", G), ("Sigma", nS), ("x", n_lat), ("eta", n_lat), ("loglik", 1)):
+            res[f"rank_{name}"] = r[o:o + n] if name != "loglik" else r[o]
+            o += n
+        res.update(gate_passed=gate.passed, ess_min=ess_min, ess_ok=ess_min >= L,
+                   divergences=gate.divergences, rhat_max=gate.rhat_max, mean_count=float(pr["u"].mean()))
         out.append(res)
     return out
