@@ -85,7 +85,7 @@ def laplace_objective(
     g_W += np.einsum("ga,gab->gb", W, T)  # ... low-rank part: sum_c (lam r)_c W (I - S_c^{-1})
     diag2 = -lam + lam**2 * inv_diag
     if cap:
-        q = lam * (1.0 - post.b)  # Sigma^{-1} b = lambda - lambda b
+        q = lam * post.bbar  # Sigma^{-1} b = lambda (1 - b)
         g_W += (q / post.s[:, None]).T @ (q @ W)
         diag2 = diag2 + q**2 / post.s[:, None]
     g_d = 0.5 * (alpha**2 + diag2).sum(axis=0)
@@ -93,7 +93,7 @@ def laplace_objective(
     if ift:
         # (3) implicit term: r = d log det(-H) / d xi, adjoint w = (-H)^{-1} r
         if cap:
-            rx = lam * (inv_diag + (1.0 - post.b) ** 2 / post.s[:, None])
+            rx = lam * (inv_diag + post.bbar**2 / post.s[:, None])
             a2 = A.solve(rx)
             r_eta = -rx.sum(axis=1)
             w_eta = (r_eta + np.einsum("ng,ng->n", lam, a2)) / post.s
@@ -278,12 +278,17 @@ def optimize_globals(
     bar.close()
     if not st.stopped:
         st.stopped = f"n_steps={n_steps} reached"
-    if st.best is not None:
-        st.mu, st.W, st.rho = st.best["mu"].copy(), st.best["W"].copy(), st.best["rho"].copy()
-    if checkpoint:
+    if checkpoint:  # the current iterate (with Adam moments), so that a resume continues exactly
         st.save(checkpoint)
     st.__dict__["wall_time"] = time.time() - t0
-    return st, st.params(capture)
+    return st, _best_params(st, capture)
+
+
+def _best_params(st: LaplaceFitState, capture) -> PLNParams:
+    """The globals with the best objective seen (the returned fit)."""
+    if st.best is None:
+        return st.params(capture)
+    return PLNParams(st.best["mu"], st.best["W"], np.exp(st.best["rho"]), capture)
 
 
 def _lbfgs(u, st: LaplaceFitState, capture, log_anchor, *, n_steps, ift, rtol, gtol, checkpoint,
@@ -335,9 +340,7 @@ def _lbfgs(u, st: LaplaceFitState, capture, log_anchor, *, n_steps, ift, rtol, g
                             "maxcor": 20})
     bar.close()
     st.stopped = f"L-BFGS: {res.message}"
-    if st.best is not None:
-        st.mu, st.W, st.rho = st.best["mu"].copy(), st.best["W"].copy(), st.best["rho"].copy()
     if checkpoint:
         st.save(checkpoint)
     st.__dict__["wall_time"] = time.time() - t0
-    return st, st.params(capture)
+    return st, _best_params(st, capture)

@@ -10,6 +10,9 @@ Newton step (one factorisation of A = diag(lambda) + Sigma^{-1} serves both righ
     a = A^{-1} g_x,  b = A^{-1} lambda,  s = 1^T lambda + 1/sigma_M^2 - lambda^T b   (> 0)
     delta_eta = (g_eta + lambda^T a) / s,   delta_x = a + b delta_eta
 
+(s and the numerator of delta_eta are evaluated in cancellation-free forms through
+bbar = 1 - b = A^{-1} Sigma^{-1} 1; see ``model.eta_schur`` and ``_eta_numerator``.)
+
 Globalisation: backtracking (Armijo) line search along the projected path
 (x + t dx, max(0, eta + t deta)); active set for the bound eta >= 0 (Bertsekas' projected
 Newton): a cell whose eta is (epsilon-)at 0 and whose joint step points outward keeps eta = 0 and
@@ -37,7 +40,7 @@ from scipy.special import log_ndtr, ndtr
 from tqdm.auto import tqdm
 
 from .lowrank import LowRankCov, PosteriorPrecision
-from .model import _LOG2PI, neg_hessian
+from .model import _LOG2PI, eta_schur
 from .params import PLNParams
 
 __all__ = ["newton_map", "CellPosteriors", "cell_objective"]
@@ -105,7 +108,8 @@ class CellPosteriors:
 
     Attributes: x_map (N,G), eta_map (N,), on_bound (N,) bool, converged (N,) bool,
     grad_norm (N,) projected-gradient infinity norm, n_iter (N,), objective (N,) f at the MAP,
-    precision (PosteriorPrecision of A at the MAP), b (N,G) = A^{-1} lambda, s (N,) Schur
+    precision (PosteriorPrecision of A at the MAP), bbar (N,G) = 1 - b = A^{-1} Sigma^{-1} 1
+    with b = A^{-1} lambda (``.b``), s (N,) Schur
     complement, delta (N,) Newton eta offset (0 inside, <= 0 on the bound), log_det_neg_H (N,).
     """
 
@@ -118,7 +122,7 @@ class CellPosteriors:
     n_iter: np.ndarray
     objective: np.ndarray
     precision: PosteriorPrecision
-    b: np.ndarray | None
+    bbar: np.ndarray | None
     s: np.ndarray | None
     delta: np.ndarray | None
     log_anchor: np.ndarray | None
@@ -131,6 +135,11 @@ class CellPosteriors:
     @property
     def N(self) -> int:
         return self.x_map.shape[0]
+
+    @property
+    def b(self) -> np.ndarray | None:
+        """b = A^{-1} lambda: the shift of x per unit of eta in the Laplace posterior."""
+        return None if self.bbar is None else 1.0 - self.bbar
 
     def log_det_neg_H(self) -> np.ndarray:
         """log det(-H) = log det A + log s (the joint (x, eta) precision at the MAP)."""
@@ -236,9 +245,18 @@ class CellPosteriors:
             params=self.params, x_map=self.x_map[idx], eta_map=self.eta_map[idx],
             on_bound=self.on_bound[idx], converged=self.converged[idx],
             grad_norm=self.grad_norm[idx], n_iter=self.n_iter[idx], objective=self.objective[idx],
-            precision=P, b=pick(self.b), s=pick(self.s), delta=pick(self.delta),
+            precision=P, bbar=pick(self.bbar), s=pick(self.s), delta=pick(self.delta),
             log_anchor=pick(self.log_anchor), converged_by=pick(self.converged_by),
         )
+
+
+def _eta_numerator(u, lam, b, bbar, gx, eta, m, sigma_M):
+    """g_eta + lambda^T A^{-1} g_x without cancellation. With g_x = u - lambda - Sigma^{-1}(x-mu)
+    and b = A^{-1} lambda: = bbar^T (lambda - u) - b^T Sigma^{-1}(x - mu) - (eta - m)/sigma_M^2,
+    where Sigma^{-1}(x - mu) = u - lambda - g_x."""
+    sinv_r = u - lam - gx
+    return (np.einsum("ng,ng->n", bbar, lam - u) - np.einsum("ng,ng->n", b, sinv_r)
+            - (eta - m) / sigma_M**2)
 
 
 def _default_start(u: np.ndarray, m: np.ndarray | None):
@@ -328,10 +346,9 @@ def newton_map(
             gx, ge, lam = grad_fn(active, ua, xa, ea, mu, cov, ma, sigma_M, x, eta)
         A = PosteriorPrecision(cov, lam)
         if m_all is not None:
-            ab = A.solve(np.stack([gx, lam], axis=-1))
-            a, b = ab[..., 0], ab[..., 1]
-            s = lam.sum(axis=1) + 1.0 / sigma_M**2 - np.einsum("ng,ng->n", lam, b)
-            deta_free = (ge + np.einsum("ng,ng->n", lam, a)) / s
+            b, bbar, lam_bbar, a = eta_schur(A, gx)
+            s = 1.0 / sigma_M**2 + lam_bbar
+            deta_free = _eta_numerator(ua, lam, b, bbar, gx, ea, ma, sigma_M) / s
             bound = (ea <= _EPS_BOUND) & (deta_free <= 0)
             dx = np.where(bound[:, None], a, a + b * deta_free[:, None])
             deta = np.where(bound, -ea, deta_free)
@@ -390,17 +407,17 @@ def newton_map(
     else:
         gx, ge, lam = grad_fn(np.arange(N), u, x, eta, mu, cov, m_all, sigma_M, x, eta)
     A = PosteriorPrecision(cov, lam)
-    b = s = delta = None
+    bbar = s = delta = None
     on_bound = np.zeros(N, dtype=bool)
     if m_all is not None:
-        b = A.solve(lam)
-        s = lam.sum(axis=1) + 1.0 / sigma_M**2 - np.einsum("ng,ng->n", lam, b)
+        b, bbar, lam_bbar, _ = eta_schur(A, gx)
+        s = 1.0 / sigma_M**2 + lam_bbar
         on_bound = eta <= _EPS_BOUND
         eta = np.where(on_bound, 0.0, eta)
-        delta = np.where(on_bound, (ge + np.einsum("ng,ng->n", lam, A.solve(gx))) / s, 0.0)
+        delta = np.where(on_bound, _eta_numerator(u, lam, b, bbar, gx, eta, m_all, sigma_M) / s, 0.0)
     return CellPosteriors(
         params=params, x_map=x, eta_map=eta, on_bound=on_bound, converged=done,
         grad_norm=gnorm_all, n_iter=n_iter,
         objective=cell_objective(u, x, eta, mu, cov, m_all, sigma_M),
-        precision=A, b=b, s=s, delta=delta, log_anchor=log_anchor, converged_by=conv_by,
+        precision=A, bbar=bbar, s=s, delta=delta, log_anchor=log_anchor, converged_by=conv_by,
     )

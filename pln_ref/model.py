@@ -37,6 +37,7 @@ __all__ = [
     "grad_log_joint",
     "neg_hessian",
     "NegHessian",
+    "eta_schur",
     "capture_prior_logpdf",
     "poisson_loglik",
 ]
@@ -142,27 +143,50 @@ def grad_log_joint(
     return g_x, g_eta
 
 
+def eta_schur(A: PosteriorPrecision, rhs: np.ndarray | None = None):
+    """The eta Schur complement of -H without cancellation, from one factorisation of A.
+
+        bbar = A^{-1} Sigma^{-1} 1 = 1 - b,   b = A^{-1} lambda   (since A 1 = lambda + Sigma^{-1} 1)
+        s    = 1/sigma_M^2 + sum_g lambda_g - lambda^T b = 1/sigma_M^2 + lambda^T bbar
+
+    (the direct form c - lambda^T A^{-1} lambda cancels catastrophically for large lambda).
+    Returns (b, bbar, lambda^T bbar) and, with ``rhs`` (N, G), also A^{-1} rhs.
+    """
+    ones = A.cov.inv_mv(np.ones(A.cov.G))
+    if rhs is None:
+        bbar = A.solve(np.broadcast_to(ones, A.lam.shape))
+        sol = None
+    else:
+        both = A.solve(np.stack([rhs, np.broadcast_to(ones, A.lam.shape)], axis=-1))
+        sol, bbar = both[..., 0], both[..., 1]
+    lam_bbar = np.einsum("ng,ng->n", A.lam, bbar)
+    return 1.0 - bbar, bbar, lam_bbar, sol
+
+
 @dataclass
 class NegHessian:
     """-H of N cells: x-block A = diag(lambda) + Sigma^{-1} (low rank), border -lambda,
-    eta-eta entry c = sum lambda + 1/sigma_M^2 (None without capture)."""
+    eta-eta entry c = sum lambda + 1/sigma_M^2 (``prec_eta`` = 1/sigma_M^2; None without capture)."""
 
     A: PosteriorPrecision
     lam: np.ndarray
-    c_eta: np.ndarray | None
+    prec_eta: float | None
+
+    @property
+    def c_eta(self) -> np.ndarray | None:
+        return None if self.prec_eta is None else self.lam.sum(axis=1) + self.prec_eta
 
     def schur(self) -> tuple[np.ndarray, np.ndarray]:
-        """b = A^{-1} lambda and s = c - lambda^T b (> 0): the eta Schur complement."""
-        if self.c_eta is None:
+        """b = A^{-1} lambda and s = c - lambda^T b (> 0), computed stably (``eta_schur``)."""
+        if self.prec_eta is None:
             raise ValueError("no eta block without capture")
-        b = self.A.solve(self.lam)
-        s = self.c_eta - np.einsum("ng,ng->n", self.lam, b)
-        return b, s
+        b, _, lam_bbar, _ = eta_schur(self.A)
+        return b, self.prec_eta + lam_bbar
 
     def logdet(self) -> np.ndarray:
         """log det(-H) = log det A + log s (matrix-determinant lemma + Schur complement)."""
         ld = self.A.logdet()
-        if self.c_eta is None:
+        if self.prec_eta is None:
             return ld
         _, s = self.schur()
         return ld + np.log(s)
@@ -170,7 +194,7 @@ class NegHessian:
     def dense(self) -> np.ndarray:
         """Dense (N, G+1, G+1) -H (tests only)."""
         Ad = self.A.dense()
-        if self.c_eta is None:
+        if self.prec_eta is None:
             return Ad
         N, G = self.lam.shape
         out = np.zeros((N, G + 1, G + 1))
@@ -192,7 +216,5 @@ def neg_hessian(
     with np.errstate(over="ignore"):
         lam = np.exp(x - eta[:, None])
     A = PosteriorPrecision(cov, lam)
-    c = None
-    if params.capture is not None:
-        c = lam.sum(axis=1) + 1.0 / params.capture.sigma_M**2
-    return NegHessian(A=A, lam=lam, c_eta=c)
+    prec = None if params.capture is None else 1.0 / params.capture.sigma_M**2
+    return NegHessian(A=A, lam=lam, prec_eta=prec)

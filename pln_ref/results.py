@@ -16,7 +16,7 @@ import numpy as np
 
 from .laplace import CellPosteriors
 from .lowrank import LowRankCov
-from .model import neg_hessian
+from .model import eta_schur, neg_hessian
 from .params import Capture, PLNParams
 
 __all__ = ["LaplaceResult"]
@@ -218,13 +218,14 @@ class LaplaceResult:
         cap = meta["capture"]
         params = PLNParams(z["mu"], z["W"], z["d"], None if cap is None else Capture(**cap))
         H = neg_hessian(z["x_map"], z["eta_map"] if cap else None, params)
-        b = s = None
+        bbar = s = None
         if cap is not None:
-            b, s = H.schur()
+            _, bbar, lam_bbar, _ = eta_schur(H.A)
+            s = H.prec_eta + lam_bbar
         cells = CellPosteriors(
             params=params, x_map=z["x_map"], eta_map=z["eta_map"], on_bound=z["on_bound"],
             converged=z["converged"], grad_norm=z["grad_norm"], n_iter=z["n_iter"],
-            objective=z["objective"], precision=H.A, b=b, s=s,
+            objective=z["objective"], precision=H.A, bbar=bbar, s=s,
             delta=z["delta"] if "delta" in z.files else None,
             log_anchor=z["log_anchor"] if "log_anchor" in z.files else None,
         )

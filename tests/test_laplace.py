@@ -1,0 +1,147 @@
+"""Per-cell Newton: step = dense solve, MAP = L-BFGS-B, bound handling, extremes, draws."""
+
+import numpy as np
+import pytest
+from scipy.optimize import minimize
+
+from pln_ref import Capture, PLNParams
+from pln_ref.laplace import newton_map
+from pln_ref.model import grad_log_joint, log_joint, neg_hessian
+
+
+def _setup(seed=0, G=10, k=2, N=30, M0=2000.0):
+    rng = np.random.default_rng(seed)
+    p = PLNParams(rng.normal(1, 1, G), rng.normal(size=(G, k)) * 0.5, rng.uniform(0.1, 0.5, G),
+                  Capture(M0, 0.5))
+    la = np.log(rng.uniform(100, 5000, N))
+    x = p.mu + rng.normal(size=(N, k)) @ p.W.T + np.sqrt(p.d) * rng.normal(size=(N, G))
+    eta = np.abs(rng.normal(np.log(M0) - la, 0.5))
+    u = rng.poisson(np.exp(x - eta[:, None])).astype(float)
+    return rng, p, u, la
+
+
+def test_newton_step_equals_dense_solve():
+    """The Schur/Woodbury step (delta_x, delta_eta) equals (-H)^{-1} g solved densely."""
+    rng, p, u, la = _setup(G=8, N=5)
+    x = np.log(u + 0.5) + 1.0
+    eta = np.full(5, 1.0)
+    gx, ge = grad_log_joint(u, x, eta, p, la)
+    H = neg_hessian(x, eta, p)
+    b, s = H.schur()
+    a = H.A.solve(gx)
+    deta = (ge + np.einsum("ng,ng->n", H.lam, a)) / s
+    dx = a + b * deta[:, None]
+    dense = np.linalg.solve(H.dense(), np.concatenate([gx, ge[:, None]], axis=1)[..., None])[..., 0]
+    np.testing.assert_allclose(np.concatenate([dx, deta[:, None]], axis=1), dense, rtol=1e-10, atol=1e-12)
+
+
+def test_map_equals_lbfgsb():
+    """Every cell's MAP matches scipy L-BFGS-B (bounded eta >= 0) to 1e-6, bound cells included."""
+    rng, p, u, la = _setup(seed=1, G=10, N=30, M0=2000.0)
+    p = p.with_capture(Capture(400.0, 0.5))  # prior puts many cells' MAP on eta = 0
+    post = newton_map(u, p, la, gtol=1e-10)
+    assert post.converged.all()
+    assert post.on_bound.sum() >= 3  # the bound is exercised
+    G = p.G
+    for c in range(u.shape[0]):
+        def f(z):
+            return -log_joint(u[c:c + 1], z[None, :G], z[G:], p, la[c:c + 1])[0]
+
+        def g(z):
+            gx, ge = grad_log_joint(u[c:c + 1], z[None, :G], z[G:], p, la[c:c + 1])
+            return -np.concatenate([gx[0], ge])
+
+        z0 = np.concatenate([np.log(u[c] + 0.5), [1.0]])
+        r = minimize(f, z0, jac=g, method="L-BFGS-B", bounds=[(None, None)] * G + [(0, None)],
+                     options={"ftol": 1e-16, "gtol": 1e-11, "maxiter": 20000, "maxcor": 50})
+        np.testing.assert_allclose(r.x[:G], post.x_map[c], atol=1e-6)
+        assert abs(r.x[G] - post.eta_map[c]) < 1e-6
+        assert f(r.x) >= f(np.concatenate([post.x_map[c], [post.eta_map[c]]])) - 1e-9
+
+
+def test_extremes_no_nan():
+    """Counts up to 1e7, all-zero cells, and a cold start far away: finite MAPs, all converged."""
+    rng, p, u, la = _setup(seed=2, G=12, N=6)
+    u[0] = 0.0
+    u[1, 3] = 1e7
+    u[2, :] = 1e6
+    post = newton_map(u, p, la)
+    assert np.all(np.isfinite(post.x_map)) and np.all(np.isfinite(post.eta_map))
+    assert post.converged.all(), post.grad_norm
+    assert post.grad_norm.max() <= 1e-6
+    # far-away start (exp overflow on the first trial steps) still converges to the same MAP
+    post2 = newton_map(u, p, la, x0=post.x_map + 30.0, eta0=post.eta_map)
+    assert post2.converged.all()
+    np.testing.assert_allclose(post2.x_map, post.x_map, atol=1e-7)
+
+
+def test_no_capture_newton():
+    rng, p, u, la = _setup(seed=3, G=6, N=8)
+    p0 = p.with_capture(None)
+    post = newton_map(u, p0)
+    gx, _ = grad_log_joint(u, post.x_map, None, p0)
+    assert np.abs(gx).max() <= 1e-6
+    assert np.all(post.eta_map == 0)
+
+
+def test_laplace_draws_match_dense_covariance():
+    """Joint (x, eta) draws (eta free, interior cells) have covariance (-H)^{-1} (MC, 5 SE)."""
+    rng, p, u, la = _setup(seed=4, G=5, N=3, M0=50000.0)
+    post = newton_map(u, p, la)
+    assert not post.on_bound.any()
+    n = 80_000
+    x, e = post.sample(rng, n)
+    z = np.concatenate([x, e[..., None]], axis=-1) - np.concatenate([post.x_map, post.eta_map[:, None]], axis=1)
+    C_mc = np.einsum("sni,snj->nij", z, z) / n
+    C = np.linalg.inv(neg_hessian(post.x_map, post.eta_map, p).dense())
+    dg = np.diagonal(C, 0, 1, 2)
+    se = np.sqrt((C**2 + dg[:, :, None] * dg[:, None, :]) / n)
+    assert (np.abs(C_mc - C) / se).max() < 5.0
+    np.testing.assert_allclose(post.sd_x(), np.sqrt(dg[:, :-1]), rtol=1e-10)
+    # logpdf of the approximation is the dense Gaussian density
+    from scipy.stats import multivariate_normal
+
+    ref = [multivariate_normal(np.concatenate([post.x_map[c], [post.eta_map[c]]]), C[c]).logpdf(z[:5, c] + np.concatenate([post.x_map[c], [post.eta_map[c]]])) for c in range(3)]
+    np.testing.assert_allclose(post.logpdf(x[:5], e[:5]), np.array(ref).T, rtol=1e-9)
+
+
+def test_bound_cells_truncated_eta():
+    """On the bound eta draws are >= 0 and follow the truncated Gaussian of the boundary Laplace."""
+    rng, p, u, la = _setup(seed=5, G=8, N=40, M0=200.0)
+    post = newton_map(u, p, la)
+    ob = np.flatnonzero(post.on_bound)
+    assert ob.size > 0
+    assert np.all(post.delta[ob] <= 1e-6)
+    x, e = post.sample(rng, 20000)
+    assert np.all(e[:, ob] >= 0)
+    mean, var = post.eta_mean_var()
+    np.testing.assert_allclose(e[:, ob].mean(axis=0), mean[ob], atol=5 * np.sqrt(var[ob].max() / 20000))
+    assert np.all(np.isfinite(post.logpdf(x[:10], e[:10])))
+
+
+def test_bridgestan_gradient_mode_same_map():
+    """gradient="bridgestan" (stan/pln_cell.stan) reaches the NumPy-mode MAP to 1e-8."""
+    pytest.importorskip("bridgestan")
+    engines = pytest.importorskip("pln_ref.engines")
+    rng, p, u, la = _setup(seed=6, G=6, N=4, M0=800.0)
+    a = newton_map(u, p, la, gtol=1e-9)
+    b = newton_map(u, p, la, gtol=1e-9, gradient="bridgestan")
+    assert b.converged.all()
+    np.testing.assert_allclose(b.x_map, a.x_map, atol=1e-8)
+    np.testing.assert_allclose(b.eta_map, a.eta_map, atol=1e-8)
+
+
+def test_bad_input():
+    rng, p, u, la = _setup(G=5, N=3)
+    with pytest.raises(ValueError, match="shape"):
+        newton_map(u[:, :4], p, la)
+    bad = u.copy()
+    bad[0, 0] = np.nan
+    with pytest.raises(ValueError, match="finite and non-negative"):
+        newton_map(bad, p, la)
+    with pytest.raises(ValueError, match="gradient must be"):
+        newton_map(u, p, la, gradient="torch")
+    z = u.copy()
+    z[1] = 0
+    with pytest.raises(ValueError, match="zero library size"):
+        newton_map(z, p)
