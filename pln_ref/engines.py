@@ -41,6 +41,7 @@ __all__ = [
     "pln_cell_data",
     "pln_cell_unconstrain",
     "pln_joint_data",
+    "pln_joint_inits",
     "default_engine",
 ]
 
@@ -100,6 +101,8 @@ def stan_program(name: str) -> Path:
 
 def _resolve_program(program: str | os.PathLike) -> Path:
     """A program name ('pln_cell') or a path to a .stan file."""
+    if isinstance(program, str) and program.endswith(".stan") and "/" not in program and Path(program).is_file():
+        return Path(program)
     if isinstance(program, os.PathLike) or (isinstance(program, str) and ("/" in program or os.sep in program)):
         path = Path(program)
         if not path.is_file():
@@ -428,8 +431,14 @@ def pln_joint_data(
     w_scale: float = 1.0,
     d_loc: float = float(np.log(0.2)),
     d_scale: float = 1.0,
+    centred: bool = False,
 ) -> dict:
     """Data dict of ``stan/pln_joint.stan``.
+
+    centred=False (default, measured to mix best, see the top of pln_joint.stan):
+    x^(c) = mu + W z^(c) + sqrt(d) * e^(c) with z, e standard normal; centred=True: x is the
+    parameter and log N(x | mu, Sigma) is evaluated by Woodbury (its log density then equals
+    priors + sum_c log_joint_c + Jacobians exactly, which the equivalence test checks).
 
     Priors (weakly informative):
         mu_g  ~ N(mu_loc_g, mu_scale^2)    default mu_loc_g = log(mean_c u_cg + 0.5) + mean_c m_c
@@ -474,5 +483,33 @@ def pln_joint_data(
         "N": N, "G": G, "k": int(k), "u": u, "capture": int(capture is not None),
         "log_M0": log_M0, "sigma_M": sigma_M, "log_L": la,
         "mu_loc": mu_loc, "mu_scale": float(mu_scale), "w_scale": float(w_scale),
-        "d_loc": float(d_loc), "d_scale": float(d_scale),
+        "d_loc": float(d_loc), "d_scale": float(d_scale), "centred": int(bool(centred)),
     }
+
+
+def pln_joint_inits(data: Mapping[str, Any], params: PLNParams, x, eta=None) -> dict:
+    """Constrained initial values of pln_joint for either parameterisation.
+
+    centred: x_c = x.  Non-centred: z = 0 and e = (x - mu) / sqrt(d), so that
+    x = mu + W z + sqrt(d) e reproduces x exactly.  eta is required iff data["capture"] == 1.
+    """
+    N, G, k = int(data["N"]), int(data["G"]), int(data["k"])
+    x = np.asarray(x, dtype=float)
+    if x.shape != (N, G):
+        raise ValueError(f"x must have shape ({N}, {G}), got {x.shape}")
+    if params.G != G or params.k != k:
+        raise ValueError(f"params have (G, k) = ({params.G}, {params.k}) but data have ({G}, {k})")
+    capture = int(data["capture"]) == 1
+    if capture:
+        if eta is None:
+            raise ValueError("eta is required when data['capture'] == 1")
+        eta = np.asarray(eta, dtype=float).reshape(-1)
+        if eta.shape != (N,) or np.any(eta <= 0):
+            raise ValueError(f"eta must be {N} positive numbers")
+    centred = int(data.get("centred", 0)) == 1
+    out = {"mu": params.mu, "W": params.W, "d": params.d,
+           "x_c": x if centred else np.zeros((0, G)),
+           "z": np.zeros((0 if centred else N, k)),
+           "e": np.zeros((0, G)) if centred else (x - params.mu) / np.sqrt(params.d),
+           "eta": eta if capture else np.zeros(0)}
+    return out

@@ -6,11 +6,14 @@
 //
 // MIXING EXPERIMENTS: see the block below (filled in from measurements).
 //
-// Density: every statement is `target += *_lpdf/_lpmf` (full constants), so
+// Density: every statement is `target += *_lpdf/_lpmf` (full constants).  With centred = 1
 //   log_density(theta_unc) = log p(mu) + log p(W) + log p(d)
 //                          + sum_c pln_ref.model.log_joint(u_c, x_c, eta_c; mu, W, d)
-//                          + Jacobians (sum log d + sum log eta).
-// Unconstrained order: mu (G), W (G x k, column-major), log d (G), x (cell-major), log eta (N).
+//                          + Jacobians (sum log d + sum log eta),
+// unconstrained order: mu (G), W (G x k, column-major), log d (G), x_c (cell-major), log eta (N).
+// With centred = 0 the order is mu, W, log d, z (N x k, column-major), e (N x G, column-major),
+// log eta; the density is log p(globals) + log N(z) + log N(e) + Poisson + TruncN (+ Jacobians),
+// the same posterior of (mu, W, d, x, eta) but not the same function of the unconstrained vector.
 functions {
   // Rows of B (k x k) orthonormalised by Gram-Schmidt: B = L Qr with L lower-triangular,
   // L_aa = |residual of row a| > 0, Qr orthogonal.  Returns Qr^T so that B * Qr^T = L.
@@ -31,6 +34,7 @@ data {
   int<lower=1, upper=G - 1> k;          // rank of W
   array[N, G] int<lower=0> u;           // counts
   int<lower=0, upper=1> capture;        // 1: eta^(c) is a parameter with the TruncN prior; 0: eta = 0
+  int<lower=0, upper=1> centred;        // 1: x is a parameter (centred); 0: x = mu + W z + sqrt(d) .* e
   real log_M0;                          // log M0 (ignored when capture == 0)
   real<lower=0> sigma_M;                // capture prior SD (ignored when capture == 0)
   vector[N] log_L;                      // log anchor library size (ignored when capture == 0)
@@ -43,6 +47,8 @@ data {
 }
 transformed data {
   int Ne = capture ? N : 0;
+  int Nc = centred ? N : 0;             // cells with a centred x parameter
+  int Nn = centred ? 0 : N;             // cells with non-centred (z, e)
   vector[N] m = log_M0 - log_L;         // m_c = log M0 - log L_c
   real log_2pi = log(2 * pi());
 }
@@ -50,27 +56,45 @@ parameters {
   vector[G] mu;                         // prior mean of x
   matrix[G, k] W;                       // loadings (unidentified up to W -> W Q, Q orthogonal)
   vector<lower=0>[G] d;                 // residual variances
-  array[N] vector[G] x;                 // latent log-rates (centred)
+  array[Nc] vector[G] x_c;              // centred: the latent log-rates themselves
+  matrix[Nn, k] z;                      // non-centred: factor scores z^(c) ~ N(0, I_k)
+  matrix[Nn, G] e;                      // non-centred: residuals e^(c) ~ N(0, I_G)
   vector<lower=0>[Ne] eta;              // capture loss
 }
+transformed parameters {
+  // x^(c) = x_c^(c) (centred) or mu + W z^(c) + sqrt(d) .* e^(c)  =>  x^(c) ~ N(mu, W W^T + diag(d))
+  array[N] vector[G] x;
+  if (centred) {
+    x = x_c;
+  } else {
+    vector[G] sd_res = sqrt(d);
+    for (c in 1:N) x[c] = mu + W * z[c]' + sd_res .* e[c]';
+  }
+}
 model {
-  // Woodbury pieces (O(G k^2)), never a G x G matrix:
-  vector[G] Dinv = inv(d);                                // D = diag(1/d)
-  matrix[G, k] DW = diag_pre_multiply(Dinv, W);           // V = D W
-  matrix[k, k] L_K = cholesky_decompose(add_diag(W' * DW, 1.0));  // K = I + W^T D W = L_K L_K^T
-  // -G/2 log 2pi - 1/2 log det Sigma,  log det Sigma = sum log d + log det K
-  real log_norm_x = -0.5 * G * log_2pi - 0.5 * (sum(log(d)) + 2 * sum(log(diagonal(L_K))));
-
   // priors on the globals
   target += normal_lpdf(mu | mu_loc, mu_scale);           // mu_g ~ N(mu_loc_g, mu_scale^2)
   target += normal_lpdf(to_vector(W) | 0, w_scale);       // W_ga ~ N(0, w_scale^2)
   target += lognormal_lpdf(d | d_loc, d_scale);           // d_g ~ LogNormal(d_loc, d_scale^2)
 
+  if (centred) {
+    // Woodbury pieces (O(G k^2)), never a G x G matrix:
+    vector[G] Dinv = inv(d);                              // D = diag(1/d)
+    matrix[G, k] DW = diag_pre_multiply(Dinv, W);         // V = D W
+    matrix[k, k] L_K = cholesky_decompose(add_diag(W' * DW, 1.0));  // K = I + W^T D W = L_K L_K^T
+    // -G/2 log 2pi - 1/2 log det Sigma,  log det Sigma = sum log d + log det K
+    real log_norm_x = -0.5 * G * log_2pi - 0.5 * (sum(log(d)) + 2 * sum(log(diagonal(L_K))));
+    for (c in 1:N) {
+      vector[G] r = x[c] - mu;                            // r = x - mu
+      vector[k] zz = mdivide_left_tri_low(L_K, DW' * r);  // zz^T zz = (W^T D r)^T K^{-1} (W^T D r)
+      // log N(x | mu, Sigma) = log_norm_x - 1/2 [r^T D r - (W^T D r)^T K^{-1} (W^T D r)]
+      target += log_norm_x - 0.5 * (dot_product(r, Dinv .* r) - dot_self(zz));
+    }
+  } else {
+    // log N(z | 0, I) + log N(e | 0, I): x = mu + W z + sqrt(d) e has the law N(mu, Sigma)
+    target += std_normal_lpdf(to_vector(z)) + std_normal_lpdf(to_vector(e));
+  }
   for (c in 1:N) {
-    vector[G] r = x[c] - mu;                              // r = x - mu
-    vector[k] z = mdivide_left_tri_low(L_K, DW' * r);     // z^T z = (W^T D r)^T K^{-1} (W^T D r)
-    // log N(x | mu, Sigma) = log_norm_x - 1/2 [r^T D r - (W^T D r)^T K^{-1} (W^T D r)]
-    target += log_norm_x - 0.5 * (dot_product(r, Dinv .* r) - dot_self(z));
     // Poisson: sum_g [u_g (x_g - eta) - exp(x_g - eta) - lgamma(u_g + 1)]
     if (capture) {
       target += poisson_log_lpmf(u[c] | x[c] - eta[c]);

@@ -15,6 +15,7 @@ from pln_ref.engines import (
     pln_cell_data,
     pln_cell_unconstrain,
     pln_joint_data,
+    pln_joint_inits,
     sample_nuts,
     stan_program,
 )
@@ -97,9 +98,48 @@ def test_nuts_smoke_pln_joint_returns_inference_data():
             assert np.all(np.isfinite(v.values))
     assert float(rhat["mu"].max()) < 1.2
     # inits on the constrained scale are accepted and every chain starts there
-    inits = {"mu": params.mu, "W": params.W, "d": params.d, "x": sim.x, "eta": sim.eta}
-    idata2 = sample_nuts("pln_joint", data, engine="stanli", chains=2, warmup=20, draws=5, seed=2, inits=inits)
-    assert idata2.posterior["mu"].shape == (2, 5, 5)
+    for centred in (False, True):
+        d2 = dict(data, centred=int(centred))
+        inits = pln_joint_inits(d2, params, sim.x, sim.eta)
+        idata2 = sample_nuts("pln_joint", d2, engine="stanli", chains=2, warmup=20, draws=5, seed=2, inits=inits)
+        assert idata2.posterior["x"].shape == (2, 5, 20, 5)
+
+
+def test_pln_joint_inits_reproduce_x_in_both_parameterisations():
+    params = random_params(4, 1, seed=1, capture=True)
+    sim = simulate(params, 3, seed=2)
+    for centred in (False, True):
+        data = pln_joint_data(sim.counts, 1, capture=params.capture, log_anchor=sim.log_anchor, centred=centred)
+        model = bridgestan_model("pln_joint", data)
+        inits = pln_joint_inits(data, params, sim.x, sim.eta)
+        flat = np.concatenate([np.asarray(inits[n], float).ravel(order="F") for n in ("mu", "W", "d", "x_c", "z", "e", "eta")])
+        theta = model.param_unconstrain(flat)
+        cons = model.param_constrain(theta, include_tp=True)
+        names = model.param_names(include_tp=True)
+        x_cols = [i for i, n in enumerate(names) if n.startswith("x.")]
+        np.testing.assert_allclose(cons[x_cols], sim.x.T.ravel(), rtol=1e-12, atol=1e-12)
+
+
+LAYOUT = """
+parameters { real y; }
+model { y ~ normal(0, 1); }
+generated quantities {
+  matrix[2, 3] A;
+  array[2] vector[3] B;
+  for (i in 1:2) for (j in 1:3) { A[i, j] = 10 * i + j; B[i][j] = 100 * i + j; }
+}
+"""
+
+
+def test_posterior_arrays_keep_stan_index_layout(tmp_path):
+    prog = tmp_path / "layout.stan"
+    prog.write_text(LAYOUT)
+    idata = sample_nuts(prog, {}, engine="stanli", chains=1, warmup=10, draws=3, seed=0)
+    A = idata.posterior["A"].values[0, 0]
+    B = idata.posterior["B"].values[0, 0]
+    np.testing.assert_array_equal(A, [[11, 12, 13], [21, 22, 23]])
+    np.testing.assert_array_equal(B, [[101, 102, 103], [201, 202, 203]])
+    assert idata.posterior["A"].dims == ("chain", "draw", "A_dim_0", "A_dim_1")
 
 
 def test_divergent_fit_is_reported_as_divergent(tmp_path):

@@ -92,13 +92,13 @@ def _joint_priors_numpy(data: dict, mu, W, d) -> float:
 @settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(cells(), st.booleans())
 def test_pln_joint_minus_priors_is_sum_of_log_joint(case, with_capture):
-    """pln_joint uses target += with full constants, so the comparison is absolute:
+    """pln_joint (centred=1) uses target += with full constants, so the comparison is absolute:
     log_density - priors - Jacobians(sum log d + sum log eta) == sum_c log_joint_c."""
     u, x, eta, params, log_L = case
     G, k = params.G, params.k
     capture = params.capture if with_capture else None
     p = params.with_capture(capture)
-    data = pln_joint_data(u, k, capture=capture, log_anchor=log_L)
+    data = pln_joint_data(u, k, capture=capture, log_anchor=log_L, centred=True)
     model = bridgestan_model("pln_joint", data)
     parts = [p.mu, p.W.ravel(order="F"), np.log(p.d), x.ravel()]
     if capture is not None:
