@@ -202,7 +202,8 @@ def optimize_globals(
     times 1e-5 or the gradient infinity norm below 1e-7 (per cell).
 
     Early stopping: stop when the best (smoothed, for minibatches) objective gained less than
-    ``rtol * (1 + |best|)`` over the last ``patience`` steps. Divergence guard: a non-finite or
+    ``rtol * (1 + |best|)`` over the last ``patience`` steps. Returned globals: the best seen
+    (full batch) or the last iterate (minibatches). Divergence guard: a non-finite or
     sharply worse objective restores the best state and halves the learning rate.
     ``checkpoint`` is written atomically every ``checkpoint_every`` steps and at the end; pass
     ``resume=LaplaceFitState.load(path)`` to continue.
@@ -281,7 +282,9 @@ def optimize_globals(
     if checkpoint:  # the current iterate (with Adam moments), so that a resume continues exactly
         st.save(checkpoint)
     st.__dict__["wall_time"] = time.time() - t0
-    return st, _best_params(st, capture)
+    # full batch: the best objective seen; minibatches: the last iterate (the best of noisy
+    # minibatch estimates is biased towards lucky batches, measured to pick the start)
+    return st, _best_params(st, capture) if full else st.params(capture)
 
 
 def _best_params(st: LaplaceFitState, capture) -> PLNParams:
