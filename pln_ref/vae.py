@@ -252,6 +252,7 @@ class VAEConfig:
     residual: str = "laplace"
     n_local_rounds: int = 4
     warm_rounds: int = 2
+    encoder_weight_decay: float = 0.0
     val_fraction: float = 0.1
     eval_every: int = 100
     patience: int = 5
@@ -516,6 +517,8 @@ def fit_vae(
     layer: str | None = None,
     cache_local: bool = True,
     warm_rounds: int = 2,
+    encoder_weight_decay: float = 0.0,
+    restore_best: bool = True,
 ) -> VAEResult:
     """Fit the PLN VAE (ELBO and family: module docstrings of ``pln_ref.vae`` / ``vae_model``).
 
@@ -552,7 +555,7 @@ def fit_vae(
                        kl_anneal_steps=int(kl_anneal_steps), residual=residual,
                        val_fraction=float(val_fraction), eval_every=int(eval_every),
                        patience=int(patience), tol=float(tol), train_decoder=bool(train_decoder),
-                       warm_rounds=int(warm_rounds))
+                       warm_rounds=int(warm_rounds), encoder_weight_decay=float(encoder_weight_decay))
 
     t0 = time.perf_counter()
     if init is None:
@@ -580,7 +583,12 @@ def fit_vae(
         if not train_decoder:
             for p in (model.mu, model.W, model.rho):
                 p.requires_grad_(False)
-        opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr)
+        dec = {id(model.mu), id(model.W), id(model.rho)}
+        groups = [{"params": [q for q in model.parameters() if q.requires_grad and id(q) not in dec],
+                   "weight_decay": float(encoder_weight_decay)},
+                  {"params": [q for q in model.parameters() if q.requires_grad and id(q) in dec],
+                   "weight_decay": 0.0}]
+        opt = torch.optim.AdamW([g for g in groups if g["params"]], lr=lr)
 
         def val_elbo():
             idx = val_idx if n_val > 0 else tr_idx
@@ -643,7 +651,7 @@ def fit_vae(
                             break
         if bar is not None:
             bar.close()
-        if best_state is not None:
+        if best_state is not None and restore_best:
             model.load_state_dict(best_state)
         hist["stopped_step"] = stopped
         hist["best_val_elbo"] = best

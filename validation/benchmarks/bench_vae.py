@@ -73,6 +73,19 @@ def section_main(args, out, path):
                        "angles_deg": subspace_deg(mom, p)}
     dump(out, path)
 
+    if args.laplace_steps > 0:
+        from pln_ref.fit_laplace import optimize_globals
+        t0 = time.perf_counter()
+        st, lp = optimize_globals(u, mom, la, n_steps=args.laplace_steps, progress=args.progress,
+                                  seed=args.seed, batch_size=args.laplace_batch)
+        res_main["laplace"] = {"train_wall_s": time.perf_counter() - t0, "n_steps": args.laplace_steps,
+                               "steps_run": int(st.step), "batch_size": args.laplace_batch,
+                               **corr_error(lp, p), "angles_deg": subspace_deg(lp, p),
+                               "d_mean_fit": float(lp.d.mean())}
+        dump(out, path)
+        print(json.dumps(res_main["laplace"], indent=1), flush=True)
+    if args.no_vae:
+        return None
     t0 = time.perf_counter()
     fit = fit_vae(u, args.k, capture=p.capture, log_anchor=la, n_steps=args.steps, seed=args.seed,
                   batch_size=args.batch_size, lr=args.lr, progress=args.progress, init=mom)
@@ -103,15 +116,6 @@ def section_main(args, out, path):
                                           "d_mean_fit": float(fp.d.mean()), "d_min_fit": float(fp.d.min())}
         dump(out, path)
 
-    if args.laplace_steps > 0:
-        from pln_ref.fit_laplace import optimize_globals
-        t0 = time.perf_counter()
-        _, lp = optimize_globals(u, mom, la, n_steps=args.laplace_steps, progress=args.progress,
-                                 seed=args.seed)
-        res_main["laplace"] = {"train_wall_s": time.perf_counter() - t0, "n_steps": args.laplace_steps,
-                               **corr_error(lp, p), "angles_deg": subspace_deg(lp, p),
-                               "d_mean_fit": float(lp.d.mean())}
-        dump(out, path)
     return fit
 
 
@@ -207,6 +211,8 @@ def main(argv=None):
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--laplace-steps", type=int, default=0)
+    ap.add_argument("--laplace-batch", type=int, default=None)
+    ap.add_argument("--no-vae", action="store_true")
     ap.add_argument("--prior-variant", action="store_true")
     ap.add_argument("--G-throughput", type=int, default=2000)
     ap.add_argument("--n-train-tp", type=int, default=1000)
