@@ -217,7 +217,15 @@ def _to_inference_data(posterior: dict, stats: dict, attrs: dict, dims=None):
     for key in ("tree_depth", "n_steps"):
         if key in stats:
             stats[key] = np.asarray(stats[key]).astype(np.int64)
-    return az.from_dict(posterior=posterior, sample_stats=stats, coords=coords, dims=dim_map, attrs=attrs)
+    idata = az.from_dict(posterior=posterior, sample_stats=stats, coords=coords, dims=dim_map)
+    _set_attrs(idata, attrs)
+    return idata
+
+
+def _set_attrs(idata, attrs: dict) -> None:
+    """Run metadata on both idata.posterior.attrs and idata.sample_stats.attrs."""
+    idata.posterior.attrs.update(attrs)
+    idata.sample_stats.attrs.update(attrs)
 
 
 def _sample_stanli(path, data, *, chains, warmup, draws, seed, adapt_delta, max_treedepth, inits,
@@ -270,8 +278,8 @@ def _sample_cmdstanpy(path, data, *, chains, warmup, draws, seed, adapt_delta, m
     dim_map, coords = _dims_for(variables, dims)
     idata = az.from_cmdstanpy(posterior=fit, coords=coords, dims=dim_map)
     idata.sample_stats["diverging"] = idata.sample_stats["diverging"].astype(bool)
-    idata.posterior.attrs.update({"engine": "cmdstanpy", "sampling_time": wall, "max_treedepth": max_treedepth,
-                                  "adapt_delta": adapt_delta, "num_warmup": warmup})
+    _set_attrs(idata, {"engine": "cmdstanpy", "sampling_time": wall, "max_treedepth": max_treedepth,
+                       "adapt_delta": adapt_delta, "num_warmup": warmup})
     return idata
 
 
@@ -301,8 +309,8 @@ def _sample_pystan(path, data, *, chains, warmup, draws, seed, adapt_delta, max_
     if renames:
         idata.sample_stats = ss.rename(renames)
     idata.sample_stats["diverging"] = idata.sample_stats["diverging"].astype(bool)
-    idata.posterior.attrs.update({"engine": "pystan", "sampling_time": wall, "max_treedepth": max_treedepth,
-                                  "adapt_delta": adapt_delta, "num_warmup": warmup})
+    _set_attrs(idata, {"engine": "pystan", "sampling_time": wall, "max_treedepth": max_treedepth,
+                       "adapt_delta": adapt_delta, "num_warmup": warmup})
     return idata
 
 
@@ -328,8 +336,8 @@ def sample_nuts(
     of one dict per chain.  The posterior has named dims for the pln_* variables (cell, gene,
     factor, gene_b) and ``sample_stats`` uses ArviZ names: diverging (bool), tree_depth,
     acceptance_rate, n_steps, step_size, lp, energy -- so ``arviz.summary`` / divergence
-    counts see them.  ``idata.attrs['sampling_time']`` holds wall seconds of sampling
-    (``idata.posterior.attrs`` for cmdstanpy / pystan).
+    counts see them.  ``idata.posterior.attrs`` (and ``sample_stats.attrs``) hold engine,
+    sampling_time (wall seconds of sampling), max_treedepth, adapt_delta, num_warmup.
     """
     if engine is None:
         engine = default_engine()

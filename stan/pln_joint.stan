@@ -4,7 +4,40 @@
 //   eta^(c) ~ TruncN(log M0 - log L_c, sigma_M^2, low = 0)          (only when capture == 1)
 //   u_g^(c) | x, eta ~ Poisson(exp(x_g^(c) - eta^(c)))
 //
-// MIXING EXPERIMENTS: see the block below (filled in from measurements).
+// PARAMETERISATION (chosen by measurement, table below):
+//   * W is a plain G x k matrix with the rotation-invariant prior W_ga ~ N(0, w_scale^2): the
+//     posterior is invariant under W -> W Q (Q orthogonal), so W itself is NOT identified; every
+//     reported quantity is: Sigma, Omega (correlation) and W_id = W Q, the rotation that makes
+//     W_id[1:k] lower-triangular with positive diagonal (generated quantities).  Diagnose Sigma /
+//     Omega / W_id / d / mu / x / eta, never raw W (its R-hat is meaningless by construction).
+//     Why: a lower-triangular, positive-diagonal W puts hard walls (w_diag -> 0) between the
+//     sign/rotation modes, and chains stick on either side (R-hat 1.3-1.75 below); with the
+//     invariant prior the modes are one connected orbit that NUTS crosses freely.
+//   * x non-centred (default, data centred = 0): x = mu + W z + sqrt(d) .* e, z ~ N(0, I_k),
+//     e ~ N(0, I_G).  It mixed better than centred x at both low (mean count ~1) and moderate
+//     (mean count ~12) counts; centred x (centred = 1, Woodbury density) is kept as an option
+//     for very informative data and for the exact density check against pln_ref.model.
+//   * d ~ LogNormal(log 0.2, 1): zero density at d = 0 keeps chains off the Heywood boundary.
+//
+// MIXING EXPERIMENTS: 4 chains x 1000 warmup / 1000 draws, stanli 0.24 NUTS diag_e,
+// adapt_delta 0.8, N = 100 cells, G = 10, capture on (sigma_M = 0.5), 2 shared cores
+// (load 3-12, so wall times are inflated and only comparable within a row's load).
+// "sim A": /tmp sim, mu ~ N(log 30, 0.7), W ~ N(0, 0.6), d ~ U(0.1, 0.3), mean count ~ 30*capture;
+// "lo": pln_ref.simulate.random_params(10, k, capture=True) (mean count ~1.0);
+// "mid": same with mean_log_rate = 3.5 (mean count ~12).  R-hat max / bulk-ESS min over entries.
+//  variant                          data     k  div  R-hat(Sigma) ESS(Sigma) R-hat(d) R-hat(x) ESS(x) wall
+//  [lead's earlier run] NC x, lower-tri W      2  5.2%  (z: 1.75)
+//  [lead's earlier run] C x MVN-chol, lower-tri 2  2    1.57 (W 1.74)
+//  C x Woodbury, invariant W        sim A    1   0    1.015  237      1.023    1.009    569   135 s
+//  C x Woodbury, invariant W        sim A    2   0    1.016  329      1.019    1.007    588   145 s
+//  C x Woodbury, lower-tri W        sim A    2   3    1.013  441      1.019    1.015    790   225 s
+//  C x Woodbury, invariant W        lo s0    2   0    1.035  153      1.057    1.013    411   240 s
+//  NC x, invariant W                lo s0    2   0    1.008  1029     1.006    1.005   1880    89 s
+//  C x Woodbury, invariant W        mid s0   2   0    1.033  146      1.028    1.046     97   249 s
+//  NC x, invariant W                mid s0   2   0    1.011  512      1.020    1.007    890   173 s
+//  NC x, invariant W   (FINAL)      lo s1    2   0    1.003  1679     1.003    1.006   3149    99 s
+//  NC x, lower-tri W                lo s1    2   0    1.325    11     1.026    1.087     30    35 s
+//  NC x, invariant W   (FINAL)      lo s1    1   0    1.003  1678     1.003    1.006   2996    45 s
 //
 // Density: every statement is `target += *_lpdf/_lpmf` (full constants).  With centred = 1
 //   log_density(theta_unc) = log p(mu) + log p(W) + log p(d)

@@ -152,3 +152,37 @@ def test_divergent_fit_is_reported_as_divergent(tmp_path):
     # ArviZ's own accessors (used by its divergence plots) see them under the ArviZ name
     assert int(az.extract(idata, group="sample_stats")["diverging"].sum()) == int(div.sum())
     print(f"\n[engines] funnel divergences: {int(div.sum())} of {div.size}")
+
+
+def test_pln_joint_generated_quantities_are_the_identified_ones():
+    """Sigma = W W^T + diag(d), Omega its correlation, W_id = W Q lower-triangular (top k x k)
+    with positive diagonal and W_id W_id^T = W W^T, log_lik = sum of Poisson log pmf."""
+    from scipy import stats
+
+    params = random_params(6, 2, seed=7, capture=True)
+    sim = simulate(params, 4, seed=8)
+    data = pln_joint_data(sim.counts, 2, capture=params.capture, log_anchor=sim.log_anchor, centred=True)
+    model = bridgestan_model("pln_joint", data)
+    rng = np.random.default_rng(0)
+    W = rng.normal(size=(6, 2))
+    inits = pln_joint_inits(data, params, sim.x, sim.eta)
+    inits["W"] = W
+    flat = np.concatenate([np.asarray(inits[n], float).ravel(order="F") for n in ("mu", "W", "d", "x_c", "z", "e", "eta")])
+    theta = model.param_unconstrain(flat)
+    out = model.param_constrain(theta, include_tp=True, include_gq=True, rng=model.new_rng(seed=1))
+    names = model.param_names(include_tp=True, include_gq=True)
+
+    def block(prefix, shape):
+        idx = [i for i, n in enumerate(names) if n.split(".")[0] == prefix]
+        return out[idx].reshape(shape, order="F")
+
+    Sigma = W @ W.T + np.diag(params.d)
+    np.testing.assert_allclose(block("Sigma", (6, 6)), Sigma, rtol=1e-12)
+    s = np.sqrt(np.diag(Sigma))
+    np.testing.assert_allclose(block("Omega", (6, 6)), Sigma / np.outer(s, s), rtol=1e-12)
+    W_id = block("W_id", (6, 2))
+    np.testing.assert_allclose(W_id @ W_id.T, W @ W.T, rtol=1e-10, atol=1e-12)
+    assert abs(W_id[0, 1]) < 1e-12 and W_id[0, 0] > 0 and W_id[1, 1] > 0
+    loglik = stats.poisson.logpmf(sim.counts, np.exp(sim.x - sim.eta[:, None])).sum()
+    np.testing.assert_allclose(block("log_lik", ()), loglik, rtol=1e-10)
+    assert block("u_rep", (4, 6)).min() >= 0
