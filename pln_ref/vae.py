@@ -22,14 +22,20 @@ What q cannot represent: the posterior correlation between z and e and between x
 "rigid translation" direction x + c, eta + c that the Laplace/NUTS posteriors show), and any
 non-Gaussian shape of p(x | u).
 
-Training: minibatch Adam on -mean ELBO over (encoder, mu, W, rho) with d = 1e-4 + softplus(rho);
-decoder initialised from ``pln_ref.moments.method_of_moments`` when that module is importable,
-else from log1p + SVD. Optional linear KL annealing of the z-KL (beta from 0 to 1 over
-``kl_anneal_steps``). Early stopping on the HELD-OUT ELBO per cell (a random ``val_fraction`` of the
-cells, default 10%, never used for gradients), evaluated every ``eval_every`` steps after
-annealing has finished: stop when it has not improved by more than ``tol`` nats per cell for
-``patience`` evaluations; the best state is restored. Deterministic on CPU for a given seed
-(``torch.manual_seed``, a seeded ``torch.Generator`` for batches, deterministic algorithms, float64).
+Training: minibatch Adam(W) on -mean ELBO over (encoder, mu, W, rho) with d = 1e-4 + softplus(rho);
+decoder initialised from ``pln_ref.moments.method_of_moments`` (log1p + SVD only if that fails).
+Optional linear KL annealing of the z-KL (beta from 0 to 1 over ``kl_anneal_steps``). During
+training each cell's closed-form (r, v) sweep is warm-started from its previous visit and only
+``warm_rounds`` (2) sweeps are run (held-out evaluation and ``encode`` always run the full cold
+sweeps). Early stopping on the HELD-OUT ELBO per cell (a random ``val_fraction`` of the cells,
+default 10%, never used for gradients), evaluated every ``eval_every`` (100) steps once annealing
+has finished: stop when it has not improved by more than ``tol`` (0.01) nats per cell for
+``patience`` (5) evaluations; the best state is restored (``restore_best``). Measured: the held-out
+ELBO peaks after ~200 steps and then falls slowly (~1 nat/cell over 1000 steps at N=2000, G=1000)
+even with the true decoder held fixed -- the encoder over-fits the training cells (weight decay
+did not cure it); the decoder's Sigma barely changes after the peak (correlation error 0.303 at
+the peak vs 0.300 after 1500 steps). Deterministic on CPU for a given seed (``torch.manual_seed``,
+a seeded ``torch.Generator`` for the split and batches, deterministic algorithms, float64).
 """
 
 from __future__ import annotations

@@ -23,6 +23,11 @@ Variational family (mean field over the three blocks)::
       f(eta) = -U eta - R e^{-eta} - (eta - m_c)^2 / (2 sigma_M^2), with U = sum_g u_g and
       R = sum_g exp(mu_g + W_g m + sum_a W_ga^2 s_a^2/2 + r_g + v_g/2) = E_q[sum_g e^{x_g}]:
       a = unconstrained argmax of f (closed form via Lambert W), b^2 = 1 / (-f''(a)).
+  Why closed form rather than extra encoder heads for eta (and a G-dimensional residual): the
+  updates are the exact (r, v) / near-exact (a, b) coordinate optimum for each cell, so there is
+  no amortisation gap in these blocks; they add no parameters; eta depends on the anchor L and on
+  the counts exactly as the model says (an MLP head would have to learn the log-library-size
+  relation and could drift on new cells). Cost per cell is O(G) per sweep, no optimiser.
   They are held fixed (stop-gradient) when the ELBO is differentiated w.r.t. (theta, encoder):
   since (r, v) is the exact optimum given the rest, the envelope theorem makes that gradient
   exact in (r, v); for (a, b) it is exact up to the Laplace-vs-optimal-TruncN gap.
