@@ -142,7 +142,7 @@ def sim_data():
 def fitted(sim_data):
     p = sim_data.params
     return fit_vae(sim_data.counts, K_TRAIN, capture=p.capture, log_anchor=sim_data.log_anchor,
-                   n_steps=1500, progress=False, seed=0)
+                   n_steps=1500, patience=2, progress=False, seed=0)
 
 
 def _corr_err(P, truth):
