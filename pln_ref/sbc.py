@@ -597,8 +597,13 @@ def joint_nuts_task(indices: list[int], seeds: list[np.random.SeedSequence], con
     from .params import Capture
     import warnings
 
+    import hashlib
+
+    from .engines import stan_program
+
     L = int(config.get("L", 99))
     n_lat = int(config.get("n_latent", 3))
+    sha = hashlib.sha1(stan_program("pln_joint").read_bytes()).hexdigest()[:12]
     out = []
     for i, ss in zip(indices, seeds):
         pr = draw_joint_prior(config, ss)
@@ -638,6 +643,7 @@ def joint_nuts_task(indices: list[int], seeds: list[np.random.SeedSequence], con
             res[f"rank_{name}"] = r[o:o + n] if name != "loglik" else r[o]
             o += n
         res.update(gate_passed=gate.passed, ess_min=ess_min, ess_ok=ess_min >= L,
-                   divergences=gate.divergences, rhat_max=gate.rhat_max, mean_count=float(pr["u"].mean()))
+                   divergences=gate.divergences, rhat_max=gate.rhat_max, mean_count=float(pr["u"].mean()),
+                   program_sha=np.asarray(sha))
         out.append(res)
     return out

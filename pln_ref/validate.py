@@ -222,6 +222,14 @@ def _method_block(name, method, nuts_x, nuts_eta, gate, counts, params, la, out:
             "worst_abs_std_mean_error": float(np.max(np.abs(z_rw))),
             "sd_ratio_min": float(r_rw.min()), "sd_ratio_max": float(r_rw.max()),
             "sd_ratio_p05": float(np.quantile(r_rw, 0.05)), "sd_ratio_p95": float(np.quantile(r_rw, 0.95))}
+        sd_e = nuts_eta.std(0, ddof=1)
+        z_e = (ps["mean_eta"] - nuts_eta.mean(0)) / sd_e
+        r_e = ps["sd_eta"] / sd_e
+        res["psis_reweighted_eta"] = {
+            "median_abs_std_mean_error": float(np.median(np.abs(z_e))),
+            "worst_abs_std_mean_error": float(np.max(np.abs(z_e))),
+            "sd_ratio_min": float(r_e.min()), "sd_ratio_max": float(r_e.max())}
+        res["eta_std_mean_error_mean"] = float(np.mean(cmp["eta"].std_mean_error)) if "eta" in cmp else None
         res["khat"] = k.tolist()
     except Exception as e:  # noqa: BLE001 - a method without logpdf still gets the draw metrics
         res["psis"] = {"skipped": f"{type(e).__name__}: {e}"}
@@ -371,7 +379,7 @@ def run_joint(out_dir, *, N: int = 100, G: int = 10, k: int = 2, seed: int = 0, 
 # --------------------------------------------------------------------------- moments
 
 def run_moments(out_dir, *, G: int = 10, k: int = 2, n_cells: int = 200_000, seed: int = 0,
-                lib_range=(100.0, 5000.0), mean_log_rate: float = 2.0) -> dict:
+                mean_log_rate: float = 2.0) -> dict:
     """Closed-form mean, variance and covariance vs a Monte Carlo of the simulator (z-scores by
     Monte Carlo standard error for every gene and pair), with and without capture."""
     from .moments import moment_zscores
@@ -381,19 +389,21 @@ def run_moments(out_dir, *, G: int = 10, k: int = 2, n_cells: int = 200_000, see
     out.mkdir(parents=True, exist_ok=True)
     res = {}
     t0 = time.perf_counter()
+    from .simulate import random_params
+
     for label, cap in (("no_capture", False), ("capture", True)):
-        params, sim = simulate_cells(G, k, n_cells, lib_range=lib_range, seed=seed, mean_log_rate=mean_log_rate)
-        if not cap:
-            params = params.with_capture(None)
-            sim = simulate(params, n_cells, seed=np.random.SeedSequence(seed, spawn_key=(3,)))
-            z = moment_zscores(sim.counts, params)
-        else:
-            z = moment_zscores(sim.counts, params, np.asarray(sim.log_anchor))
+        # simulator's default exogenous anchor with capture: L_c = M0 kappa_c, kappa_c log-uniform
+        # on [0.05, 0.5] (capture efficiencies 5-50%, so eta is away from its bound)
+        params = random_params(G, k, seed=seed, mean_log_rate=mean_log_rate, capture=cap)
+        sim = simulate(params, n_cells, seed=np.random.SeedSequence(seed, spawn_key=(3, int(cap))))
+        z = moment_zscores(sim.counts, params, np.asarray(sim.log_anchor) if cap else None)
         res[label] = {"max_abs_z": float(z["max_abs_z"]), "worst": z["worst"],
                       "n_tests": int(z["z_mean"].size + z["z_var"].size + z["z_cov"].size),
                       "max_abs_z_mean": float(np.max(np.abs(z["z_mean"]))),
                       "max_abs_z_var": float(np.max(np.abs(z["z_var"]))),
-                      "max_abs_z_cov": float(np.max(np.abs(z["z_cov"])))}
+                      "max_abs_z_cov": float(np.max(np.abs(z["z_cov"]))),
+                      "mean_count": float(np.mean(sim.counts)),
+                      "eta_range": [float(np.min(sim.eta)), float(np.max(sim.eta))]}
     res["design"] = {"G": G, "k": k, "n_cells": n_cells, "seed": seed, "mean_log_rate": mean_log_rate}
     res["worst_abs_z"] = max(res["no_capture"]["max_abs_z"], res["capture"]["max_abs_z"])
     res["seconds"] = time.perf_counter() - t0
@@ -506,6 +516,7 @@ def run_sbc_joint(out_dir, *, n_sims: int = 200, N: int = 20, G: int = 4, k: int
                gate_pass_share=float(np.mean(sims["gate_passed"])),
                ess_ok_share=float(np.mean(sims["ess_ok"])),
                divergent_share=float(np.mean(sims["divergences"] > 0)),
+               program_versions=sorted({str(v) for v in sims["program_sha"]}),
                seconds_per_sim=float(np.mean(sims["_seconds"])))
     _write_json(out / "sbc_joint.json", res)
     return res
@@ -549,6 +560,11 @@ def _cell_section(m: dict) -> list[str]:
             w = r["psis_reweighted_x"]
             s.append(f"\nPSIS-reweighted {name}: median |std. mean error| {w['median_abs_std_mean_error']:.3f} "
                      f"(worst {w['worst_abs_std_mean_error']:.3f}), SD ratio {w['sd_ratio_min']:.3f}-{w['sd_ratio_max']:.3f}.")
+        if "psis_reweighted_eta" in r:
+            w = r["psis_reweighted_eta"]
+            s.append(f"PSIS-reweighted {name} eta: median |std. mean error| {w['median_abs_std_mean_error']:.3f} "
+                     f"(worst {w['worst_abs_std_mean_error']:.3f}), SD ratio {w['sd_ratio_min']:.3f}-{w['sd_ratio_max']:.3f}; "
+                     f"mean signed eta error before reweighting {_fmt(r.get('eta_std_mean_error_mean'))}.")
         if "x_by_library_tercile" in r:
             s.append(f"\n{name} by library-size tercile (x): " + "; ".join(
                 f"L {t['library_range'][0]:.0f}-{t['library_range'][1]:.0f}: median |z| "

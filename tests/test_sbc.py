@@ -124,3 +124,35 @@ def test_resume_after_sigkill(tmp_path):
                    progress=False)["n_run_now"] == 0
     with pytest.raises(ValueError, match="base_seed"):
         run_sbc(toy_normal_task, n, ref, base_seed=10, scheduler="synchronous", progress=False)
+
+
+def test_laplace_conditional_sbc_small(tmp_path):
+    """Integration: the Laplace conditional task runs batched and yields valid ranks."""
+    from pln_ref.simulate import random_params
+
+    p = random_params(6, 2, seed=0, mean_log_rate=4.0, capture=True)
+    cfg = {"mu": p.mu, "W": p.W, "d": p.d, "M0": p.capture.M0, "sigma_M": p.capture.sigma_M, "L": 19}
+    from pln_ref.sbc import laplace_conditional_task
+
+    run_sbc(laplace_conditional_task, 60, tmp_path, base_seed=3, config=cfg, batch_size=25,
+            scheduler="synchronous", progress=False)
+    s = load_sims(tmp_path)
+    assert s["rank_x"].shape == (60, 6) and s["rank_eta"].shape == (60,) and s["rank_loglik"].shape == (60,)
+    assert s["rank_x"].min() >= 0 and s["rank_x"].max() <= 19 and s["converged"].all()
+    tab = sbc_table(s, 19)
+    assert len(tab) == 8  # 6 genes + eta + loglik
+
+
+def test_cli_parsers_register():
+    import argparse
+
+    from pln_ref.validate import build_sbc_parser, build_validate_parser, sbc_main, validate_main
+
+    ap = argparse.ArgumentParser()
+    sub = ap.add_subparsers(dest="command")
+    build_validate_parser(sub)
+    build_sbc_parser(sub)
+    a = ap.parse_args(["validate", "--out", "x", "--parts", "cell", "--methods", "laplace"])
+    assert a.func is validate_main and a.parts == ["cell"]
+    b = ap.parse_args(["sbc", "--out", "y", "--flavour", "joint", "--sims", "10", "--synchronous"])
+    assert b.func is sbc_main and b.sims == 10 and b.synchronous
