@@ -15,7 +15,8 @@
 //     invariant prior the modes are one connected orbit that NUTS crosses freely.
 //   * x non-centred (default, data centred = 0): x = mu + W z + sqrt(d) .* e, z ~ N(0, I_k),
 //     e ~ N(0, I_G).  It mixed better than centred x at both low (mean count ~1) and moderate
-//     (mean count ~12) counts; centred x (centred = 1, Woodbury density) is kept as an option
+//     (mean count ~12) counts and had the best R-hat everywhere; with high counts (sim A) it
+//     needs ~3x smaller steps, so centred x (centred = 1, Woodbury density) is kept as an option
 //     for very informative data and for the exact density check against pln_ref.model.
 //   * d ~ LogNormal(log 0.2, 1): zero density at d = 0 keeps chains off the Heywood boundary.
 //
@@ -38,6 +39,9 @@
 //  NC x, invariant W   (FINAL)      lo s1    2   0    1.003  1679     1.003    1.006   3149    99 s
 //  NC x, lower-tri W                lo s1    2   0    1.325    11     1.026    1.087     30    35 s
 //  NC x, invariant W   (FINAL)      lo s1    1   0    1.003  1678     1.003    1.006   2996    45 s
+//  NC x, invariant W   (FINAL)      sim A    2   0    1.006   800     1.007    1.005   1141   526 s
+//  (last row: step size 0.012 vs 0.035 centred, load ~12 vs ~3: NC mixes best on every data set
+//   tried, but with very informative counts centred = 1 may give more ESS per second.)
 //
 // Density: every statement is `target += *_lpdf/_lpmf` (full constants).  With centred = 1
 //   log_density(theta_unc) = log p(mu) + log p(W) + log p(d)
