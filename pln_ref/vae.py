@@ -28,7 +28,8 @@ Optional linear KL annealing of the z-KL (beta from 0 to 1 over ``kl_anneal_step
 training each cell's closed-form (r, v) sweep is warm-started from its previous visit and only
 ``warm_rounds`` (2) sweeps are run (held-out evaluation and ``encode`` always run the full cold
 sweeps). Early stopping on the HELD-OUT ELBO per cell (a random ``val_fraction`` of the cells,
-default 10%, never used for gradients), evaluated every ``eval_every`` (100) steps once annealing
+default 10%, never used for gradients; with N < 20 or val_fraction = 0 the training cells' ELBO
+is used instead), evaluated every ``eval_every`` (100) steps once annealing
 has finished: stop when it has not improved by more than ``tol`` (0.01) nats per cell for
 ``patience`` (5) evaluations; the best state is restored (``restore_best``). Measured: the held-out
 ELBO peaks after ~200 steps and then falls slowly (~1 nat/cell over 1000 steps at N=2000, G=1000)
