@@ -326,7 +326,7 @@ def run_sbc(task: Callable, n_sims: int, out_dir: str | os.PathLike, *, base_see
                     client = own_client = Client(scheduler_address)
                 else:
                     own_cluster = LocalCluster(n_workers=n_workers, threads_per_worker=threads_per_worker,
-                                               processes=True, dashboard_address=None)
+                                               processes=True, dashboard_address=":0")
                     client = own_client = Client(own_cluster)
             try:
                 futs = [client.submit(_run_batch, task, idx, base_seed, str(out), config,
@@ -603,7 +603,10 @@ def joint_nuts_task(indices: list[int], seeds: list[np.random.SeedSequence], con
 
     L = int(config.get("L", 99))
     n_lat = int(config.get("n_latent", 3))
-    sha = hashlib.sha1(stan_program("pln_joint").read_bytes()).hexdigest()[:12]
+    # hash of the program's code with comments and blank space removed: comment-only edits of
+    # the program during a long run do not change it, any change of the density does
+    code = "\n".join(ln.split("//")[0].strip() for ln in stan_program("pln_joint").read_text().splitlines())
+    sha = hashlib.sha1(" ".join(code.split()).encode()).hexdigest()[:12]
     out = []
     for i, ss in zip(indices, seeds):
         pr = draw_joint_prior(config, ss)

@@ -43,6 +43,7 @@ __all__ = [
     "run_sbc_laplace",
     "run_sbc_joint",
     "write_report",
+    "merge_outputs",
     "build_validate_parser",
     "build_sbc_parser",
     "validate_main",
@@ -592,12 +593,65 @@ def _sbc_section(title: str, r: dict) -> list[str]:
     return s
 
 
+def _headline(metrics: dict) -> list[str]:
+    """Figures vs goals (issue 5) in one table."""
+    rows = []
+
+    def add(name, value, goal, ok):
+        rows.append(f"| {name} | {value} | {goal} | {'yes' if ok else 'NO'} |")
+
+    c = metrics.get("cell", {}).get("methods", {})
+    for name, r in c.items():
+        if "x" not in r:
+            continue
+        x, p = r["x"], r.get("psis", {})
+        add(f"{name}: median abs std. mean error (x)", f"{x['std_mean_error']['median_abs']:.3f}", "< 0.05",
+            x["std_mean_error"]["median_abs"] < 0.05)
+        add(f"{name}: SD ratio range (x)", f"{x['sd_ratio']['min']:.3f}-{x['sd_ratio']['max']:.3f}", "0.9-1.1",
+            x["sd_ratio"]["min"] >= 0.9 and x["sd_ratio"]["max"] <= 1.1)
+        add(f"{name}: 90% coverage (x) mean (range)",
+            f"{x['cover90']['mean']:.3f} ({x['cover90']['min']:.3f}-{x['cover90']['max']:.3f})", "0.88-0.92",
+            0.88 <= x["cover90"]["mean"] <= 0.92)
+        if "share_khat_lt_0.7" in p:
+            add(f"{name}: share of cells k-hat < 0.7", f"{100 * p['share_khat_lt_0.7']:.1f}%", ">= 99%",
+                p["share_khat_lt_0.7"] >= 0.99)
+    j = metrics.get("joint")
+    if j:
+        add("joint NUTS gate (N=%d, G=%d, k=%d)" % (j["design"]["N"], j["design"]["G"], j["design"]["k"]),
+            "passed" if j["gate"]["passed"] else "failed: " + "; ".join(j["gate"]["reasons"]), "pass",
+            j["gate"]["passed"])
+        if "laplace_sigma_coverage90" in j:
+            add("Laplace Sigma entries in NUTS 90% interval", f"{100 * j['laplace_sigma_coverage90']:.0f}%",
+                ">= 90%", j["laplace_sigma_coverage90"] >= 0.9)
+    m = metrics.get("moments")
+    if m:
+        add("moment identities worst abs z", f"{m['worst_abs_z']:.2f}", "< 4.5", m["worst_abs_z"] < 4.5)
+    e = metrics.get("engine_agreement")
+    if e:
+        if "skipped" in e:
+            add("engine agreement worst abs z", "skipped", "<= 4", False)
+        else:
+            add("engine agreement worst abs z", f"{e['worst_abs_z']:.2f}", "<= 4", e["worst_abs_z"] <= 4)
+    for key, label in (("sbc_joint", "joint NUTS SBC"), ("sbc_laplace", "Laplace conditional SBC")):
+        r = metrics.get(key)
+        if r:
+            add(f"{label}: simulations", str(r["n_sims"]), ">= 200" if key == "sbc_joint" else ">= 2000",
+                r["n_sims"] >= (200 if key == "sbc_joint" else 2000))
+            add(f"{label}: quantities passing the ECDF test",
+                f"{r['n_quantities'] - r['n_failed']}/{r['n_quantities']} (failed: {', '.join(r['failed']) or 'none'})",
+                "all", r["n_failed"] == 0)
+    if not rows:
+        return []
+    return ["## Figures vs goals", "", "| figure | measured | goal | met |", "|---|---|---|---|", *rows, ""]
+
+
 def write_report(out_dir, metrics: dict) -> Path:
     """report.md + metrics.json from the sections present in ``metrics``."""
     out = Path(out_dir)
     lines = ["# pln-ref validation report", "",
              f"Generated {time.strftime('%Y-%m-%d %H:%M:%S')} on {platform.node()} "
              f"({os.cpu_count()} CPUs, Python {platform.python_version()}).", ""]
+    lines += _headline(metrics)
     if "cell" in metrics:
         lines += _cell_section(metrics["cell"])
     if "joint" in metrics:
@@ -663,7 +717,9 @@ def validate_main(args: argparse.Namespace) -> int:
                 force=args.force, progress=not args.quiet, vae_steps=300 if q else 3000)
         elif part == "joint":
             metrics["joint"] = run_joint(out, N=30 if q else 100, seed=args.seed, engine=args.engine,
-                                         warmup=300 if q else 1000, draws=300 if q else 1000)
+                                         warmup=300 if q else args.joint_warmup,
+                                         draws=300 if q else args.joint_draws,
+                                         adapt_delta=args.joint_adapt_delta)
         elif part == "moments":
             metrics["moments"] = run_moments(out, n_cells=20_000 if q else 200_000, seed=args.seed)
         elif part == "engines":
@@ -704,6 +760,9 @@ def build_validate_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--engine", default=None, help="NUTS engine: stanli | cmdstanpy | pystan (default auto)")
     p.add_argument("--force", action="store_true",
                    help="compare even against NUTS fits that failed the gate (labelled FORCED)")
+    p.add_argument("--joint-warmup", type=int, default=2000)
+    p.add_argument("--joint-draws", type=int, default=2000)
+    p.add_argument("--joint-adapt-delta", type=float, default=0.9)
     p.add_argument("--quick", action="store_true", help="small sizes (smoke test, not for figures)")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=validate_main)
@@ -725,3 +784,21 @@ def build_sbc_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=sbc_main)
     return p
+
+
+def merge_outputs(dst, *srcs) -> Path:
+    """Merge the metrics.json and figures of several validate/sbc output directories into dst
+    (later sources win per section) and rewrite dst/report.md."""
+    import shutil
+
+    dst = Path(dst)
+    dst.mkdir(parents=True, exist_ok=True)
+    metrics: dict = {}
+    for src in (dst, *map(Path, srcs)):
+        mp = src / "metrics.json"
+        if mp.exists():
+            metrics.update(json.loads(mp.read_text()))
+        if src != dst:
+            for png in src.glob("*.png"):
+                shutil.copy2(png, dst / png.name)
+    return write_report(dst, metrics)

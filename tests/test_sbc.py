@@ -66,11 +66,11 @@ def test_seeds_are_spawn_children():
 
 
 def test_toy_sbc_calibrated_and_miscalibrated(tmp_path):
-    run_sbc(toy_normal_task, 400, tmp_path / "ok", base_seed=1, config={"L": 49}, batch_size=50,
+    run_sbc(toy_normal_task, 300, tmp_path / "ok", base_seed=1, config={"L": 49}, batch_size=50,
             scheduler="synchronous", progress=False)
     tab = sbc_table(load_sims(tmp_path / "ok"), 49)
     assert all(r["passed"] for r in tab) and {r["quantity"] for r in tab} == {"theta", "theta_sq"}
-    run_sbc(toy_normal_task, 400, tmp_path / "bad", base_seed=1, config={"L": 49, "sd_scale": 0.6},
+    run_sbc(toy_normal_task, 300, tmp_path / "bad", base_seed=1, config={"L": 49, "sd_scale": 0.6},
             batch_size=50, scheduler="synchronous", progress=False)
     assert not any(r["passed"] for r in sbc_table(load_sims(tmp_path / "bad"), 49, names=["theta"]))
 
@@ -83,9 +83,9 @@ def _log_counts(path):
 def test_resume_after_sigkill(tmp_path):
     """Kill a run part-way with SIGKILL, rerun (on Dask): nothing finished is redone, nothing lost,
     results identical to an uninterrupted run."""
-    n = 30
+    n = 20
     out, log = tmp_path / "run", tmp_path / "calls.log"
-    cfg = {"L": 19, "sleep": 0.15, "log_file": str(log)}
+    cfg = {"L": 19, "sleep": 0.1, "log_file": str(log)}
     script = textwrap.dedent(f"""
         import sys; sys.path.insert(0, {str(ROOT)!r})
         from pln_ref.sbc import run_sbc, toy_normal_task
@@ -96,13 +96,13 @@ def test_resume_after_sigkill(tmp_path):
     sims = out / "sims"
     t0 = time.time()
     while time.time() - t0 < 60:
-        if sims.exists() and len(list(sims.glob("sim_*.npz"))) >= 8:
+        if sims.exists() and len(list(sims.glob("sim_*.npz"))) >= 5:
             break
         time.sleep(0.02)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     done_before = {int(p.stem[4:]) for p in sims.glob("sim_*.npz")}
-    assert 8 <= len(done_before) < n
+    assert 5 <= len(done_before) < n
     calls_before = _log_counts(log)
     # resume on a Dask LocalCluster (1 worker process keeps the shared CPU free)
     res = run_sbc(toy_normal_task, n, out, base_seed=9, config={**cfg, "sleep": 0.0},
