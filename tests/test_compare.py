@@ -106,3 +106,20 @@ def test_psis_khat_small_when_q_equals_p_large_when_q_narrow():
     assert np.max(res3.khat) < 0.5
     assert abs(np.mean(mean)) < 0.03 and abs(np.mean(sd) - 1) < 0.03
     assert abs(np.mean(xs.mean(0)) - 0.3) < 0.03  # unweighted mean is off by the shift
+
+
+def test_exact_log_joint_numpy_equals_bridgestan_path():
+    """log p of pln_cell draws: model.log_joint == BridgeStan log_density - log eta."""
+    from pln_ref.psis import bridgestan_log_joint_draws, exact_log_joint_draws
+    from pln_ref.simulate import random_params, simulate
+
+    p = random_params(5, 2, seed=0, mean_log_rate=3.0, capture=True)
+    sim = simulate(p, 2, seed=1)
+    rng = np.random.default_rng(0)
+    x = np.asarray(sim.x)[None] + 0.1 * rng.normal(size=(3, 2, 5))
+    eta = np.abs(np.asarray(sim.eta)[None] + 0.1 * rng.normal(size=(3, 2))) + 0.01
+    a = exact_log_joint_draws(sim.counts, x, eta, p, sim.log_anchor)
+    b = bridgestan_log_joint_draws(sim.counts, x, eta, p, sim.log_anchor)
+    np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-8)
+    eta[0, 0] = -0.5  # outside the support
+    assert exact_log_joint_draws(sim.counts, x, eta, p, sim.log_anchor)[0, 0] == -np.inf
