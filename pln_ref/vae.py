@@ -328,15 +328,19 @@ class VAEResult:
         return self.posterior.z_mean
 
     # --- new cells --------------------------------------------------------------------------
-    def encode(self, new_counts, log_anchor=None, *, batch_size: int = 4096) -> VAEPosterior:
-        """Posterior of new cells (no optimisation; deterministic; batched, row-independent)."""
+    def encode(self, new_counts, log_anchor=None, *, batch_size: int = 256) -> VAEPosterior:
+        """Posterior of new cells (no optimisation; deterministic; batched, row-independent).
+
+        ``batch_size`` 256 is the measured optimum on CPU (G=2000: 128-512 cells per batch run
+        ~1.6-1.9k cells/s on one thread, 4096 only ~0.8k/s: the N x G temporaries leave cache).
+        """
         u = _counts(new_counts)
         if u.shape[1] != self.params.G:
             raise ValueError(f"new counts have {u.shape[1]} genes, the model has G={self.params.G}")
         la = _log_anchor(u, log_anchor, self.params.capture)
         return _encode(self.model, u, la, self.params, batch_size)
 
-    def elbo(self, counts, log_anchor=None, *, batch_size: int = 4096) -> np.ndarray:
+    def elbo(self, counts, log_anchor=None, *, batch_size: int = 256) -> np.ndarray:
         """Closed-form ELBO per cell (N,) of (new or training) cells under the encoder's q."""
         torch = _torch()
         u = _counts(counts)
@@ -655,8 +659,8 @@ def fit_vae(
             idx = val_idx if n_val > 0 else tr_idx
             tot = 0.0
             with torch.no_grad():
-                for i in range(0, len(idx), 2048):
-                    j = idx[i:i + 2048]
+                for i in range(0, len(idx), 256):
+                    j = idx[i:i + 256]
                     e, _, _ = model(U[j], loglib[j], None if PM is None else PM[j])
                     tot += float(e.sum())
             return tot / len(idx)
@@ -718,7 +722,7 @@ def fit_vae(
         hist["best_val_elbo"] = best
         model.eval()
         params = _model_params(model, capture)
-        post = _encode(model, u, la, params, 4096)
+        post = _encode(model, u, la, params, 256)
     finally:
         torch.use_deterministic_algorithms(det_prev)
     wall = time.perf_counter() - t0
