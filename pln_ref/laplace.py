@@ -14,8 +14,9 @@ Newton step (one factorisation of A = diag(lambda) + Sigma^{-1} serves both righ
 bbar = 1 - b = A^{-1} Sigma^{-1} 1; see ``model.eta_schur`` and ``_eta_numerator``.)
 
 Globalisation: backtracking (Armijo) line search along the projected path
-(x + t dx, max(0, eta + t deta)); active set for the bound eta >= 0 (Bertsekas' projected
-Newton): a cell whose eta is (epsilon-)at 0 and whose joint step points outward keeps eta = 0 and
+(x + t dx, max(0, eta + t deta)), full steps once the squared Newton decrement is <= 1e-8
+(there the Armijo test would compare changes below round-off); active set for the bound
+eta >= 0 (Bertsekas' projected Newton): a cell whose eta is (epsilon-)at 0 and whose joint step points outward keeps eta = 0 and
 takes the x-only Newton step a = A^{-1} g_x. Convergence per cell: the infinity norm of the
 projected gradient <= ``gtol``. A cell whose Newton decrement falls to round-off level before
 that stops too, is reported in ``converged_by`` as "roundoff" and counts as not converged.
@@ -378,10 +379,16 @@ def newton_map(
         active, ua, xa, ea = active[keep], ua[keep], xa[keep], ea[keep]
         dx, deta, gx, ge, f0 = dx[keep], deta[keep], gx[keep], ge[keep], f0[keep]
         ma = None if ma is None else ma[keep]
-        # backtracking line search along the projected path
+        # backtracking line search along the projected path; in the quadratic region
+        # (decrement^2 <= 1e-8 nats: the step is tiny in the Hessian norm) the full step is taken
+        # directly, since there the Armijo test compares objective changes below round-off
         t = np.ones(active.size)
-        pending = np.ones(active.size, dtype=bool)
         x_new, e_new = xa.copy(), ea.copy()
+        dec2 = dec2[keep]
+        quad = dec2 <= 1e-8
+        x_new[quad] = xa[quad] + dx[quad]
+        e_new[quad] = np.maximum(ea[quad] + deta[quad], 0.0)
+        pending = ~quad
         tol_round = 16 * np.finfo(float).eps * np.maximum(1.0, np.abs(f0))
         for _ in range(60):
             p = np.flatnonzero(pending)

@@ -164,10 +164,11 @@ class PosteriorPrecision:
             s = _batched_cho_solve(self.L_S, t)
             return b / self.m + self.r * (s @ self.cov.W.T)
         if b.ndim == 3:
-            rb = self.r[:, :, None] * b
-            t = np.swapaxes(np.swapaxes(rb, 1, 2) @ self.cov.W, 1, 2)  # (N, k, n_rhs)
-            s = _batched_cho_solve(self.L_S, t)
-            return b / self.m[:, :, None] + self.r[:, :, None] * (self.cov.W @ s)
+            # one (N x G) @ (G x k) GEMM per right-hand side beats batched tiny GEMMs
+            out = np.empty_like(b)
+            for j in range(b.shape[2]):
+                out[:, :, j] = self.solve(b[:, :, j])
+            return out
         raise ValueError(f"b must be (N, G) or (N, G, n_rhs), got shape {b.shape}")
 
     def logdet(self) -> np.ndarray:
