@@ -49,6 +49,7 @@ __all__ = [
     "run_sbc",
     "load_sims",
     "sbc_table",
+    "rank_columns",
     "plot_rank_hist",
     "plot_ecdf_diff",
     "toy_normal_task",
@@ -366,6 +367,30 @@ def load_sims(out_dir: str | os.PathLike, n_sims: int | None = None) -> dict[str
     return {k: np.stack([r[k] for r in rows]) for k in keys}
 
 
+def _labels(name: str, shape: tuple) -> list[str]:
+    """Labels of the scalar quantities of a rank array; Sigma stored as its upper triangle
+    (np.triu_indices order) is labelled Sigma[g,h]."""
+    if name == "Sigma" and len(shape) == 1:
+        G = int(round((np.sqrt(8 * shape[0] + 1) - 1) / 2))
+        if G * (G + 1) // 2 == shape[0]:
+            return [f"Sigma[{g},{h}]" for g, h in zip(*np.triu_indices(G))]
+    if not shape:
+        return [name]
+    return [f"{name}[{','.join(map(str, idx))}]" for idx in np.ndindex(*shape)]
+
+
+def rank_columns(sims: dict[str, np.ndarray], keys: Iterable[str] | None = None) -> dict[str, np.ndarray]:
+    """{label: ranks (n_sims,)} for every scalar quantity of every ``rank_*`` array."""
+    keys = [k for k in sims if k.startswith("rank_")] if keys is None else list(keys)
+    out = {}
+    for k in keys:
+        r = np.asarray(sims[k])
+        flat = r.reshape(r.shape[0], -1)
+        for j, lab in enumerate(_labels(k[5:], r.shape[1:])):
+            out[lab] = flat[:, j]
+    return out
+
+
 def sbc_table(sims: dict[str, np.ndarray], L: int, alpha: float = 0.05,
               names: Iterable[str] | None = None) -> list[dict]:
     """ECDF test for every scalar element of every rank array ``rank_<name>`` in ``sims``.
@@ -376,13 +401,7 @@ def sbc_table(sims: dict[str, np.ndarray], L: int, alpha: float = 0.05,
     keys = [k for k in sims if k.startswith("rank_")]
     if names is not None:
         keys = [f"rank_{n}" for n in names]
-    rows = []
-    for k in keys:
-        r = np.asarray(sims[k])
-        shape = r.shape[1:]
-        for idx in np.ndindex(*shape) if shape else [()]:
-            label = k[5:] + (f"[{','.join(map(str, idx))}]" if idx else "")
-            rows.append((label, r[(slice(None),) + idx]))
+    rows = list(rank_columns(sims, keys).items())
     m = len(rows)
     table = []
     for label, rr in rows:

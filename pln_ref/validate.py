@@ -501,13 +501,9 @@ def _sbc_outputs(out: Path, sims: dict, L: int, title: str, alpha: float = 0.05)
 
     _mpl()
     tab = sbc_table(sims, L, alpha)
-    ranks = {}
-    for k in sims:
-        if not k.startswith("rank_"):
-            continue
-        r = np.asarray(sims[k])
-        for idx in np.ndindex(*r.shape[1:]) if r.ndim > 1 else [()]:
-            ranks[k[5:] + (f"[{','.join(map(str, idx))}]" if idx else "")] = r[(slice(None),) + idx]
+    from .sbc import rank_columns
+
+    ranks = rank_columns(sims)
     figs = [_savefig(plot_rank_hist(ranks, L), out / f"{title}_rank_hist.png"),
             _savefig(plot_ecdf_diff(ranks, L, alpha), out / f"{title}_ecdf_diff.png")]
     n_fail = sum(not r["passed"] for r in tab)
