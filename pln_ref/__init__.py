@@ -22,3 +22,11 @@ __all__ = [
     "Capture", "PLNParams", "LaplaceResult", "Simulation", "random_params", "simulate",
 ]
 __version__ = "0.1.0"
+
+
+def __getattr__(name):  # torch is imported only when the VAE is used
+    if name in ("fit_vae", "VAEResult", "VAEPosterior"):
+        from . import vae
+
+        return getattr(vae, name)
+    raise AttributeError(f"module 'pln_ref' has no attribute {name!r}")

@@ -327,6 +327,39 @@ class VAEResult:
     def z_mean(self) -> np.ndarray:
         return self.posterior.z_mean
 
+    @property
+    def sigma(self):
+        """Sigma = W W^T + diag(d) as a low-rank object (``.dense()`` on request)."""
+        from .lowrank import LowRankCov
+
+        return LowRankCov(self.params.W, self.params.d)
+
+    def sd_x(self) -> np.ndarray:
+        """Per-cell posterior SD of x under q (same meaning as ``LaplaceResult.sd_x``)."""
+        return self.posterior.sd_x()
+
+    def factor_scores(self) -> np.ndarray:
+        """Encoder means of z, shape (N, k)."""
+        return self.posterior.z_mean
+
+    def summary(self) -> str:
+        N, G = self.x_map.shape
+        h = self.history or {}
+        lines = [f"PLN VAE fit: {N} cells x {G} genes, k={self.k}",
+                 f"  wall time {self.wall_time:.1f} s; init {self.init_method}"]
+        if "elbo" in h and len(h["elbo"]):
+            lines.append(f"  training ELBO per cell (last): {float(np.asarray(h['elbo'])[-1]):.4f}")
+        for key in ("stopped_step", "best_val_elbo"):
+            if key in h and h[key] is not None:
+                lines.append(f"  {key}: {h[key]}")
+        if self.params.capture is not None:
+            c = self.params.capture
+            lines.append(f"  capture: M0={c.M0:.4g}, sigma_M={c.sigma_M:g};"
+                         f" median capture probability {np.median(self.capture_probability):.3f}")
+        else:
+            lines.append("  capture: off (eta = 0)")
+        return "\n".join(lines)
+
     # --- new cells --------------------------------------------------------------------------
     def encode(self, new_counts, log_anchor=None, *, batch_size: int = 256) -> VAEPosterior:
         """Posterior of new cells (no optimisation; deterministic; batched, row-independent).

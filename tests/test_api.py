@@ -131,3 +131,24 @@ def test_cli_fit(tmp_path, sim):
     bad = subprocess.run([sys.executable, "-m", "pln_ref.cli", "fit", str(inp), "--k", "20",
                           "--out", str(out)], capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and "1 <= k < G" in bad.stderr
+
+
+def test_fit_vae_entry_point_and_cli(tmp_path, sim):
+    """pln_ref.fit(..., inference_method="vae") and `pln-ref fit --method vae` give a result
+    with the Laplace result's attribute names."""
+    torch = pytest.importorskip("torch")
+    torch.set_num_threads(1)
+    r = pln_ref.fit(sim.counts, inference_method="vae", vae_latent_dim=2, n_steps=100,
+                    progress=False, seed=0)
+    for name in ("mu", "W", "d", "x_map", "eta_map", "capture_probability"):
+        assert np.all(np.isfinite(getattr(r, name)))
+    assert r.sd_x().shape == sim.counts.shape and "VAE fit" in r.summary()
+    inp = tmp_path / "in.h5ad"
+    sim.to_anndata().write_h5ad(inp)
+    out = tmp_path / "out.h5ad"
+    cmd = [sys.executable, "-m", "pln_ref.cli", "fit", str(inp), "--k", "2", "--out", str(out),
+           "--method", "vae", "--n-steps", "50", "--quiet"]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    assert "PLN VAE fit" in res.stdout
+    assert "X_pln_vae_z" in ad.read_h5ad(out).obsm
