@@ -109,11 +109,15 @@ def simulate_cells(G: int = 20, k: int = 3, n_cells: int = 200, *, lib_range=(10
 
     Globals from ``random_params(G, k, mean_log_rate, capture=True)`` (M0 = expected total mRNA,
     about 5e4 for the defaults); anchors L_c log-uniform on ``lib_range`` drawn first, so the
-    expected total count of cell c is about L_c. Returns (params, Simulation).
+    expected total count of cell c is about L_c. ``lib_range=None``: the simulator's default anchor
+    L_c = M0 kappa_c (capture efficiency kappa_c log-uniform on [0.05, 0.5], so eta is away from
+    its bound). Returns (params, Simulation).
     """
     from .simulate import random_params, simulate
 
     params = random_params(G, k, seed=seed, mean_log_rate=mean_log_rate, capture=True, sigma_M=sigma_M)
+    if lib_range is None:  # the simulator's default exogenous anchor: L_c = M0 kappa_c, kappa_c in [0.05, 0.5]
+        return params, simulate(params, n_cells, seed=np.random.SeedSequence(seed, spawn_key=(2,)))
     rng = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(1,)))
     L = np.exp(rng.uniform(np.log(lib_range[0]), np.log(lib_range[1]), n_cells))
     sim = simulate(params, n_cells, seed=np.random.SeedSequence(seed, spawn_key=(2,)), library_size=L)
@@ -358,6 +362,8 @@ def run_joint(out_dir, *, N: int = 100, G: int = 10, k: int = 2, seed: int = 0, 
     # Sigma is symmetric: its diagonal and upper triangle carry all the information
     gate = check_gate(idata, var_names=var_names)
     metrics: dict = {"design": {"N": N, "G": G, "k": k, "seed": seed, "chains": chains, "warmup": warmup,
+                                "lib_range": None if lib_range is None else list(lib_range),
+                                "mean_log_rate": mean_log_rate, "eta_mean": float(np.mean(sim.eta)),
                                 "draws": draws, "adapt_delta": adapt_delta, "dense_metric": dense_metric,
                                 "mean_count": float(u.mean()), "zero_fraction": float(np.mean(u == 0))},
                      "gate": gate.summary(), "gate_table": gate.table, "nuts_seconds": nuts_s}
@@ -764,7 +770,9 @@ def validate_main(args: argparse.Namespace) -> int:
             metrics["joint"] = run_joint(out, N=30 if q else 100, seed=args.seed, engine=args.engine,
                                          warmup=300 if q else args.joint_warmup,
                                          draws=300 if q else args.joint_draws,
-                                         adapt_delta=args.joint_adapt_delta)
+                                         adapt_delta=args.joint_adapt_delta,
+                                         **({} if args.joint_design == "library" else
+                                            {"lib_range": None, "mean_log_rate": 2.7}))
         elif part == "moments":
             metrics["moments"] = run_moments(out, n_cells=20_000 if q else 200_000, seed=args.seed,
                                              fit_cells=300 if q else 2000)
@@ -809,6 +817,9 @@ def build_validate_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--joint-warmup", type=int, default=2000)
     p.add_argument("--joint-draws", type=int, default=2000)
     p.add_argument("--joint-adapt-delta", type=float, default=0.9)
+    p.add_argument("--joint-design", choices=["library", "efficiency"], default="library",
+                   help="joint data: anchors = library sizes 100-5000 with mean log-rate 1.5 (eta mostly "
+                        "near its bound 0) or the simulator's capture efficiencies 5-50%% (mean log-rate 2.7)")
     p.add_argument("--quick", action="store_true", help="small sizes (smoke test, not for figures)")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=validate_main)
