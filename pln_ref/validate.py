@@ -661,13 +661,13 @@ def _headline(metrics: dict) -> list[str]:
         if "share_khat_lt_0.7" in p:
             add(f"{name}: share of cells k-hat < 0.7", f"{100 * p['share_khat_lt_0.7']:.1f}%", ">= 99%",
                 p["share_khat_lt_0.7"] >= 0.99)
-    j = metrics.get("joint")
-    if j:
-        add("joint NUTS gate (N=%d, G=%d, k=%d)" % (j["design"]["N"], j["design"]["G"], j["design"]["k"]),
+    for jkey in sorted(k for k in metrics if k.startswith("joint")):
+        j = metrics[jkey]
+        add(f"[{jkey}] joint NUTS gate (N=%d, G=%d, k=%d)" % (j["design"]["N"], j["design"]["G"], j["design"]["k"]),
             "passed" if j["gate"]["passed"] else "failed: " + "; ".join(j["gate"]["reasons"]), "pass",
             j["gate"]["passed"])
         if "laplace_sigma_coverage90" in j:
-            add("Laplace Sigma entries in NUTS 90% interval", f"{100 * j['laplace_sigma_coverage90']:.0f}%",
+            add(f"[{jkey}] Laplace Sigma entries in NUTS 90% interval", f"{100 * j['laplace_sigma_coverage90']:.0f}%",
                 ">= 90%", j["laplace_sigma_coverage90"] >= 0.9)
     m = metrics.get("moments")
     if m:
@@ -700,10 +700,12 @@ def write_report(out_dir, metrics: dict) -> Path:
     lines += _headline(metrics)
     if "cell" in metrics:
         lines += _cell_section(metrics["cell"])
-    if "joint" in metrics:
-        j = metrics["joint"]
+    for jkey in sorted(k for k in metrics if k.startswith("joint")):
+        j = metrics[jkey]
         g = j["gate"]
-        lines += ["## Joint NUTS (`pln_joint`)", "",
+        lines += [f"## Joint NUTS (`pln_joint`) [{jkey}]", "",
+                  f"Design: anchors {'library sizes %s' % j['design'].get('lib_range') if j['design'].get('lib_range') else 'capture efficiencies 5-50%'}, "
+                  f"mean log-rate {j['design'].get('mean_log_rate')}, mean eta {_fmt(j['design'].get('eta_mean'), 2)}.",
                   f"N={j['design']['N']}, G={j['design']['G']}, k={j['design']['k']}, mean count "
                   f"{j['design']['mean_count']:.1f}, {100 * j['design']['zero_fraction']:.0f}% zeros; "
                   f"{j['design']['chains']} chains x {j['design']['warmup']}/{j['design']['draws']}, "
