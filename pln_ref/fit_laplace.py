@@ -28,14 +28,13 @@ term into the theta-gradient of 1/2 w_x^T Sigma^{-1} (x* - mu). ``ift=False`` dr
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 import time
 from dataclasses import dataclass, field
 
 import numpy as np
 from tqdm.auto import tqdm
 
+from .io import atomic_savez
 from .laplace import CellPosteriors, newton_map
 from .lowrank import LowRankCov
 from .model import _LOG2PI, log_joint
@@ -147,15 +146,7 @@ class LaplaceFitState:
         meta = {"step": self.step, "lr": self.lr, "best_value": self.best_value,
                 "stopped": self.stopped}
         arrays["meta"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
-        d = os.path.dirname(os.path.abspath(path))
-        fd, tmp = tempfile.mkstemp(dir=d, suffix=".npz")
-        os.close(fd)
-        try:
-            np.savez(tmp, **arrays)
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
+        atomic_savez(path, arrays)
 
     @classmethod
     def load(cls, path: str) -> "LaplaceFitState":

@@ -8,22 +8,61 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from .io import atomic_savez
 from .laplace import CellPosteriors
 from .lowrank import LowRankCov
 from .model import eta_schur, neg_hessian
 from .params import Capture, PLNParams
 
-__all__ = ["LaplaceResult"]
+__all__ = ["LaplaceResult", "FittedGlobals"]
+
+
+class FittedGlobals:
+    """Accessors shared by every fitted result (needs ``params`` and ``eta_map``)."""
+
+    params: PLNParams
+
+    @property
+    def mu(self) -> np.ndarray:
+        return self.params.mu
+
+    @property
+    def W(self) -> np.ndarray:
+        return self.params.W
+
+    @property
+    def d(self) -> np.ndarray:
+        return self.params.d
+
+    @property
+    def k(self) -> int:
+        return self.params.k
+
+    @property
+    def sigma(self) -> LowRankCov:
+        """Sigma = W W^T + diag(d) as a low-rank object (``.dense()`` only on request)."""
+        return LowRankCov(self.params.W, self.params.d)
+
+    def sigma_dense(self) -> np.ndarray:
+        return self.params.sigma_dense()
+
+    def correlation(self) -> np.ndarray:
+        """Dense G x G gene-gene correlation of the log-rates (on request)."""
+        return self.params.correlation_dense()
+
+    @property
+    def capture_probability(self) -> np.ndarray:
+        """e^{-eta}: the capture efficiency of each cell at its point estimate."""
+        return np.exp(-self.eta_map)
 
 
 @dataclass
-class LaplaceResult:
+class LaplaceResult(FittedGlobals):
     """Result of ``pln_ref.fit(..., inference_method="laplace")``.
 
     Attributes
@@ -47,31 +86,6 @@ class LaplaceResult:
 
     inference_method = "laplace"
 
-    # --- globals ----------------------------------------------------------------------------
-    @property
-    def mu(self) -> np.ndarray:
-        return self.params.mu
-
-    @property
-    def W(self) -> np.ndarray:
-        return self.params.W
-
-    @property
-    def d(self) -> np.ndarray:
-        return self.params.d
-
-    @property
-    def sigma(self) -> LowRankCov:
-        """Sigma = W W^T + diag(d) as a low-rank object (``.dense()`` only on request)."""
-        return LowRankCov(self.params.W, self.params.d)
-
-    def sigma_dense(self) -> np.ndarray:
-        return self.params.sigma_dense()
-
-    def correlation(self) -> np.ndarray:
-        """Dense G x G gene-gene correlation of the log-rates (on request)."""
-        return self.params.correlation_dense()
-
     # --- per cell -----------------------------------------------------------------------------
     @property
     def x_map(self) -> np.ndarray:
@@ -80,11 +94,6 @@ class LaplaceResult:
     @property
     def eta_map(self) -> np.ndarray:
         return self.cells.eta_map
-
-    @property
-    def capture_probability(self) -> np.ndarray:
-        """e^{-eta_map}: the MAP capture efficiency of each cell."""
-        return np.exp(-self.cells.eta_map)
 
     def sd_x(self, eta: str = "free") -> np.ndarray:
         """Per-cell posterior SD of x: sqrt(diag A^{-1} [+ b^2 Var eta]), O(N G k^2)."""
@@ -176,7 +185,6 @@ class LaplaceResult:
     # --- persistence --------------------------------------------------------------------------
     def save(self, path: str | os.PathLike) -> Path:
         """Save to a single .npz (atomic write)."""
-        path = Path(path)
         c = self.cells
         arrays = {
             "mu": self.mu, "W": self.W, "d": self.d,
@@ -198,16 +206,7 @@ class LaplaceResult:
             "format": "pln_ref.LaplaceResult/1",
         }
         arrays["meta"] = np.frombuffer(json.dumps(meta, default=str).encode(), dtype=np.uint8)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".npz")
-        os.close(fd)
-        try:
-            np.savez_compressed(tmp, **arrays)
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
-        return path
+        return atomic_savez(path, arrays, compressed=True)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "LaplaceResult":

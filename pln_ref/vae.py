@@ -52,6 +52,7 @@ import numpy as np
 from scipy.special import log_ndtr
 
 from .params import Capture, PLNParams
+from .results import FittedGlobals
 
 __all__ = ["fit_vae", "VAEResult", "VAEPosterior", "VAEConfig"]
 
@@ -273,7 +274,7 @@ class VAEConfig:
 
 
 @dataclass
-class VAEResult:
+class VAEResult(FittedGlobals):
     """Fitted VAE: globals (mu, W, d), the encoder, and the posteriors of the training cells.
 
     Same attribute names as the Laplace result: mu, W, d, params, correlation(), x_map
@@ -289,27 +290,6 @@ class VAEResult:
     init_method: str = ""
     wall_time: float = 0.0
 
-    # --- globals --------------------------------------------------------------------------
-    @property
-    def mu(self) -> np.ndarray:
-        return self.params.mu
-
-    @property
-    def W(self) -> np.ndarray:
-        return self.params.W
-
-    @property
-    def d(self) -> np.ndarray:
-        return self.params.d
-
-    @property
-    def k(self) -> int:
-        return self.params.k
-
-    def correlation(self) -> np.ndarray:
-        """Dense G x G correlation of x under the fitted Sigma (on request only)."""
-        return self.params.correlation_dense()
-
     # --- training cells ---------------------------------------------------------------------
     @property
     def x_map(self) -> np.ndarray:
@@ -320,19 +300,8 @@ class VAEResult:
         return self.posterior.eta_mean
 
     @property
-    def capture_probability(self) -> np.ndarray:
-        return np.exp(-self.eta_map)
-
-    @property
     def z_mean(self) -> np.ndarray:
         return self.posterior.z_mean
-
-    @property
-    def sigma(self):
-        """Sigma = W W^T + diag(d) as a low-rank object (``.dense()`` on request)."""
-        from .lowrank import LowRankCov
-
-        return LowRankCov(self.params.W, self.params.d)
 
     def sd_x(self) -> np.ndarray:
         """Per-cell posterior SD of x under q (same meaning as ``LaplaceResult.sd_x``)."""
