@@ -32,12 +32,12 @@ import time
 from dataclasses import dataclass, field
 
 import numpy as np
+from scipy.special import gammaln, log_ndtr
 from tqdm.auto import tqdm
 
 from .io import atomic_savez
 from .laplace import CellPosteriors, newton_map
 from .lowrank import LowRankCov
-from .model import _LOG2PI, log_joint
 from .params import PLNParams
 
 __all__ = ["laplace_objective", "LaplaceFitState", "optimize_globals"]
@@ -51,17 +51,27 @@ def laplace_objective(
     *,
     ift: bool = True,
     with_grad: bool = True,
+    lgamma_sum: np.ndarray | None = None,
 ) -> tuple[np.ndarray, dict[str, np.ndarray] | None]:
     """Per-cell Laplace evidence l_c (N,) and the gradient of sum_c l_c w.r.t. mu, W, d.
 
-    ``post`` must hold the MAPs of ``counts`` under ``params`` (from ``newton_map``).
+    ``post`` must hold the MAPs of ``counts`` under ``params`` (from ``newton_map``); its
+    ``objective`` f (log_joint without constants) gives log p(u, xi* | theta) =
+    f - sum_g log u_g! - G/2 log 2 pi - 1/2 log det Sigma [+ log TruncN normaliser].
+    ``lgamma_sum`` (N,) = sum_g log u_g! may be passed to avoid recomputing it.
     """
     u = np.asarray(counts, dtype=float)
     N, G = u.shape
     cap = params.capture is not None
     cov = post.precision.cov
-    l = log_joint(u, post.x_map, post.eta_map if cap else None, params, log_anchor, cov=cov)
-    l = l - 0.5 * post.log_det_neg_H() + 0.5 * (G + cap) * _LOG2PI
+    if lgamma_sum is None:
+        lgamma_sum = gammaln(u + 1.0).sum(axis=1)
+    # l = log p(u, xi*) - 1/2 log det(-H) + (G + cap)/2 log 2 pi; the G/2 log 2 pi terms cancel
+    l = post.objective - lgamma_sum - 0.5 * cov.logdet() - 0.5 * post.log_det_neg_H()
+    if cap:
+        sM = params.capture.sigma_M
+        m = params.capture.prior_mean(post.log_anchor)
+        l = l - np.log(sM) - log_ndtr(m / sM)  # TruncN normaliser (its -1/2 log 2 pi cancels)
     if not with_grad:
         return l, None
     W, d = params.W, params.d
@@ -220,6 +230,7 @@ def optimize_globals(
     eval_idx = None if full else np.sort(rng.choice(N, size=min(N, 1024), replace=False))
     eval_every = 1 if full else max(1, N // batch_size)
     track = None if not st.history else st.history[-1][2]
+    lgam = gammaln(u + 1.0).sum(axis=1)  # sum_g log u_g!, constant
     bar = tqdm(total=n_steps, initial=min(st.step, n_steps), desc="Laplace fit", disable=not progress)
     t0 = time.time()
     while st.step < n_steps and not st.stopped:
@@ -232,7 +243,7 @@ def optimize_globals(
         la = None if log_anchor is None else log_anchor[idx]
         post = newton_map(u[idx], params, la, x0=st.x_map[idx], eta0=st.eta_map[idx], gtol=gtol, cov=cov)
         st.x_map[idx], st.eta_map[idx] = post.x_map, post.eta_map
-        l, g = laplace_objective(u[idx], params, la, post, ift=ift)
+        l, g = laplace_objective(u[idx], params, la, post, ift=ift, lgamma_sum=lgam[idx])
         value = float(np.mean(l))
         if full:
             track = value
@@ -241,7 +252,8 @@ def optimize_globals(
             pe = newton_map(u[eval_idx], params, la_e, x0=st.x_map[eval_idx],
                             eta0=st.eta_map[eval_idx], gtol=gtol, cov=cov)
             st.x_map[eval_idx], st.eta_map[eval_idx] = pe.x_map, pe.eta_map
-            track = float(np.mean(laplace_objective(u[eval_idx], params, la_e, pe, with_grad=False)[0]))
+            track = float(np.mean(laplace_objective(u[eval_idx], params, la_e, pe, with_grad=False,
+                                                    lgamma_sum=lgam[eval_idx])[0]))
         if not np.isfinite(value) or not np.isfinite(track) or (
                 st.best is not None and track < st.best_value - 10 * (1 + abs(st.best_value))):
             # divergence guard: restore the best state, halve the learning rate, reset Adam
@@ -301,6 +313,7 @@ def _lbfgs(u, st: LaplaceFitState, capture, log_anchor, *, n_steps, ift, rtol, g
     from scipy.optimize import minimize
 
     newton_gtol = min(gtol, 1e-8)
+    lgam = gammaln(u + 1.0).sum(axis=1)
     N, G = u.shape
     k = st.W.shape[1]
     t0 = time.time()
@@ -315,7 +328,7 @@ def _lbfgs(u, st: LaplaceFitState, capture, log_anchor, *, n_steps, ift, rtol, g
         post = newton_map(u, params, log_anchor, x0=st.x_map, eta0=st.eta_map, gtol=newton_gtol)
         if not post.converged.all():
             cache["unconverged"] = int((~post.converged).sum())
-        l, g = laplace_objective(u, params, log_anchor, post, ift=ift)
+        l, g = laplace_objective(u, params, log_anchor, post, ift=ift, lgamma_sum=lgam)
         value = float(np.mean(l))
         if not np.isfinite(value):
             return np.inf, np.zeros_like(z)

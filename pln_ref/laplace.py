@@ -330,6 +330,15 @@ def newton_map(
     if x.shape != (N, G) or eta.shape != (N,):
         raise ValueError("x0 / eta0 have the wrong shape")
 
+    # per-cell state kept from each cell's last check, so the final posterior reuses the
+    # factorisation of the converged iterate instead of recomputing it
+    k = params.k
+    lam_all, gx_all = np.empty((N, G)), np.empty((N, G))
+    ge_all = np.zeros(N)
+    S_all, LS_all = np.empty((N, k, k)), np.empty((N, k, k))
+    bbar_all = np.empty((N, G)) if m_all is not None else None
+    f_all = np.full(N, np.nan)  # f at the current iterate (NaN: not evaluated yet)
+
     n_iter = np.zeros(N, dtype=int)
     done = np.zeros(N, dtype=bool)
     conv_by = np.full(N, "max_iter", dtype="<U9")
@@ -359,7 +368,12 @@ def newton_map(
             deta = np.zeros(active.size)
             g_eta_proj = np.zeros(active.size)
         gnorm = np.maximum(np.max(np.abs(gx), axis=1), np.abs(g_eta_proj))
-        f0 = cell_objective(ua, xa, ea, mu, cov, ma, sigma_M)
+        f0 = f_all[active]
+        need = np.isnan(f0)
+        if need.any():
+            f0[need] = cell_objective(ua[need], xa[need], ea[need], mu, cov,
+                                      None if ma is None else ma[need], sigma_M)
+            f_all[active[need]] = f0[need]
         dec2 = np.einsum("ng,ng->n", gx, dx) + ge * deta  # Newton decrement^2 (>= 0)
         conv_g = gnorm <= gtol
         # round-off floor: the Newton step no longer changes the iterate in floating point
@@ -370,6 +384,13 @@ def newton_map(
         conv_by[active[conv_d]] = "roundoff"
         done[active[conv_g]] = True
         bar.update(int(fin.sum()))
+        store = fin if it < max_iter else np.ones(active.size, dtype=bool)
+        if store.any():
+            cells = active[store]
+            lam_all[cells], gx_all[cells], ge_all[cells] = lam[store], gx[store], ge[store]
+            S_all[cells], LS_all[cells] = A.S[store], A.L_S[store]
+            if bbar_all is not None:
+                bbar_all[cells] = bbar[store]
         if it == max_iter:
             break
         keep = ~fin
@@ -388,6 +409,7 @@ def newton_map(
         quad = dec2 <= 1e-8
         x_new[quad] = xa[quad] + dx[quad]
         e_new[quad] = np.maximum(ea[quad] + deta[quad], 0.0)
+        f_new = np.where(quad, np.nan, f0)
         pending = ~quad
         tol_round = 16 * np.finfo(float).eps * np.maximum(1.0, np.abs(f0))
         for _ in range(60):
@@ -400,31 +422,32 @@ def newton_map(
             gain = np.einsum("ng,ng->n", gx[p], xt - xa[p]) + ge[p] * (et - ea[p])
             ok = ft >= f0[p] + armijo * gain - tol_round[p]
             acc = p[ok]
-            x_new[acc], e_new[acc] = xt[ok], et[ok]
+            x_new[acc], e_new[acc], f_new[acc] = xt[ok], et[ok], ft[ok]
             pending[acc] = False
             t[p[~ok]] *= 0.5
         x[active] = x_new
         eta[active] = e_new
+        f_all[active] = f_new
         n_iter[active] += 1
     bar.close()
 
-    # final state: gradient, factorisation and Schur pieces at the MAP for every cell
-    if grad_fn is None:
-        gx, ge, lam = _gradient_numpy(u, x, eta, mu, cov, m_all, sigma_M)
-    else:
-        gx, ge, lam = grad_fn(np.arange(N), u, x, eta, mu, cov, m_all, sigma_M, x, eta)
-    A = PosteriorPrecision(cov, lam)
-    bbar = s = delta = None
+    # final state: the factorisation and Schur pieces stored at each cell's last check
+    A = PosteriorPrecision.from_factor(cov, lam_all, S_all, LS_all)
+    s = delta = None
     on_bound = np.zeros(N, dtype=bool)
     if m_all is not None:
-        b, bbar, lam_bbar, _ = eta_schur(A, gx)
+        lam_bbar = np.einsum("ng,ng->n", lam_all, bbar_all)
         s = 1.0 / sigma_M**2 + lam_bbar
         on_bound = eta <= _EPS_BOUND
         eta = np.where(on_bound, 0.0, eta)
-        delta = np.where(on_bound, _eta_numerator(u, lam, b, bbar, gx, eta, m_all, sigma_M) / s, 0.0)
+        num = _eta_numerator(u, lam_all, 1.0 - bbar_all, bbar_all, gx_all, eta, m_all, sigma_M)
+        delta = np.where(on_bound, num / s, 0.0)
+    need = np.isnan(f_all)
+    if need.any():
+        f_all[need] = cell_objective(u[need], x[need], eta[need], mu, cov,
+                                     None if m_all is None else m_all[need], sigma_M)
     return CellPosteriors(
         params=params, x_map=x, eta_map=eta, on_bound=on_bound, converged=done,
-        grad_norm=gnorm_all, n_iter=n_iter,
-        objective=cell_objective(u, x, eta, mu, cov, m_all, sigma_M),
-        precision=A, bbar=bbar, s=s, delta=delta, log_anchor=log_anchor, converged_by=conv_by,
+        grad_norm=gnorm_all, n_iter=n_iter, objective=f_all,
+        precision=A, bbar=bbar_all, s=s, delta=delta, log_anchor=log_anchor, converged_by=conv_by,
     )

@@ -148,6 +148,15 @@ class PosteriorPrecision:
         self.S = S
         self.L_S = np.linalg.cholesky(S)
 
+    @classmethod
+    def from_factor(cls, cov: LowRankCov, lam: np.ndarray, S: np.ndarray, L_S: np.ndarray) -> "PosteriorPrecision":
+        """Rebuild from a stored S and its Cholesky factor (no new O(N G k^2) product)."""
+        self = cls.__new__(cls)
+        self.cov, self.lam, self.S, self.L_S = cov, lam, S, L_S
+        self.r = 1.0 / (1.0 + lam * cov.d)
+        self.m = lam + cov.dinv
+        return self
+
     @property
     def N(self) -> int:
         return self.lam.shape[0]
