@@ -238,6 +238,23 @@ class CellPosteriors:
         lx = -0.5 * (G * _LOG2PI - self.precision.logdet() + self.precision.quad(r))
         return out + lx
 
+    @classmethod
+    def concatenate(cls, parts: list["CellPosteriors"]) -> "CellPosteriors":
+        """Join the posteriors of disjoint blocks of cells (same params), in order."""
+        first = parts[0]
+
+        def cat(name):
+            vals = [getattr(p, name) for p in parts]
+            return None if vals[0] is None else np.concatenate(vals)
+
+        P = PosteriorPrecision.from_factor(
+            first.precision.cov, np.concatenate([p.precision.lam for p in parts]),
+            np.concatenate([p.precision.S for p in parts]),
+            np.concatenate([p.precision.L_S for p in parts]))
+        return cls(params=first.params, precision=P, **{n: cat(n) for n in (
+            "x_map", "eta_map", "on_bound", "converged", "grad_norm", "n_iter", "objective",
+            "bbar", "s", "delta", "log_anchor", "converged_by")})
+
     def subset(self, idx) -> "CellPosteriors":
         """The posteriors of a subset of cells (index or boolean mask)."""
         P = PosteriorPrecision(self.precision.cov, self.precision.lam[idx])
@@ -279,6 +296,7 @@ def newton_map(
     armijo: float = 1e-4,
     progress: bool = False,
     cov: LowRankCov | None = None,
+    block_size: int | None = None,
 ) -> CellPosteriors:
     """MAP of every cell's (x, eta) by globally convergent projected Newton (module docstring).
 
@@ -290,6 +308,9 @@ def newton_map(
     x0, eta0 : warm starts (default x0 = log(u + 1/2) + eta0, eta0 = max(m, 0)).
     gtol : tolerance on the infinity norm of the projected gradient.
     gradient : "numpy" (analytic) or "bridgestan" (gradient of stan/pln_cell.stan).
+    block_size : cells per block (cells are independent, so blocks are exact); the default
+        keeps a block's N x G work arrays near 2^22 entries (about 32 MB each), which bounds
+        the working memory independently of N.
     """
     u = np.asarray(counts, dtype=float)
     if u.ndim != 2 or u.shape[1] != params.G:
@@ -298,6 +319,26 @@ def newton_map(
         raise ValueError("counts must be finite and non-negative")
     N, G = u.shape
     cov = cov or LowRankCov.from_params(params)
+    for name, a, shape in (("log_anchor", log_anchor, (N,)), ("x0", x0, (N, G)), ("eta0", eta0, (N,))):
+        if a is not None and np.shape(a) != shape:
+            raise ValueError(f"{name} must have shape {shape}, got {np.shape(a)}")
+    if block_size is None:
+        block_size = max(1, (1 << 22) // G)
+    if N <= block_size:
+        return _newton_block(u, params, log_anchor, x0, eta0, gtol, max_iter, gradient, armijo,
+                             progress, cov)
+    blocks = []
+    for lo in range(0, N, block_size):
+        sl = slice(lo, min(N, lo + block_size))
+        pick = lambda a: None if a is None else np.asarray(a)[sl]  # noqa: E731
+        blocks.append(_newton_block(u[sl], params, pick(log_anchor), pick(x0), pick(eta0), gtol,
+                                    max_iter, gradient, armijo, progress, cov))
+    return CellPosteriors.concatenate(blocks)
+
+
+def _newton_block(u, params, log_anchor, x0, eta0, gtol, max_iter, gradient, armijo, progress, cov):
+    """``newton_map`` on one block of cells (the algorithm of the module docstring)."""
+    N, G = u.shape
     mu = params.mu
     if params.capture is not None:
         if log_anchor is None:

@@ -145,3 +145,15 @@ def test_bad_input():
     z[1] = 0
     with pytest.raises(ValueError, match="zero library size"):
         newton_map(z, p)
+
+
+def test_blocks_are_exact():
+    """Processing cells in blocks (bounded memory) gives the same posteriors as one block."""
+    rng, p, u, la = _setup(seed=7, G=9, N=23)
+    a = newton_map(u, p, la)
+    b = newton_map(u, p, la, block_size=5)
+    for name in ("x_map", "eta_map", "objective", "s", "bbar", "delta", "on_bound"):
+        np.testing.assert_allclose(getattr(b, name), getattr(a, name), rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(b.sd_x(), a.sd_x(), rtol=1e-12)
+    with pytest.raises(ValueError, match="log_anchor must have shape"):
+        newton_map(u, p, la[:-1], block_size=5)
