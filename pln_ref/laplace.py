@@ -309,8 +309,8 @@ def newton_map(
     gtol : tolerance on the infinity norm of the projected gradient.
     gradient : "numpy" (analytic) or "bridgestan" (gradient of stan/pln_cell.stan).
     block_size : cells per block (cells are independent, so blocks are exact); the default
-        keeps a block's N x G work arrays near 2^22 entries (about 32 MB each), which bounds
-        the working memory independently of N.
+        keeps a block's N x G work arrays near 2^18 entries (2 MB each, cache-friendly: measured
+        25% faster than 32 MB blocks at G=1000), which also bounds the working memory.
     """
     u = np.asarray(counts, dtype=float)
     if u.ndim != 2 or u.shape[1] != params.G:
@@ -323,7 +323,7 @@ def newton_map(
         if a is not None and np.shape(a) != shape:
             raise ValueError(f"{name} must have shape {shape}, got {np.shape(a)}")
     if block_size is None:
-        block_size = max(1, (1 << 22) // G)
+        block_size = max(16, (1 << 18) // G)
     if N <= block_size:
         return _newton_block(u, params, log_anchor, x0, eta0, gtol, max_iter, gradient, armijo,
                              progress, cov)
