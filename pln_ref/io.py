@@ -17,11 +17,14 @@ def atomic_savez(path: str | os.PathLike, arrays: dict, *, compressed: bool = Fa
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".tmp.npz")
-    os.close(fd)
     try:
-        (np.savez_compressed if compressed else np.savez)(tmp, **arrays)
+        with os.fdopen(fd, "wb") as fh:
+            (np.savez_compressed if compressed else np.savez)(fh, **arrays)
+            fh.flush()
+            os.fsync(fh.fileno())
         os.replace(tmp, path)
-    finally:
+    except BaseException:
         if os.path.exists(tmp):
             os.remove(tmp)
+        raise
     return path
