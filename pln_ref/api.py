@@ -22,7 +22,7 @@ import time
 import numpy as np
 
 from .data import as_counts, check_genes_cells
-from .params import Capture, PLNParams
+from .params import Capture
 
 __all__ = ["fit", "resolve_capture"]
 

@@ -74,7 +74,7 @@ def laplace_objective(
         l = l - np.log(sM) - log_ndtr(m / sM)  # TruncN normaliser (its -1/2 log 2 pi cancels)
     if not with_grad:
         return l, None
-    W, d = params.W, params.d
+    W = params.W
     A = post.precision
     lam, r, m = A.lam, A.r, A.m
     alpha = cov.inv_mv(post.x_map - params.mu)  # Sigma^{-1}(x* - mu)

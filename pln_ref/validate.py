@@ -583,7 +583,7 @@ def _cell_section(m: dict) -> list[str]:
              f"draws, dense metric); {n['cells_passed']}/{d['n_cells']} cells passed the gate "
              f"({n['refits']} needed a refit), {n['seconds']:.0f} s.")
     if n["cells_failed"]:
-        s.append(f"Cells failing the gate (excluded, never compared): "
+        s.append("Cells failing the gate (excluded, never compared): "
                  + "; ".join(f"cell {f['cell']}: {', '.join(f['reasons'])}" for f in n["cells_failed"]))
     s += ["", "| method | median abs std. mean error x [<0.05] | SD ratio x min-max (p05-p95) [0.9-1.1] | "
           "90% coverage x mean (min-max) [0.88-0.92] | 50% coverage x mean | W1/sd median (worst) | "

@@ -122,7 +122,7 @@ def test_bound_cells_truncated_eta():
 def test_bridgestan_gradient_mode_same_map():
     """gradient="bridgestan" (stan/pln_cell.stan) reaches the NumPy-mode MAP to 1e-8."""
     pytest.importorskip("bridgestan")
-    engines = pytest.importorskip("pln_ref.engines")
+    pytest.importorskip("pln_ref.engines")
     rng, p, u, la = _setup(seed=6, G=6, N=4, M0=800.0)
     a = newton_map(u, p, la, gtol=1e-9)
     b = newton_map(u, p, la, gtol=1e-9, gradient="bridgestan")
