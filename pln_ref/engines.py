@@ -366,18 +366,9 @@ def sample_nuts(
 
 # --------------------------------------------------------------------------- pln helpers
 def _counts_int(counts) -> np.ndarray:
-    arr = np.asarray(counts)
-    if arr.ndim != 2:
-        raise ValueError(f"counts must be a 2-d (cells x genes) array, got shape {arr.shape}")
-    if arr.size == 0:
-        raise ValueError("counts is empty")
-    arr = arr.astype(float)
-    if not np.all(np.isfinite(arr)):
-        raise ValueError("counts contain NaN or inf")
-    if np.any(arr < 0):
-        raise ValueError("counts contain negative values")
-    if np.any(arr != np.round(arr)):
-        raise ValueError("counts contain non-integer values")
+    from .data import as_counts
+
+    arr = as_counts(counts)  # NaN, inf, negative, non-integer, shape: ValueError naming it
     if arr.max() > np.iinfo(np.int32).max:
         raise ValueError("counts exceed Stan's 32-bit integer range")
     return arr.astype(np.int64)

@@ -71,22 +71,9 @@ def _torch():
 # input handling
 # ------------------------------------------------------------------------------------------------
 def _counts(data, layer=None) -> np.ndarray:
-    try:
-        from .data import as_counts
-    except ImportError:  # pragma: no cover - data.py is part of the package
-        as_counts = None
-    if as_counts is not None:
-        return as_counts(data, layer=layer)
-    u = np.asarray(data, dtype=float)
-    if u.ndim != 2 or u.size == 0:
-        raise ValueError(f"counts must be a non-empty 2-D array, got shape {u.shape}")
-    if not np.all(np.isfinite(u)):
-        raise ValueError("counts contain NaN or inf")
-    if np.any(u < 0):
-        raise ValueError("counts contain negative values")
-    if np.any(u != np.floor(u)):
-        raise ValueError("counts contain non-integer values")
-    return u
+    from .data import as_counts
+
+    return as_counts(data, layer=layer)
 
 
 def _log_anchor(u: np.ndarray, log_anchor, capture) -> np.ndarray | None:
