@@ -280,7 +280,9 @@ def run_sbc(task: Callable, n_sims: int, out_dir: str | os.PathLike, *, base_see
     (it is shipped to Dask workers; build Stan models inside it, never pickle them).
     scheduler: "distributed" (LocalCluster(n_workers, threads_per_worker) unless
     ``scheduler_address`` or ``client`` is given) or "synchronous" (in-process, for tests).
-    A manifest (base_seed, batch_size, task) guards against mixing incompatible runs.
+    A manifest (base_seed, batch_size, task, config) guards against mixing incompatible runs:
+    resuming with another config raises; config keys starting with "_" are execution-only
+    (logging, sleeps) and are neither guarded nor recorded.
     Returns {"n_done", "n_run_now", "seconds"}.
     """
     out = Path(out_dir)
@@ -289,16 +291,16 @@ def run_sbc(task: Callable, n_sims: int, out_dir: str | os.PathLike, *, base_see
     task_name = f"{getattr(task, '__module__', '?')}.{getattr(task, '__qualname__', repr(task))}"
     manifest = {"base_seed": int(base_seed), "batch_size": int(batch_size), "task": task_name}
     mpath = out / "manifest.json"
+    manifest["config"] = {k: (v if isinstance(v, (int, float, str, bool, type(None))) else repr(v))
+                          for k, v in config.items() if not str(k).startswith("_")}
     if mpath.exists():
         old = json.loads(mpath.read_text())
-        for k in ("base_seed", "batch_size", "task"):
-            if old.get(k) != manifest[k]:
-                raise ValueError(f"{out} holds a run with {k}={old.get(k)!r}, this run has "
-                                 f"{manifest[k]!r}; use another directory")
+        for k in ("base_seed", "batch_size", "task", "config"):
+            if k in old and old[k] != manifest[k]:
+                raise ValueError(f"{out} holds a run with {k}={old[k]!r}, this run has "
+                                 f"{manifest[k]!r}; resume with the same settings or use another directory")
     manifest["n_sims"] = max(int(n_sims), int(json.loads(mpath.read_text()).get("n_sims", 0))
                              if mpath.exists() else 0)
-    manifest["config"] = {k: (v if isinstance(v, (int, float, str, bool, type(None))) else repr(v))
-                          for k, v in config.items()}
     tmp = mpath.with_suffix(".tmp")
     tmp.write_text(json.dumps(manifest, indent=1))
     os.replace(tmp, mpath)
@@ -468,14 +470,14 @@ def toy_normal_task(indices: list[int], seeds: list[np.random.SeedSequence], con
 
     Posterior N(sum y / (n+1), 1 / (n+1)). ``config['bias']`` shifts the posterior draws by
     that many posterior SDs and ``config['sd_scale']`` scales them (deliberately miscalibrated
-    fits for tests); ``config['log_file']`` appends one line per simulation run (tests count
-    invocations); ``config['sleep']`` seconds per simulation (to kill a run part-way).
+    fits for tests); ``config['_log_file']`` appends one line per simulation run (tests count
+    invocations); ``config['_sleep']`` seconds per simulation (to kill a run part-way).
     """
     L = int(config.get("L", 99))
     n_obs = int(config.get("n_obs", 5))
     bias = float(config.get("bias", 0.0))
     sd_scale = float(config.get("sd_scale", 1.0))
-    sleep = float(config.get("sleep", 0.0))
+    sleep = float(config.get("_sleep", 0.0))
     out = []
     for i, ss in zip(indices, seeds):
         rng = np.random.default_rng(ss)
@@ -485,8 +487,8 @@ def toy_normal_task(indices: list[int], seeds: list[np.random.SeedSequence], con
         draws = pm + psd * (bias + sd_scale * rng.normal(size=(L, 2)))
         truth = np.array([theta, theta ** 2])
         draws[:, 1] = draws[:, 0] ** 2
-        if config.get("log_file"):
-            with open(config["log_file"], "a") as fh:
+        if config.get("_log_file"):
+            with open(config["_log_file"], "a") as fh:
                 fh.write(f"{i}\n")
         if sleep:
             time.sleep(sleep)
@@ -639,9 +641,9 @@ def joint_nuts_task(indices: list[int], seeds: list[np.random.SeedSequence], con
                         .generate_state(1)[0] % (2**31 - 1))
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            idata = sample_nuts("pln_joint", data, chains=int(c.get("chains", 4)), warmup=int(c.get("warmup", 500)),
+            idata = sample_nuts("pln_joint", data, chains=int(c.get("chains", 4)), warmup=int(c.get("warmup", 1000)),
                                 draws=int(c.get("draws", 500)), seed=stan_seed,
-                                adapt_delta=float(c.get("adapt_delta", 0.9)))
+                                adapt_delta=float(c.get("adapt_delta", 0.99)))
             gate = check_gate(idata, var_names=["mu", "d", "Sigma", "x", "eta"])
         post = idata.posterior
         iu = np.triu_indices(G)

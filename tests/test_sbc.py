@@ -85,7 +85,7 @@ def test_resume_after_sigkill(tmp_path):
     results identical to an uninterrupted run."""
     n = 20
     out, log = tmp_path / "run", tmp_path / "calls.log"
-    cfg = {"L": 19, "sleep": 0.1, "log_file": str(log)}
+    cfg = {"L": 19, "_sleep": 0.1, "_log_file": str(log)}
     script = textwrap.dedent(f"""
         import sys; sys.path.insert(0, {str(ROOT)!r})
         from pln_ref.sbc import run_sbc, toy_normal_task
@@ -105,7 +105,7 @@ def test_resume_after_sigkill(tmp_path):
     assert 5 <= len(done_before) < n
     calls_before = _log_counts(log)
     # resume on a Dask LocalCluster (1 worker process keeps the shared CPU free)
-    res = run_sbc(toy_normal_task, n, out, base_seed=9, config={**cfg, "sleep": 0.0},
+    res = run_sbc(toy_normal_task, n, out, base_seed=9, config={**cfg, "_sleep": 0.0},
                   n_workers=1, progress=False)
     assert res["n_done"] == n and res["n_run_now"] == n - len(done_before)
     calls = _log_counts(log)
@@ -124,6 +124,20 @@ def test_resume_after_sigkill(tmp_path):
                    progress=False)["n_run_now"] == 0
     with pytest.raises(ValueError, match="base_seed"):
         run_sbc(toy_normal_task, n, ref, base_seed=10, scheduler="synchronous", progress=False)
+
+
+def test_resume_with_other_config_is_refused(tmp_path):
+    """A directory holds one design: resuming it with another config (e.g. another adapt_delta)
+    would mix two SBC designs in one rank set, so it raises and writes nothing."""
+    out = tmp_path / "run"
+    run_sbc(toy_normal_task, 3, out, base_seed=1, config={"L": 19}, scheduler="synchronous", progress=False)
+    with pytest.raises(ValueError, match="config"):
+        run_sbc(toy_normal_task, 6, out, base_seed=1, config={"L": 9}, scheduler="synchronous", progress=False)
+    assert len(list((out / "sims").glob("sim_*.npz"))) == 3
+    # execution-only keys ("_" prefix) may change
+    res = run_sbc(toy_normal_task, 6, out, base_seed=1, config={"L": 19, "_sleep": 0.0},
+                  scheduler="synchronous", progress=False)
+    assert res["n_run_now"] == 3
 
 
 def test_laplace_conditional_sbc_small(tmp_path):
