@@ -339,10 +339,11 @@ def run_cell_comparison(out_dir, *, G: int = 20, k: int = 3, n_cells: int = 200,
 def run_joint(out_dir, *, N: int = 100, G: int = 10, k: int = 2, seed: int = 0, chains: int = 4,
               warmup: int = 1000, draws: int = 1000, engine: str | None = None, dense_metric: bool = False,
               adapt_delta: float = 0.9, mean_log_rate: float = 1.5, lib_range=(100.0, 5000.0),
-              laplace_steps: int = 500, progress: bool = True) -> dict:
+              laplace_steps: int = 500, progress: bool = True, name: str = "joint") -> dict:
     """Gated NUTS of ``pln_joint`` on simulated N x G data, and whether each Laplace-fitted Sigma
     entry lies in the NUTS 90% interval. Gate variables: identified quantities only
-    (mu, d, Sigma, x, eta), never the rotation-dependent W."""
+    (mu, d, Sigma, x, eta), never the rotation-dependent W. Writes ``{name}.json`` and
+    ``{name}_sigma.png`` in out_dir."""
     from .engines import pln_joint_data, sample_nuts
     from .compare import interval_coverage_of_point
 
@@ -400,11 +401,11 @@ def run_joint(out_dir, *, N: int = 100, G: int = 10, k: int = 2, seed: int = 0, 
         ax.set_xlabel("NUTS Sigma (median, 90% interval)")
         ax.set_ylabel("Laplace Sigma")
         ax.set_title("joint: Sigma entries" + ("" if gate.passed else " [gate FAILED]"))
-        metrics["figures"] = [_savefig(fig, out / "joint_sigma.png")]
+        metrics["figures"] = [_savefig(fig, out / f"{name}_sigma.png")]
     except ImportError as e:
         metrics["laplace"] = {"skipped": str(e)}
     metrics["seconds"] = time.perf_counter() - t_all
-    _write_json(out / "joint.json", metrics)
+    _write_json(out / f"{name}.json", metrics)
     return metrics
 
 
@@ -774,12 +775,14 @@ def validate_main(args: argparse.Namespace) -> int:
                 warmup=500 if q else 1000, methods=tuple(args.methods), engine=args.engine,
                 force=args.force, progress=not args.quiet, vae_steps=300 if q else 3000)
         elif part == "joint":
-            metrics["joint"] = run_joint(out, N=30 if q else 100, seed=args.seed, engine=args.engine,
-                                         warmup=300 if q else args.joint_warmup,
-                                         draws=300 if q else args.joint_draws,
-                                         adapt_delta=args.joint_adapt_delta,
-                                         **({} if args.joint_design == "library" else
-                                            {"lib_range": None, "mean_log_rate": 2.7}))
+            jname = f"joint_{args.joint_design}"
+            metrics[jname] = run_joint(out, N=30 if q else 100, seed=args.seed, engine=args.engine,
+                                       warmup=300 if q else args.joint_warmup,
+                                       draws=300 if q else args.joint_draws,
+                                       adapt_delta=args.joint_adapt_delta,
+                                       **({} if args.joint_design == "library" else
+                                          {"lib_range": None, "mean_log_rate": 2.7}),
+                                       name=jname)
         elif part == "moments":
             metrics["moments"] = run_moments(out, n_cells=20_000 if q else 200_000, seed=args.seed,
                                              fit_cells=300 if q else 2000)
