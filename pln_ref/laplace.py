@@ -21,15 +21,17 @@ takes the x-only Newton step a = A^{-1} g_x. Convergence per cell: the infinity 
 projected gradient <= ``gtol``. A cell whose Newton decrement falls to round-off level before
 that stops too, is reported in ``converged_by`` as "roundoff" and counts as not converged.
 
-Laplace posterior (``CellPosteriors``), interior cells (eta_hat > 0)::
+Laplace posterior (``CellPosteriors``): the quadratic expansion of f at the MAP, restricted to
+the support eta >= 0 and normalised exactly there::
 
-    eta ~ N(eta_hat, 1/s),   x | eta ~ N(x_hat + b (eta - eta_hat), A^{-1})
+    eta ~ TruncN(eta_hat + delta, 1/s, low=0),   x | eta ~ N(x_hat + b (eta - eta_hat), A^{-1})
 
-Cells on the bound (eta_hat = 0, g_eta <= 0): the same quadratic expansion of f at the
-constrained MAP, restricted to eta >= 0, is normalised exactly: eta ~ TruncN(delta, 1/s, low=0)
-with delta = g_eta / s <= 0, and x | eta ~ N(x_hat + b eta, A^{-1}). Their "Laplace covariance"
-is therefore that of a truncated Gaussian in eta (not (-H)^{-1}); with ``eta="map"`` (the seed's
-PPC mode) eta is held at 0 and x ~ N(x_hat, A^{-1}) for every cell alike.
+Interior cells (eta_hat > 0) have delta = 0: eta ~ N(eta_hat, 1/s) cut at 0, which is the plain
+Gaussian whenever eta_hat sqrt(s) is more than a few units. Cells on the bound (eta_hat = 0,
+g_eta <= 0) have delta = g_eta / s <= 0. This is the same restricted integral as the evidence's
+truncation term in ``fit_laplace``, so the posterior never puts mass on eta < 0. Its "Laplace
+covariance" is therefore that of a truncated Gaussian in eta (not (-H)^{-1}); with ``eta="map"``
+(the seed's PPC mode) eta is held at its MAP and x ~ N(x_hat, A^{-1}) for every cell alike.
 """
 
 from __future__ import annotations
@@ -159,14 +161,10 @@ class CellPosteriors:
             return np.zeros(self.N), np.zeros(self.N)
         loc, sd = self._eta_loc_scale()
         a = (0.0 - loc) / sd
-        mean = loc.copy()
-        var = sd**2
-        ob = self.on_bound
-        if np.any(ob):
-            # truncated normal on [0, inf): moments via the inverse Mills ratio
-            lam_ = np.exp(-0.5 * a[ob] ** 2 - 0.5 * _LOG2PI - log_ndtr(-a[ob]))
-            mean[ob] = loc[ob] + sd[ob] * lam_
-            var[ob] = sd[ob] ** 2 * (1.0 + a[ob] * lam_ - lam_**2)
+        # normal truncated to [0, inf): moments via the inverse Mills ratio
+        lam_ = np.exp(-0.5 * a**2 - 0.5 * _LOG2PI - log_ndtr(-a))
+        mean = loc + sd * lam_
+        var = sd**2 * np.maximum(1.0 + a * lam_ - lam_**2, 0.0)
         return mean, var
 
     def sd_x(self, eta: str = "free") -> np.ndarray:
@@ -193,11 +191,9 @@ class CellPosteriors:
         t = self.b
         shift = loc - self.eta_map  # = delta
         lmgf = t * shift[:, None] + 0.5 * (t * sd[:, None]) ** 2
-        ob = self.on_bound
-        if np.any(ob):
-            # truncated-normal MGF: E e^{tZ} = e^{t loc + t^2 sd^2/2} Phi(loc/sd + t sd) / Phi(loc/sd)
-            z0 = (loc[ob] / sd[ob])[:, None]
-            lmgf[ob] += log_ndtr(z0 + t[ob] * sd[ob][:, None]) - log_ndtr(z0)
+        # truncated-normal MGF: E e^{tZ} = e^{t loc + t^2 sd^2/2} Phi(loc/sd + t sd) / Phi(loc/sd)
+        z0 = (loc / sd)[:, None]
+        lmgf += log_ndtr(z0 + t * sd[:, None]) - log_ndtr(z0)
         return np.exp(base + lmgf)
 
     # --- draws and density ----------------------------------------------------------------
@@ -210,12 +206,13 @@ class CellPosteriors:
         if eta == "free" and self.capture:
             loc, sd = self._eta_loc_scale()
             uu = rng.uniform(size=(n_draws, self.N))
-            # inverse-CDF draw of N(loc, sd^2) truncated to [0, inf) (no truncation inside)
-            lo = np.where(self.on_bound, ndtr(-loc / sd), 0.0)
+            # inverse-CDF draw of N(loc, sd^2) truncated to [0, inf), from the upper tail so
+            # that cells far inside draw at full precision
             from scipy.special import ndtri
 
-            e = loc + sd * ndtri(lo + uu * (1.0 - lo))
-            e = np.where(self.on_bound, np.maximum(e, 0.0), e)
+            hi = ndtr(loc / sd)  # P(eta >= 0) before truncation
+            e = loc - sd * ndtri((1.0 - uu) * hi)
+            e = np.maximum(e, 0.0)
             x = x + self.b[None] * (e - self.eta_map)[..., None]
         return x, e
 
@@ -230,8 +227,8 @@ class CellPosteriors:
             loc, sd = self._eta_loc_scale()
             zz = (eta - loc) / sd
             le = -0.5 * zz**2 - np.log(sd) - 0.5 * _LOG2PI
-            le = le - np.where(self.on_bound, log_ndtr(loc / sd), 0.0)
-            le = np.where(self.on_bound & (eta < 0), -np.inf, le)
+            le = le - log_ndtr(loc / sd)
+            le = np.where(eta < 0, -np.inf, le)
             out = le
             mean_x = self.x_map + self.b * (eta - self.eta_map)[..., None]
         r = x - mean_x
