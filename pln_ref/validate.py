@@ -521,24 +521,34 @@ def _sbc_outputs(out: Path, sims: dict, L: int, title: str, alpha: float = 0.05)
 
 
 def run_sbc_laplace(out_dir, *, n_sims: int = 2000, G: int = 20, k: int = 3, L: int = 99, seed: int = 0,
-                    batch_size: int = 500, scheduler: str = "distributed", scheduler_address=None,
-                    n_workers: int = 2, progress: bool = True) -> dict:
+                    batch_size: int = 500, psis_draws: int = 1000, scheduler: str = "distributed",
+                    scheduler_address=None, n_workers: int = 2, progress: bool = True) -> dict:
     """Conditional SBC of the Laplace approximation at fixed globals (one simulation = one cell),
-    resumable in out_dir/sbc_laplace."""
+    resumable in out_dir/sbc_laplace. With ``psis_draws`` > 0 the same simulations also rank the
+    PSIS-reweighted posterior (``psis_*`` quantities; see :func:`pln_ref.sbc.laplace_conditional_task`)."""
     from .sbc import laplace_conditional_task, load_sims, run_sbc
 
     out = Path(out_dir)
     sub = out / "sbc_laplace"
     params, _ = simulate_cells(G, k, 1, seed=seed)
     cfg = {"mu": params.mu, "W": params.W, "d": params.d, "M0": params.capture.M0,
-           "sigma_M": params.capture.sigma_M, "L": L}
+           "sigma_M": params.capture.sigma_M, "L": L, "psis_draws": psis_draws}
     run = run_sbc(laplace_conditional_task, n_sims, sub, base_seed=seed, config=cfg, batch_size=batch_size,
                   scheduler=scheduler, scheduler_address=scheduler_address, n_workers=n_workers,
                   progress=progress)
     sims = load_sims(sub, n_sims)
     res = _sbc_outputs(out, sims, L, "sbc_laplace")
+    if "khat" in sims:
+        kh = np.asarray(sims["khat"])
+        res["psis_khat"] = {"share_lt_0.5": float(np.mean(kh < 0.5)), "share_lt_0.7": float(np.mean(kh < 0.7)),
+                            "median": float(np.median(kh)), "worst": float(np.max(kh))}
+        for name, rows in (("laplace", [r for r in res["table"] if not r["quantity"].startswith("psis_")]),
+                           ("psis", [r for r in res["table"] if r["quantity"].startswith("psis_")])):
+            res[f"{name}_failed"] = [r["quantity"] for r in rows if not r["passed"]]
+            res[f"{name}_n_quantities"] = len(rows)
     res.update(run=run, converged=int(np.sum(sims["converged"])),
-               design={"G": G, "k": k, "L": L, "seed": seed, "batch_size": batch_size},
+               design={"G": G, "k": k, "L": L, "seed": seed, "batch_size": batch_size,
+                       "psis_draws": psis_draws},
                seconds_per_sim=float(np.mean(sims["_seconds"])))
     _write_json(out / "sbc_laplace.json", res)
     return res
@@ -637,6 +647,15 @@ def _sbc_section(title: str, r: dict) -> list[str]:
     for k in ("gate_pass_share", "ess_ok_share", "divergent_share", "seconds_per_sim", "converged"):
         if k in r:
             s.append(f"- {k}: {_fmt(r[k])}")
+    if "program_versions" in r:
+        s.append(f"- pln_joint program versions (hash of code without comments): {', '.join(r['program_versions'])}")
+    if "psis_khat" in r:
+        kh = r["psis_khat"]
+        s.append(f"- PSIS k-hat of the Laplace draws: median {kh['median']:.2f}, worst {kh['worst']:.2f}, "
+                 f"share < 0.5 {kh['share_lt_0.5']:.3f}, share < 0.7 {kh['share_lt_0.7']:.3f}")
+        for name, lab in (("laplace", "Laplace draws"), ("psis", "PSIS-reweighted (resampled) draws")):
+            s.append(f"- {lab}: failed {', '.join(r[f'{name}_failed']) or 'none'} "
+                     f"of {r[f'{name}_n_quantities']}")
     s += ["", "| quantity | pass | p-value | max abs ECDF diff |", "|---|---|---|---|"]
     for row in r["table"]:
         s.append(f"| {row['quantity']} | {'yes' if row['passed'] else 'NO'} | {row['p_value']:.3f} | "
@@ -689,9 +708,15 @@ def _headline(metrics: dict) -> list[str]:
         if r:
             add(f"{label}: simulations", str(r["n_sims"]), ">= 200" if key == "sbc_joint" else ">= 2000",
                 r["n_sims"] >= (200 if key == "sbc_joint" else 2000))
-            add(f"{label}: quantities passing the ECDF test",
-                f"{r['n_quantities'] - r['n_failed']}/{r['n_quantities']} (failed: {', '.join(r['failed']) or 'none'})",
-                "all", r["n_failed"] == 0)
+            if "psis_n_quantities" in r:  # Laplace draws and PSIS-reweighted draws, separately
+                for name, lab in (("laplace", "Laplace draws"), ("psis", "PSIS-reweighted draws")):
+                    n, f = r[f"{name}_n_quantities"], r[f"{name}_failed"]
+                    add(f"{label}, {lab}: quantities passing the ECDF test",
+                        f"{n - len(f)}/{n} (failed: {', '.join(f) or 'none'})", "all", not f)
+            else:
+                add(f"{label}: quantities passing the ECDF test",
+                    f"{r['n_quantities'] - r['n_failed']}/{r['n_quantities']} (failed: {', '.join(r['failed']) or 'none'})",
+                    "all", r["n_failed"] == 0)
     if not rows:
         return []
     return ["## Figures vs goals", "", "| figure | measured | goal | met |", "|---|---|---|---|", *rows, ""]
