@@ -54,7 +54,9 @@ from .laplace import CellPosteriors, newton_map
 from .lowrank import LowRankCov
 from .params import PLNParams
 
-__all__ = ["laplace_objective", "LaplaceFitState", "optimize_globals"]
+__all__ = ["laplace_objective", "LaplaceFitState", "optimize_globals", "D_FLOOR"]
+
+D_FLOOR = 1e-6  # lower bound on d in the L-BFGS path (see _lbfgs)
 
 
 def laplace_objective(
@@ -278,31 +280,38 @@ def optimize_globals(
     t0 = time.time()
     while st.step < n_steps and not st.stopped:
         idx = np.arange(N) if full else rng.choice(N, size=batch_size, replace=False)
-        params = st.params(capture)
-        cov = LowRankCov.from_params(params)
-        if st.x_map is None:  # cold start of every cell's MAP (warm starts afterwards)
-            allp = newton_map(u, params, log_anchor, gtol=gtol, cov=cov)
-            st.x_map, st.eta_map = allp.x_map, allp.eta_map
-        la = None if log_anchor is None else log_anchor[idx]
-        post = newton_map(u[idx], params, la, x0=st.x_map[idx], eta0=st.eta_map[idx], gtol=gtol, cov=cov)
-        st.x_map[idx], st.eta_map[idx] = post.x_map, post.eta_map
-        l, g = laplace_objective(u[idx], params, la, post, ift=ift, lgamma_sum=lgam[idx],
-                                 truncation=truncation)
-        value = float(np.mean(l))
-        if full:
-            track = value
-        elif track is None or st.step % eval_every == 0:
-            la_e = None if log_anchor is None else log_anchor[eval_idx]
-            pe = newton_map(u[eval_idx], params, la_e, x0=st.x_map[eval_idx],
-                            eta0=st.eta_map[eval_idx], gtol=gtol, cov=cov)
-            st.x_map[eval_idx], st.eta_map[eval_idx] = pe.x_map, pe.eta_map
-            track = float(np.mean(laplace_objective(u[eval_idx], params, la_e, pe, with_grad=False,
-                                                    lgamma_sum=lgam[eval_idx], truncation=truncation)[0]))
+        err = None
+        try:
+            params = st.params(capture)
+            cov = LowRankCov.from_params(params)
+            if st.x_map is None:  # cold start of every cell's MAP (warm starts afterwards)
+                allp = newton_map(u, params, log_anchor, gtol=gtol, cov=cov)
+                st.x_map, st.eta_map = allp.x_map, allp.eta_map
+            la = None if log_anchor is None else log_anchor[idx]
+            post = newton_map(u[idx], params, la, x0=st.x_map[idx], eta0=st.eta_map[idx], gtol=gtol, cov=cov)
+            st.x_map[idx], st.eta_map[idx] = post.x_map, post.eta_map
+            l, g = laplace_objective(u[idx], params, la, post, ift=ift, lgamma_sum=lgam[idx],
+                                     truncation=truncation)
+            value = float(np.mean(l))
+            if full:
+                track = value
+            elif track is None or st.step % eval_every == 0:
+                la_e = None if log_anchor is None else log_anchor[eval_idx]
+                pe = newton_map(u[eval_idx], params, la_e, x0=st.x_map[eval_idx],
+                                eta0=st.eta_map[eval_idx], gtol=gtol, cov=cov)
+                st.x_map[eval_idx], st.eta_map[eval_idx] = pe.x_map, pe.eta_map
+                track = float(np.mean(laplace_objective(u[eval_idx], params, la_e, pe, with_grad=False,
+                                                        lgamma_sum=lgam[eval_idx], truncation=truncation)[0]))
+        except (np.linalg.LinAlgError, ValueError) as e:
+            # numerically singular Sigma or d underflowing to 0 at this iterate: treated like a
+            # non-finite objective (the guard below restores the best state)
+            err, value, track = e, np.nan, np.nan
         if not np.isfinite(value) or not np.isfinite(track) or (
                 st.best is not None and track < st.best_value - 10 * (1 + abs(st.best_value))):
             # divergence guard: restore the best state, halve the learning rate, reset Adam
             if st.best is None:
-                raise FloatingPointError("Laplace objective is not finite at the initial point")
+                raise FloatingPointError("Laplace objective is not finite at the initial point"
+                                         + (f" ({err})" if err else "")) from err
             st.mu, st.W, st.rho = st.best["mu"].copy(), st.best["W"].copy(), st.best["rho"].copy()
             st.lr *= 0.5
             st.m1 = {k: np.zeros_like(v) for k, v in st.m1.items()}
@@ -368,12 +377,20 @@ def _lbfgs(u, st: LaplaceFitState, capture, log_anchor, *, n_steps, ift, rtol, g
 
     def fg(z):
         mu, W, rho = unpack(z)
-        params = PLNParams(mu, W, np.exp(rho), capture)
-        post = newton_map(u, params, log_anchor, x0=st.x_map, eta0=st.eta_map, gtol=newton_gtol)
+        if not np.all(np.isfinite(z)):
+            return np.inf, np.zeros_like(z)
+        try:
+            params = PLNParams(mu, W, np.exp(rho), capture)
+            post = newton_map(u, params, log_anchor, x0=st.x_map, eta0=st.eta_map, gtol=newton_gtol)
+            l, g = laplace_objective(u, params, log_anchor, post, ift=ift, lgamma_sum=lgam,
+                                     truncation=truncation)
+        except (np.linalg.LinAlgError, ValueError, FloatingPointError):
+            # a trial point the line search should back away from (e.g. Sigma numerically
+            # singular); the iterate and the best state so far are kept
+            cache["failed_trials"] = cache.get("failed_trials", 0) + 1
+            return np.inf, np.zeros_like(z)
         if not post.converged.all():
             cache["unconverged"] = int((~post.converged).sum())
-        l, g = laplace_objective(u, params, log_anchor, post, ift=ift, lgamma_sum=lgam,
-                                 truncation=truncation)
         value = float(np.mean(l))
         if not np.isfinite(value):
             return np.inf, np.zeros_like(z)
@@ -398,11 +415,23 @@ def _lbfgs(u, st: LaplaceFitState, capture, log_anchor, *, n_steps, ift, rtol, g
             st.save(checkpoint)
 
     z0 = np.concatenate([st.mu, st.W.ravel(), st.rho])
-    res = minimize(fg, z0, jac=True, method="L-BFGS-B", callback=callback,
+    # d >= D_FLOOR: with few cells the marginal likelihood can be maximal at d_g -> 0 for a gene
+    # (a Heywood case; measured at N=100, G=10: d_g ran below 1e-9, where Sigma is numerically
+    # singular and the per-cell Newton no longer converges). The floor keeps such a gene at a
+    # well-posed point; genes that end on it are reported in ``st.stopped``.
+    bounds = [(None, None)] * (G + G * k) + [(np.log(D_FLOOR), None)] * G
+    z0[G + G * k:] = np.maximum(z0[G + G * k:], np.log(D_FLOOR))
+    res = minimize(fg, z0, jac=True, method="L-BFGS-B", callback=callback, bounds=bounds,
                    options={"maxiter": max(n_steps - st.step, 1), "ftol": rtol * 1e-7, "gtol": 1e-7,
                             "maxcor": 20})
     bar.close()
     st.stopped = f"L-BFGS: {res.message}"
+    best = st.best["rho"] if st.best is not None else st.rho
+    n_floor = int(np.sum(best <= np.log(D_FLOOR) + 1e-9))
+    if n_floor:
+        st.stopped += f"; {n_floor} gene(s) with d at the floor {D_FLOOR:g} (Heywood case)"
+    if cache.get("failed_trials"):
+        st.stopped += f"; {cache['failed_trials']} trial point(s) rejected as numerically singular"
     if checkpoint:
         st.save(checkpoint)
     st.__dict__["wall_time"] = time.time() - t0
