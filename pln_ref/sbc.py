@@ -573,7 +573,10 @@ def laplace_conditional_task(indices: list[int], seeds: list[np.random.SeedSeque
         ps = psis(lr)
         w = np.exp(ps.lw - ps.lw.max(axis=0, keepdims=True))
         w /= w.sum(axis=0, keepdims=True)
-        pick = np.stack([rng.choice(M, size=L, p=w[:, c]) for c in range(len(indices))], axis=1)  # (L, N)
+        # inverse-CDF resampling of all cells at once: pick[l, c] = #{m : cumw[m, c] < v[l, c]}
+        cumw = np.cumsum(w, axis=0)
+        v = rng.uniform(size=(L, len(indices))) * cumw[-1]
+        pick = np.minimum(np.sum(cumw[None] < v[:, None], axis=1), M - 1)  # (L, N)
         cols = np.arange(len(indices))[None, :]
         xr, er = xm[pick, cols], em[pick, cols]
         ll_r = loglik(xr, er)
