@@ -289,3 +289,17 @@ def plot_khat(khat: np.ndarray, ax=None, title: str = "PSIS k-hat by cell"):
 def sequence_labels(prefix: str, shape: Sequence[int]) -> list[str]:
     """Labels like x[c,g] for flattened quantities (reports)."""
     return [f"{prefix}[{','.join(map(str, i))}]" for i in np.ndindex(*shape)]
+
+
+def corr_x_eta(x: np.ndarray, eta: np.ndarray) -> np.ndarray:
+    """Posterior correlation corr(x_cg, eta_c) over draws, shape (N, G).
+
+    x: draws (S, N, G); eta: draws (S, N). In the PLN posterior the counts pin x_g - eta, so this
+    correlation grows with library size; a mean-field family over (x, eta) sets it to 0.
+    """
+    x, eta = np.asarray(x, float), np.asarray(eta, float)
+    if x.ndim != 3 or eta.shape != x.shape[:2]:
+        raise ValueError(f"need x (S, N, G) and eta (S, N); got {x.shape} and {eta.shape}")
+    xc = x - x.mean(0)
+    ec = (eta - eta.mean(0))[..., None]
+    return np.mean(xc * ec, 0) / np.sqrt(np.mean(xc ** 2, 0) * np.mean(ec ** 2, 0))

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from pln_ref.compare import (central_interval_coverage, compare_draws, summarise, wasserstein1)
+from pln_ref.compare import (central_interval_coverage, compare_draws, corr_x_eta, summarise, wasserstein1)
 from pln_ref.gate import GateFailedError, GateResult
 from pln_ref.psis import psis, psis_moments
 
@@ -123,3 +123,18 @@ def test_exact_log_joint_numpy_equals_bridgestan_path():
     np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-8)
     eta[0, 0] = -0.5  # outside the support
     assert exact_log_joint_draws(sim.counts, x, eta, p, sim.log_anchor)[0, 0] == -np.inf
+
+
+def test_corr_x_eta_known_correlation_and_shape_check():
+    # x_g = eta + noise with Var(noise) = v_g: corr = 1 / sqrt(1 + v_g)
+    rng = np.random.default_rng(4)
+    S, N = 200_000, 2
+    v = np.array([0.0001, 1.0, 3.0])
+    eta = rng.normal(size=(S, N))
+    x = eta[..., None] + rng.normal(size=(S, N, 3)) * np.sqrt(v)
+    c = corr_x_eta(x, eta)
+    assert c.shape == (N, 3)
+    np.testing.assert_allclose(c, np.broadcast_to(1 / np.sqrt(1 + v), (N, 3)), atol=5e-3)
+    np.testing.assert_allclose(corr_x_eta(-x, eta), -c)
+    with pytest.raises(ValueError, match="eta"):
+        corr_x_eta(x, eta[:, :1])
