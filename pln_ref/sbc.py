@@ -397,8 +397,11 @@ def sbc_table(sims: dict[str, np.ndarray], L: int, alpha: float = 0.05,
               names: Iterable[str] | None = None) -> list[dict]:
     """ECDF test for every scalar element of every rank array ``rank_<name>`` in ``sims``.
 
-    Returns rows {quantity, n, passed, p_value, ..., passed_bonferroni}; the Bonferroni
-    column tests each quantity at alpha / (number of quantities) (family-wise level alpha).
+    Returns rows {quantity, n, passed, p_value, ..., passed_bonferroni, p_value_halves}; the
+    Bonferroni column tests each quantity at alpha / (number of quantities) (family-wise level
+    alpha). ``p_value_halves`` are the p-values of the first and second half of the simulations
+    (in simulation order): two independent replicates. A miscalibration shows in both; a chance
+    failure of the whole usually rests on one half.
     """
     keys = [k for k in sims if k.startswith("rank_")]
     if names is not None:
@@ -411,6 +414,9 @@ def sbc_table(sims: dict[str, np.ndarray], L: int, alpha: float = 0.05,
         row = {"quantity": label, **t.summary()}
         tb = ecdf_test(rr, L, alpha / m) if m > 1 else t
         row["passed_bonferroni"] = bool(tb.passed)
+        h = len(rr) // 2
+        row["p_value_halves"] = ([float(ecdf_test(rr[:h], L, alpha).p_value),
+                                  float(ecdf_test(rr[h:], L, alpha).p_value)] if h >= 20 else None)
         table.append(row)
     return table
 

@@ -669,10 +669,12 @@ def _sbc_section(title: str, r: dict) -> list[str]:
         for name, lab in (("laplace", "Laplace draws"), ("psis", "PSIS-reweighted (resampled) draws")):
             s.append(f"- {lab}: failed {', '.join(r[f'{name}_failed']) or 'none'} "
                      f"of {r[f'{name}_n_quantities']}")
-    s += ["", "| quantity | pass | p-value | max abs ECDF diff |", "|---|---|---|---|"]
+    s += ["", "| quantity | pass | p-value | p-value 1st / 2nd half of sims | max abs ECDF diff |",
+          "|---|---|---|---|---|"]
     for row in r["table"]:
+        ph = row.get("p_value_halves")
         s.append(f"| {row['quantity']} | {'yes' if row['passed'] else 'NO'} | {row['p_value']:.3f} | "
-                 f"{row['max_abs_ecdf_diff']:.3f} |")
+                 f"{f'{ph[0]:.3f} / {ph[1]:.3f}' if ph else '-'} | {row['max_abs_ecdf_diff']:.3f} |")
     s += [""] + [f"![{f}]({f})" for f in r["figures"]] + [""]
     return s
 
@@ -783,7 +785,9 @@ def write_report(out_dir, metrics: dict) -> Path:
         lines += ["## Engine agreement (stanli vs PyStan)", ""]
         lines += [f"Skipped: {e['skipped']}", ""] if "skipped" in e else [
             f"Worst |z| over {e['n_quantities']} posterior means: **{e['worst_abs_z']:.2f}** [<= 4]; "
-            f"seconds {e['seconds']}.", ""]
+            "NUTS wall time " + ", ".join(f"{k} {v:.1f} s" for k, v in e["seconds"].items())
+            + "; gates " + ", ".join(f"{k} {'passed' if g['passed'] else 'FAILED'}" for k, g in e["gates"].items())
+            + ".", ""]
     if "sbc_laplace" in metrics:
         lines += _sbc_section("SBC: Laplace conditional posterior", metrics["sbc_laplace"])
     if "sbc_joint" in metrics:
