@@ -579,11 +579,13 @@ def laplace_conditional_task(indices: list[int], seeds: list[np.random.SeedSeque
         ps = psis(lr)
         w = np.exp(ps.lw - ps.lw.max(axis=0, keepdims=True))
         w /= w.sum(axis=0, keepdims=True)
-        # inverse-CDF resampling of all cells at once: pick[l, c] = #{m : cumw[m, c] < v[l, c]}
+        # inverse-CDF resampling of all cells at once: pick[l, c] = #{m : cumw[m, c] < v[l, c]},
+        # one searchsorted on the columns laid end to end (column c shifted by 2c, cumw <= 1)
         cumw = np.cumsum(w, axis=0)
         v = rng.uniform(size=(L, len(indices))) * cumw[-1]
-        pick = np.minimum(np.sum(cumw[None] < v[:, None], axis=1), M - 1)  # (L, N)
         cols = np.arange(len(indices))[None, :]
+        flat = np.searchsorted((cumw + 2 * cols).T.ravel(), (v + 2 * cols).T.ravel()).reshape(-1, L).T
+        pick = np.minimum(flat - M * cols, M - 1)  # (L, N)
         xr, er = xm[pick, cols], em[pick, cols]
         ll_r = loglik(xr, er)
     out = []
