@@ -149,7 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_simulate)
 
     try:
-        from .validate import build_sbc_parser, build_validate_parser
+        from .validation.cli import build_sbc_parser, build_validate_parser
     except ImportError:  # pragma: no cover - validation layer not importable
         pass
     else:

@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from pln_ref.compare import (central_interval_coverage, compare_draws, corr_x_eta, summarise, wasserstein1)
-from pln_ref.gate import GateFailedError, GateResult
-from pln_ref.psis import psis, psis_moments
+from pln_ref.validation.compare import (central_interval_coverage, compare_draws, corr_x_eta, summarise, wasserstein1)
+from pln_ref.validation.gate import GateFailedError, GateResult
+from pln_ref.validation.psis import psis, psis_moments
 
 EXACT = GateResult(passed=True, reasons=[], table=[])  # reference draws exact by construction
 
@@ -110,7 +110,7 @@ def test_psis_khat_small_when_q_equals_p_large_when_q_narrow():
 
 def test_exact_log_joint_numpy_equals_bridgestan_path():
     """log p of pln_cell draws: model.log_joint == BridgeStan log_density - log eta."""
-    from pln_ref.psis import bridgestan_log_joint_draws, exact_log_joint_draws
+    from pln_ref.validation.psis import bridgestan_log_joint_draws, exact_log_joint_draws
     from pln_ref.simulate import random_params, simulate
 
     p = random_params(5, 2, seed=0, mean_log_rate=3.0, capture=True)

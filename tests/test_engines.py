@@ -1,4 +1,4 @@
-"""pln_ref.engines: program lookup, BridgeStan models, NUTS through one interface -> ArviZ."""
+"""pln_ref.validation.engines: program lookup, BridgeStan models, NUTS through one interface -> ArviZ."""
 
 from __future__ import annotations
 
@@ -9,16 +9,8 @@ import arviz as az
 import numpy as np
 import pytest
 
-from pln_ref.engines import (
-    bridgestan_model,
-    default_engine,
-    pln_cell_data,
-    pln_cell_unconstrain,
-    pln_joint_data,
-    pln_joint_inits,
-    sample_nuts,
-    stan_program,
-)
+from pln_ref.validation.engines import bridgestan_model, default_engine, sample_nuts, stan_program
+from pln_ref.validation.standata import pln_cell_data, pln_cell_unconstrain, pln_joint_data, pln_joint_inits
 from pln_ref.params import Capture, PLNParams
 from pln_ref.simulate import random_params, simulate
 

@@ -74,7 +74,7 @@ def test_truncation_removes_sigma_bias_on_the_bound():
     """Cells pressed on eta = 0 (library sizes 100-5000 against M0 = 68): with the truncation
     term Laplace recovers Sigma; with the plain Gaussian formula every entry is biased upward
     (measured at N=2000: mean entry error +0.004 vs +0.107)."""
-    from pln_ref.validate import simulate_cells
+    from pln_ref.validation.design import simulate_cells
 
     p, sim = simulate_cells(10, 2, 2000, seed=0, mean_log_rate=1.5)
     u, la = np.asarray(sim.counts, dtype=float), np.asarray(sim.log_anchor)
@@ -186,7 +186,7 @@ def test_lbfgs_heywood_case_stops_at_the_d_floor():
     the floor L-BFGS drove d below 1e-9 and crashed on a singular Sigma; with it the fit ends
     finite, with such genes at the floor and the fact reported."""
     from pln_ref.fit_laplace import D_FLOOR
-    from pln_ref.validate import simulate_cells
+    from pln_ref.validation.design import simulate_cells
 
     p, sim = simulate_cells(10, 2, 100, lib_range=None, seed=0, mean_log_rate=2.7)
     u, la = np.asarray(sim.counts, dtype=float), np.asarray(sim.log_anchor)

@@ -3,8 +3,9 @@
 import numpy as np
 import pytest
 
-from pln_ref.engines import pln_cell_data, sample_nuts
-from pln_ref.gate import GateFailedError, check_gate, require_gate
+from pln_ref.validation.engines import sample_nuts
+from pln_ref.validation.standata import pln_cell_data
+from pln_ref.validation.gate import GateFailedError, check_gate, require_gate
 from pln_ref.simulate import random_params, simulate
 
 

@@ -11,8 +11,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pln_ref.sbc import (ecdf_band, ecdf_test, load_sims, run_sbc, sbc_ranks, sbc_table, sim_seed,
-                         thin_draws, toy_normal_task)
+from pln_ref.validation.sbc_runner import load_sims, run_sbc, sim_seed
+from pln_ref.validation.sbc_stats import ecdf_band, ecdf_test, sbc_ranks, sbc_table, thin_draws
+from pln_ref.validation.sbc_tasks import toy_normal_task
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -92,7 +93,8 @@ def test_resume_after_sigkill(tmp_path):
     cfg = {"L": 19, "_sleep": 0.1, "_log_file": str(log)}
     script = textwrap.dedent(f"""
         import sys; sys.path.insert(0, {str(ROOT)!r})
-        from pln_ref.sbc import run_sbc, toy_normal_task
+        from pln_ref.validation.sbc_runner import run_sbc
+        from pln_ref.validation.sbc_tasks import toy_normal_task
         run_sbc(toy_normal_task, {n}, {str(out)!r}, base_seed=9, config={cfg!r},
                 scheduler="synchronous", progress=False)
     """)
@@ -150,7 +152,7 @@ def test_laplace_conditional_sbc_small(tmp_path):
 
     p = random_params(6, 2, seed=0, mean_log_rate=4.0, capture=True)
     cfg = {"mu": p.mu, "W": p.W, "d": p.d, "M0": p.capture.M0, "sigma_M": p.capture.sigma_M, "L": 19}
-    from pln_ref.sbc import laplace_conditional_task
+    from pln_ref.validation.sbc_tasks import laplace_conditional_task
 
     run_sbc(laplace_conditional_task, 60, tmp_path, base_seed=3, config=cfg, batch_size=25,
             scheduler="synchronous", progress=False)
@@ -165,7 +167,7 @@ def test_psis_reweighting_restores_laplace_calibration(tmp_path):
     """Low counts (mean log-rate 1): the Laplace draws of x are miscalibrated (measured: all 6 genes
     fail the ECDF test over 1500 simulations), the PSIS-reweighted draws of the same simulations
     are not (0 of 6 fail; median k-hat 0.37)."""
-    from pln_ref.sbc import laplace_conditional_task
+    from pln_ref.validation.sbc_tasks import laplace_conditional_task
     from pln_ref.simulate import random_params
 
     p = random_params(6, 2, seed=0, mean_log_rate=1.0, capture=True)
@@ -187,7 +189,7 @@ def test_psis_reweighting_restores_laplace_calibration(tmp_path):
 def test_cli_parsers_register():
     import argparse
 
-    from pln_ref.validate import build_sbc_parser, build_validate_parser, sbc_main, validate_main
+    from pln_ref.validation.cli import build_sbc_parser, build_validate_parser, sbc_main, validate_main
 
     ap = argparse.ArgumentParser()
     sub = ap.add_subparsers(dest="command")

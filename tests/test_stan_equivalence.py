@@ -17,7 +17,8 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 from scipy import stats
 
-from pln_ref.engines import bridgestan_model, pln_cell_data, pln_cell_unconstrain, pln_joint_data
+from pln_ref.validation.engines import bridgestan_model
+from pln_ref.validation.standata import pln_cell_data, pln_cell_unconstrain, pln_joint_data
 from pln_ref.model import grad_log_joint, log_joint
 from pln_ref.params import Capture, PLNParams
 

@@ -166,11 +166,12 @@ def section_throughput(args, out, path):
 
 
 def section_nuts(args, out, path):
-    from pln_ref.compare import compare_cells, summarise
-    from pln_ref.engines import pln_cell_data, sample_nuts
-    from pln_ref.gate import check_gate
+    from pln_ref.validation.compare import compare_cells, summarise
+    from pln_ref.validation.engines import sample_nuts
+    from pln_ref.validation.standata import pln_cell_data
+    from pln_ref.validation.gate import check_gate
     from pln_ref.laplace import newton_map
-    from pln_ref.psis import cell_psis
+    from pln_ref.validation.psis import cell_psis
 
     p = random_params(50, 3, seed=args.seed + 20, capture=True)
     sim = simulate(p, 2000 + args.nuts_cells, seed=args.seed + 21)

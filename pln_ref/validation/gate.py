@@ -27,6 +27,7 @@ __all__ = [
     "GateFailedError",
     "check_gate",
     "require_gate",
+    "combine_gates",
 ]
 
 
@@ -208,3 +209,17 @@ def require_gate(gate: GateResult | None, *, force: bool = False, what: str = "N
                               "for a labelled diagnostic comparison)")
     raise GateFailedError(f"{what} failed the ground-truth gate and is not compared:\n  - "
                           + "\n  - ".join(gate.reasons))
+
+
+def combine_gates(gates: list[GateResult]) -> GateResult:
+    """One gate for several independent fits: passes iff all pass; reasons prefixed by fit id."""
+    reasons = [f"fit {i}: {r}" for i, g in enumerate(gates) for r in g.reasons]
+    return GateResult(
+        passed=all(g.passed for g in gates), reasons=reasons, table=[],
+        divergences=sum(g.divergences for g in gates),
+        n_chains=min(g.n_chains for g in gates), n_draws=min(g.n_draws for g in gates),
+        bfmi=[min(b for g in gates for b in g.bfmi)] if gates and all(g.bfmi for g in gates) else [],
+        rhat_max=float(np.max([g.rhat_max for g in gates])),
+        ess_bulk_min=float(np.min([g.ess_bulk_min for g in gates])),
+        ess_tail_min=float(np.min([g.ess_tail_min for g in gates])),
+    )

@@ -86,7 +86,7 @@ def exact_log_joint_draws(counts: np.ndarray, x: np.ndarray, eta: np.ndarray, pa
 
     Uses ``pln_ref.model.log_joint`` on the stacked (S*N, G) batch; eta <= 0 gives -inf.
     """
-    from .model import log_joint
+    from ..model import log_joint
 
     x = np.asarray(x, dtype=float)
     eta = np.asarray(eta, dtype=float)
@@ -110,7 +110,8 @@ def bridgestan_log_joint_draws(counts: np.ndarray, x: np.ndarray, eta: np.ndarra
 
     One single-cell model per cell (the program's density is a sum over its cells).
     """
-    from .engines import bridgestan_model, pln_cell_data, pln_cell_unconstrain
+    from .engines import bridgestan_model
+    from .standata import pln_cell_data, pln_cell_unconstrain
 
     x = np.asarray(x, dtype=float)
     eta = np.asarray(eta, dtype=float)

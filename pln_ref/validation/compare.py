@@ -16,14 +16,14 @@ one vectorised sum (no loop over quantities).
 
 Any approximate-posterior method that exposes ``.sample(rng, n_draws) -> (x (S,N,G), eta (S,N))``
 plugs into :func:`compare_cells`; plain arrays go to :func:`compare_draws`.
-NUTS ground truth is accepted only with a passed :class:`pln_ref.gate.GateResult` (or ``force``,
-which labels the result as a diagnostic comparison).
+NUTS ground truth is accepted only with a passed :class:`pln_ref.validation.gate.GateResult` (or
+``force``, which labels the result as a diagnostic comparison).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -38,13 +38,11 @@ __all__ = [
     "central_interval_coverage",
     "interval_coverage_of_point",
     "summarise",
+    "corr_x_eta",
     "plot_means",
     "plot_sd_ratio_hist",
     "plot_khat",
 ]
-
-METRICS = ("std_mean_error", "sd_ratio", "cover50", "cover90", "w1_scaled")
-
 
 def _as_2d(draws: np.ndarray, name: str) -> tuple[np.ndarray, tuple]:
     a = np.asarray(draws, dtype=float)
@@ -284,11 +282,6 @@ def plot_khat(khat: np.ndarray, ax=None, title: str = "PSIS k-hat by cell"):
     ax.set_ylabel("k-hat")
     ax.set_title(title)
     return ax
-
-
-def sequence_labels(prefix: str, shape: Sequence[int]) -> list[str]:
-    """Labels like x[c,g] for flattened quantities (reports)."""
-    return [f"{prefix}[{','.join(map(str, i))}]" for i in np.ndindex(*shape)]
 
 
 def corr_x_eta(x: np.ndarray, eta: np.ndarray) -> np.ndarray:
