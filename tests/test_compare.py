@@ -72,6 +72,22 @@ def test_failed_gate_refused_unless_forced():
     assert c.forced and summarise(c)["forced"]
 
 
+def test_forced_comparison_warns_that_the_gate_failed():
+    import warnings
+
+    from pln_ref.validation.gate import ForcedComparisonWarning
+
+    bad = GateResult(passed=False, reasons=["3 divergent transitions"], table=[])
+    a = np.random.default_rng(1).normal(size=(100, 2))
+    with pytest.warns(ForcedComparisonWarning, match="failed its gate: 3 divergent transitions"):
+        compare_draws(a, a, gate=bad, force=True, label="laplace")
+    with pytest.warns(ForcedComparisonWarning, match="was not gated"):
+        compare_draws(a, a, gate=None, force=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a passed gate compares silently, forced or not
+        assert not compare_draws(a, a, gate=EXACT, force=True).forced
+
+
 def test_bad_input_raises():
     a = np.zeros((100, 3))
     with pytest.raises(ValueError, match="quantity shape"):

@@ -26,7 +26,8 @@ Importing the package loads neither matplotlib nor torch.
 from .compare import DrawComparison, compare_cells, compare_draws, corr_x_eta, summarise
 from .design import simulate_cells
 from .engines import bridgestan_model, default_engine, sample_nuts, stan_program
-from .gate import GateFailedError, GateResult, GateThresholds, check_gate, combine_gates, require_gate
+from .gate import (ForcedComparisonWarning, GateFailedError, GateResult, GateThresholds, check_gate,
+                   combine_gates, require_gate)
 from .nuts_cells import fit_cells_nuts
 from .psis import cell_psis, psis, psis_moments
 from .report import write_report
@@ -42,7 +43,7 @@ __all__ = [
     "pln_cell_data", "pln_cell_unconstrain", "pln_joint_data", "pln_joint_inits",
     # gate and comparisons
     "check_gate", "require_gate", "combine_gates", "GateResult", "GateThresholds", "GateFailedError",
-    "compare_cells", "compare_draws", "DrawComparison", "summarise",
+    "ForcedComparisonWarning", "compare_cells", "compare_draws", "DrawComparison", "summarise",
     "corr_x_eta", "cell_psis", "psis", "psis_moments",
     # SBC
     "run_sbc", "load_sims", "sim_seed", "sbc_ranks", "thin_draws", "ecdf_band", "ecdf_test", "sbc_table",

@@ -17,7 +17,7 @@ one vectorised sum (no loop over quantities).
 Any approximate-posterior method that exposes ``.sample(rng, n_draws) -> (x (S,N,G), eta (S,N))``
 plugs into :func:`compare_cells`; plain arrays go to :func:`compare_draws`.
 NUTS ground truth is accepted only with a passed :class:`pln_ref.validation.gate.GateResult` (or
-``force``, which labels the result as a diagnostic comparison).
+``force``, which labels the result as a diagnostic comparison and warns).
 """
 
 from __future__ import annotations

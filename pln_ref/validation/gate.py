@@ -10,7 +10,8 @@ Checks (Vehtari et al. 2021 rank-normalised diagnostics, arviz 0.23):
 
 A fit that fails is reported with the reasons and is never silently compared: comparison
 functions call :func:`require_gate`, which raises :class:`GateFailedError` unless the caller
-forces it for diagnostics (and then the result is labelled ``forced``).
+forces it for diagnostics (and then the result is labelled ``forced`` and a
+:class:`ForcedComparisonWarning` is issued).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ __all__ = [
     "GateThresholds",
     "GateResult",
     "GateFailedError",
+    "ForcedComparisonWarning",
     "check_gate",
     "require_gate",
     "combine_gates",
@@ -91,6 +93,10 @@ class GateResult:
 
 class GateFailedError(RuntimeError):
     """Raised when a failed NUTS fit would be used as ground truth without ``force=True``."""
+
+
+class ForcedComparisonWarning(UserWarning):
+    """Issued when a comparison is forced against a NUTS fit that failed (or skipped) its gate."""
 
 
 def _worst(values: np.ndarray, how: str) -> tuple[float, tuple]:
@@ -197,12 +203,15 @@ def require_gate(gate: GateResult | None, *, force: bool = False, what: str = "N
     """Refuse to use a failed (or unchecked) fit as ground truth.
 
     Returns True if the comparison is *forced* (the gate failed or was not run but
-    ``force=True``): callers must label their output accordingly. Raises GateFailedError
-    otherwise.
+    ``force=True``): a :class:`ForcedComparisonWarning` is issued and callers must label their
+    output accordingly. Raises GateFailedError otherwise.
     """
     if gate is not None and gate.passed:
         return False
     if force:
+        why = "was not gated" if gate is None else "failed its gate: " + "; ".join(gate.reasons)
+        warnings.warn(f"{what}: FORCED comparison against NUTS that {why}; the result is a diagnostic, "
+                      "not a validation", ForcedComparisonWarning, stacklevel=3)
         return True
     if gate is None:
         raise GateFailedError(f"{what}: no gate result given; run check_gate first (or force=True "
