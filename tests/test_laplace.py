@@ -132,12 +132,13 @@ def test_bound_cells_truncated_eta():
 
 
 def test_bridgestan_gradient_mode_same_map():
-    """gradient="bridgestan" (stan/pln_cell.stan) reaches the NumPy-mode MAP to 1e-8."""
+    """The BridgeStan gradient of stan/pln_cell.stan reaches the NumPy-mode MAP to 1e-8."""
     pytest.importorskip("bridgestan")
-    pytest.importorskip("pln_ref.engines")
+    from pln_ref.validation.engines import BridgeStanCellGradient
+
     rng, p, u, la = _setup(seed=6, G=6, N=4, M0=800.0)
     a = newton_map(u, p, la, gtol=1e-9)
-    b = newton_map(u, p, la, gtol=1e-9, gradient="bridgestan")
+    b = newton_map(u, p, la, gtol=1e-9, gradient=BridgeStanCellGradient(u, p, la))
     assert b.converged.all()
     np.testing.assert_allclose(b.x_map, a.x_map, atol=1e-8)
     np.testing.assert_allclose(b.eta_map, a.eta_map, atol=1e-8)

@@ -10,6 +10,9 @@ The Stan programs in ``stan/`` are the source of truth for the densities:
 * ``pln_joint`` -- globals (mu, W, d) and all latents, with documented priors
   (see :func:`pln_ref.validation.standata.pln_joint_data`).
 
+:class:`BridgeStanCellGradient` gives ``pln_ref.laplace.newton_map`` the gradient of ``pln_cell``
+through BridgeStan (the solver takes a gradient function and never imports this module).
+
 Engines for NUTS (:func:`sample_nuts`), same arguments for all:
 
 * ``"stanli"``    -- stanli (no compiler needed; always available here).
@@ -39,6 +42,7 @@ __all__ = [
     "ENGINES",
     "stan_program",
     "bridgestan_model",
+    "BridgeStanCellGradient",
     "sample_nuts",
     "default_engine",
 ]
@@ -149,6 +153,59 @@ def bridgestan_model(program: str | os.PathLike, data: Mapping[str, Any], *, see
     import stanli
 
     return stanli.bridgestan_model(stan_file=str(path), data=_stan_json(data), seed=int(seed))
+
+
+class BridgeStanCellGradient:
+    """Gradient of the ``pln_cell`` log joint through BridgeStan, as a ``newton_map`` gradient.
+
+    Built for N cells (``counts`` (N, G), ``params`` with capture, ``log_anchor`` (N,)); called as
+    ``grad(rows, x, eta) -> (g_x (n, G), g_eta (n,))`` with ``rows`` (n,) indices of the cells
+    being evaluated, x (n, G) and eta (n,) their values. One BridgeStan model holds all N cells;
+    a theta buffer keeps the last values of every cell, the rows are filled in and one
+    ``log_density_gradient`` is evaluated (the density is a sum over cells, so row i of the
+    gradient depends on cell i only).
+
+    BridgeStan differentiates on the unconstrained scale (x, log eta) with the Jacobian log eta:
+    d lp / d log(eta) = g_eta * eta + 1, so g_eta = (grad - 1) / eta. That division loses all
+    precision as eta -> 0, so for eta <= 1e-8 the eta component is analytic:
+    g_eta = sum lambda - sum u - (eta - m) / sigma_M^2.
+    """
+
+    ETA_ANALYTIC = 1e-8
+
+    def __init__(self, counts, params: PLNParams, log_anchor) -> None:
+        from .standata import pln_cell_data
+
+        if params.capture is None:
+            raise ValueError("the BridgeStan gradient needs capture settings (pln_cell has eta)")
+        data = pln_cell_data(counts, params, log_anchor)
+        self.model = bridgestan_model("pln_cell", data)
+        self.N, self.G = int(data["N"]), int(data["G"])
+        self.u = np.asarray(data["u"], dtype=float)
+        self.m = params.capture.prior_mean(np.asarray(data["log_L"], dtype=float))
+        self.sigma_M = float(params.capture.sigma_M)
+        self._x = np.tile(np.asarray(params.mu, dtype=float), (self.N, 1))
+        self._log_eta = np.zeros(self.N)
+
+    def __call__(self, rows: np.ndarray, x: np.ndarray, eta: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        rows = np.asarray(rows, dtype=np.intp).reshape(-1)
+        x = np.asarray(x, dtype=float)
+        eta = np.asarray(eta, dtype=float).reshape(-1)
+        if x.shape != (rows.size, self.G) or eta.shape != (rows.size,):
+            raise ValueError(f"need x ({rows.size}, {self.G}) and eta ({rows.size},) for {rows.size} rows, "
+                             f"got {x.shape} and {eta.shape}")
+        self._x[rows] = x
+        self._log_eta[rows] = np.log(np.maximum(eta, 1e-300))
+        theta = np.concatenate([self._x.ravel(), self._log_eta])
+        _, grad = self.model.log_density_gradient(theta, propto=True, jacobian=True)
+        g_x = grad[: self.N * self.G].reshape(self.N, self.G)[rows]
+        g_log_eta = grad[self.N * self.G:][rows]
+        with np.errstate(over="ignore"):
+            lam_sum = np.exp(x - eta[:, None]).sum(axis=1)
+        g_eta_analytic = lam_sum - self.u[rows].sum(axis=1) - (eta - self.m[rows]) / self.sigma_M**2
+        with np.errstate(divide="ignore", invalid="ignore"):
+            g_eta = np.where(eta > self.ETA_ANALYTIC, (g_log_eta - 1.0) / eta, g_eta_analytic)
+        return g_x, g_eta
 
 
 # --------------------------------------------------------------------------- NUTS
