@@ -97,6 +97,7 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 import pln_ref  # noqa: E402
+from pln_ref.io import atomic_write_json, atomic_write_text  # noqa: E402
 from pln_ref.laplace import newton_map  # noqa: E402
 from pln_ref.simulate import random_params, simulate  # noqa: E402
 
@@ -214,25 +215,8 @@ def load() -> dict:
 
 def dump(out: dict, path: Path) -> None:
     """Atomic JSON + markdown rewrite."""
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(out, indent=1, default=_json_default))
-    os.replace(tmp, path)
-    md = path.with_suffix(".md")
-    tmpm = md.with_suffix(".mdtmp")
-    tmpm.write_text(markdown(out))
-    os.replace(tmpm, md)
-
-
-def _json_default(o):
-    if isinstance(o, (np.integer,)):
-        return int(o)
-    if isinstance(o, (np.floating,)):
-        return float(o)
-    if isinstance(o, np.ndarray):
-        return o.tolist()
-    if isinstance(o, np.bool_):
-        return bool(o)
-    raise TypeError(type(o))
+    atomic_write_json(path, out)
+    atomic_write_text(path.with_suffix(".md"), markdown(out))
 
 
 def corr_from_cov(S: np.ndarray) -> np.ndarray:

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -35,6 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import torch  # noqa: E402
 
+from pln_ref.io import atomic_write_json  # noqa: E402
 from pln_ref.simulate import random_params, simulate  # noqa: E402
 from pln_ref.vae import fit_vae  # noqa: E402
 
@@ -54,9 +54,7 @@ def subspace_deg(P, truth) -> list:
 
 
 def dump(out: dict, path: Path) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(out, indent=1))
-    os.replace(tmp, path)
+    atomic_write_json(path, out)
 
 
 def section_main(args, out, path):
