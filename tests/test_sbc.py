@@ -146,6 +146,22 @@ def test_resume_with_other_config_is_refused(tmp_path):
     assert res["n_run_now"] == 3
 
 
+def test_runs_recorded_before_the_validation_subpackage_resume(tmp_path):
+    """A manifest naming the task by its old module (pln_ref.sbc) resumes; another task does not."""
+    import json
+
+    out = tmp_path / "run"
+    run_sbc(toy_normal_task, 2, out, base_seed=1, config={"L": 19}, scheduler="synchronous", progress=False)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["task"] == "pln_ref.validation.sbc_tasks.toy_normal_task"
+    (out / "manifest.json").write_text(json.dumps({**manifest, "task": "pln_ref.sbc.toy_normal_task"}))
+    res = run_sbc(toy_normal_task, 3, out, base_seed=1, config={"L": 19}, scheduler="synchronous", progress=False)
+    assert res["n_run_now"] == 1 and res["n_done"] == 3
+    (out / "manifest.json").write_text(json.dumps({**manifest, "task": "pln_ref.sbc.joint_nuts_task"}))
+    with pytest.raises(ValueError, match="task"):
+        run_sbc(toy_normal_task, 3, out, base_seed=1, config={"L": 19}, scheduler="synchronous", progress=False)
+
+
 def test_laplace_conditional_sbc_small(tmp_path):
     """Integration: the Laplace conditional task runs batched and yields valid ranks."""
     from pln_ref.simulate import random_params
