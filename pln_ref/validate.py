@@ -113,7 +113,7 @@ def simulate_cells(G: int = 20, k: int = 3, n_cells: int = 200, *, lib_range=(10
     L_c = M0 kappa_c (capture efficiency kappa_c log-uniform on [0.05, 0.5], so eta is away from
     its bound). Returns (params, Simulation).
     """
-    from .simulate import random_params, simulate
+    from .simulation import random_params, simulate
 
     params = random_params(G, k, seed=seed, mean_log_rate=mean_log_rate, capture=True, sigma_M=sigma_M)
     if lib_range is None:  # the simulator's default exogenous anchor: L_c = M0 kappa_c, kappa_c in [0.05, 0.5]
@@ -425,13 +425,13 @@ def run_moments(out_dir, *, G: int = 10, k: int = 2, n_cells: int = 200_000, see
     """Closed-form mean, variance and covariance vs a Monte Carlo of the simulator (z-scores by
     Monte Carlo standard error for every gene and pair), with and without capture."""
     from .moments import moment_zscores
-    from .simulate import simulate
+    from .simulation import simulate
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     res = {}
     t0 = time.perf_counter()
-    from .simulate import random_params
+    from .simulation import random_params
 
     for label, cap in (("no_capture", False), ("capture", True)):
         # simulator's default exogenous anchor with capture: L_c = M0 kappa_c, kappa_c log-uniform

@@ -20,7 +20,7 @@ from pln_ref.engines import (
     stan_program,
 )
 from pln_ref.params import Capture, PLNParams
-from pln_ref.simulate import random_params, simulate
+from pln_ref.simulation import random_params, simulate
 
 FUNNEL = """
 parameters { real y; vector[9] z; }

@@ -5,7 +5,7 @@ import pytest
 
 from pln_ref.engines import pln_cell_data, sample_nuts
 from pln_ref.gate import GateFailedError, check_gate, require_gate
-from pln_ref.simulate import random_params, simulate
+from pln_ref.simulation import random_params, simulate
 
 
 @pytest.fixture(scope="module")
