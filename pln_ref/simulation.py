@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 from . import truncnorm
 from .anchor import resolve_log_anchor
+from .lowrank import LowRankCov
 from .params import Capture, PLNParams
 
 __all__ = [
@@ -145,7 +146,6 @@ def simulate(
     if n_cells < 1:
         raise ValueError(f"n_cells must be >= 1, got {n_cells}")
     rng = np.random.default_rng(seed)
-    G, k = params.G, params.k
 
     la = _resolve_anchor(params, n_cells, rng, library_size, log_anchor)
     if params.capture is not None:
@@ -154,9 +154,7 @@ def simulate(
     else:
         eta = np.zeros(n_cells)
 
-    z = rng.standard_normal((n_cells, k))
-    eps = rng.standard_normal((n_cells, G))
-    x = params.mu + z @ params.W.T + np.sqrt(params.d) * eps
+    x = params.mu + LowRankCov.from_params(params).sample(rng, n_cells)  # mu + W z + sqrt(d) eps
 
     log_rate = x - eta[:, None]
     max_log_rate = float(log_rate.max())
