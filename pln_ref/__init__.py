@@ -3,30 +3,50 @@
     x ~ N(mu, W W^T + diag(d)),  eta ~ TruncN(log M0 - log L, sigma_M^2, low=0),
     u_g | x, eta ~ Poisson(exp(x_g - eta)).
 
-Entry point: ``pln_ref.fit(data, model="pln", inference_method="laplace" | "vae", k=...)``.
+The user's API is what this module exports (``__all__``):
+
+- fitting: ``fit`` (Laplace or VAE inference), its results ``LaplaceResult`` / ``VAEResult``,
+  ``ppc_summary`` / ``posterior_predictive`` (posterior predictive checks);
+- the model: ``PLNParams``, ``Capture``, ``simulate`` / ``Simulation`` / ``random_params``, the
+  closed-form moments ``pln_mean`` / ``pln_variance`` / ``pln_covariance`` / ``moment_zscores``
+  and the ``method_of_moments`` start;
+- input handling: ``as_counts``, ``check_genes_cells``, ``total_counts``, ``resolve_log_anchor``;
+- the validation harness: the subpackage ``pln_ref.validation`` (imported on first use).
+
+Solver internals (per-cell Newton, low-rank algebra, the outer optimiser) live in their modules:
+``pln_ref.laplace``, ``pln_ref.lowrank``, ``pln_ref.fit_laplace``, ``pln_ref.model``.
 """
 
+from __future__ import annotations
+
+import importlib
+
+from .anchor import resolve_log_anchor
 from .api import fit, resolve_capture
-from .data import as_counts, check_genes_cells, library_size
-from .laplace import CellPosteriors, newton_map
-from .lowrank import LowRankCov, PosteriorPrecision
+from .data import as_counts, check_genes_cells, total_counts
 from .moments import method_of_moments, moment_zscores, pln_covariance, pln_mean, pln_variance
 from .params import Capture, PLNParams
+from .ppc import posterior_predictive, ppc_summary
 from .results import LaplaceResult
-from .simulate import Simulation, random_params, simulate
+from .simulation import Simulation, random_params, simulate
+from .vae import VAEConfig, VAEResult, fit_vae
 
 __all__ = [
-    "fit", "resolve_capture", "as_counts", "check_genes_cells", "library_size",
-    "CellPosteriors", "newton_map", "LowRankCov", "PosteriorPrecision",
-    "method_of_moments", "moment_zscores", "pln_covariance", "pln_mean", "pln_variance",
-    "Capture", "PLNParams", "LaplaceResult", "Simulation", "random_params", "simulate",
+    "fit", "LaplaceResult", "VAEResult", "VAEConfig", "fit_vae", "ppc_summary",
+    "posterior_predictive", "PLNParams", "Capture", "simulate", "Simulation", "random_params",
+    "pln_mean", "pln_variance", "pln_covariance", "moment_zscores", "method_of_moments",
+    "as_counts", "check_genes_cells", "total_counts", "resolve_log_anchor", "resolve_capture",
 ]
 __version__ = "0.1.0"
 
+_LAZY_SUBPACKAGES = ("validation",)  # the harness imports Stan engines: loaded on first use
 
-def __getattr__(name):  # torch is imported only when the VAE is used
-    if name in ("fit_vae", "VAEResult", "VAEPosterior"):
-        from . import vae
 
-        return getattr(vae, name)
+def __getattr__(name: str):
+    if name in _LAZY_SUBPACKAGES:
+        return importlib.import_module(f".{name}", __name__)
     raise AttributeError(f"module 'pln_ref' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY_SUBPACKAGES))

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 import scipy.sparse as sp
 
-__all__ = ["as_counts", "library_size", "check_genes_cells", "GeneCellReport"]
+__all__ = ["as_counts", "total_counts", "check_genes_cells", "GeneCellReport"]
 
 
 def _check_values(values: np.ndarray, what: str) -> None:
@@ -100,8 +100,9 @@ def as_counts(data, layer: str | None = None) -> np.ndarray:
     return np.ascontiguousarray(arr, dtype=np.float64)
 
 
-def library_size(counts) -> np.ndarray:
-    """Realised library size L_c = sum_g u_cg, shape (N,), float64 (input validated by ``as_counts``)."""
+def total_counts(counts) -> np.ndarray:
+    """Realised total counts sum_g u_cg of each cell, shape (N,), float64 (input validated by
+    ``as_counts``). The default anchor of the capture prior (``pln_ref.anchor``), not a synonym of it."""
     return as_counts(counts).sum(axis=1)
 
 

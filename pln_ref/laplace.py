@@ -39,11 +39,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import numpy as np
-from scipy.special import log_ndtr, ndtr
 from tqdm.auto import tqdm
 
+from . import truncnorm
+from .constants import LOG_2PI
 from .lowrank import LowRankCov, PosteriorPrecision
-from .model import _LOG2PI, eta_schur
+from .model import eta_schur
 from .params import PLNParams
 
 __all__ = ["newton_map", "CellPosteriors", "cell_objective"]
@@ -156,16 +157,10 @@ class CellPosteriors:
         return loc, sd
 
     def eta_mean_var(self) -> tuple[np.ndarray, np.ndarray]:
-        """Mean and variance of eta under the Laplace posterior (truncated on the bound)."""
+        """Mean and variance of eta under the Laplace posterior (truncated normal, ``truncnorm``)."""
         if not self.capture:
             return np.zeros(self.N), np.zeros(self.N)
-        loc, sd = self._eta_loc_scale()
-        a = (0.0 - loc) / sd
-        # normal truncated to [0, inf): moments via the inverse Mills ratio
-        lam_ = np.exp(-0.5 * a**2 - 0.5 * _LOG2PI - log_ndtr(-a))
-        mean = loc + sd * lam_
-        var = sd**2 * np.maximum(1.0 + a * lam_ - lam_**2, 0.0)
-        return mean, var
+        return truncnorm.mean_var(*self._eta_loc_scale())
 
     def sd_x(self, eta: str = "free") -> np.ndarray:
         """Posterior SD of x per cell and gene: sqrt(diag A^{-1} [+ b^2 Var(eta)]), O(N G k^2)."""
@@ -188,12 +183,9 @@ class CellPosteriors:
         if eta == "map" or not self.capture:
             return np.exp(base)
         loc, sd = self._eta_loc_scale()
+        # E e^{b_g (eta - eta_hat)} = e^{-b_g eta_hat} MGF_eta(b_g), eta ~ TruncN(loc, sd^2, 0)
         t = self.b
-        shift = loc - self.eta_map  # = delta
-        lmgf = t * shift[:, None] + 0.5 * (t * sd[:, None]) ** 2
-        # truncated-normal MGF: E e^{tZ} = e^{t loc + t^2 sd^2/2} Phi(loc/sd + t sd) / Phi(loc/sd)
-        z0 = (loc / sd)[:, None]
-        lmgf += log_ndtr(z0 + t * sd[:, None]) - log_ndtr(z0)
+        lmgf = truncnorm.log_mgf(t, loc[:, None], sd[:, None]) - t * self.eta_map[:, None]
         return np.exp(base + lmgf)
 
     # --- draws and density ----------------------------------------------------------------
@@ -205,14 +197,7 @@ class CellPosteriors:
         e = np.broadcast_to(self.eta_map, (n_draws, self.N)).copy()
         if eta == "free" and self.capture:
             loc, sd = self._eta_loc_scale()
-            uu = rng.uniform(size=(n_draws, self.N))
-            # inverse-CDF draw of N(loc, sd^2) truncated to [0, inf), from the upper tail so
-            # that cells far inside draw at full precision
-            from scipy.special import ndtri
-
-            hi = ndtr(loc / sd)  # P(eta >= 0) before truncation
-            e = loc - sd * ndtri((1.0 - uu) * hi)
-            e = np.maximum(e, 0.0)
+            e = truncnorm.sample(loc, sd, rng, size=(n_draws, self.N))
             x = x + self.b[None] * (e - self.eta_map)[..., None]
         return x, e
 
@@ -225,14 +210,11 @@ class CellPosteriors:
         out = 0.0
         if self.capture:
             loc, sd = self._eta_loc_scale()
-            zz = (eta - loc) / sd
-            le = -0.5 * zz**2 - np.log(sd) - 0.5 * _LOG2PI
-            le = le - log_ndtr(loc / sd)
-            le = np.where(eta < 0, -np.inf, le)
+            le = truncnorm.logpdf(eta, loc, sd)
             out = le
             mean_x = self.x_map + self.b * (eta - self.eta_map)[..., None]
         r = x - mean_x
-        lx = -0.5 * (G * _LOG2PI - self.precision.logdet() + self.precision.quad(r))
+        lx = -0.5 * (G * LOG_2PI - self.precision.logdet() + self.precision.quad(r))
         return out + lx
 
     @classmethod

@@ -23,9 +23,9 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["LowRankCov", "PosteriorPrecision"]
+from .constants import LOG_2PI
 
-_LOG2PI = float(np.log(2.0 * np.pi))
+__all__ = ["LowRankCov", "PosteriorPrecision"]
 
 
 def _pair_index(k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -92,7 +92,7 @@ class LowRankCov:
     def logpdf(self, x: np.ndarray, mu: np.ndarray) -> np.ndarray:
         """log N(x | mu, Sigma) = -G/2 log 2pi - 1/2 log det Sigma - 1/2 (x-mu)^T Sigma^{-1} (x-mu)."""
         r = x - mu
-        return -0.5 * (self.G * _LOG2PI + self.logdet() + self.quad(r))
+        return -0.5 * (self.G * LOG_2PI + self.logdet() + self.quad(r))
 
     def diag(self) -> np.ndarray:
         return np.einsum("ga,ga->g", self.W, self.W) + self.d

@@ -27,8 +27,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-from scipy.special import gammaln, log_ndtr
+from scipy.special import gammaln
 
+from . import truncnorm
+from .anchor import resolve_log_anchor
 from .lowrank import LowRankCov, PosteriorPrecision
 from .params import PLNParams
 
@@ -38,11 +40,8 @@ __all__ = [
     "neg_hessian",
     "NegHessian",
     "eta_schur",
-    "capture_prior_logpdf",
     "poisson_loglik",
 ]
-
-_LOG2PI = float(np.log(2.0 * np.pi))
 
 
 def _eta_or_zero(params: PLNParams, eta, N: int) -> np.ndarray:
@@ -59,19 +58,8 @@ def _eta_or_zero(params: PLNParams, eta, N: int) -> np.ndarray:
 
 
 def _anchor(params: PLNParams, u: np.ndarray, log_anchor) -> np.ndarray | None:
-    if params.capture is None:
-        return None
-    if log_anchor is None:
-        L = u.sum(axis=1)
-        if np.any(L <= 0):
-            raise ValueError(
-                "log_anchor not given and some cells have zero library size; pass log_anchor explicitly"
-            )
-        return np.log(L)
-    la = np.asarray(log_anchor, dtype=float)
-    if la.shape != (u.shape[0],):
-        raise ValueError(f"log_anchor must have shape ({u.shape[0]},), got {la.shape}")
-    return la
+    """log L_c by the one anchor policy (``anchor.resolve_log_anchor``); None without capture."""
+    return None if params.capture is None else resolve_log_anchor(u, log_anchor)
 
 
 def poisson_loglik(u: np.ndarray, x: np.ndarray, eta: np.ndarray) -> np.ndarray:
@@ -79,13 +67,6 @@ def poisson_loglik(u: np.ndarray, x: np.ndarray, eta: np.ndarray) -> np.ndarray:
     z = x - eta[:, None]
     with np.errstate(over="ignore"):
         return np.sum(u * z - np.exp(z) - gammaln(u + 1.0), axis=1)
-
-
-def capture_prior_logpdf(eta: np.ndarray, m: np.ndarray, sigma_M: float) -> np.ndarray:
-    """log TruncN(eta | m, sigma_M^2, low=0) = log N(eta | m, sigma_M^2) - log Phi(m / sigma_M)."""
-    zz = (eta - m) / sigma_M
-    out = -0.5 * zz**2 - np.log(sigma_M) - 0.5 * _LOG2PI - log_ndtr(m / sigma_M)
-    return np.where(eta >= 0, out, -np.inf)
 
 
 def log_joint(
@@ -112,7 +93,7 @@ def log_joint(
     out = poisson_loglik(u, x, eta) + cov.logpdf(x, params.mu)
     if params.capture is not None:
         la = _anchor(params, u, log_anchor)
-        out = out + capture_prior_logpdf(eta, params.capture.prior_mean(la), params.capture.sigma_M)
+        out = out + truncnorm.logpdf(eta, params.capture.prior_mean(la), params.capture.sigma_M)
     return out
 
 

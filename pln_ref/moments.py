@@ -18,7 +18,7 @@ the truncated-normal MGF gives
 
     E[e^{t eta}] = exp(m t + s^2 t^2 / 2) Phi((m + s^2 t)/s) / Phi(m/s)
 
-so e1_c = MGF(-1), e2_c = MGF(-2) (evaluated in log space with ``log_ndtr``).
+so e1_c = MGF(-1), e2_c = MGF(-2) (``pln_ref.truncnorm.mgf``, evaluated in log space).
 
 Population of cells. All ``pln_mean/pln_variance/pln_covariance`` functions return the moments of u
 for ONE CELL DRAWN UNIFORMLY FROM THE GIVEN ANCHORS (a mixture over c). By the law of total
@@ -34,13 +34,11 @@ import logging
 from dataclasses import dataclass
 
 import numpy as np
-from scipy.special import erfcx, log_ndtr
-
+from . import truncnorm
 from .data import as_counts
 from .params import Capture, PLNParams
 
 __all__ = [
-    "truncnorm_mgf",
     "capture_factors",
     "mixture_capture_factors",
     "PLNMoments",
@@ -54,33 +52,6 @@ __all__ = [
 ]
 
 _logger = logging.getLogger(__name__)
-_SQRT2 = np.sqrt(2.0)
-
-
-# --------------------------------------------------------------------------------------------
-# truncated normal
-# --------------------------------------------------------------------------------------------
-def truncnorm_mgf(t: float, m, s, *, log: bool = False):
-    """E[exp(t eta)] for eta ~ N(m, s^2) truncated to [0, inf), elementwise in m (and s).
-
-    log E = m t + s^2 t^2 / 2 + log Phi((m + s^2 t)/s) - log Phi(m/s)   (``log=True`` returns this).
-    Stable far in both tails: log_ndtr never underflows, and when both Phi arguments are negative
-    the equivalent form log erfcx(-(m + s^2 t)/(s sqrt2)) - log erfcx(-m/(s sqrt2)) is used, which has
-    no cancellation of O((m/s)^2) terms.
-    """
-    m = np.asarray(m, dtype=float)
-    s = np.asarray(s, dtype=float)
-    if np.any(~(s > 0)):
-        raise ValueError("truncated-normal scale s must be positive")
-    z1, z0 = (m + s * s * t) / s, m / s
-    with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
-        direct = m * t + 0.5 * (s * t) ** 2 + log_ndtr(z1) - log_ndtr(z0)
-        # both arguments negative: log Phi(z) = -z^2/2 + log(erfcx(-z/sqrt2)/2), and the quadratic
-        # terms cancel exactly, so log E = log erfcx(-z1/sqrt2) - log erfcx(-z0/sqrt2): no cancellation
-        # between O((m/s)^2) terms far in the left tail.
-        tail = np.log(erfcx(-z1 / _SQRT2)) - np.log(erfcx(-z0 / _SQRT2))
-    lv = np.where((z0 < 0) & (z1 < 0), tail, direct)
-    return lv if log else np.exp(lv)
 
 
 def _log_anchor_array(log_anchor) -> np.ndarray:
@@ -101,7 +72,7 @@ def capture_factors(capture: Capture | None, log_anchor) -> tuple[np.ndarray, np
     if capture is None:
         return np.ones_like(la), np.ones_like(la)
     m = capture.prior_mean(la)
-    return truncnorm_mgf(-1.0, m, capture.sigma_M), truncnorm_mgf(-2.0, m, capture.sigma_M)
+    return truncnorm.mgf(-1.0, m, capture.sigma_M), truncnorm.mgf(-2.0, m, capture.sigma_M)
 
 
 def mixture_capture_factors(capture: Capture | None, log_anchor) -> tuple[float, float]:

@@ -49,15 +49,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from scipy.special import log_ndtr
 
+from . import truncnorm
+from .anchor import resolve_log_anchor
+from .constants import LOG_2PI
 from .params import Capture, PLNParams
 from .results import FittedGlobals
 
 __all__ = ["fit_vae", "VAEResult", "VAEPosterior", "VAEConfig"]
-
-_LOG2PI = float(np.log(2.0 * np.pi))
-
 
 def _torch():
     try:
@@ -77,20 +76,8 @@ def _counts(data, layer=None) -> np.ndarray:
 
 
 def _log_anchor(u: np.ndarray, log_anchor, capture) -> np.ndarray | None:
-    if capture is None:
-        return None
-    if log_anchor is None:
-        L = u.sum(axis=1)
-        if np.any(L <= 0):
-            raise ValueError("log_anchor not given and some cells have zero library size; "
-                             "pass log_anchor explicitly")
-        return np.log(L)
-    la = np.asarray(log_anchor, dtype=float)
-    if la.shape != (u.shape[0],):
-        raise ValueError(f"log_anchor must have shape ({u.shape[0]},), got {la.shape}")
-    if not np.all(np.isfinite(la)):
-        raise ValueError("log_anchor contains NaN or inf")
-    return la
+    """log L_c by the one anchor policy (``anchor.resolve_log_anchor``); None without capture."""
+    return None if capture is None else resolve_log_anchor(u, log_anchor)
 
 
 def _init_decoder(u: np.ndarray, k: int, capture, log_anchor) -> tuple[PLNParams, str]:
@@ -154,12 +141,7 @@ class VAEPosterior:
         return np.sqrt(self.z_var @ (self.params.W**2).T + self.v)
 
     def _eta_stats(self):
-        a, b = self.eta_loc, self.eta_scale
-        t = a / b
-        lam = np.exp(-0.5 * t**2 - 0.5 * _LOG2PI - log_ndtr(t))
-        mean = a + b * lam
-        var = b**2 * np.maximum(1.0 - t * lam - lam**2, 1e-300)
-        return mean, var
+        return truncnorm.mean_var(self.eta_loc, self.eta_scale)
 
     @property
     def eta_mean(self) -> np.ndarray:
@@ -192,11 +174,7 @@ class VAEPosterior:
             return x, np.zeros((S, N))
         if eta == "map":
             return x, np.broadcast_to(self.eta_mean, (S, N)).copy()
-        from scipy.special import ndtri_exp
-        a, b = self.eta_loc, self.eta_scale
-        uu = np.maximum(rng.random((S, N)), np.finfo(float).tiny)
-        zz = -ndtri_exp(np.log(uu) + log_ndtr(a / b))  # inverse CDF of the truncated normal
-        return x, np.maximum(a + b * zz, 0.0)
+        return x, truncnorm.sample(self.eta_loc, self.eta_scale, rng, size=(S, N))
 
     def logpdf_x(self, x: np.ndarray) -> np.ndarray:
         """log q(x | u), x (S,N,G) -> (S,N), Woodbury per cell: C = B B^T + diag(v), B = W diag(s),
@@ -215,17 +193,14 @@ class VAEPosterior:
         y = np.linalg.solve(Lk[None], t[..., None])[..., 0]  # L^{-1} t
         quad = np.einsum("sng,sng->sn", res, rv) - np.sum(y**2, -1)
         G = self.params.G
-        return -0.5 * (G * _LOG2PI + logdet + quad)
+        return -0.5 * (G * LOG_2PI + logdet + quad)
 
     def logpdf_eta(self, eta: np.ndarray) -> np.ndarray:
         """log TruncN(eta | a, b, 0), (S,N) (0 without capture)."""
         eta = np.asarray(eta, dtype=float)
         if self.eta_loc is None:
             return np.zeros(eta.shape)
-        a, b = self.eta_loc, self.eta_scale
-        zz = (eta - a) / b
-        out = -0.5 * zz**2 - np.log(b) - 0.5 * _LOG2PI - log_ndtr(a / b)
-        return np.where(eta >= 0, out, -np.inf)
+        return truncnorm.logpdf(eta, self.eta_loc, self.eta_scale)
 
     def logpdf(self, x: np.ndarray, eta: np.ndarray) -> np.ndarray:
         """log q(x, eta | u) = log q(x | u) + log q(eta | u), shapes (S,N,G), (S,N) -> (S,N)."""

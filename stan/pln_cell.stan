@@ -51,7 +51,8 @@ model {
   }
   // log TruncN(eta | m, sigma_M, low = 0) = log N(eta | m, sigma_M) - log P(N(m, sigma_M) > 0)
   target += normal_lpdf(eta | m, sigma_M);
-  // log P(N(m, sigma_M) > 0) = normal_lccdf(0 | m, sigma_M) = log Phi(m / sigma_M); stanli's
-  // implementation matches scipy norm.logcdf to <2e-14 relative for m/sigma_M in [-30, 10].
-  target += -normal_lccdf(0 | m, sigma_M);
+  // log P(N(m, sigma_M) > 0) = log Phi(m / sigma_M) = std_normal_lcdf(m / sigma_M) (summed over
+  // cells); not normal_lccdf(0 | m, sigma_M), which Stan Math returns as log 0 = -inf once
+  // -m/sigma_M > 8.25, making the log density +inf for L_c > ~62 M0 at sigma_M = 0.5.
+  target += -std_normal_lcdf(m / sigma_M);
 }

@@ -140,8 +140,9 @@ model {
     }
   }
   if (capture) {
-    // log TruncN(eta | m, sigma_M, low=0) = normal_lpdf(eta | m, sigma_M) - normal_lccdf(0 | m, sigma_M)
-    target += normal_lpdf(eta | m, sigma_M) - normal_lccdf(0 | m, sigma_M);
+    // log TruncN(eta | m, sigma_M, low=0) = normal_lpdf(eta | m, sigma_M) - log Phi(m / sigma_M);
+    // log Phi by std_normal_lcdf: real Stan's normal_lccdf(0 | m, sigma_M) is -inf once -m/sigma_M > 8.25
+    target += normal_lpdf(eta | m, sigma_M) - std_normal_lcdf(m / sigma_M);
   }
 }
 generated quantities {

@@ -127,7 +127,7 @@ def test_psis_khat_small_when_q_equals_p_large_when_q_narrow():
 def test_exact_log_joint_numpy_equals_bridgestan_path():
     """log p of pln_cell draws: model.log_joint == BridgeStan log_density - log eta."""
     from pln_ref.validation.psis import bridgestan_log_joint_draws, exact_log_joint_draws
-    from pln_ref.simulate import random_params, simulate
+    from pln_ref.simulation import random_params, simulate
 
     p = random_params(5, 2, seed=0, mean_log_rate=3.0, capture=True)
     sim = simulate(p, 2, seed=1)

@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from pln_ref.data import as_counts, check_genes_cells, library_size
+from pln_ref.data import as_counts, check_genes_cells, total_counts
 
 
 def test_numpy_int_and_float():
@@ -84,10 +84,10 @@ def test_empty_sparse():
         as_counts(sp.csr_matrix((0, 5)))
 
 
-def test_library_size():
+def test_total_counts():
     u = np.array([[1, 2, 3], [0, 0, 0]])
-    assert np.array_equal(library_size(u), [6.0, 0.0])
-    assert np.array_equal(library_size(sp.csr_matrix(u)), [6.0, 0.0])
+    assert np.array_equal(total_counts(u), [6.0, 0.0])
+    assert np.array_equal(total_counts(sp.csr_matrix(u)), [6.0, 0.0])
 
 
 def test_check_genes_cells():
@@ -111,4 +111,4 @@ def test_roundtrip_nonnegative_integers(u):
     out = as_counts(u)
     assert np.array_equal(out, u)
     assert np.array_equal(as_counts(sp.csr_matrix(u)), u)
-    assert np.array_equal(library_size(u), u.sum(1))
+    assert np.array_equal(total_counts(u), u.sum(1))

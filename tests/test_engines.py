@@ -12,7 +12,7 @@ import pytest
 from pln_ref.validation.engines import bridgestan_model, default_engine, sample_nuts, stan_program
 from pln_ref.validation.standata import pln_cell_data, pln_cell_unconstrain, pln_joint_data, pln_joint_inits
 from pln_ref.params import Capture, PLNParams
-from pln_ref.simulate import random_params, simulate
+from pln_ref.simulation import random_params, simulate
 
 FUNNEL = """
 parameters { real y; vector[9] z; }

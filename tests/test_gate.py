@@ -6,7 +6,7 @@ import pytest
 from pln_ref.validation.engines import sample_nuts
 from pln_ref.validation.standata import pln_cell_data
 from pln_ref.validation.gate import GateFailedError, check_gate, require_gate
-from pln_ref.simulate import random_params, simulate
+from pln_ref.simulation import random_params, simulate
 
 
 @pytest.fixture(scope="module")

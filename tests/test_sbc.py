@@ -164,7 +164,7 @@ def test_runs_recorded_before_the_validation_subpackage_resume(tmp_path):
 
 def test_laplace_conditional_sbc_small(tmp_path):
     """Integration: the Laplace conditional task runs batched and yields valid ranks."""
-    from pln_ref.simulate import random_params
+    from pln_ref.simulation import random_params
 
     p = random_params(6, 2, seed=0, mean_log_rate=4.0, capture=True)
     cfg = {"mu": p.mu, "W": p.W, "d": p.d, "M0": p.capture.M0, "sigma_M": p.capture.sigma_M, "L": 19}
@@ -184,7 +184,7 @@ def test_psis_reweighting_restores_laplace_calibration(tmp_path):
     fail the ECDF test over 1500 simulations), the PSIS-reweighted draws of the same simulations
     are not (0 of 6 fail; median k-hat 0.37)."""
     from pln_ref.validation.sbc_tasks import laplace_conditional_task
-    from pln_ref.simulate import random_params
+    from pln_ref.simulation import random_params
 
     p = random_params(6, 2, seed=0, mean_log_rate=1.0, capture=True)
     cfg = {"mu": p.mu, "W": p.W, "d": p.d, "M0": p.capture.M0, "sigma_M": p.capture.sigma_M, "L": 19,

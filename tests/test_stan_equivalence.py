@@ -124,3 +124,37 @@ def test_pln_joint_minus_priors_is_sum_of_log_joint(case, with_capture):
     MAX_ERR["joint_grad_latent"] = max(MAX_ERR["joint_grad_latent"], err_g)
     assert err_v <= REL_TOL, (lhs, cells_sum)
     assert err_g <= REL_TOL
+
+
+@pytest.mark.parametrize("m_over_sigma", [-40.0, -8.3, 0.0, 40.0])
+@pytest.mark.parametrize("program", ["pln_cell", "pln_joint"])
+def test_capture_normaliser_is_finite_far_in_both_tails(program, m_over_sigma):
+    """The TruncN normaliser log Phi(m / sigma_M) must stay finite and exact at m/sigma_M = -40
+    (L_c ~ e^20 M0) as well as +40: written as std_normal_lcdf(m / sigma_M), which real Stan
+    evaluates stably, where normal_lccdf(0 | m, sigma_M) is -inf beyond -m/sigma_M > 8.25."""
+    G, k, sigma_M, M0 = 4, 1, 0.5, 1000.0
+    rng = np.random.default_rng(1)
+    params = PLNParams(mu=rng.normal(1.0, 0.3, G), W=rng.normal(0, 0.4, (G, k)), d=np.full(G, 0.3),
+                       capture=Capture(M0=M0, sigma_M=sigma_M))
+    m = m_over_sigma * sigma_M
+    log_L = np.array([np.log(M0) - m])
+    u = rng.poisson(3.0, (1, G))
+    x, eta = rng.normal(1.0, 0.5, (1, G)), np.array([0.7])
+    ref = float(log_joint(u, x, eta, params, log_L).sum())
+    assert np.isfinite(ref)
+    if program == "pln_cell":
+        model = bridgestan_model("pln_cell", pln_cell_data(u, params, log_L))
+        val, grad = model.log_density_gradient(pln_cell_unconstrain(x, eta))
+        lhs = val - np.log(eta).sum()
+        g_x, g_eta = grad_log_joint(u, x, eta, params, log_L)
+        assert _rel(grad, np.concatenate([g_x.ravel(), g_eta * eta + 1.0])) <= REL_TOL
+    else:
+        data = pln_joint_data(u, k, capture=params.capture, log_anchor=log_L, centred=True)
+        model = bridgestan_model("pln_joint", data)
+        theta = np.concatenate([params.mu, params.W.ravel(order="F"), np.log(params.d), x.ravel(),
+                                np.log(eta)])
+        val = model.log_density(theta)
+        lhs = val - _joint_priors_numpy(data, params.mu, params.W, params.d) - np.log(params.d).sum() \
+            - np.log(eta).sum()
+    assert np.isfinite(val)
+    assert abs(lhs - ref) <= REL_TOL * max(abs(ref), 1.0), (program, m_over_sigma, lhs, ref)

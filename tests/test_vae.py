@@ -15,7 +15,7 @@ from scipy.special import gammaln, log_ndtr  # noqa: E402
 from scipy.stats import multivariate_normal, truncnorm  # noqa: E402
 
 from pln_ref.params import Capture  # noqa: E402
-from pln_ref.simulate import random_params, simulate  # noqa: E402
+from pln_ref.simulation import random_params, simulate  # noqa: E402
 from pln_ref.vae import VAEResult, fit_vae  # noqa: E402
 from pln_ref.vae_model import PLNVAE, lambert_log_solve, truncnorm_moments  # noqa: E402
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..params import PLNParams
-from ..simulate import Simulation, random_params, simulate
+from ..simulation import Simulation, random_params, simulate
 
 __all__ = ["simulate_cells"]
 

@@ -286,7 +286,7 @@ def _fitted_model_moments(G: int, k: int, *, seed: int, mean_log_rate: float, fi
     calibrated (smaller for moments the fit matches directly); a large |z| flags misfit."""
     from ..fit_laplace import optimize_globals
     from ..moments import method_of_moments, moment_zscores
-    from ..simulate import random_params, simulate
+    from ..simulation import random_params, simulate
 
     t1 = time.perf_counter()
     params = random_params(G, k, seed=seed, mean_log_rate=mean_log_rate, capture=True)
@@ -303,7 +303,7 @@ def run_moments(out_dir, *, G: int = 10, k: int = 2, n_cells: int = 200_000, see
     """Closed-form mean, variance and covariance vs a Monte Carlo of the simulator (z-scores by
     Monte Carlo standard error for every gene and pair), with and without capture."""
     from ..moments import moment_zscores
-    from ..simulate import random_params, simulate
+    from ..simulation import random_params, simulate
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -99,7 +99,7 @@ sys.path.insert(0, str(ROOT))
 import pln_ref  # noqa: E402
 from pln_ref.io import atomic_write_json, atomic_write_text  # noqa: E402
 from pln_ref.laplace import newton_map  # noqa: E402
-from pln_ref.simulate import random_params, simulate  # noqa: E402
+from pln_ref.simulation import random_params, simulate  # noqa: E402
 
 
 # ---- optional benchmark-only variant: the line-search fix proposed in the report ------------

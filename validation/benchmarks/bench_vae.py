@@ -7,7 +7,7 @@ Usage (2 shared cores: keep one thread)::
     OMP_NUM_THREADS=1 python validation/benchmarks/bench_vae.py --nuts --skip-main --out ...
 
 Sections (each result is written to the JSON as soon as it exists):
-  main        simulated N=2000, G=1000, k=10 with capture (``pln_ref.simulate.random_params``):
+  main        simulated N=2000, G=1000, k=10 with capture (``pln_ref.random_params``):
               VAE training wall time; off-diagonal correlation error of the fitted Sigma vs the
               truth (relative Frobenius ||C_hat - C||_F / ||C||_F over g != h, max |C_hat - C|,
               both for the method-of-moments start, the VAE, optionally the Laplace fit
@@ -35,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 import torch  # noqa: E402
 
 from pln_ref.io import atomic_write_json  # noqa: E402
-from pln_ref.simulate import random_params, simulate  # noqa: E402
+from pln_ref.simulation import random_params, simulate  # noqa: E402
 from pln_ref.vae import fit_vae  # noqa: E402
 
 

@@ -23,15 +23,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-from scipy.special import log_ndtr, ndtri_exp
-
+from . import truncnorm
+from .anchor import resolve_log_anchor
+from .lowrank import LowRankCov
 from .params import Capture, PLNParams
 
 __all__ = [
     "Simulation",
     "simulate",
     "random_params",
-    "sample_truncnorm_lower0",
     "MAX_POISSON_RATE",
     "DEFAULT_EFFICIENCY_RANGE",
 ]
@@ -42,26 +42,6 @@ MAX_POISSON_RATE = 1e12
 DEFAULT_EFFICIENCY_RANGE = (0.05, 0.5)
 
 
-def sample_truncnorm_lower0(m: np.ndarray, s: float | np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """Exact draws of eta ~ N(m, s^2) truncated to [0, inf), by inverse CDF in log space.
-
-    With alpha = -m/s and U ~ Uniform(0, 1): eta = m + s * Z, Z = -Phi^{-1}(U * Phi(-alpha)), computed as
-    ``-ndtri_exp(log U + log_ndtr(m/s))``, which stays accurate far in the tail (m/s << 0, where
-    Phi(m/s) underflows) and in the bulk. Clipped at 0 against the last rounding ulp.
-    """
-    m = np.asarray(m, dtype=float)
-    s = np.broadcast_to(np.asarray(s, dtype=float), m.shape)
-    if np.any(~np.isfinite(m)):
-        raise ValueError("truncated-normal location m contains NaN or inf")
-    if np.any(~(s > 0)) or np.any(~np.isfinite(s)):
-        raise ValueError("truncated-normal scale must be positive and finite")
-    u = rng.random(m.shape)
-    # guard log(0): rng.random is in [0, 1); 0 has probability 2^-53 but would give -inf
-    u = np.where(u > 0, u, np.finfo(float).tiny)
-    z = -ndtri_exp(np.log(u) + log_ndtr(m / s))
-    return np.maximum(m + s * z, 0.0)
-
-
 @dataclass(frozen=True)
 class Simulation:
     """One simulated data set.
@@ -69,15 +49,15 @@ class Simulation:
     counts : (N, G) int64 observed u.
     x : (N, G) true log-rates.
     eta : (N,) true capture loss (0 without capture).
-    log_anchor : (N,) the exogenous anchor log L_c used by the capture prior (pass it to inference).
-        Without capture, the given anchor or (default) log(max(sum_g u_cg, 1)).
+    log_anchor : (N,) the exogenous anchor log L_c used by the capture prior (pass it to inference,
+        e.g. ``fit(..., library_size=sim.library_size)``); None without capture unless one was given.
     params : the true PLNParams.
     """
 
     counts: np.ndarray
     x: np.ndarray
     eta: np.ndarray
-    log_anchor: np.ndarray
+    log_anchor: np.ndarray | None
     params: PLNParams
 
     @property
@@ -85,15 +65,20 @@ class Simulation:
         return self.counts.shape[0]
 
     @property
-    def library_size(self) -> np.ndarray:
-        """Realised library size sum_g u_cg (N,) (not the anchor)."""
+    def library_size(self) -> np.ndarray | None:
+        """The anchor L_c = exp(log_anchor) of the capture prior (N,) (``pln_ref.anchor``)."""
+        return None if self.log_anchor is None else np.exp(self.log_anchor)
+
+    @property
+    def total_counts(self) -> np.ndarray:
+        """Realised total counts sum_g u_cg (N,) (not the anchor)."""
         return self.counts.sum(axis=1)
 
     def to_anndata(self):
         """AnnData with X = counts and every true quantity attached (anndata >= 0.10 API).
 
-        obs: log_anchor, anchor (= exp(log_anchor)), library_size (realised), eta_true,
-             capture_efficiency_true (= exp(-eta)).
+        obs: library_size (the anchor L_c) and log_anchor (when there is one), total_counts
+             (realised), eta_true, capture_efficiency_true (= exp(-eta)).
         var: mu_true, d_true, sigma_gg_true.   obsm['x_true'] (N, G).   varm['W_true'] (G, k).
         uns['true_params']: mu, W, d, k, and M0 / sigma_M (only when capture is on).
         """
@@ -101,14 +86,11 @@ class Simulation:
         import pandas as pd
 
         p = self.params
+        cols = {} if self.log_anchor is None else {"library_size": self.library_size,
+                                                    "log_anchor": self.log_anchor}
         obs = pd.DataFrame(
-            {
-                "log_anchor": self.log_anchor,
-                "anchor": np.exp(self.log_anchor),
-                "library_size": self.library_size,
-                "eta_true": self.eta,
-                "capture_efficiency_true": np.exp(-self.eta),
-            },
+            {**cols, "total_counts": self.total_counts, "eta_true": self.eta,
+             "capture_efficiency_true": np.exp(-self.eta)},
             index=[f"cell{i}" for i in range(self.n_cells)],
         )
         var = pd.DataFrame(
@@ -131,18 +113,10 @@ class Simulation:
 
 
 def _resolve_anchor(params: PLNParams, n_cells: int, rng, library_size, log_anchor) -> np.ndarray | None:
-    if library_size is not None and log_anchor is not None:
-        raise ValueError("give either library_size or log_anchor, not both")
-    if library_size is not None:
-        L = np.broadcast_to(np.asarray(library_size, dtype=float), (n_cells,)).copy()
-        if np.any(~np.isfinite(L)) or np.any(L <= 0):
-            raise ValueError("library_size must be positive and finite for every cell")
-        return np.log(L)
-    if log_anchor is not None:
-        la = np.broadcast_to(np.asarray(log_anchor, dtype=float), (n_cells,)).copy()
-        if np.any(~np.isfinite(la)):
-            raise ValueError("log_anchor contains NaN or inf")
-        return la
+    """The given anchor (``anchor.resolve_log_anchor``), or with capture and none given the default
+    L_c = M0 kappa_c (module docstring); None without capture and no anchor."""
+    if library_size is not None or log_anchor is not None:
+        return resolve_log_anchor(n_cells, log_anchor, library_size=library_size)
     if params.capture is None:
         return None
     lo, hi = DEFAULT_EFFICIENCY_RANGE
@@ -172,18 +146,15 @@ def simulate(
     if n_cells < 1:
         raise ValueError(f"n_cells must be >= 1, got {n_cells}")
     rng = np.random.default_rng(seed)
-    G, k = params.G, params.k
 
     la = _resolve_anchor(params, n_cells, rng, library_size, log_anchor)
     if params.capture is not None:
         m = params.capture.prior_mean(la)
-        eta = sample_truncnorm_lower0(m, params.capture.sigma_M, rng)
+        eta = truncnorm.sample(m, params.capture.sigma_M, rng)
     else:
         eta = np.zeros(n_cells)
 
-    z = rng.standard_normal((n_cells, k))
-    eps = rng.standard_normal((n_cells, G))
-    x = params.mu + z @ params.W.T + np.sqrt(params.d) * eps
+    x = params.mu + LowRankCov.from_params(params).sample(rng, n_cells)  # mu + W z + sqrt(d) eps
 
     log_rate = x - eta[:, None]
     max_log_rate = float(log_rate.max())
@@ -195,10 +166,9 @@ def simulate(
         )
     counts = rng.poisson(np.exp(log_rate)).astype(np.int64)
 
-    if la is None:
-        la = np.log(np.maximum(counts.sum(axis=1), 1).astype(float))
     for a in (counts, x, eta, la):
-        a.setflags(write=False)
+        if a is not None:
+            a.setflags(write=False)
     return Simulation(counts=counts, x=x, eta=eta, log_anchor=la, params=params)
 
 
