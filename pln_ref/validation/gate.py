@@ -111,45 +111,17 @@ def _worst(values: np.ndarray, how: str) -> tuple[float, tuple]:
     return float(flat.reshape(-1)[j]), tuple(int(i) for i in idx)
 
 
-def check_gate(
-    idata,
-    var_names: Sequence[str] | None = None,
-    thresholds: GateThresholds = GateThresholds(),
-) -> GateResult:
-    """Apply the ground-truth gate to a NUTS fit (``arviz.InferenceData``).
-
-    R-hat: arviz.rhat(method="rank") (rank-normalised split R-hat, max over every element of
-    every variable in ``var_names``); ESS: arviz.ess(method="bulk"/"tail") (min over elements);
-    divergences: sum of ``sample_stats.diverging``; E-BFMI: arviz.bfmi per chain.
-    A NaN diagnostic (e.g. a constant quantity) counts as a failure: it cannot be certified.
-    Missing ``sample_stats`` (no divergence / energy information) is a failure too.
-    """
+def _posterior_checks(post, var_names: list[str], thresholds: GateThresholds, reasons: list[str]):
+    """Rank-normalised R-hat and bulk / tail ESS of every variable: the per-variable table and
+    the overall worst figures (NaN if any is NaN); failures are appended to ``reasons``."""
     import arviz as az
 
-    if not hasattr(idata, "posterior"):
-        raise ValueError("check_gate needs an InferenceData with a posterior group")
-    post = idata.posterior
-    if var_names is None:
-        var_names = list(post.data_vars)
-    else:
-        var_names = list(var_names)
-        missing = [v for v in var_names if v not in post.data_vars]
-        if missing:
-            raise ValueError(f"variables not in the posterior: {missing}")
-    if not var_names:
-        raise ValueError("no posterior variables to check")
-    n_chains = int(post.sizes["chain"])
-    n_draws = int(post.sizes["draw"])
-    reasons: list[str] = []
-    table: list[dict] = []
-    if n_chains < 2:
-        reasons.append(f"only {n_chains} chain: rank-normalised split R-hat needs >= 2 chains "
-                       "to detect non-convergence between chains")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         rhat = az.rhat(post, var_names=var_names, method="rank")
         ess_b = az.ess(post, var_names=var_names, method="bulk")
         ess_t = az.ess(post, var_names=var_names, method="tail")
+    table: list[dict] = []
     rmax_all, eb_all, et_all = -np.inf, np.inf, np.inf
     for v in var_names:
         r, ri = _worst(rhat[v].values, "max")
@@ -168,34 +140,78 @@ def check_gate(
         rmax_all = np.nan if np.isnan(r) else max(rmax_all, r)
         eb_all = np.nan if np.isnan(b) else min(eb_all, b)
         et_all = np.nan if np.isnan(t) else min(et_all, t)
-    # divergences and E-BFMI
+    return table, float(rmax_all), float(eb_all), float(et_all)
+
+
+def _sampler_checks(idata, n_chains: int, n_draws: int, thresholds: GateThresholds,
+                    reasons: list[str]) -> tuple[int, list[float]]:
+    """Divergent transitions and E-BFMI per chain from ``sample_stats``; failures (and missing
+    statistics) are appended to ``reasons``."""
+    import arviz as az
+
     divergences = 0
     bfmi: list[float] = []
     ss = getattr(idata, "sample_stats", None)
     if ss is None:
         reasons.append("no sample_stats group: divergences and E-BFMI cannot be checked")
+        return divergences, bfmi
+    if "diverging" in ss:
+        divergences = int(np.asarray(ss["diverging"].values).astype(bool).sum())
+        if divergences > thresholds.max_divergences:
+            n_tot = n_chains * n_draws
+            reasons.append(f"{divergences} divergent transitions of {n_tot} "
+                           f"({100 * divergences / n_tot:.2f}%) (needs <= {thresholds.max_divergences})")
     else:
-        if "diverging" in ss:
-            divergences = int(np.asarray(ss["diverging"].values).astype(bool).sum())
-            if divergences > thresholds.max_divergences:
-                n_tot = n_chains * n_draws
-                reasons.append(f"{divergences} divergent transitions of {n_tot} "
-                               f"({100 * divergences / n_tot:.2f}%) (needs <= {thresholds.max_divergences})")
-        else:
-            reasons.append("sample_stats has no 'diverging' (CmdStan name 'divergent' not renamed?)")
-        if "energy" in ss:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                bfmi = [float(b) for b in np.atleast_1d(az.bfmi(idata))]
-            for c, b in enumerate(bfmi):
-                if not np.isfinite(b) or b <= thresholds.bfmi_min:
-                    reasons.append(f"E-BFMI of chain {c} = {b:.3f} (needs > {thresholds.bfmi_min})")
-        else:
-            reasons.append("sample_stats has no 'energy': E-BFMI cannot be checked")
+        reasons.append("sample_stats has no 'diverging' (CmdStan name 'divergent' not renamed?)")
+    if "energy" in ss:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            bfmi = [float(b) for b in np.atleast_1d(az.bfmi(idata))]
+        for c, b in enumerate(bfmi):
+            if not np.isfinite(b) or b <= thresholds.bfmi_min:
+                reasons.append(f"E-BFMI of chain {c} = {b:.3f} (needs > {thresholds.bfmi_min})")
+    else:
+        reasons.append("sample_stats has no 'energy': E-BFMI cannot be checked")
+    return divergences, bfmi
+
+
+def check_gate(
+    idata,
+    var_names: Sequence[str] | None = None,
+    thresholds: GateThresholds = GateThresholds(),
+) -> GateResult:
+    """Apply the ground-truth gate to a NUTS fit (``arviz.InferenceData``).
+
+    R-hat: arviz.rhat(method="rank") (rank-normalised split R-hat, max over every element of
+    every variable in ``var_names``); ESS: arviz.ess(method="bulk"/"tail") (min over elements);
+    divergences: sum of ``sample_stats.diverging``; E-BFMI: arviz.bfmi per chain.
+    A NaN diagnostic (e.g. a constant quantity) counts as a failure: it cannot be certified.
+    Missing ``sample_stats`` (no divergence / energy information) is a failure too.
+    """
+    if not hasattr(idata, "posterior"):
+        raise ValueError("check_gate needs an InferenceData with a posterior group")
+    post = idata.posterior
+    if var_names is None:
+        var_names = list(post.data_vars)
+    else:
+        var_names = list(var_names)
+        missing = [v for v in var_names if v not in post.data_vars]
+        if missing:
+            raise ValueError(f"variables not in the posterior: {missing}")
+    if not var_names:
+        raise ValueError("no posterior variables to check")
+    n_chains = int(post.sizes["chain"])
+    n_draws = int(post.sizes["draw"])
+    reasons: list[str] = []
+    if n_chains < 2:
+        reasons.append(f"only {n_chains} chain: rank-normalised split R-hat needs >= 2 chains "
+                       "to detect non-convergence between chains")
+    table, rhat_max, ess_bulk_min, ess_tail_min = _posterior_checks(post, var_names, thresholds, reasons)
+    divergences, bfmi = _sampler_checks(idata, n_chains, n_draws, thresholds, reasons)
     return GateResult(
         passed=not reasons, reasons=reasons, table=table, divergences=divergences,
         n_chains=n_chains, n_draws=n_draws, bfmi=bfmi,
-        rhat_max=float(rmax_all), ess_bulk_min=float(eb_all), ess_tail_min=float(et_all),
+        rhat_max=rhat_max, ess_bulk_min=ess_bulk_min, ess_tail_min=ess_tail_min,
     )
 
 
