@@ -75,7 +75,7 @@ data {
   real log_M0;                          // log M0 (ignored when capture == 0)
   real<lower=0> sigma_M;                // capture prior SD (ignored when capture == 0)
   vector[N] log_L;                      // log anchor library size (ignored when capture == 0)
-  // Priors (weakly informative, documented in pln_ref.engines.pln_joint_data):
+  // Priors (weakly informative, documented in pln_ref.validation.standata.pln_joint_data):
   vector[G] mu_loc;                     // mu_g ~ N(mu_loc_g, mu_scale)
   real<lower=0> mu_scale;
   real<lower=0> w_scale;                // W_ga ~ N(0, w_scale)   (rotation-invariant prior)
