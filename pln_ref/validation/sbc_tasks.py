@@ -13,9 +13,10 @@ import time
 import warnings
 
 import numpy as np
-from scipy import stats
 
 from ..model import poisson_loglik
+from ..params import Capture, PLNParams
+from ..simulation import simulate
 from .sbc_stats import sbc_ranks, thin_draws
 
 __all__ = [
@@ -62,8 +63,6 @@ def toy_normal_task(indices: list[int], seeds: list[np.random.SeedSequence], con
 
 
 def _params_from_config(config: dict):
-    from ..params import Capture, PLNParams
-
     cap = Capture(float(config["M0"]), float(config.get("sigma_M", 0.5))) if config.get("M0") else None
     return PLNParams(np.asarray(config["mu"]), np.asarray(config["W"]), np.asarray(config["d"]), cap)
 
@@ -77,15 +76,8 @@ def draw_cell_prior(params, ss: np.random.SeedSequence, log_lib_range=(np.log(10
     """
     rng = np.random.default_rng(ss)
     log_L = rng.uniform(*log_lib_range)
-    if params.capture is not None:
-        m = params.capture.prior_mean(np.array([log_L]))[0]
-        s = params.capture.sigma_M
-        eta = float(stats.truncnorm.rvs((0 - m) / s, np.inf, loc=m, scale=s, random_state=rng))
-    else:
-        eta = 0.0
-    x = params.mu + params.W @ rng.normal(size=params.k) + np.sqrt(params.d) * rng.normal(size=params.G)
-    u = rng.poisson(np.exp(x - eta))
-    return u, x, eta, log_L
+    sim = simulate(params, 1, seed=rng, log_anchor=np.array([log_L]))
+    return sim.counts[0], sim.x[0], float(sim.eta[0]), log_L
 
 
 def laplace_conditional_task(indices: list[int], seeds: list[np.random.SeedSequence], config: dict) -> list[dict]:
@@ -195,11 +187,8 @@ def draw_joint_prior(cfg: dict, ss: np.random.SeedSequence) -> dict:
     W = rng.normal(0.0, c["w_scale"], (G, k))
     d = np.exp(rng.normal(c["d_loc"], c["d_scale"], G))
     log_L = rng.uniform(np.log(c["lib_lo"]), np.log(c["lib_hi"]), N)
-    m = np.log(c["M0"]) - log_L
-    s = c["sigma_M"]
-    eta = stats.truncnorm.rvs((0 - m) / s, np.inf, loc=m, scale=s, random_state=rng)
-    x = mu + rng.normal(size=(N, k)) @ W.T + np.sqrt(d) * rng.normal(size=(N, G))
-    u = rng.poisson(np.exp(x - eta[:, None]))
+    sim = simulate(PLNParams(mu, W, d, Capture(c["M0"], c["sigma_M"])), N, seed=rng, log_anchor=log_L)
+    eta, x, u = sim.eta, sim.x, sim.counts
     return {"mu": mu, "W": W, "d": d, "log_L": log_L, "eta": eta, "x": x, "u": u, "cfg": c}
 
 
@@ -214,7 +203,6 @@ def _program_hash(name: str) -> str:
 
 def _fit_joint_nuts(pr: dict, ss: np.random.SeedSequence):
     """Gated NUTS fit of ``pln_joint`` on one prior draw (data built with the prior that drew it)."""
-    from ..params import Capture
     from .engines import sample_nuts
     from .gate import check_gate
     from .standata import pln_joint_data

@@ -25,13 +25,11 @@ def _counts_int(counts) -> np.ndarray:
     return arr.astype(np.int64)
 
 
-def _log_anchor(log_anchor, N: int) -> np.ndarray:
-    la = np.asarray(log_anchor, dtype=float).reshape(-1)
-    if la.shape != (N,):
-        raise ValueError(f"log_anchor must have one entry per cell (N={N}), got shape {np.shape(log_anchor)}")
-    if not np.all(np.isfinite(la)):
-        raise ValueError("log_anchor contains NaN or inf (a zero library size gives log 0 = -inf)")
-    return la
+def _log_anchor(counts: np.ndarray, log_anchor) -> np.ndarray:
+    """log L_c by the one anchor policy (``pln_ref.anchor.resolve_log_anchor``)."""
+    from ..anchor import resolve_log_anchor
+
+    return resolve_log_anchor(counts, None if log_anchor is None else np.asarray(log_anchor, float).reshape(-1))
 
 
 def pln_cell_data(counts, params: PLNParams, log_anchor) -> dict:
@@ -51,7 +49,7 @@ def pln_cell_data(counts, params: PLNParams, log_anchor) -> dict:
         "N": N, "G": G, "k": params.k, "u": u,
         "mu": np.asarray(params.mu, float), "W": np.asarray(params.W, float), "d": np.asarray(params.d, float),
         "log_M0": float(np.log(params.capture.M0)), "sigma_M": float(params.capture.sigma_M),
-        "log_L": _log_anchor(log_anchor, N),
+        "log_L": _log_anchor(u, log_anchor),
     }
 
 
@@ -97,8 +95,8 @@ def pln_joint_data(
         d_g   ~ LogNormal(d_loc, d_scale^2) default median 0.2, 95% in (0.03, 1.4): zero density
                                            at d = 0 keeps away from the Heywood boundary
         eta_c ~ TruncN(log M0 - log L_c, sigma_M^2, low=0) if capture (a pln_ref.Capture) is given
-    log_anchor defaults to the log realised library size log(sum_g u_cg) (empirical Bayes; an SBC
-    must pass the exogenous anchor it simulated from).
+    log_anchor defaults to the log realised total counts log(sum_g u_cg) (empirical Bayes; an SBC
+    must pass the exogenous anchor it simulated from), by the one anchor policy (``pln_ref.anchor``).
     """
     from ..params import Capture
 
@@ -108,12 +106,8 @@ def pln_joint_data(
         raise ValueError(f"k must be an integer with 1 <= k < G={G}, got {k!r}")
     if capture is not None and not isinstance(capture, Capture):
         raise ValueError("capture must be a pln_ref.Capture or None")
-    if log_anchor is None:
-        lib = u.sum(axis=1)
-        if capture is not None and np.any(lib == 0):
-            raise ValueError("cells with zero total count: pass log_anchor explicitly")
-        log_anchor = np.log(np.maximum(lib, 1))
-    la = _log_anchor(log_anchor, N)
+    # the anchor enters only the capture prior: without capture log_L is unused (zeros)
+    la = _log_anchor(u, log_anchor) if capture is not None or log_anchor is not None else np.zeros(N)
     if capture is not None:
         log_M0, sigma_M = float(np.log(capture.M0)), float(capture.sigma_M)
         shift = float(np.mean(log_M0 - la))
