@@ -7,11 +7,14 @@ Entry point: ``pln_ref.fit(data, model="pln", inference_method="laplace" | "vae"
 """
 
 from .api import fit, resolve_capture
+from .config import LaplaceConfig, VAEConfig
 from .data import as_counts, check_genes_cells, library_size
 from .laplace import CellPosteriors, newton_map
 from .lowrank import LowRankCov, PosteriorPrecision
 from .moments import method_of_moments, moment_zscores, pln_covariance, pln_mean, pln_variance
+from .exceptions import ConvergenceWarning
 from .params import Capture, PLNParams
+from .protocol import CellPosterior, PLNResult
 from .results import LaplaceResult
 from .simulate import Simulation, random_params, simulate
 
@@ -20,6 +23,7 @@ __all__ = [
     "CellPosteriors", "newton_map", "LowRankCov", "PosteriorPrecision",
     "method_of_moments", "moment_zscores", "pln_covariance", "pln_mean", "pln_variance",
     "Capture", "PLNParams", "LaplaceResult", "Simulation", "random_params", "simulate",
+    "LaplaceConfig", "VAEConfig", "PLNResult", "CellPosterior", "ConvergenceWarning",
 ]
 __version__ = "0.1.0"
 

@@ -21,6 +21,7 @@ import time
 
 import numpy as np
 
+from .config import LaplaceConfig, VAEConfig, method_config
 from .data import as_counts, check_genes_cells
 from .params import Capture
 
@@ -65,18 +66,11 @@ def fit(
     sigma_M: float | None = None,
     capture_efficiency: float = 0.1,
     library_size=None,
-    n_steps: int = 2000,
-    batch_size: int | None = None,
-    lr: float | None = None,
-    optimizer: str = "adam",
-    ift: bool = True,
-    gtol: float = 1e-6,
-    seed: int = 0,
-    checkpoint: str | None = None,
-    resume: str | None = None,
+    seed: int | None = None,
     progress: bool = True,
+    config: LaplaceConfig | VAEConfig | None = None,
     vae_latent_dim: int | None = None,
-    **vae_kwargs,
+    **options,
 ):
     """Fit the PLN with capture to a count matrix.
 
@@ -86,32 +80,56 @@ def fit(
     model : only "pln".
     inference_method : "laplace" (per-cell Newton + outer optimisation of mu, W, d on the
         Laplace evidence, ``pln_ref.fit_laplace``) or "vae" (``pln_ref.vae``).
-    k : rank of W (``vae_latent_dim`` is an alias for the VAE path).
+    k : rank of W (``vae_latent_dim`` is an alias).
     capture, M0, sigma_M, capture_efficiency, library_size : see module docstring.
-    n_steps, batch_size, lr, optimizer ("adam" | "lbfgs"), ift, gtol : outer optimisation
-        (Laplace); ``batch_size=None`` is full batch.
-    checkpoint : path of an .npz written atomically during the fit; ``resume``: such a path to
-        continue from (a crash loses at most ``checkpoint_every`` steps).
+    seed : the method's seed (default 0).
+    config : the method's options as a ``pln_ref.LaplaceConfig`` / ``pln_ref.VAEConfig``.
+    **options : fields of that config as keywords, e.g. ``n_steps``, ``batch_size``, ``lr``;
+        Laplace also ``optimizer`` ("adam" | "lbfgs"), ``ift``, ``gtol``, ``checkpoint`` (an .npz
+        written atomically during the fit), ``resume`` (such a path to continue from); VAE
+        ``hidden``, ``patience``, ... An option the method does not have raises ValueError;
+        None means the method's default.
 
-    Returns a ``LaplaceResult`` or a ``VAEResult`` (same attribute names).
+    Returns a ``LaplaceResult`` or a ``VAEResult``; both follow ``pln_ref.PLNResult``.
     """
     if model != "pln":
         raise ValueError(f"model must be 'pln', got {model!r}")
     if inference_method not in ("laplace", "vae"):
         raise ValueError(f"inference_method must be 'laplace' or 'vae', got {inference_method!r}")
-    gene_names = cell_names = None
-    try:
-        import anndata as ad
-
-        if isinstance(data, ad.AnnData):
-            gene_names = [str(g) for g in data.var_names]
-            cell_names = [str(c) for c in data.obs_names]
-    except ImportError:  # pragma: no cover
-        pass
-    u = as_counts(data, layer=layer)
-    N, G = u.shape
+    cfg = method_config(inference_method, config, seed=seed, **options)
     if vae_latent_dim is not None:
         k = vae_latent_dim
+    u, cap, log_anchor, names = _prepare(data, k, layer, capture, M0, sigma_M, capture_efficiency,
+                                         library_size)
+    anchor = "library_size argument" if library_size is not None else "realised library size"
+    if inference_method == "vae":
+        from .vae import fit_vae
+
+        res = fit_vae(u, k, capture=cap, log_anchor=log_anchor, progress=progress, config=cfg, **names)
+        res.settings["anchor"] = anchor
+        return res
+    return _fit_laplace(u, k, cap, log_anchor, anchor=anchor, n_steps=cfg.n_steps, batch_size=cfg.batch_size,
+                        lr=cfg.lr, optimizer=cfg.optimizer, ift=cfg.ift, gtol=cfg.gtol,
+                        seed=cfg.seed, checkpoint=cfg.checkpoint, resume=cfg.resume, progress=progress,
+                        **names)
+
+
+def _names(data) -> dict:
+    """gene_names / cell_names of an AnnData input (None otherwise)."""
+    try:
+        import anndata as ad
+    except ImportError:  # pragma: no cover
+        return {"gene_names": None, "cell_names": None}
+    if isinstance(data, ad.AnnData):
+        return {"gene_names": [str(g) for g in data.var_names], "cell_names": [str(c) for c in data.obs_names]}
+    return {"gene_names": None, "cell_names": None}
+
+
+def _prepare(data, k, layer, capture, M0, sigma_M, capture_efficiency, library_size):
+    """Checked counts, the capture setting, log anchors and the names of the input."""
+    names = _names(data)
+    u = as_counts(data, layer=layer)
+    N, G = u.shape
     if not (isinstance(k, (int, np.integer)) and 1 <= k < G):
         raise ValueError(f"k must be an integer with 1 <= k < G = {G} genes, got {k!r}")
     rep = check_genes_cells(u)
@@ -134,23 +152,7 @@ def fit(
                 "which is 0 for these cells; remove them or pass library_size"
             )
         log_anchor = np.log(u.sum(axis=1))
-
-    if inference_method == "vae":
-        from .vae import fit_vae
-
-        kw = dict(vae_kwargs)
-        if lr is not None:
-            kw["lr"] = lr
-        return fit_vae(u, k, capture=cap, log_anchor=log_anchor, n_steps=n_steps,
-                       batch_size=256 if batch_size is None else batch_size, seed=seed,
-                       progress=progress, **kw)
-    if vae_kwargs:
-        raise ValueError(f"unknown arguments for the Laplace path: {sorted(vae_kwargs)}")
-    anchor = "library_size argument" if library_size is not None else "realised library size"
-    return _fit_laplace(u, k, cap, log_anchor, anchor=anchor, n_steps=n_steps, batch_size=batch_size,
-                        lr=0.05 if lr is None else lr, optimizer=optimizer, ift=ift, gtol=gtol,
-                        seed=seed, checkpoint=checkpoint, resume=resume, progress=progress,
-                        gene_names=gene_names, cell_names=cell_names)
+    return u, cap, log_anchor, names
 
 
 def _fit_laplace(u, k, cap, log_anchor, *, anchor, n_steps, batch_size, lr, optimizer, ift, gtol, seed,
