@@ -49,8 +49,8 @@ def resolve_log_anchor(counts, log_anchor=None, *, library_size=None) -> np.ndar
     if np.any(L <= 0):
         bad = np.flatnonzero(L <= 0)
         raise ValueError(
-            f"{bad.size} cells have zero total counts (cells {_first(bad)}): the capture prior is "
-            "anchored on each cell's library size; remove these cells or pass library_size for them")
+            f"{bad.size} cells have zero library size (all-zero cells {_first(bad)}: their total counts, "
+            "the default anchor of the capture prior, are 0); remove these cells or pass library_size")
     return np.log(L)
 
 
@@ -59,7 +59,7 @@ def _per_cell(name: str, value, N: int) -> np.ndarray:
     if arr.ndim == 0:
         return np.full(N, float(arr))
     if arr.shape != (N,):
-        raise ValueError(f"{name} must be a scalar or have one entry per cell ({N},), got shape {arr.shape}")
+        raise ValueError(f"{name} must have shape ({N},) (one entry per cell) or be a scalar, got shape {arr.shape}")
     return arr.copy()
 
 

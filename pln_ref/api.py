@@ -11,7 +11,8 @@ prior median total mRNA per cell) and sigma_M:
 - ``capture=None``: no capture (eta = 0). Library-size variation is then absorbed by x and shows
   up as a common positive covariance of all genes in Sigma.
 
-The anchor L_c is the realised library size by default (empirical Bayes); pass ``library_size``
+The anchor L_c (the library size) is the cell's realised total counts by default (empirical Bayes,
+``pln_ref.anchor``); pass ``library_size``
 to use an exogenous anchor (as in simulation and SBC, see the notes on the capture prior).
 """
 
@@ -21,6 +22,8 @@ import time
 
 import numpy as np
 
+from .config import LaplaceConfig, VAEConfig, method_config
+from .anchor import resolve_log_anchor
 from .data import as_counts, check_genes_cells
 from .params import Capture
 
@@ -65,18 +68,11 @@ def fit(
     sigma_M: float | None = None,
     capture_efficiency: float = 0.1,
     library_size=None,
-    n_steps: int = 2000,
-    batch_size: int | None = None,
-    lr: float | None = None,
-    optimizer: str = "adam",
-    ift: bool = True,
-    gtol: float = 1e-6,
-    seed: int = 0,
-    checkpoint: str | None = None,
-    resume: str | None = None,
+    seed: int | None = None,
     progress: bool = True,
+    config: LaplaceConfig | VAEConfig | None = None,
     vae_latent_dim: int | None = None,
-    **vae_kwargs,
+    **options,
 ):
     """Fit the PLN with capture to a count matrix.
 
@@ -86,32 +82,56 @@ def fit(
     model : only "pln".
     inference_method : "laplace" (per-cell Newton + outer optimisation of mu, W, d on the
         Laplace evidence, ``pln_ref.fit_laplace``) or "vae" (``pln_ref.vae``).
-    k : rank of W (``vae_latent_dim`` is an alias for the VAE path).
+    k : rank of W (``vae_latent_dim`` is an alias).
     capture, M0, sigma_M, capture_efficiency, library_size : see module docstring.
-    n_steps, batch_size, lr, optimizer ("adam" | "lbfgs"), ift, gtol : outer optimisation
-        (Laplace); ``batch_size=None`` is full batch.
-    checkpoint : path of an .npz written atomically during the fit; ``resume``: such a path to
-        continue from (a crash loses at most ``checkpoint_every`` steps).
+    seed : the method's seed (default 0).
+    config : the method's options as a ``pln_ref.LaplaceConfig`` / ``pln_ref.VAEConfig``.
+    **options : fields of that config as keywords, e.g. ``n_steps``, ``batch_size``, ``lr``;
+        Laplace also ``optimizer`` ("adam" | "lbfgs"), ``ift``, ``gtol``, ``checkpoint`` (an .npz
+        written atomically during the fit), ``resume`` (such a path to continue from); VAE
+        ``hidden``, ``patience``, ... An option the method does not have raises ValueError;
+        None means the method's default.
 
-    Returns a ``LaplaceResult`` or a ``VAEResult`` (same attribute names).
+    Returns a ``LaplaceResult`` or a ``VAEResult``; both follow ``pln_ref.PLNResult``.
     """
     if model != "pln":
         raise ValueError(f"model must be 'pln', got {model!r}")
     if inference_method not in ("laplace", "vae"):
         raise ValueError(f"inference_method must be 'laplace' or 'vae', got {inference_method!r}")
-    gene_names = cell_names = None
-    try:
-        import anndata as ad
-
-        if isinstance(data, ad.AnnData):
-            gene_names = [str(g) for g in data.var_names]
-            cell_names = [str(c) for c in data.obs_names]
-    except ImportError:  # pragma: no cover
-        pass
-    u = as_counts(data, layer=layer)
-    N, G = u.shape
+    cfg = method_config(inference_method, config, seed=seed, **options)
     if vae_latent_dim is not None:
         k = vae_latent_dim
+    u, cap, log_anchor, names = _prepare(data, k, layer, capture, M0, sigma_M, capture_efficiency,
+                                         library_size)
+    anchor = "library_size argument" if library_size is not None else "realised total counts"
+    if inference_method == "vae":
+        from .vae import fit_vae
+
+        res = fit_vae(u, k, capture=cap, log_anchor=log_anchor, progress=progress, config=cfg, **names)
+        res.settings["anchor"] = anchor
+        return res
+    return _fit_laplace(u, k, cap, log_anchor, anchor=anchor, n_steps=cfg.n_steps, batch_size=cfg.batch_size,
+                        lr=cfg.lr, optimizer=cfg.optimizer, ift=cfg.ift, gtol=cfg.gtol,
+                        seed=cfg.seed, checkpoint=cfg.checkpoint, resume=cfg.resume, progress=progress,
+                        **names)
+
+
+def _names(data) -> dict:
+    """gene_names / cell_names of an AnnData input (None otherwise)."""
+    try:
+        import anndata as ad
+    except ImportError:  # pragma: no cover
+        return {"gene_names": None, "cell_names": None}
+    if isinstance(data, ad.AnnData):
+        return {"gene_names": [str(g) for g in data.var_names], "cell_names": [str(c) for c in data.obs_names]}
+    return {"gene_names": None, "cell_names": None}
+
+
+def _prepare(data, k, layer, capture, M0, sigma_M, capture_efficiency, library_size):
+    """Checked counts, the capture setting, log anchors and the names of the input."""
+    names = _names(data)
+    u = as_counts(data, layer=layer)
+    N, G = u.shape
     if not (isinstance(k, (int, np.integer)) and 1 <= k < G):
         raise ValueError(f"k must be an integer with 1 <= k < G = {G} genes, got {k!r}")
     rep = check_genes_cells(u)
@@ -120,37 +140,16 @@ def fit(
             f"{rep.message()}: an all-zero gene has no identified mean (mu -> -inf); "
             "remove such genes first, e.g. adata[:, np.asarray(adata.X.sum(0)).ravel() > 0]"
         )
-    log_anchor = None
-    if library_size is not None:
-        L = np.asarray(library_size, dtype=float)
-        if L.shape != (N,) or not np.all(np.isfinite(L)) or np.any(L <= 0):
-            raise ValueError(f"library_size must be {N} positive finite numbers")
-        log_anchor = np.log(L)
     cap = resolve_capture(u, capture, M0=M0, sigma_M=sigma_M, capture_efficiency=capture_efficiency)
-    if cap is not None and log_anchor is None:
-        if rep.n_zero_cells:
+    log_anchor = None
+    if cap is not None or library_size is not None:
+        if library_size is None and rep.n_zero_cells:
             raise ValueError(
                 f"{rep.message()}: the capture prior is anchored on each cell's library size, "
                 "which is 0 for these cells; remove them or pass library_size"
             )
-        log_anchor = np.log(u.sum(axis=1))
-
-    if inference_method == "vae":
-        from .vae import fit_vae
-
-        kw = dict(vae_kwargs)
-        if lr is not None:
-            kw["lr"] = lr
-        return fit_vae(u, k, capture=cap, log_anchor=log_anchor, n_steps=n_steps,
-                       batch_size=256 if batch_size is None else batch_size, seed=seed,
-                       progress=progress, **kw)
-    if vae_kwargs:
-        raise ValueError(f"unknown arguments for the Laplace path: {sorted(vae_kwargs)}")
-    anchor = "library_size argument" if library_size is not None else "realised library size"
-    return _fit_laplace(u, k, cap, log_anchor, anchor=anchor, n_steps=n_steps, batch_size=batch_size,
-                        lr=0.05 if lr is None else lr, optimizer=optimizer, ift=ift, gtol=gtol,
-                        seed=seed, checkpoint=checkpoint, resume=resume, progress=progress,
-                        gene_names=gene_names, cell_names=cell_names)
+        log_anchor = resolve_log_anchor(u, library_size=library_size)
+    return u, cap, log_anchor, names
 
 
 def _fit_laplace(u, k, cap, log_anchor, *, anchor, n_steps, batch_size, lr, optimizer, ift, gtol, seed,

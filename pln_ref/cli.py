@@ -78,6 +78,7 @@ def _cmd_fit(args) -> int:
     import anndata as ad
 
     from . import fit
+    from .protocol import parse_write
 
     path = Path(args.data)
     if not path.exists():
@@ -85,12 +86,13 @@ def _cmd_fit(args) -> int:
         return 2
     adata = ad.read_h5ad(path)
     capture = None if args.no_capture else "auto"
+    write = parse_write(args.write)  # checked before the fit
+    options = {"n_steps": args.n_steps, "batch_size": args.batch_size, "optimizer": args.optimizer,
+               "checkpoint": args.checkpoint, "resume": args.resume}
     res = fit(adata, inference_method=args.method, k=args.k, layer=args.layer, capture=capture,
-              M0=args.M0, sigma_M=args.sigma_M, n_steps=args.n_steps, batch_size=args.batch_size,
-              optimizer=args.optimizer, seed=args.seed, checkpoint=args.checkpoint,
-              resume=args.resume, progress=not args.quiet)
-    print(res.summary() if hasattr(res, "summary") else res)
-    res.to_anndata(adata)
+              M0=args.M0, sigma_M=args.sigma_M, seed=args.seed, progress=not args.quiet, **options)
+    print(res.summary())
+    res.to_anndata(adata, write=write)
     out = Path(args.out)
     adata.write_h5ad(out)
     if args.save_result:
@@ -130,11 +132,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-capture", action="store_true")
     p.add_argument("--n-steps", type=int, default=2000)
     p.add_argument("--batch-size", type=int, default=None)
-    p.add_argument("--optimizer", choices=["adam", "lbfgs"], default="adam")
+    p.add_argument("--optimizer", choices=["adam", "lbfgs"], default=None,
+                   help="Laplace outer optimiser (default adam)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--checkpoint", default=None)
     p.add_argument("--resume", default=None)
     p.add_argument("--save-result", default=None, help="also save the result object (.npz)")
+    p.add_argument("--write", default="", metavar="LIST",
+                   help="per-cell x per-gene layers (map, sd, denoised) and the gene-gene "
+                        "correlation (varp) to write, comma-separated, as float32 (default: none)")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=_cmd_fit)
 

@@ -37,24 +37,28 @@ even with the true decoder held fixed -- the encoder over-fits the training cell
 did not cure it); the decoder's Sigma barely changes after the peak (correlation error 0.303 at
 the peak vs 0.300 after 1500 steps). Deterministic on CPU for a given seed (``torch.manual_seed``,
 a seeded ``torch.Generator`` for the split and batches, deterministic algorithms, float64).
+The loop itself is ``pln_ref.vae_train``; a fit that reaches ``n_steps`` without meeting the
+stopping rule issues a ``pln_ref.exceptions.ConvergenceWarning``. Options: ``pln_ref.VAEConfig``.
 """
 
 from __future__ import annotations
 
-import copy
-import json
+import io
 import math
 import time
+import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 
 from . import truncnorm
 from .anchor import resolve_log_anchor
+from .config import VAEConfig, method_config
 from .constants import LOG_2PI
+from .exceptions import ConvergenceWarning
 from .params import Capture, PLNParams
-from .results import FittedGlobals
+from .protocol import PLNResult
 
 __all__ = ["fit_vae", "VAEResult", "VAEPosterior", "VAEConfig"]
 
@@ -107,6 +111,11 @@ def _init_decoder(u: np.ndarray, k: int, capture, log_anchor) -> tuple[PLNParams
     return PLNParams(mu=mu, W=W, d=d, capture=capture), "log1p_svd"
 
 
+def _check_eta(eta: str) -> None:
+    if eta not in ("free", "map"):
+        raise ValueError(f"eta must be 'free' or 'map', got {eta!r}")
+
+
 # ------------------------------------------------------------------------------------------------
 # posterior object
 # ------------------------------------------------------------------------------------------------
@@ -136,9 +145,32 @@ class VAEPosterior:
         """E_q x = mu + W m + r, (N, G)."""
         return self.params.mu + self.z_mean @ self.params.W.T + self.r
 
-    def sd_x(self) -> np.ndarray:
-        """Marginal SDs of q(x | u): sqrt(sum_a W_ga^2 s_a^2 + v_g), (N, G)."""
+    def mean_x(self, eta: str = "free") -> np.ndarray:
+        """E_q x (N, G); x is independent of eta under q, so ``eta`` only is validated."""
+        _check_eta(eta)
+        return self.x_mean
+
+    def sd_x(self, eta: str = "free") -> np.ndarray:
+        """Marginal SDs of q(x | u): sqrt(sum_a W_ga^2 s_a^2 + v_g), (N, G) (independent of eta)."""
+        _check_eta(eta)
         return np.sqrt(self.z_var @ (self.params.W**2).T + self.v)
+
+    def expected_exp_x(self, eta: str = "free") -> np.ndarray:
+        """Denoised expression E_q[e^{x_g}] = exp(E_q x_g + Var_q x_g / 2), (N, G)."""
+        sd = self.sd_x(eta)
+        return np.exp(self.x_mean + 0.5 * sd**2)
+
+    def eta_mean_var(self) -> tuple[np.ndarray, np.ndarray]:
+        """Mean and variance of eta under q (zeros without capture)."""
+        if self.eta_loc is None:
+            return np.zeros(self.N), np.zeros(self.N)
+        return self._eta_stats()
+
+    def subset(self, idx) -> "VAEPosterior":
+        """The posterior of a subset of cells (index or boolean mask)."""
+        pick = lambda a: None if a is None else a[idx]  # noqa: E731
+        return VAEPosterior(self.params, self.z_mean[idx], self.z_var[idx], self.r[idx], self.v[idx],
+                            pick(self.eta_loc), pick(self.eta_scale))
 
     def _eta_stats(self):
         return truncnorm.mean_var(self.eta_loc, self.eta_scale)
@@ -211,36 +243,14 @@ class VAEPosterior:
 # result object
 # ------------------------------------------------------------------------------------------------
 @dataclass
-class VAEConfig:
-    k: int
-    hidden: tuple = (128, 64)
-    n_steps: int = 5000
-    batch_size: int = 256
-    lr: float = 3e-3
-    seed: int = 0
-    kl_anneal_steps: int = 0
-    residual: str = "laplace"
-    n_local_rounds: int = 4
-    warm_rounds: int = 2
-    encoder_weight_decay: float = 0.0
-    val_fraction: float = 0.1
-    eval_every: int = 100
-    patience: int = 5
-    tol: float = 0.01
-    train_decoder: bool = True
-
-    def to_dict(self) -> dict:
-        out = dict(self.__dict__)
-        out["hidden"] = list(self.hidden)
-        return out
-
-
-@dataclass
-class VAEResult(FittedGlobals):
+class VAEResult(PLNResult):
     """Fitted VAE: globals (mu, W, d), the encoder, and the posteriors of the training cells.
 
-    Same attribute names as the Laplace result: mu, W, d, params, correlation(), x_map
-    (= posterior mean E_q x), eta_map (= E_q eta), capture_probability = exp(-eta_map), history.
+    Follows the result protocol (``pln_ref.protocol.PLNResult``): x_map = E_q x, eta_map = E_q eta,
+    capture_probability = exp(-eta_map), sd_x(), denoised(), factor_scores() (encoder means of z),
+    summary(), to_anndata(), to_arviz(), save()/load(). ``history``: per-step "step",
+    "objective" (training ELBO per cell) and "validation_objective" (held-out ELBO per cell at
+    the evaluation steps, NaN elsewhere). ``config``: the ``VAEConfig`` of the fit.
     """
 
     params: PLNParams
@@ -248,48 +258,32 @@ class VAEResult(FittedGlobals):
     config: VAEConfig
     posterior: VAEPosterior
     history: dict = field(default_factory=dict)
+    settings: dict = field(default_factory=dict)
+    diagnostics: dict = field(default_factory=dict)
     log_anchor: np.ndarray | None = None
-    init_method: str = ""
-    wall_time: float = 0.0
+    gene_names: list | None = None
+    cell_names: list | None = None
 
-    # --- training cells ---------------------------------------------------------------------
-    @property
-    def x_map(self) -> np.ndarray:
-        return self.posterior.x_mean
-
-    @property
-    def eta_map(self) -> np.ndarray:
-        return self.posterior.eta_mean
+    inference_method = "vae"
+    _label = "VAE"
 
     @property
     def z_mean(self) -> np.ndarray:
         return self.posterior.z_mean
 
-    def sd_x(self) -> np.ndarray:
-        """Per-cell posterior SD of x under q (same meaning as ``LaplaceResult.sd_x``)."""
-        return self.posterior.sd_x()
-
     def factor_scores(self) -> np.ndarray:
         """Encoder means of z, shape (N, k)."""
         return self.posterior.z_mean
 
-    def summary(self) -> str:
-        N, G = self.x_map.shape
-        h = self.history or {}
-        lines = [f"PLN VAE fit: {N} cells x {G} genes, k={self.k}",
-                 f"  wall time {self.wall_time:.1f} s; init {self.init_method}"]
-        if "elbo" in h and len(h["elbo"]):
-            lines.append(f"  training ELBO per cell (last): {float(np.asarray(h['elbo'])[-1]):.4f}")
-        for key in ("stopped_step", "best_val_elbo"):
-            if key in h and h[key] is not None:
-                lines.append(f"  {key}: {h[key]}")
-        if self.params.capture is not None:
-            c = self.params.capture
-            lines.append(f"  capture: M0={c.M0:.4g}, sigma_M={c.sigma_M:g};"
-                         f" median capture probability {np.median(self.capture_probability):.3f}")
-        else:
-            lines.append("  capture: off (eta = 0)")
-        return "\n".join(lines)
+    def _summary_lines(self) -> list[str]:
+        dg = self.diagnostics
+        nan = float("nan")
+        return [
+            f"  training ELBO per cell (last): {dg.get('objective', nan):.4f};"
+            f" best held-out ELBO per cell: {dg.get('best_validation_objective', nan):.4f}",
+            f"  steps: {dg.get('steps')}  ({dg.get('stopped')})  wall time {dg.get('wall_time_s', nan):.1f} s;"
+            f" init {dg.get('init_method')}",
+        ]
 
     # --- new cells --------------------------------------------------------------------------
     def encode(self, new_counts, log_anchor=None, *, batch_size: int = 256) -> VAEPosterior:
@@ -386,108 +380,51 @@ class VAEResult(FittedGlobals):
             "n_cells": int(M.shape[0]),
         }
 
-    # --- export -----------------------------------------------------------------------------
-    def settings(self) -> dict:
-        out = {"inference_method": "vae", **self.config.to_dict(), "init_method": self.init_method,
-               "wall_time_s": float(self.wall_time)}
-        cap = self.params.capture
-        out["capture"] = None if cap is None else {"M0": cap.M0, "sigma_M": cap.sigma_M}
-        out["stopped_step"] = int(self.history.get("stopped_step", -1))
-        return out
-
-    def to_anndata(self, adata):
-        """Write obsm X_pln_vae_z (E_q z), X_pln_vae_x (E_q x), obs pln_vae_eta, varm PLN_W,
-        var PLN_mu/PLN_d and uns['pln_vae'] (settings). Returns the same AnnData."""
-        if adata.n_obs != self.posterior.N or adata.n_vars != self.params.G:
-            raise ValueError(f"AnnData shape {adata.shape} != fitted ({self.posterior.N}, {self.params.G})")
-        adata.obsm["X_pln_vae_z"] = np.asarray(self.posterior.z_mean)
-        adata.obsm["X_pln_vae_x"] = np.asarray(self.posterior.x_mean)
-        adata.obs["pln_vae_eta"] = np.asarray(self.eta_map)
-        adata.varm["PLN_W"] = np.asarray(self.params.W)
-        adata.var["PLN_mu"] = np.asarray(self.params.mu)
-        adata.var["PLN_d"] = np.asarray(self.params.d)
-        s = self.settings()
-        s["capture"] = json.dumps(s["capture"])
-        adata.uns["pln_vae"] = s
-        return adata
-
-    def to_arviz(self, n_draws: int = 200, cells=None, seed: int = 0):
-        """``arviz.InferenceData`` with draws of the VAE posterior of (some) training cells.
-
-        posterior: x (1 chain, n_draws, cell, gene), eta (cell), z (cell, factor) drawn from q
-        (z is drawn jointly with x: x = mu + W z + e); constant_data: mu, W, d. ``cells``: index
-        array (default all cells; keep n_draws * N * G moderate).
-        """
-        import arviz as az
-
-        q = self.posterior
-        idx = np.arange(q.N) if cells is None else np.asarray(cells)
-        rng = np.random.default_rng(seed)
+    # --- protocol hooks -----------------------------------------------------------------------
+    def _arviz_draws(self, post: VAEPosterior, rng: np.random.Generator, n_draws: int) -> dict:
+        """x drawn jointly with z (x = mu + W z + e), and eta, from q."""
         S, p = int(n_draws), self.params
-        zm, zv = q.z_mean[idx], q.z_var[idx]
-        z = zm + np.sqrt(zv) * rng.standard_normal((S, len(idx), p.k))
-        x = p.mu + q.r[idx] + z @ p.W.T + np.sqrt(q.v[idx]) * rng.standard_normal((S, len(idx), p.G))
-        sub = VAEPosterior(p, zm, zv, q.r[idx], q.v[idx],
-                           None if q.eta_loc is None else q.eta_loc[idx],
-                           None if q.eta_scale is None else q.eta_scale[idx])
-        _, eta = sub.sample(rng, S)
-        return az.from_dict(
-            posterior={"x": x[None], "eta": eta[None], "z": z[None]},
-            constant_data={"mu": p.mu, "W": p.W, "d": p.d},
-            dims={"x": ["cell", "gene"], "eta": ["cell"], "z": ["cell", "factor"],
-                  "mu": ["gene"], "W": ["gene", "factor"], "d": ["gene"]},
-            coords={"cell": idx, "gene": np.arange(p.G), "factor": np.arange(p.k)},
-            attrs={"inference_method": "vae"},
-        )
+        z = post.z_mean + np.sqrt(post.z_var) * rng.standard_normal((S, post.N, p.k))
+        x = p.mu + post.r + z @ p.W.T + np.sqrt(post.v) * rng.standard_normal((S, post.N, p.G))
+        _, eta = post.sample(rng, S)
+        return {"x": x, "eta": eta, "z": z}
 
-    def save(self, path) -> Path:
-        """Directory with model.pt (torch state dict), params.npz (mu, W, d, training-cell
-        posterior, anchor, history) and config.json."""
-        torch = _torch()
-        path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
-        torch.save(self.model.state_dict(), path / "model.pt")
-        p, q = self.params, self.posterior
-        arrays = dict(mu=p.mu, W=p.W, d=p.d, z_mean=q.z_mean, z_var=q.z_var, r=q.r, v=q.v,
-                      history_elbo=np.asarray(self.history.get("elbo", []), float),
-                      history_val=np.asarray(self.history.get("val_elbo", []), float).reshape(-1, 2))
+    def _state(self) -> tuple[dict, dict]:
+        q = self.posterior
+        arrays = dict(z_mean=q.z_mean, z_var=q.z_var, r=q.r, v=q.v,
+                      model_state=_state_bytes(self.model.state_dict()))
         if q.eta_loc is not None:
             arrays.update(eta_loc=q.eta_loc, eta_scale=q.eta_scale)
         if self.log_anchor is not None:
             arrays["log_anchor"] = self.log_anchor
-        np.savez(path / "params.npz", **arrays)
-        (path / "config.json").write_text(json.dumps(
-            {"config": self.config.to_dict(), "settings": self.settings(),
-             "stopped_step": int(self.history.get("stopped_step", -1))}, indent=1))
-        return path
+        return arrays, {"config": self.config.to_dict()}
 
     @classmethod
-    def load(cls, path) -> "VAEResult":
-        torch = _torch()
+    def _from_state(cls, z, meta: dict, params: PLNParams, common: dict) -> "VAEResult":
         from .vae_model import PLNVAE
 
-        path = Path(path)
-        meta = json.loads((path / "config.json").read_text())
-        cfg = dict(meta["config"])
-        cfg["hidden"] = tuple(cfg["hidden"])
-        config = VAEConfig(**cfg)
-        cap = meta["settings"]["capture"]
-        capture = None if cap is None else Capture(M0=cap["M0"], sigma_M=cap["sigma_M"])
-        z = np.load(path / "params.npz")
-        params = PLNParams(mu=z["mu"], W=z["W"], d=z["d"], capture=capture)
-        model = PLNVAE(params.G, params.k, hidden=config.hidden, capture=capture,
+        config = VAEConfig(**meta["config"])
+        model = PLNVAE(params.G, params.k, hidden=config.hidden, capture=params.capture,
                        residual=config.residual, n_local_rounds=config.n_local_rounds)
-        model.load_state_dict(torch.load(path / "model.pt", weights_only=True))
+        model.load_state_dict(_state_from_bytes(z["model_state"]))
         model.eval()
         post = VAEPosterior(params, z["z_mean"], z["z_var"], z["r"], z["v"],
-                            z["eta_loc"] if "eta_loc" in z else None,
-                            z["eta_scale"] if "eta_scale" in z else None)
-        hist = {"elbo": list(z["history_elbo"]), "val_elbo": [tuple(r) for r in z["history_val"]],
-                "stopped_step": meta.get("stopped_step", -1)}
-        return cls(params=params, model=model, config=config, posterior=post, history=hist,
-                   log_anchor=z["log_anchor"] if "log_anchor" in z else None,
-                   init_method=meta["settings"].get("init_method", ""),
-                   wall_time=meta["settings"].get("wall_time_s", 0.0))
+                            z["eta_loc"] if "eta_loc" in z.files else None,
+                            z["eta_scale"] if "eta_scale" in z.files else None)
+        return cls(model=model, config=config, posterior=post,
+                   log_anchor=z["log_anchor"] if "log_anchor" in z.files else None, **common)
+
+
+def _state_bytes(state_dict) -> np.ndarray:
+    """A torch state dict serialised into a uint8 array (stored inside the result's .npz)."""
+    torch = _torch()
+    buf = io.BytesIO()
+    torch.save(state_dict, buf)
+    return np.frombuffer(buf.getvalue(), dtype=np.uint8)
+
+
+def _state_from_bytes(arr: np.ndarray) -> dict:
+    return _torch().load(io.BytesIO(arr.tobytes()), weights_only=True)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -523,172 +460,137 @@ def _model_params(model, capture) -> PLNParams:
                          d=model.d.numpy().copy(), capture=capture)
 
 
+def _check_inputs(counts, k, capture, log_anchor, layer) -> tuple[np.ndarray, int, np.ndarray | None]:
+    u = _counts(counts, layer=layer)
+    G = u.shape[1]
+    k = int(k)
+    if not (1 <= k < G):
+        raise ValueError(f"latent dimension k={k} must satisfy 1 <= k < G={G}")
+    if capture is not None and not isinstance(capture, Capture):
+        raise ValueError("capture must be a pln_ref.Capture or None")
+    return u, k, _log_anchor(u, log_anchor, capture)
+
+
+@contextmanager
+def _deterministic(torch):
+    prev = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(prev)
+
+
+def _setup(u: np.ndarray, la, capture, init: PLNParams, cfg: VAEConfig, gen):
+    """The model (decoder at ``init``, encoder input statistics of the training cells) and the
+    training data with its held-out split (a ``val_fraction`` of the cells when N >= 20)."""
+    torch = _torch()
+    from .vae_model import PLNVAE
+    from .vae_train import TrainData
+
+    N, G = u.shape
+    model = PLNVAE(G, init.k, hidden=cfg.hidden, capture=capture, residual=cfg.residual,
+                   n_local_rounds=cfg.n_local_rounds)
+    model.set_decoder(init.mu, init.W, init.d)
+    U = torch.as_tensor(u, dtype=torch.float64)
+    loglib = torch.log1p(U.sum(1))
+    perm = torch.randperm(N, generator=gen)
+    n_val = int(round(cfg.val_fraction * N)) if N >= 20 else 0
+    data = TrainData(U, loglib, _prior_m(capture, la, torch), tr_idx=perm[n_val:], val_idx=perm[:n_val])
+    model.set_input_stats(torch.log1p(U[data.tr_idx]), loglib[data.tr_idx])
+    if not cfg.train_decoder:
+        for p in (model.mu, model.W, model.rho):
+            p.requires_grad_(False)
+    return model, data
+
+
+def _history(log) -> dict:
+    """The training log as the protocol's per-step history dict."""
+    n = len(log.elbo)
+    val = np.full(n, np.nan)
+    for step, value in log.val_elbo:
+        val[step - 1] = value
+    return {"step": np.arange(1, n + 1), "objective": np.asarray(log.elbo, dtype=float),
+            "validation_objective": val}
+
+
+def _warn_if_capped(log, cfg: VAEConfig) -> None:
+    if not log.stopped_early:
+        warnings.warn(
+            f"VAE training stopped at the step cap n_steps={cfg.n_steps} without meeting its stopping "
+            f"rule (held-out ELBO not improving by more than tol={cfg.tol} for patience={cfg.patience} "
+            "evaluations); raise n_steps or check history['validation_objective']",
+            ConvergenceWarning, stacklevel=3)
+
+
 def fit_vae(
     counts,
     k: int,
     *,
     capture: Capture | None = None,
     log_anchor=None,
-    n_steps: int = 5000,
-    batch_size: int = 256,
-    hidden=(128, 64),
-    lr: float = 3e-3,
-    seed: int = 0,
-    kl_anneal_steps: int = 0,
-    progress: bool = True,
-    residual: str = "laplace",
-    val_fraction: float = 0.1,
-    eval_every: int = 100,
-    patience: int = 5,
-    tol: float = 0.01,
     init: PLNParams | None = None,
-    train_decoder: bool = True,
     layer: str | None = None,
-    cache_local: bool = True,
-    warm_rounds: int = 2,
-    encoder_weight_decay: float = 0.0,
-    restore_best: bool = True,
+    progress: bool = True,
+    config: VAEConfig | None = None,
+    gene_names: list | None = None,
+    cell_names: list | None = None,
+    **options,
 ) -> VAEResult:
     """Fit the PLN VAE (ELBO and family: module docstrings of ``pln_ref.vae`` / ``vae_model``).
 
     counts (N, G) (anything ``pln_ref.data.as_counts`` accepts); k = vae_latent_dim (1 <= k < G);
     capture: ``Capture`` or None (eta = 0); log_anchor (N,) defaults to log of the realised
     library size. ``init``: PLNParams to start the decoder from (default: method of moments /
-    log1p+SVD). ``train_decoder=False`` keeps (mu, W, d) at ``init`` and trains only the encoder.
-    Early stopping: held-out ELBO per cell, see module docstring. ``cache_local``: during training,
-    warm-start each cell's closed-form (r, v) sweep from its previous visit and run only
-    ``warm_rounds`` sweeps (a speed device; held-out evaluation and ``encode`` always run the
-    full cold sweeps). Returns a ``VAEResult``.
+    log1p+SVD). Training options: a ``VAEConfig`` (``config``) and/or its fields as keywords
+    (``n_steps``, ``lr``, ``patience``, ``train_decoder``, ...; an unknown keyword is an error).
+    Early stopping: held-out ELBO per cell, see module docstring; a fit that reaches
+    ``n_steps`` without meeting it issues a ``pln_ref.exceptions.ConvergenceWarning``.
+    Returns a ``VAEResult``.
     """
     torch = _torch()
-    from .vae_model import PLNVAE
+    from .vae_train import train
 
-    u = _counts(counts, layer=layer)
-    N, G = u.shape
-    k = int(k)
-    if not (1 <= k < G):
-        raise ValueError(f"latent dimension k={k} must satisfy 1 <= k < G={G}")
-    if capture is not None and not isinstance(capture, Capture):
-        raise ValueError("capture must be a pln_ref.Capture or None")
-    for name, val in (("n_steps", n_steps), ("batch_size", batch_size), ("eval_every", eval_every),
-                      ("patience", patience)):
-        if int(val) < 1:
-            raise ValueError(f"{name} must be >= 1, got {val}")
-    if not (lr > 0 and math.isfinite(lr)):
-        raise ValueError(f"lr must be positive, got {lr}")
-    if not (0.0 <= val_fraction < 0.5):
-        raise ValueError(f"val_fraction must be in [0, 0.5), got {val_fraction}")
-    la = _log_anchor(u, log_anchor, capture)
-    config = VAEConfig(k=k, hidden=tuple(int(h) for h in hidden), n_steps=int(n_steps),
-                       batch_size=int(batch_size), lr=float(lr), seed=int(seed),
-                       kl_anneal_steps=int(kl_anneal_steps), residual=residual,
-                       val_fraction=float(val_fraction), eval_every=int(eval_every),
-                       patience=int(patience), tol=float(tol), train_decoder=bool(train_decoder),
-                       warm_rounds=int(warm_rounds), encoder_weight_decay=float(encoder_weight_decay))
-
+    cfg = method_config("vae", config, **options)
+    u, k, la = _check_inputs(counts, k, capture, log_anchor, layer)
     t0 = time.perf_counter()
     if init is None:
         init, init_method = _init_decoder(u, k, capture, la)
     else:
-        if init.G != G or init.k != k:
-            raise ValueError(f"init has (G, k)=({init.G}, {init.k}), expected ({G}, {k})")
+        if init.G != u.shape[1] or init.k != k:
+            raise ValueError(f"init has (G, k)=({init.G}, {init.k}), expected ({u.shape[1]}, {k})")
         init_method = "given"
-
-    det_prev = torch.are_deterministic_algorithms_enabled()
-    torch.use_deterministic_algorithms(True)
-    try:
-        torch.manual_seed(seed)
-        gen = torch.Generator().manual_seed(seed)
-        model = PLNVAE(G, k, hidden=config.hidden, capture=capture, residual=residual)
-        model.set_decoder(init.mu, init.W, init.d)
-        U = torch.as_tensor(u, dtype=torch.float64)
-        loglib = torch.log1p(U.sum(1))
-        PM = _prior_m(capture, la, torch) if capture is not None else None
-
-        perm = torch.randperm(N, generator=gen)
-        n_val = int(round(val_fraction * N)) if N >= 20 else 0
-        val_idx, tr_idx = perm[:n_val], perm[n_val:]
-        model.set_input_stats(torch.log1p(U[tr_idx]), loglib[tr_idx])
-        if not train_decoder:
-            for p in (model.mu, model.W, model.rho):
-                p.requires_grad_(False)
-        dec = {id(model.mu), id(model.W), id(model.rho)}
-        groups = [{"params": [q for q in model.parameters() if q.requires_grad and id(q) not in dec],
-                   "weight_decay": float(encoder_weight_decay)},
-                  {"params": [q for q in model.parameters() if q.requires_grad and id(q) in dec],
-                   "weight_decay": 0.0}]
-        opt = torch.optim.AdamW([g for g in groups if g["params"]], lr=lr)
-
-        def val_elbo():
-            idx = val_idx if n_val > 0 else tr_idx
-            tot = 0.0
-            with torch.no_grad():
-                for i in range(0, len(idx), 256):
-                    j = idx[i:i + 256]
-                    e, _, _ = model(U[j], loglib[j], None if PM is None else PM[j])
-                    tot += float(e.sum())
-            return tot / len(idx)
-
-        hist = {"elbo": [], "val_elbo": []}
-        # per-cell warm start of the local (r, v) sweeps: training only (N x G memory)
-        cache = torch.zeros(N, G, dtype=torch.float64) if (cache_local and residual == "laplace") else None
-        visited = torch.zeros(N, dtype=torch.bool)
-        best, best_state, bad, stopped = -math.inf, None, 0, int(n_steps)
-        n_tr = len(tr_idx)
-        bs = min(int(batch_size), n_tr)
-        order, pos = tr_idx[torch.randperm(n_tr, generator=gen)], 0
-        try:
-            from tqdm.auto import tqdm
-            bar = tqdm(total=int(n_steps), disable=not progress, desc="VAE", leave=False)
-        except ImportError:  # pragma: no cover
-            bar = None
-        for step in range(int(n_steps)):
-            if pos + bs > n_tr:
-                order, pos = tr_idx[torch.randperm(n_tr, generator=gen)], 0
-            j = order[pos:pos + bs]
-            pos += bs
-            beta = 1.0 if kl_anneal_steps <= 0 else min(1.0, (step + 1) / kl_anneal_steps)
-            warm = None
-            if cache is not None and bool(visited[j].all()):
-                warm = cache[j]
-            elbo, terms, st = model(U[j], loglib[j], None if PM is None else PM[j], beta=beta,
-                                    w_r=warm, n_rounds=None if warm is None else warm_rounds)
-            if cache is not None and st.w_r is not None:
-                cache[j] = st.w_r
-                visited[j] = True
-            loss = -elbo.mean()
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            full = float((terms["rec"] - terms["kl_z"] - terms["kl_e"] + terms["eta"]).mean().detach())
-            hist["elbo"].append(full)
-            if bar is not None:
-                bar.update(1)
-                if step % 20 == 0:
-                    bar.set_postfix(elbo=f"{full:.2f}", best_val=f"{best:.2f}")
-            if (step + 1) % eval_every == 0 or step + 1 == n_steps:
-                ve = val_elbo()
-                hist["val_elbo"].append((step + 1, ve))
-                if beta >= 1.0:
-                    if ve > best + tol:
-                        best, bad = ve, 0
-                        best_state = copy.deepcopy(model.state_dict())
-                    else:
-                        bad += 1
-                        if bad >= patience:
-                            stopped = step + 1
-                            break
-        if bar is not None:
-            bar.close()
-        if best_state is not None and restore_best:
-            model.load_state_dict(best_state)
-        hist["stopped_step"] = stopped
-        hist["best_val_elbo"] = best
+    with _deterministic(torch):
+        torch.manual_seed(cfg.seed)
+        gen = torch.Generator().manual_seed(cfg.seed)
+        model, data = _setup(u, la, capture, init, cfg, gen)
+        log = train(model, data, cfg, gen, progress=progress)
+        if log.stopping.best_state is not None and cfg.restore_best:
+            model.load_state_dict(log.stopping.best_state)
         model.eval()
         params = _model_params(model, capture)
         post = _encode(model, u, la, params, 256)
-    finally:
-        torch.use_deterministic_algorithms(det_prev)
-    wall = time.perf_counter() - t0
-    return VAEResult(params=params, model=model, config=config, posterior=post, history=hist,
-                     log_anchor=la, init_method=init_method, wall_time=wall)
+    _warn_if_capped(log, cfg)
+    return _assemble(params, model, cfg, post, log, la, k=k, init_method=init_method,
+                     wall_time=time.perf_counter() - t0, gene_names=gene_names, cell_names=cell_names,
+                     anchor="realised library size" if log_anchor is None else "given log_anchor")
+
+
+def _assemble(params, model, cfg, post, log, la, *, k, init_method, wall_time, gene_names, cell_names,
+              anchor) -> VAEResult:
+    """The ``VAEResult``: protocol settings, diagnostics and history from the training log."""
+    cap = params.capture
+    settings = {"inference_method": "vae", "k": k, **cfg.to_dict(),
+                "capture": None if cap is None else {"M0": cap.M0, "sigma_M": cap.sigma_M},
+                "anchor": anchor}
+    stop = log.stopping
+    diagnostics = {
+        "objective": float(log.elbo[-1]) if log.elbo else float("nan"),
+        "best_validation_objective": float(stop.best),
+        "steps": len(log.elbo), "stopped_step": int(log.stopped_step),
+        "stopped": "early stopping on the held-out ELBO" if log.stopped_early else "step cap (n_steps)",
+        "wall_time_s": float(wall_time), "init_method": init_method,
+    }
+    return VAEResult(params=params, model=model, config=cfg, posterior=post, history=_history(log),
+                     settings=settings, diagnostics=diagnostics, log_anchor=la,
+                     gene_names=gene_names, cell_names=cell_names)

@@ -148,7 +148,6 @@ class PLNVAE(nn.Module):
         self.hidden = tuple(int(h) for h in hidden)
         self.residual = residual
         self.n_local_rounds = int(n_local_rounds)
-        self.profile_newton = True
         self.capture = capture  # pln_ref.params.Capture or None (plain python object)
         layers, width = [], G + 1
         for h in self.hidden:
@@ -236,7 +235,7 @@ class PLNVAE(nn.Module):
             if cap is not None:
                 s2 = cap.sigma_M**2
                 logR = torch.logsumexp(o + r + 0.5 * v, dim=1)
-                if it == 0 or self.residual == "prior" or not self.profile_newton:
+                if it == 0 or self.residual == "prior":
                     # exact argmax of f(eta) given (r, v): Lambert W
                     Lz = logR + math.log(s2) + U * s2 - prior_m
                     ye = torch.exp(lambert_log_solve(Lz))

@@ -61,8 +61,8 @@ def test_save_load_roundtrip(tmp_path, res):
 
 
 def test_exports(sim, res):
-    a = res.to_anndata(sim.to_anndata())
-    assert a.obsm["X_pln_map"].shape == sim.counts.shape
+    a = res.to_anndata(sim.to_anndata(), write="map,denoised")
+    assert a.layers["pln_map"].shape == sim.counts.shape
     assert a.varm["pln_W"].shape == (15, 2)
     assert "pln_denoised" in a.layers and "pln" in a.uns
     idata = res.to_arviz(n_draws=20)
@@ -127,7 +127,7 @@ def test_cli_fit(tmp_path, sim):
     assert r.returncode == 0, r.stderr
     assert "cells converged: 400/400" in r.stdout
     a = ad.read_h5ad(out)
-    assert a.obsm["X_pln_map"].shape == (400, 15)
+    assert a.obsm["X_pln"].shape == (400, 2)
     bad = subprocess.run([sys.executable, "-m", "pln_ref.cli", "fit", str(inp), "--k", "20",
                           "--out", str(out)], capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and "1 <= k < G" in bad.stderr
@@ -151,4 +151,4 @@ def test_fit_vae_entry_point_and_cli(tmp_path, sim):
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr
     assert "PLN VAE fit" in res.stdout
-    assert "X_pln_vae_z" in ad.read_h5ad(out).obsm
+    assert "X_pln" in ad.read_h5ad(out).obsm

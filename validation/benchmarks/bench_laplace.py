@@ -295,10 +295,9 @@ def _import_pyplnmodels():
 
 def history_summary(fit) -> dict:
     """Steps until the objective first came within 1e-3 / 1e-4 nats per cell of its best value."""
-    h = np.asarray(fit.history, dtype=float).reshape(-1, 3)
-    if h.size == 0:
+    v = np.asarray(fit.history["objective"], dtype=float)
+    if v.size == 0:
         return {}
-    v = h[:, 1]
     best = np.nanmax(v)
     first = lambda tol: int(np.argmax(v >= best - tol)) + 1  # noqa: E731  (1-based evaluation count)
     return {"objective_best": float(best), "objective_first": float(v[0]), "n_evals": int(len(v)),

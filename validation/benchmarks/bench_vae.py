@@ -88,9 +88,10 @@ def section_main(args, out, path):
     fit = fit_vae(u, args.k, capture=p.capture, log_anchor=la, n_steps=args.steps, seed=args.seed,
                   batch_size=args.batch_size, lr=args.lr, progress=args.progress, init=mom)
     wall = time.perf_counter() - t0
-    vae = {"train_wall_s": wall, "steps_run": len(fit.history["elbo"]),
-           "stopped_step": fit.history["stopped_step"], "best_val_elbo": fit.history["best_val_elbo"],
-           "s_per_step": wall / max(1, len(fit.history["elbo"])),
+    vae = {"train_wall_s": wall, "steps_run": fit.diagnostics["steps"],
+           "stopped_step": fit.diagnostics["stopped_step"],
+           "best_val_elbo": fit.diagnostics["best_validation_objective"],
+           "s_per_step": wall / max(1, fit.diagnostics["steps"]),
            **corr_error(fit.params, p), "angles_deg": subspace_deg(fit.params, p),
            "d_mean_fit": float(fit.d.mean()), "d_mean_true": float(p.d.mean()),
            "mu_bias": float(np.mean(fit.mu - p.mu)),
@@ -98,7 +99,9 @@ def section_main(args, out, path):
            "eta_bias": float(np.mean(fit.eta_map - sim.eta)),
            "x_rmse_vs_true": float(np.sqrt(np.mean((fit.x_map - sim.x) ** 2))),
            "drift": fit.aggregate_posterior_drift(),
-           "val_elbo_trace": fit.history["val_elbo"]}
+           "val_elbo_trace": [(int(s), float(v)) for s, v in zip(fit.history["step"],
+                                                                  fit.history["validation_objective"])
+                              if np.isfinite(v)]}
     res_main["vae"] = vae
     dump(out, path)
     # amortisation gap on new cells from the same model (per-cell optimised q(z) vs encoder)
@@ -116,7 +119,7 @@ def section_main(args, out, path):
                      batch_size=args.batch_size, lr=args.lr, progress=args.progress, init=mom,
                      residual="prior")
         res_main["vae_prior_residual"] = {"train_wall_s": time.perf_counter() - t0,
-                                          "steps_run": len(fp.history["elbo"]),
+                                          "steps_run": fp.diagnostics["steps"],
                                           **corr_error(fp.params, p), "angles_deg": subspace_deg(fp.params, p),
                                           "d_mean_fit": float(fp.d.mean()), "d_min_fit": float(fp.d.min())}
         dump(out, path)

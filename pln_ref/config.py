@@ -1,0 +1,137 @@
+"""Per-method fit options as validated config objects (``LaplaceConfig``, ``VAEConfig``).
+
+``pln_ref.fit(data, inference_method=m, k=..., config=Config(...))`` or keyword options
+(``pln_ref.fit(data, n_steps=..., lr=...)``): ``method_config`` checks the keywords against the
+chosen method's config, so an option the method does not have is an error naming it, never
+silently ignored. A keyword given as ``None`` means "the method's default".
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from dataclasses import asdict, dataclass, fields, replace
+
+__all__ = ["LaplaceConfig", "VAEConfig", "method_config"]
+
+
+def _positive_int(cfg, name: str) -> None:
+    val = getattr(cfg, name)
+    if isinstance(val, bool) or not isinstance(val, numbers.Integral) or val < 1:
+        raise ValueError(f"{name} must be an integer >= 1, got {val!r}")
+    object.__setattr__(cfg, name, int(val))
+
+
+def _positive_float(cfg, name: str) -> None:
+    val = getattr(cfg, name)
+    if isinstance(val, bool) or not isinstance(val, numbers.Real) or not (val > 0 and math.isfinite(val)):
+        raise ValueError(f"{name} must be a positive finite number, got {val!r}")
+    object.__setattr__(cfg, name, float(val))
+
+
+@dataclass(frozen=True)
+class LaplaceConfig:
+    """Options of the Laplace fit (outer optimisation of mu, W, d; see ``pln_ref.fit_laplace``).
+
+    n_steps : step cap of the outer optimiser; batch_size : cells per Adam step (None = full batch);
+    lr : Adam step size; optimizer : "adam" | "lbfgs"; ift : exact implicit-function gradient
+    (False = stop-gradient); gtol : per-cell Newton tolerance on the projected-gradient norm;
+    seed : minibatch order; checkpoint : .npz written atomically during the fit; resume : such
+    a checkpoint to continue from.
+    """
+
+    n_steps: int = 2000
+    batch_size: int | None = None
+    lr: float = 0.05
+    optimizer: str = "adam"
+    ift: bool = True
+    gtol: float = 1e-6
+    seed: int = 0
+    checkpoint: str | None = None
+    resume: str | None = None
+
+    def __post_init__(self) -> None:
+        _positive_int(self, "n_steps")
+        if self.batch_size is not None:
+            _positive_int(self, "batch_size")
+        _positive_float(self, "lr")
+        _positive_float(self, "gtol")
+        if self.optimizer not in ("adam", "lbfgs"):
+            raise ValueError(f"optimizer must be 'adam' or 'lbfgs', got {self.optimizer!r}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class VAEConfig:
+    """Options of the VAE fit (see ``pln_ref.vae``).
+
+    hidden : encoder widths; n_steps : step cap; batch_size; lr : AdamW step size; seed;
+    kl_anneal_steps : linear z-KL annealing (0 = off); residual : "laplace" | "prior";
+    n_local_rounds / warm_rounds : closed-form local sweeps (cold / warm-started);
+    encoder_weight_decay; val_fraction, eval_every, patience, tol : early stopping on the
+    held-out ELBO; train_decoder : False keeps (mu, W, d) at the start; cache_local : warm-start
+    the local sweeps during training; restore_best : restore the best held-out state at the end.
+    """
+
+    hidden: tuple = (128, 64)
+    n_steps: int = 2000
+    batch_size: int = 256
+    lr: float = 3e-3
+    seed: int = 0
+    kl_anneal_steps: int = 0
+    residual: str = "laplace"
+    n_local_rounds: int = 4
+    warm_rounds: int = 2
+    encoder_weight_decay: float = 0.0
+    val_fraction: float = 0.1
+    eval_every: int = 100
+    patience: int = 5
+    tol: float = 0.01
+    train_decoder: bool = True
+    cache_local: bool = True
+    restore_best: bool = True
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "hidden", tuple(int(h) for h in self.hidden))
+        for name in ("n_steps", "batch_size", "eval_every", "patience", "n_local_rounds", "warm_rounds"):
+            _positive_int(self, name)
+        if any(h < 1 for h in self.hidden):
+            raise ValueError(f"hidden widths must be >= 1, got {self.hidden}")
+        _positive_float(self, "lr")
+        if not (0.0 <= self.val_fraction < 0.5):
+            raise ValueError(f"val_fraction must be in [0, 0.5), got {self.val_fraction}")
+        if self.residual not in ("laplace", "prior"):
+            raise ValueError(f"residual must be 'laplace' or 'prior', got {self.residual!r}")
+        if self.kl_anneal_steps < 0 or self.encoder_weight_decay < 0 or self.tol < 0:
+            raise ValueError("kl_anneal_steps, encoder_weight_decay and tol must be >= 0")
+
+    def to_dict(self) -> dict:
+        out = asdict(self)
+        out["hidden"] = list(self.hidden)
+        return out
+
+
+_CONFIGS = {"laplace": LaplaceConfig, "vae": VAEConfig}
+
+
+def method_config(method: str, config=None, **options):
+    """The validated config of ``method``: ``config`` (default: the defaults) updated with the
+    keyword ``options`` that are not None. Unknown or inapplicable options raise one ValueError
+    naming them and the method."""
+    if method not in _CONFIGS:
+        raise ValueError(f"inference_method must be one of {sorted(_CONFIGS)}, got {method!r}")
+    cls = _CONFIGS[method]
+    if config is None:
+        config = cls()
+    elif not isinstance(config, cls):
+        raise ValueError(f"config for inference_method={method!r} must be a {cls.__name__}, "
+                         f"got {type(config).__name__}")
+    names = {f.name for f in fields(cls)}
+    unknown = sorted(k for k, v in options.items() if k not in names and v is not None)
+    if unknown:
+        raise ValueError(f"options not applicable to inference_method={method!r}: {', '.join(unknown)} "
+                         f"(its options: {', '.join(sorted(names))})")
+    given = {k: v for k, v in options.items() if v is not None}
+    return replace(config, **given) if given else config
