@@ -60,9 +60,19 @@ def _eta_or_zero(params: PLNParams, eta, N: int) -> np.ndarray:
     return eta
 
 
-def _anchor(params: PLNParams, u: np.ndarray, log_anchor) -> np.ndarray | None:
-    """log L_c by the one anchor policy (``anchor.resolve_log_anchor``); None without capture."""
-    return None if params.capture is None else resolve_log_anchor(u, log_anchor)
+def _cell_inputs(u, x, eta, params: PLNParams, log_anchor, cov: LowRankCov | None):
+    """Validated (u, x, eta, cov, m, sigma_M) of N cells: m = log M0 - log L_c from the one anchor
+    policy (``anchor.resolve_log_anchor``); m and sigma_M are None without capture."""
+    u = np.asarray(u, dtype=float)
+    x = np.asarray(x, dtype=float)
+    if x.shape != u.shape:
+        raise ValueError(f"x has shape {x.shape} but counts have shape {u.shape}")
+    eta = _eta_or_zero(params, eta, u.shape[0])
+    cov = cov or LowRankCov.from_params(params)
+    cap = params.capture
+    if cap is None:
+        return u, x, eta, cov, None, None
+    return u, x, eta, cov, cap.prior_mean(resolve_log_anchor(u, log_anchor)), cap.sigma_M
 
 
 def poisson_loglik(u: np.ndarray, x: np.ndarray, eta: np.ndarray) -> np.ndarray:
@@ -86,17 +96,10 @@ def log_joint(
     ``log_anchor`` is log L_c of the capture prior; it defaults to the log of the realised
     library size sum_g u_g (the empirical-Bayes anchor of real data).
     """
-    u = np.asarray(u, dtype=float)
-    x = np.asarray(x, dtype=float)
-    N = u.shape[0]
-    if x.shape != u.shape:
-        raise ValueError(f"x has shape {x.shape} but counts have shape {u.shape}")
-    eta = _eta_or_zero(params, eta, N)
-    cov = cov or LowRankCov.from_params(params)
+    u, x, eta, cov, m, sigma_M = _cell_inputs(u, x, eta, params, log_anchor, cov)
     out = poisson_loglik(u, x, eta) + cov.logpdf(x, params.mu)
-    if params.capture is not None:
-        la = _anchor(params, u, log_anchor)
-        out = out + truncnorm.logpdf(eta, params.capture.prior_mean(la), params.capture.sigma_M)
+    if m is not None:
+        out = out + truncnorm.logpdf(eta, m, sigma_M)
     return out
 
 
@@ -130,14 +133,8 @@ def grad_log_joint(
     cov: LowRankCov | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """(g_x, g_eta) of ``log_joint`` by ``cell_gradient`` (zeros for g_eta without capture)."""
-    u = np.asarray(u, dtype=float)
-    x = np.asarray(x, dtype=float)
-    N = u.shape[0]
-    eta = _eta_or_zero(params, eta, N)
-    cov = cov or LowRankCov.from_params(params)
-    cap = params.capture
-    m = None if cap is None else cap.prior_mean(_anchor(params, u, log_anchor))
-    g_x, g_eta, _ = cell_gradient(u, x, eta, params.mu, cov, m, None if cap is None else cap.sigma_M)
+    u, x, eta, cov, m, sigma_M = _cell_inputs(u, x, eta, params, log_anchor, cov)
+    g_x, g_eta, _ = cell_gradient(u, x, eta, params.mu, cov, m, sigma_M)
     return g_x, g_eta
 
 
