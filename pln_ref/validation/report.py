@@ -282,14 +282,28 @@ def _moments_section(m: dict) -> list[str]:
 
 
 def _engines_section(e: dict) -> list[str]:
-    lines = ["## Engine agreement (stanli vs PyStan)", ""]
+    names = e.get("engines") or ["stanli", "PyStan"]  # reports written before the choice of engines
+    lines = [f"## Engine agreement ({' vs '.join(names)})", ""]
     if "skipped" in e:
         return lines + [f"Skipped: {e['skipped']}", ""]
-    return lines + [
+    versions = e.get("engine_versions") or {}
+    lines += [
         f"Worst |z| over {e['n_quantities']} posterior means: **{e['worst_abs_z']:.2f}** [<= 4]; "
         "NUTS wall time " + ", ".join(f"{k} {v:.1f} s" for k, v in e["seconds"].items())
         + "; gates " + ", ".join(f"{k} {'passed' if g['passed'] else 'FAILED'}" for k, g in e["gates"].items())
         + ".", ""]
+    if versions:
+        lines += ["| engine | version | R-hat max | bulk ESS min | tail ESS min | divergences | E-BFMI min | wall s |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for k, g in e["gates"].items():
+            bfmi = g.get("bfmi")
+            bfmi_min = min(bfmi) if isinstance(bfmi, list) and bfmi else bfmi
+            lines.append(f"| {k} | {versions.get(k)} | {g.get('rhat_max', float('nan')):.4f} | "
+                         f"{g.get('ess_bulk_min', float('nan')):.0f} | {g.get('ess_tail_min', float('nan')):.0f} | "
+                         f"{g.get('divergences')} | {bfmi_min if bfmi_min is None else f'{bfmi_min:.2f}'} | "
+                         f"{e['seconds'][k]:.1f} |")
+        lines.append("")
+    return lines
 
 
 def write_report(out_dir, metrics: dict) -> Path:
