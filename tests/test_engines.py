@@ -269,12 +269,12 @@ def test_cmdstanpy_gets_adapt_engaged_false_for_warmup_0_and_clean_inits(monkeyp
     inits = pln_joint_inits(data, params, sim.x, sim.eta)
     with pytest.raises(_Recorded):
         sample_nuts("pln_joint", data, engine="cmdstanpy", chains=2, warmup=0, draws=5, inits=inits)
-    assert seen["iter_warmup"] == 0 and seen["adapt_engaged"] is False
+    assert seen["iter_warmup"] == 0 and seen["adapt_engaged"] is False and seen["adapt_delta"] is None
     assert len(seen["inits"]) == 2 and all("x_c" not in i for i in seen["inits"])
     assert seen["show_progress"] is False
     with pytest.raises(_Recorded):
         sample_nuts("pln_joint", data, engine="cmdstanpy", chains=2, warmup=10, draws=5, verbose=True)
-    assert seen["adapt_engaged"] is True and seen["inits"] is None and seen["show_progress"] is True
+    assert seen["adapt_engaged"] is True and seen["adapt_delta"] == 0.8 and seen["inits"] is None and seen["show_progress"] is True
 
 
 def test_stanli_warmup_0_samples_without_adaptation():

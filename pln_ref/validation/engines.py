@@ -537,8 +537,9 @@ def _sample_cmdstanpy(path, data, *, chains, warmup, draws, seed, adapt_delta, m
     with _cmdstanpy_logging(verbose):
         fit = model.sample(
             data=_stan_json(data), chains=chains, iter_warmup=warmup, iter_sampling=draws, seed=seed,
-            adapt_delta=adapt_delta, max_treedepth=max_treedepth, metric="dense_e" if dense_metric else "diag_e",
-            adapt_engaged=warmup > 0,  # CmdStan refuses adaptation without warmup; stanli just skips it
+            max_treedepth=max_treedepth, metric="dense_e" if dense_metric else "diag_e",
+            # CmdStan refuses adaptation (and so adapt_delta) without warmup; stanli just skips it
+            adapt_engaged=warmup > 0, adapt_delta=adapt_delta if warmup > 0 else None,
             inits=[_stan_inits_json(i) for i in inits] if inits is not None else None,
             show_progress=verbose, show_console=False,
         )
