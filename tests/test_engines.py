@@ -283,6 +283,9 @@ def test_stanli_warmup_0_samples_without_adaptation():
     data = pln_cell_data(sim.counts, p, sim.log_anchor)
     idata = sample_nuts("pln_cell", data, engine="stanli", chains=2, warmup=0, draws=20, seed=3)
     assert idata.posterior.sizes["draw"] == 20 and idata.posterior.attrs["num_warmup"] == 0
+    # no adaptation at all, as CmdStan with adapt_engaged=False: the initial step size 1 throughout
+    # (stanli's adaptive sampler would still run its step-size search: 0.125 here)
+    np.testing.assert_array_equal(idata.sample_stats["step_size"].values, 1.0)
 
 
 def test_log_lik_lands_in_the_log_likelihood_group():

@@ -496,6 +496,7 @@ def _sample_stanli(path, data, *, chains, warmup, draws, seed, adapt_delta, max_
     fit = model.sample(
         chains=chains, seed=seed, warmup=warmup, samples=draws, delta=adapt_delta, max_depth=max_treedepth,
         inits=init_vec, metric="dense_e" if dense_metric else "diag_e", refresh=0,
+        adapt_engaged=warmup > 0,  # warmup 0: no step-size search either, step size 1 as in CmdStan
     )
     wall = time.perf_counter() - t0
     posterior = {name: np.asarray(fit.draws(name)).reshape(chains, draws, *tuple(shape))
