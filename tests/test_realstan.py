@@ -271,3 +271,40 @@ def test_cmdstanpy_is_quiet_unless_verbose(capfd):
     sample_nuts("pln_cell", data, engine="cmdstanpy", chains=1, warmup=50, draws=20, verbose=True)
     loud = capfd.readouterr()
     assert "INFO" in loud.out + loud.err
+
+
+@needs_bridgestan
+def test_compiled_bridgestan_is_quiet_unless_verbose():
+    p = random_params(4, 1, seed=1, capture=True)
+    sim = simulate(p, 2, seed=2)
+    data = pln_cell_data(sim.counts, p, sim.log_anchor)
+    _compiled("pln_cell", data)
+    for verbose, expected in ((None, False), (True, True)):
+        with warnings.catch_warnings(record=True) as rec:
+            warnings.simplefilter("always")
+            bridgestan_model("pln_cell", data, verbose=verbose)
+        assert any("already been loaded" in str(w.message) for w in rec) == expected, [str(w.message) for w in rec]
+
+
+@needs_bridgestan
+def test_the_pypi_client_with_this_build_says_which_client_to_install():
+    """The environment's own bridgestan client (not the one on PYTHONPATH for these tests) against
+    $BRIDGESTAN: when their versions differ, one clear ImportError naming the client to install."""
+    import subprocess
+    import sys
+
+    from pln_ref.validation.engines import _bridgestan_source_version
+
+    lib = _bridgestan_source_version(Path(os.environ["BRIDGESTAN"]))
+    repo = str(Path(__file__).resolve().parents[1])
+    env = dict(os.environ, PYTHONPATH=repo)
+    code = ("import bridgestan, sys\n"
+            "from pln_ref.validation.engines import bridgestan_model\n"
+            "print(bridgestan.__version__)\n"
+            "try:\n    bridgestan_model('pln_cell', {})\n"
+            "except ImportError as e:\n    print('IMPORTERROR', e)\n")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    client = out.stdout.splitlines()[0]
+    if client.split(".")[:2] == lib.split(".")[:2]:
+        pytest.skip(f"the environment's client {client} matches BridgeStan {lib}: no mismatch to show")
+    assert f"IMPORTERROR BRIDGESTAN=" in out.stdout and f"pip install bridgestan=={lib}" in out.stdout, out

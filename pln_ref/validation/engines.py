@@ -231,7 +231,7 @@ def _compiled_bridgestan(path: Path, data: Mapping[str, Any], seed: int, src: Pa
     lib = cached_build(path, "bridgestan", lib_version, src, build)
     with warnings.catch_warnings():
         if not verbose:
-            warnings.filterwarnings("ignore", message=".*already loaded.*")
+            warnings.filterwarnings("ignore", message=r"(?s).*has already been loaded")
         try:
             return bridgestan.StanModel(str(lib), data=json.dumps(_stan_json(data)), seed=int(seed),
                                         warn=verbose)
