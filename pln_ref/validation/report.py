@@ -252,8 +252,9 @@ def _joint_section(jkey: str, j: dict) -> list[str]:
              f"N={j['design']['N']}, G={j['design']['G']}, k={j['design']['k']}, mean count "
              f"{j['design']['mean_count']:.1f}, {100 * j['design']['zero_fraction']:.0f}% zeros; "
              f"{j['design']['chains']} chains x {j['design']['warmup']}/{j['design']['draws']}, "
-             f"adapt_delta {j['design']['adapt_delta']}, dense metric {j['design']['dense_metric']}: "
-             f"{j['nuts_seconds']:.0f} s.",
+             f"adapt_delta {j['design']['adapt_delta']}, dense metric {j['design']['dense_metric']}"
+             + (f", engine {j['design']['engine']} {j['design'].get('engine_version')}" if j['design'].get('engine') else "")
+             + f": {j['nuts_seconds']:.0f} s.",
              f"Gate on mu, d, Sigma, x, eta: **{'PASSED' if g['passed'] else 'FAILED'}** (R-hat max "
              f"{_fmt(g['rhat_max'], 4)}, bulk ESS min {_fmt(g['ess_bulk_min'], 0)}, tail ESS min "
              f"{_fmt(g['ess_tail_min'], 0)}, divergences {g['divergences']}, E-BFMI min "
