@@ -383,3 +383,18 @@ def test_cmdstanpy_logging_is_quiet_unless_verbose():
     with _cmdstanpy_logging(True):
         assert logger.isEnabledFor(logging.INFO)
     assert logger.level == before
+
+
+def test_report_names_the_compared_engines(tmp_path):
+    from pln_ref.validation.report import write_report
+
+    gate = {"passed": True, "reasons": [], "divergences": 0, "n_chains": 4, "n_draws": 100, "bfmi": [0.9, 0.8],
+            "rhat_max": 1.002, "ess_bulk_min": 1800.0, "ess_tail_min": 2600.0}
+    e = {"engines": ["stanli", "cmdstanpy"], "engine_versions": {"stanli": "0.24.0", "cmdstanpy": "2.35"},
+         "worst_abs_z": 1.5, "n_quantities": 55, "gates": {"stanli": gate, "cmdstanpy": gate},
+         "seconds": {"stanli": 12.0, "cmdstanpy": 21.0}}
+    text = write_report(tmp_path, {"engine_agreement": e}).read_text()
+    assert "## Engine agreement (stanli vs cmdstanpy)" in text
+    assert "| cmdstanpy | 2.35 | 1.0020 | 1800 | 2600 | 0 | 0.80 | 21.0 |" in text
+    skipped = write_report(tmp_path, {"engine_agreement": {"skipped": "no real Stan engine found", "engines": None}})
+    assert "Skipped: no real Stan engine found" in skipped.read_text()
