@@ -9,7 +9,14 @@ import arviz as az
 import numpy as np
 import pytest
 
-from pln_ref.validation.engines import bridgestan_model, default_engine, sample_nuts, stan_program
+from pln_ref.validation.engines import (
+    bridgestan_model,
+    default_engine,
+    pystan_available,
+    resolve_engine,
+    sample_nuts,
+    stan_program,
+)
 from pln_ref.validation.standata import pln_cell_data, pln_cell_unconstrain, pln_joint_data, pln_joint_inits
 from pln_ref.params import Capture, PLNParams
 from pln_ref.simulation import random_params, simulate
@@ -80,7 +87,7 @@ def test_unknown_engine_and_missing_engines_say_how_to_get_them():
     data = {}
     with pytest.raises(ValueError, match="unknown engine 'nuts9'.*stanli"):
         sample_nuts("pln_cell", data, engine="nuts9")
-    if importlib.util.find_spec("stan") is None:
+    if not pystan_available():
         with pytest.raises(ImportError, match="pip install pystan"):
             sample_nuts("pln_cell", data, engine="pystan")
     if default_engine() == "stanli":
@@ -206,3 +213,188 @@ def test_pln_joint_generated_quantities_are_the_identified_ones():
     loglik = stats.poisson.logpmf(sim.counts, np.exp(sim.x - sim.eta[:, None])).sum()
     np.testing.assert_allclose(block("log_lik", ()), loglik, rtol=1e-10)
     assert block("u_rep", (4, 6)).min() >= 0
+
+
+# --------------------------------------------------------------------------- issue 14: engines without real Stan
+
+def test_pystan_detection_is_not_fooled_by_the_repository_stan_folder():
+    """With the repository root importable, `import stan` finds the stan/ folder of programs (a
+    namespace package without `build`): that is not PyStan."""
+    import importlib
+
+    spec = importlib.util.find_spec("stan")
+    if spec is not None and importlib.util.find_spec("httpstan") is None:
+        stan = importlib.import_module("stan")
+        assert not hasattr(stan, "build")          # the repository's folder, not PyStan
+        assert not pystan_available()
+        with pytest.raises(ImportError, match="pip install pystan"):
+            sample_nuts("pln_cell", {}, engine="pystan")
+    assert pystan_available() == (importlib.util.find_spec("httpstan") is not None
+                                  and hasattr(importlib.import_module("stan"), "build"))
+
+
+def test_cmdstan_inits_leave_out_zero_size_arrays():
+    from pln_ref.validation.engines import _stan_inits_json
+
+    params = random_params(4, 1, seed=1, capture=True)
+    sim = simulate(params, 3, seed=2)
+    for centred, absent, present in ((False, {"x_c"}, {"z", "e", "eta"}), (True, {"z", "e"}, {"x_c", "eta"})):
+        data = pln_joint_data(sim.counts, 1, capture=params.capture, log_anchor=sim.log_anchor, centred=centred)
+        js = _stan_inits_json(pln_joint_inits(data, params, sim.x, sim.eta))
+        assert absent.isdisjoint(js) and present <= set(js)
+        assert all(np.asarray(v).size > 0 for v in js.values())
+    data = pln_joint_data(sim.counts, 1, log_anchor=sim.log_anchor)  # no capture: eta is (0,)
+    assert "eta" not in _stan_inits_json(pln_joint_inits(data, params.with_capture(None), sim.x))
+
+
+class _Recorded(Exception):
+    pass
+
+
+def test_cmdstanpy_gets_adapt_engaged_false_for_warmup_0_and_clean_inits(monkeypatch):
+    """Without a CmdStan: the arguments handed to CmdStanModel.sample are checked on a stand-in."""
+    from pln_ref.validation import engines
+
+    seen = {}
+
+    class FakeModel:
+        def sample(self, **kw):
+            seen.update(kw)
+            raise _Recorded
+
+    monkeypatch.setattr(engines, "_cmdstan_model", lambda path, verbose: (FakeModel(), "x"))
+    params = random_params(4, 1, seed=1, capture=True)
+    sim = simulate(params, 3, seed=2)
+    data = pln_joint_data(sim.counts, 1, capture=params.capture, log_anchor=sim.log_anchor)
+    inits = pln_joint_inits(data, params, sim.x, sim.eta)
+    with pytest.raises(_Recorded):
+        sample_nuts("pln_joint", data, engine="cmdstanpy", chains=2, warmup=0, draws=5, inits=inits)
+    assert seen["iter_warmup"] == 0 and seen["adapt_engaged"] is False and seen["adapt_delta"] is None
+    assert len(seen["inits"]) == 2 and all("x_c" not in i for i in seen["inits"])
+    assert seen["show_progress"] is False
+    with pytest.raises(_Recorded):
+        sample_nuts("pln_joint", data, engine="cmdstanpy", chains=2, warmup=10, draws=5, verbose=True)
+    assert seen["adapt_engaged"] is True and seen["adapt_delta"] == 0.8 and seen["inits"] is None and seen["show_progress"] is True
+
+
+def test_stanli_warmup_0_samples_without_adaptation():
+    p = random_params(4, 1, seed=1, capture=True)
+    sim = simulate(p, 2, seed=2)
+    data = pln_cell_data(sim.counts, p, sim.log_anchor)
+    idata = sample_nuts("pln_cell", data, engine="stanli", chains=2, warmup=0, draws=20, seed=3)
+    assert idata.posterior.sizes["draw"] == 20 and idata.posterior.attrs["num_warmup"] == 0
+    # no adaptation at all, as CmdStan with adapt_engaged=False: the initial step size 1 throughout
+    # (stanli's adaptive sampler would still run its step-size search: 0.125 here)
+    np.testing.assert_array_equal(idata.sample_stats["step_size"].values, 1.0)
+
+
+def test_log_lik_lands_in_the_log_likelihood_group():
+    p = random_params(4, 1, seed=3, capture=True)
+    sim = simulate(p, 5, seed=4)
+    data = pln_joint_data(sim.counts, 1, capture=p.capture, log_anchor=sim.log_anchor)
+    idata = sample_nuts("pln_joint", data, engine="stanli", chains=2, warmup=30, draws=10, seed=1)
+    assert "log_lik" not in idata.posterior
+    assert idata.log_likelihood["log_lik"].shape == (2, 10)
+    assert idata.posterior.attrs["engine"] == "stanli"
+    # the moved values are the program's log_lik of each draw
+    from scipy import stats
+
+    x, eta = idata.posterior["x"].values[1, 3], idata.posterior["eta"].values[1, 3]
+    ref = stats.poisson.logpmf(sim.counts, np.exp(x - eta[:, None])).sum()
+    np.testing.assert_allclose(float(idata.log_likelihood["log_lik"].values[1, 3]), ref, rtol=1e-10)
+
+
+def test_compiled_bridgestan_with_a_mismatched_client_says_what_to_install(tmp_path, monkeypatch):
+    import bridgestan
+
+    tree = tmp_path / "bridgestan"
+    (tree / "src").mkdir(parents=True)
+    (tree / "Makefile").write_text("# fake\n")
+    (tree / "src" / "version.hpp").write_text(
+        "#define BRIDGESTAN_MAJOR 1\n#define BRIDGESTAN_MINOR 7\n#define BRIDGESTAN_PATCH 3\n")
+    monkeypatch.setenv("BRIDGESTAN", str(tree))
+    monkeypatch.setenv("PLN_REF_CACHE_DIR", str(tmp_path / "cache"))
+    with pytest.raises(ImportError, match=r"BridgeStan 1\.7\.3 but the Python client is bridgestan "
+                       + bridgestan.__version__.replace(".", r"\.") + r".*pip install bridgestan==1\.7\.3"):
+        bridgestan_model("pln_cell", {})
+    assert not (tmp_path / "cache").exists()  # nothing was built
+    monkeypatch.setenv("BRIDGESTAN", str(tmp_path / "nowhere"))
+    with pytest.raises(ValueError, match="not a BridgeStan source tree"):
+        bridgestan_model("pln_cell", {})
+
+
+def test_engine_resolution_and_pairs():
+    from pln_ref.validation.engines import available_engines, engine_version, real_stan_engine
+    from pln_ref.validation.runs import _engine_pair, _engine_record
+
+    assert resolve_engine("CmdStan") == "cmdstanpy" and resolve_engine(None) == default_engine()
+    assert available_engines()[0] == "stanli"
+    import stanli
+
+    assert _engine_record("stanli") == {"engine": "stanli", "engine_version": stanli.__version__}
+    rec = _engine_record(None)   # the validate cache key: never engine=None
+    assert rec["engine"] == default_engine() and rec["engine_version"] == engine_version(default_engine())
+    with pytest.raises(ValueError, match="two different"):
+        _engine_pair(["stanli", "stanli"])
+    with pytest.raises(ValueError, match="unknown engine"):
+        _engine_pair(["stanli", "nuts9"])
+    pair, reason = _engine_pair(None)
+    if real_stan_engine() is None:
+        assert pair is None and "no real Stan engine" in reason
+    else:
+        assert pair == ("stanli", real_stan_engine())
+
+
+def test_validate_engines_part_skips_with_the_reason_when_an_engine_is_missing(tmp_path, monkeypatch):
+    from pln_ref.validation import engines as eng
+    from pln_ref.validation.runs import run_engine_agreement
+
+    monkeypatch.setattr(eng, "_cmdstan_found", lambda: False)
+    monkeypatch.setattr(eng, "pystan_available", lambda: False)
+    res = run_engine_agreement(tmp_path, engines=["stanli", "cmdstanpy"])
+    assert "CmdStan not found" in res["skipped"]
+    res = run_engine_agreement(tmp_path)
+    assert "no real Stan engine" in res["skipped"]
+
+
+def test_validate_parser_takes_two_engines_and_verbose():
+    import argparse
+
+    from pln_ref.validation.cli import build_validate_parser
+
+    sub = argparse.ArgumentParser().add_subparsers()
+    p = build_validate_parser(sub)
+    a = p.parse_args(["--out", "o", "--parts", "engines", "--engines", "stanli", "cmdstanpy", "--verbose"])
+    assert a.engines == ["stanli", "cmdstanpy"] and a.verbose
+    assert p.parse_args(["--out", "o"]).engines is None and not p.parse_args(["--out", "o"]).verbose
+    with pytest.raises(SystemExit):
+        p.parse_args(["--out", "o", "--engines", "stanli"])
+
+
+def test_cmdstanpy_logging_is_quiet_unless_verbose():
+    import logging
+
+    from pln_ref.validation.engines import _cmdstanpy_logging
+
+    logger = logging.getLogger("cmdstanpy")
+    before = logger.level
+    with _cmdstanpy_logging(False):
+        assert not logger.isEnabledFor(logging.INFO)
+    with _cmdstanpy_logging(True):
+        assert logger.isEnabledFor(logging.INFO)
+    assert logger.level == before
+
+
+def test_report_names_the_compared_engines(tmp_path):
+    from pln_ref.validation.report import write_report
+
+    gate = {"passed": True, "reasons": [], "divergences": 0, "n_chains": 4, "n_draws": 100, "bfmi": [0.9, 0.8],
+            "rhat_max": 1.002, "ess_bulk_min": 1800.0, "ess_tail_min": 2600.0}
+    e = {"engines": ["stanli", "cmdstanpy"], "engine_versions": {"stanli": "0.24.0", "cmdstanpy": "2.35"},
+         "worst_abs_z": 1.5, "n_quantities": 55, "gates": {"stanli": gate, "cmdstanpy": gate},
+         "seconds": {"stanli": 12.0, "cmdstanpy": 21.0}}
+    text = write_report(tmp_path, {"engine_agreement": e}).read_text()
+    assert "## Engine agreement (stanli vs cmdstanpy)" in text
+    assert "| cmdstanpy | 2.35 | 1.0020 | 1800 | 2600 | 0 | 0.80 | 21.0 |" in text
+    skipped = write_report(tmp_path, {"engine_agreement": {"skipped": "no real Stan engine found", "engines": None}})
+    assert "Skipped: no real Stan engine found" in skipped.read_text()

@@ -5,6 +5,7 @@ Modules (one idea each):
 
     engines      Stan program lookup, BridgeStan models, NUTS (stanli / cmdstanpy / PyStan) as
                  ArviZ InferenceData, the BridgeStan gradient for ``newton_map``
+    stancache    compiled CmdStan / BridgeStan products in a per-user cache (built once, locked)
     standata     data dicts and inits of stan/pln_cell.stan and stan/pln_joint.stan
     gate         the NUTS ground-truth gate (R-hat, ESS, divergences, E-BFMI)
     compare      method draws vs NUTS draws: mean error, SD ratio, coverage, W1
@@ -25,7 +26,8 @@ Importing the package loads neither matplotlib nor torch.
 
 from .compare import DrawComparison, compare_cells, compare_draws, corr_x_eta, summarise
 from .design import simulate_cells
-from .engines import BridgeStanCellGradient, bridgestan_model, default_engine, sample_nuts, stan_program
+from .engines import (BridgeStanCellGradient, available_engines, bridgestan_model, default_engine,
+                      real_stan_engine, sample_nuts, set_verbose, stan_program)
 from .gate import (ForcedComparisonWarning, GateFailedError, GateResult, GateThresholds, check_gate,
                    combine_gates, require_gate)
 from .nuts_cells import fit_cells_nuts
@@ -40,6 +42,7 @@ from .standata import pln_cell_data, pln_cell_unconstrain, pln_joint_data, pln_j
 __all__ = [
     # NUTS and BridgeStan
     "sample_nuts", "bridgestan_model", "BridgeStanCellGradient", "stan_program", "default_engine",
+    "available_engines", "real_stan_engine", "set_verbose",
     "pln_cell_data", "pln_cell_unconstrain", "pln_joint_data", "pln_joint_inits",
     # gate and comparisons
     "check_gate", "require_gate", "combine_gates", "GateResult", "GateThresholds", "GateFailedError",

@@ -38,12 +38,15 @@ def _run_part(part: str, out: Path, args: argparse.Namespace) -> tuple[str, dict
         return "moments", run_moments(out, n_cells=20_000 if q else 200_000, seed=args.seed,
                                       fit_cells=300 if q else 2000)
     if part == "engines":
-        return "engine_agreement", run_engine_agreement(out, seed=args.seed)
+        return "engine_agreement", run_engine_agreement(out, engines=args.engines, seed=args.seed)
     raise ValueError(f"unknown part {part!r}: choose from {VALIDATE_PARTS}")
 
 
 def validate_main(args: argparse.Namespace) -> int:
     """``pln-ref validate``: run the chosen parts, rewriting the report after each one."""
+    from .engines import set_verbose
+
+    set_verbose(getattr(args, "verbose", False))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     mpath = out / "metrics.json"
@@ -86,7 +89,12 @@ def build_validate_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--methods", nargs="+", choices=["laplace", "vae"], default=["laplace", "vae"])
     p.add_argument("--cells", type=int, default=200)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--engine", default=None, help="NUTS engine: stanli | cmdstanpy | pystan (default auto)")
+    p.add_argument("--engine", default=None, help="NUTS engine of the cell and joint parts: stanli | cmdstanpy | "
+                   "pystan (default: cmdstanpy if CmdStan is found, else stanli)")
+    p.add_argument("--engines", nargs=2, metavar=("A", "B"), default=None,
+                   choices=["stanli", "cmdstanpy", "cmdstan", "pystan"],
+                   help="engines part: the two NUTS engines to compare (default: stanli against the first "
+                        "real Stan found, CmdStan then PyStan)")
     p.add_argument("--force", action="store_true",
                    help="compare even against NUTS fits that failed the gate (labelled FORCED)")
     p.add_argument("--joint-warmup", type=int, default=2000)
@@ -96,7 +104,9 @@ def build_validate_parser(subparsers) -> argparse.ArgumentParser:
                    help="joint data: anchors = library sizes 100-5000 with mean log-rate 1.5 (eta mostly "
                         "near its bound 0) or the simulator's capture efficiencies 5-50%% (mean log-rate 2.7)")
     p.add_argument("--quick", action="store_true", help="small sizes (smoke test, not for figures)")
-    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--verbose", action="store_true",
+                   help="show the Stan engines' own log lines (cmdstanpy INFO, BridgeStan warnings)")
     p.set_defaults(func=validate_main)
     return p
 

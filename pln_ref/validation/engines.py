@@ -17,8 +17,20 @@ Engines for NUTS (:func:`sample_nuts`), same arguments for all:
 
 * ``"stanli"``    -- stanli (no compiler needed; always available here).
 * ``"cmdstanpy"`` -- CmdStan through cmdstanpy; used by default when ``cmdstanpy.cmdstan_path()``
-  finds an installation (this module never calls the installer).
+  finds an installation (``$CMDSTAN`` or cmdstanpy's own folder; this module never calls the
+  installer).
 * ``"pystan"``    -- PyStan 3 (``pip install pystan``), optional cross-check.
+
+Every engine takes the same options with the same meaning: ``warmup=0`` samples without
+adaptation (CmdStan gets ``adapt_engaged=False``), inits are constrained values (zero-size
+parameters are left out for CmdStan, which rejects ``[]`` for an (0, G) array), and the returned
+``InferenceData`` has ``log_lik`` (when the program has it) in ``idata.log_likelihood``, not in
+the posterior.
+
+Compiled engines (CmdStan, BridgeStan from ``$BRIDGESTAN``) build into the per-user cache of
+:mod:`pln_ref.validation.stancache`, keyed by the program's hash and the engine version, never
+beside the ``.stan`` files. Engine chatter (cmdstanpy's INFO lines, BridgeStan's "already
+loaded" warning) is off unless ``verbose=True`` or :func:`set_verbose` was called.
 
 PROCESS BOUNDARIES: neither a ``bridgestan.StanModel`` nor a ``stanli.Model`` may be pickled or
 sent to another process (no pickling / double free / hung pools).  Callers that use Dask or a
@@ -28,9 +40,14 @@ worker pool send the program NAME (or its text) plus the data dict, and call
 
 from __future__ import annotations
 
+import contextlib
+import importlib.util
 import json
+import logging
 import os
+import re
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -45,6 +62,12 @@ __all__ = [
     "BridgeStanCellGradient",
     "sample_nuts",
     "default_engine",
+    "resolve_engine",
+    "engine_version",
+    "available_engines",
+    "real_stan_engine",
+    "pystan_available",
+    "set_verbose",
 ]
 
 ENGINES = ("stanli", "cmdstanpy", "pystan")
@@ -130,26 +153,110 @@ def _check_data(data: Mapping[str, Any]) -> dict:
     return dict(data)
 
 
+# --------------------------------------------------------------------------- verbosity
+_VERBOSE = False
+
+
+def set_verbose(flag: bool) -> None:
+    """Default verbosity of the engines (False: cmdstanpy INFO lines and BridgeStan's "already
+    loaded" warning are silenced). A ``verbose=`` argument of a call overrides it."""
+    global _VERBOSE
+    _VERBOSE = bool(flag)
+
+
+def _is_verbose(verbose: bool | None) -> bool:
+    return _VERBOSE if verbose is None else bool(verbose)
+
+
+@contextlib.contextmanager
+def _cmdstanpy_logging(verbose: bool):
+    """cmdstanpy's logger at WARNING (quiet) or INFO (verbose) for the ``with`` block.
+
+    cmdstanpy sets its logger up (level DEBUG, a stream handler) on first use, so that happens
+    here first, before the level is changed."""
+    try:
+        from cmdstanpy.utils import get_logger
+
+        logger = get_logger()
+    except ImportError:  # pragma: no cover - other cmdstanpy versions
+        logger = logging.getLogger("cmdstanpy")
+    old = logger.level
+    logger.setLevel(logging.INFO if verbose else logging.WARNING)
+    try:
+        yield
+    finally:
+        logger.setLevel(old)
+
+
 # --------------------------------------------------------------------------- BridgeStan
-def bridgestan_model(program: str | os.PathLike, data: Mapping[str, Any], *, seed: int = 0):
+_BS_VERSION_RE = re.compile(r"#define\s+BRIDGESTAN_(MAJOR|MINOR|PATCH)\s+(\d+)")
+
+
+def _bridgestan_source_version(src: Path) -> str | None:
+    """'2.5.0' from ``src/version.hpp`` of a BridgeStan source tree (None if it cannot be read)."""
+    try:
+        found = dict(_BS_VERSION_RE.findall((src / "src" / "version.hpp").read_text()))
+        return f"{found['MAJOR']}.{found['MINOR']}.{found['PATCH']}"
+    except (OSError, KeyError):
+        return None
+
+
+def _bridgestan_mismatch_message(lib_version: str | None, client_version: str, src: Path) -> str:
+    want = lib_version or "<the version of your BridgeStan tree>"
+    return (f"BRIDGESTAN={str(src)!r} is BridgeStan {lib_version or '(unknown version)'} but the Python "
+            f"client is bridgestan {client_version}; the client must match the compiled library's "
+            f"major.minor version: `pip install bridgestan=={want}` (or, to keep the environment's "
+            f"client, `pip install --no-deps --target DIR bridgestan=={want}` and put DIR first on "
+            f"PYTHONPATH), or unset BRIDGESTAN to use stanli's built-in BridgeStan")
+
+
+def _compiled_bridgestan(path: Path, data: Mapping[str, Any], seed: int, src: Path, verbose: bool):
+    """A compiled BridgeStan model of ``path`` from the source tree ``src`` (built once into the
+    stancache), after checking that the Python client matches the library version."""
+    import bridgestan
+
+    from .stancache import cached_build
+
+    if not src.is_dir() or not (src / "Makefile").is_file():
+        raise ValueError(f"BRIDGESTAN={str(src)!r} is not a BridgeStan source tree (no Makefile there)")
+    lib_version = _bridgestan_source_version(src)
+    client = str(getattr(bridgestan, "__version__", "unknown"))
+    if lib_version is None or lib_version.split(".")[:2] != client.split(".")[:2]:
+        raise ImportError(_bridgestan_mismatch_message(lib_version, client, src))
+    bridgestan.set_bridgestan_path(str(src))
+
+    def build(stan_copy: Path) -> Path:
+        return Path(bridgestan.compile_model(str(stan_copy)))
+
+    lib = cached_build(path, "bridgestan", lib_version, src, build)
+    with warnings.catch_warnings():
+        if not verbose:
+            warnings.filterwarnings("ignore", message=r"(?s).*has already been loaded")
+        try:
+            return bridgestan.StanModel(str(lib), data=json.dumps(_stan_json(data)), seed=int(seed),
+                                        warn=verbose)
+        except AttributeError as err:  # a C symbol the client needs is missing from the library
+            raise ImportError(_bridgestan_mismatch_message(lib_version, client, src) + f" ({err})") from err
+
+
+def bridgestan_model(program: str | os.PathLike, data: Mapping[str, Any], *, seed: int = 0,
+                     verbose: bool | None = None):
     """A ``bridgestan.StanModel`` for ``program`` (name in ``stan/`` or path) and ``data``.
 
     Default: built in-process by stanli (no compiler, ~0.02 s).  If the environment variable
     ``BRIDGESTAN`` points at a BridgeStan source tree, the program is compiled with it instead
-    (Stan C++; first build takes a while).  Either way the object is a real
-    ``bridgestan.StanModel`` (log_density, log_density_gradient, param_constrain, ...).
+    (Stan C++; the first build of a program takes 1-3 min, the library goes into the per-user
+    cache of :mod:`pln_ref.validation.stancache`, later calls reuse it).  The Python client
+    ``bridgestan`` must have the library's major.minor version (ImportError saying what to
+    install otherwise).  Either way the object is a real ``bridgestan.StanModel``
+    (log_density, log_density_gradient, param_constrain, ...).
     The model must stay in the process that built it (see the module docstring).
     """
     path = _resolve_program(program)
     data = _check_data(data)
     src = os.environ.get("BRIDGESTAN")
     if src:
-        import bridgestan
-
-        if not Path(src).is_dir():
-            raise ValueError(f"BRIDGESTAN={src!r} is not a directory (expected a BridgeStan source tree)")
-        bridgestan.set_bridgestan_path(src)
-        return bridgestan.StanModel(str(path), data=json.dumps(_stan_json(data)), seed=int(seed))
+        return _compiled_bridgestan(path, data, seed, Path(src), _is_verbose(verbose))
     import stanli
 
     return stanli.bridgestan_model(stan_file=str(path), data=_stan_json(data), seed=int(seed))
@@ -209,15 +316,87 @@ class BridgeStanCellGradient:
 
 
 # --------------------------------------------------------------------------- NUTS
-def default_engine() -> str:
-    """'cmdstanpy' if ``cmdstanpy.cmdstan_path()`` finds CmdStan, else 'stanli' (never installs)."""
+def _cmdstan_found() -> bool:
     try:
         import cmdstanpy
 
         cmdstanpy.cmdstan_path()
-        return "cmdstanpy"
+        return True
     except Exception:
-        return "stanli"
+        return False
+
+
+def pystan_available() -> bool:
+    """True if PyStan 3 is importable.
+
+    Not ``find_spec("stan")``: inside a checkout (or an editable install) the repository's
+    ``stan/`` folder of Stan programs is importable as a namespace package called ``stan``.
+    PyStan is there iff httpstan is installed and ``stan.build`` exists."""
+    if importlib.util.find_spec("httpstan") is None:
+        return False
+    try:
+        import stan
+    except Exception:
+        return False
+    return hasattr(stan, "build")
+
+
+def default_engine() -> str:
+    """'cmdstanpy' if ``cmdstanpy.cmdstan_path()`` finds CmdStan, else 'stanli' (never installs)."""
+    return "cmdstanpy" if _cmdstan_found() else "stanli"
+
+
+def real_stan_engine() -> str | None:
+    """The first engine running Stan's own C++ that is available: 'cmdstanpy' (CmdStan found),
+    then 'pystan' (PyStan 3 installed); None if neither."""
+    if _cmdstan_found():
+        return "cmdstanpy"
+    if pystan_available():
+        return "pystan"
+    return None
+
+
+def available_engines() -> list[str]:
+    """Engines usable here, in the order of :data:`ENGINES` (stanli is always available)."""
+    return ["stanli"] + (["cmdstanpy"] if _cmdstan_found() else []) + (["pystan"] if pystan_available() else [])
+
+
+def resolve_engine(engine: str | None) -> str:
+    """Canonical engine name: None -> :func:`default_engine`; 'cmdstan' -> 'cmdstanpy';
+    ValueError for an unknown name (saying how to get each engine)."""
+    if engine is None:
+        return default_engine()
+    if not isinstance(engine, str) or engine.lower() not in _ENGINE_ALIASES:
+        raise ValueError(
+            f"unknown engine {engine!r}: choose one of {ENGINES} (or None for the default). "
+            "stanli is bundled; cmdstanpy needs CmdStan (`python -m cmdstanpy.install_cmdstan` or "
+            "$CMDSTAN); pystan needs `pip install pystan`"
+        )
+    return _ENGINE_ALIASES[engine.lower()]
+
+
+def engine_version(engine: str | None) -> str | None:
+    """Version of the Stan implementation behind ``engine``: stanli's version, CmdStan's
+    ('2.35' as cmdstanpy reports it) or httpstan's (PyStan); None if it is not available."""
+    engine = resolve_engine(engine)
+    try:
+        if engine == "stanli":
+            import stanli
+
+            return str(stanli.__version__)
+        if engine == "cmdstanpy":
+            import cmdstanpy
+
+            cmdstanpy.cmdstan_path()
+            v = cmdstanpy.cmdstan_version()
+            return ".".join(map(str, v)) if v else "unknown"
+        if not pystan_available():
+            return None
+        import httpstan
+
+        return str(httpstan.__version__)
+    except Exception:
+        return None
 
 
 def _positive_int(name: str, value: Any, minimum: int = 1) -> int:
@@ -284,8 +463,29 @@ def _set_attrs(idata, attrs: dict) -> None:
     idata.sample_stats.attrs.update(attrs)
 
 
+def _log_lik_to_group(idata, name: str = "log_lik") -> None:
+    """ArviZ convention on every engine: the pointwise log likelihood ``name`` lives in
+    ``idata.log_likelihood``, not in the posterior."""
+    if name not in idata.posterior:
+        return
+    ll = idata.posterior[[name]]
+    if "log_likelihood" in idata.groups():
+        idata.log_likelihood[name] = ll[name]
+    else:
+        idata.add_groups(log_likelihood=ll)
+    attrs = dict(idata.posterior.attrs)
+    idata.posterior = idata.posterior.drop_vars(name)
+    idata.posterior.attrs.update(attrs)
+
+
+def _stan_inits_json(init: Mapping[str, Any]) -> dict:
+    """Init dict in Stan's JSON format for CmdStan / PyStan: zero-size arrays are LEFT OUT
+    (CmdStan rejects ``[]`` for an (0, G) array; a zero-size parameter needs no value)."""
+    return _stan_json({k: v for k, v in init.items() if np.asarray(v).size > 0})
+
+
 def _sample_stanli(path, data, *, chains, warmup, draws, seed, adapt_delta, max_treedepth, inits,
-                   dense_metric, dims):
+                   dense_metric, dims, verbose):
     import stanli
 
     model = stanli.Model(stan_file=str(path), data=_stan_json(data), seed=seed)
@@ -296,63 +496,79 @@ def _sample_stanli(path, data, *, chains, warmup, draws, seed, adapt_delta, max_
     fit = model.sample(
         chains=chains, seed=seed, warmup=warmup, samples=draws, delta=adapt_delta, max_depth=max_treedepth,
         inits=init_vec, metric="dense_e" if dense_metric else "diag_e", refresh=0,
+        adapt_engaged=warmup > 0,  # warmup 0: no step-size search either, step size 1 as in CmdStan
     )
     wall = time.perf_counter() - t0
     posterior = {name: np.asarray(fit.draws(name)).reshape(chains, draws, *tuple(shape))
                  for name, shape in fit.variables.items()}
-    import stanli as _s
-
     stats = {_STAT_NAMES.get(col, col.rstrip("_")): np.asarray(fit.sampler_stats[:, :, i])
-             for i, col in enumerate(_s.SAMPLER_COLUMNS)}
-    attrs = {"engine": "stanli", "engine_version": _s.__version__, "sampling_time": wall,
+             for i, col in enumerate(stanli.SAMPLER_COLUMNS)}
+    attrs = {"engine": "stanli", "engine_version": stanli.__version__, "sampling_time": wall,
              "max_treedepth": max_treedepth, "adapt_delta": adapt_delta, "num_warmup": warmup}
     return _to_inference_data(posterior, stats, attrs, dims)
 
 
-def _sample_cmdstanpy(path, data, *, chains, warmup, draws, seed, adapt_delta, max_treedepth, inits,
-                      dense_metric, dims):
-    import arviz as az
+def _cmdstan_model(path: Path, verbose: bool):
+    """A ``cmdstanpy.CmdStanModel`` of ``path`` whose executable is built once into the stancache."""
     import cmdstanpy
 
+    from .stancache import cached_build
+
     try:
-        cmdstanpy.cmdstan_path()
+        home = cmdstanpy.cmdstan_path()
     except Exception as err:  # never call the installer from here
         raise ImportError(
             "engine='cmdstanpy' needs a CmdStan installation: run `python -m cmdstanpy.install_cmdstan` "
-            "(needs internet access and a C++ toolchain) or set the CMDSTAN environment variable; "
-            "or use engine='stanli'"
+            "(needs internet access and a C++ toolchain) or set the CMDSTAN environment variable to a "
+            "built CmdStan (see the README, 'Using a real CmdStan'); or use engine='stanli'"
         ) from err
-    model = cmdstanpy.CmdStanModel(stan_file=str(path))
+    version = engine_version("cmdstanpy") or "unknown"
+    with _cmdstanpy_logging(verbose):
+        exe = cached_build(path, "cmdstan", version, home,
+                           lambda stan_copy: cmdstanpy.CmdStanModel(stan_file=str(stan_copy)).exe_file)
+        return cmdstanpy.CmdStanModel(stan_file=str(exe.parent / path.name), exe_file=str(exe)), version
+
+
+def _sample_cmdstanpy(path, data, *, chains, warmup, draws, seed, adapt_delta, max_treedepth, inits,
+                      dense_metric, dims, verbose):
+    import arviz as az
+
+    model, version = _cmdstan_model(path, verbose)
     t0 = time.perf_counter()
-    fit = model.sample(
-        data=_stan_json(data), chains=chains, iter_warmup=warmup, iter_sampling=draws, seed=seed,
-        adapt_delta=adapt_delta, max_treedepth=max_treedepth, metric="dense_e" if dense_metric else "diag_e",
-        inits=[_stan_json(i) for i in inits] if inits is not None else None, show_progress=False,
-    )
+    with _cmdstanpy_logging(verbose):
+        fit = model.sample(
+            data=_stan_json(data), chains=chains, iter_warmup=warmup, iter_sampling=draws, seed=seed,
+            max_treedepth=max_treedepth, metric="dense_e" if dense_metric else "diag_e",
+            # CmdStan refuses adaptation (and so adapt_delta) without warmup; stanli just skips it
+            adapt_engaged=warmup > 0, adapt_delta=adapt_delta if warmup > 0 else None,
+            inits=[_stan_inits_json(i) for i in inits] if inits is not None else None,
+            show_progress=verbose, show_console=False,
+        )
     wall = time.perf_counter() - t0
     variables = {name: tuple(v.shape[1:]) for name, v in fit.stan_variables().items()}
     dim_map, coords = _dims_for(variables, dims)
-    idata = az.from_cmdstanpy(posterior=fit, coords=coords, dims=dim_map)
+    idata = az.from_cmdstanpy(posterior=fit, coords=coords, dims=dim_map, log_likelihood=False)
     idata.sample_stats["diverging"] = idata.sample_stats["diverging"].astype(bool)
-    _set_attrs(idata, {"engine": "cmdstanpy", "sampling_time": wall, "max_treedepth": max_treedepth,
-                       "adapt_delta": adapt_delta, "num_warmup": warmup})
+    _set_attrs(idata, {"engine": "cmdstanpy", "engine_version": version, "sampling_time": wall,
+                       "max_treedepth": max_treedepth, "adapt_delta": adapt_delta, "num_warmup": warmup})
     return idata
 
 
 def _sample_pystan(path, data, *, chains, warmup, draws, seed, adapt_delta, max_treedepth, inits,
-                   dense_metric, dims):
-    try:
-        import stan  # PyStan 3
-    except ImportError as err:
-        raise ImportError("engine='pystan' needs PyStan 3: `pip install pystan` (or `pip install pln-ref[pystan]`)") from err
+                   dense_metric, dims, verbose):
+    if not pystan_available():
+        raise ImportError("engine='pystan' needs PyStan 3: `pip install pystan` (or `pip install pln-ref[pystan]`)")
     import arviz as az
+    import stan  # PyStan 3 (checked above: not the repository's stan/ folder)
 
     if dense_metric:
         raise ValueError("engine='pystan' supports only the diagonal metric (dense_metric=False)")
     post = stan.build(Path(path).read_text(), data=_stan_json(data), random_seed=seed)
     kwargs = dict(num_chains=chains, num_warmup=warmup, num_samples=draws, delta=adapt_delta, max_depth=max_treedepth)
+    if warmup == 0:
+        kwargs["adapt_engaged"] = False
     if inits is not None:
-        kwargs["init"] = [_stan_json(i) for i in inits]
+        kwargs["init"] = [_stan_inits_json(i) for i in inits]
     t0 = time.perf_counter()
     fit = post.sample(**kwargs)
     wall = time.perf_counter() - t0
@@ -365,8 +581,8 @@ def _sample_pystan(path, data, *, chains, warmup, draws, seed, adapt_delta, max_
     if renames:
         idata.sample_stats = ss.rename(renames)
     idata.sample_stats["diverging"] = idata.sample_stats["diverging"].astype(bool)
-    _set_attrs(idata, {"engine": "pystan", "sampling_time": wall, "max_treedepth": max_treedepth,
-                       "adapt_delta": adapt_delta, "num_warmup": warmup})
+    _set_attrs(idata, {"engine": "pystan", "engine_version": engine_version("pystan"), "sampling_time": wall,
+                       "max_treedepth": max_treedepth, "adapt_delta": adapt_delta, "num_warmup": warmup})
     return idata
 
 
@@ -384,26 +600,23 @@ def sample_nuts(
     inits: Mapping[str, Any] | Sequence[Mapping[str, Any]] | None = None,
     dense_metric: bool = False,
     dims: Mapping[str, Sequence[str]] | None = None,
+    verbose: bool | None = None,
 ):
     """NUTS draws of ``program`` (name in ``stan/`` or a path) as an ``arviz.InferenceData``.
 
     engine: None -> 'cmdstanpy' if CmdStan is installed, else 'stanli'; or 'stanli', 'cmdstanpy'
-    ('cmdstan'), 'pystan'.  ``inits`` are CONSTRAINED values: one dict for every chain or a list
-    of one dict per chain.  The posterior has named dims for the pln_* variables (cell, gene,
-    factor, gene_b) and ``sample_stats`` uses ArviZ names: diverging (bool), tree_depth,
-    acceptance_rate, n_steps, step_size, lp, energy -- so ``arviz.summary`` / divergence
-    counts see them.  ``idata.posterior.attrs`` (and ``sample_stats.attrs``) hold engine,
-    sampling_time (wall seconds of sampling), max_treedepth, adapt_delta, num_warmup.
+    ('cmdstan'), 'pystan'.  The same options mean the same on every engine: ``inits`` are
+    CONSTRAINED values (one dict for every chain or a list of one dict per chain; zero-size
+    parameters may be given as empty arrays), ``warmup=0`` samples with no adaptation.
+    The posterior has named dims for the pln_* variables (cell, gene, factor, gene_b);
+    ``log_lik`` (if the program has it) is in ``idata.log_likelihood``; ``sample_stats`` uses
+    ArviZ names: diverging (bool), tree_depth, acceptance_rate, n_steps, step_size, lp, energy
+    -- so ``arviz.summary`` / divergence counts see them.  ``idata.posterior.attrs`` (and
+    ``sample_stats.attrs``) hold engine, engine_version, sampling_time (wall seconds of
+    sampling), max_treedepth, adapt_delta, num_warmup.  verbose: show the engine's own log
+    lines (None: the :func:`set_verbose` default, quiet).
     """
-    if engine is None:
-        engine = default_engine()
-    if not isinstance(engine, str) or engine.lower() not in _ENGINE_ALIASES:
-        raise ValueError(
-            f"unknown engine {engine!r}: choose one of {ENGINES} (or None for the default). "
-            "stanli is bundled; cmdstanpy needs CmdStan (`python -m cmdstanpy.install_cmdstan`); "
-            "pystan needs `pip install pystan`"
-        )
-    engine = _ENGINE_ALIASES[engine.lower()]
+    engine = resolve_engine(engine)
     path = _resolve_program(program)
     data = _check_data(data)
     chains = _positive_int("chains", chains)
@@ -415,6 +628,8 @@ def sample_nuts(
         raise ValueError(f"adapt_delta must lie in (0, 1), got {adapt_delta!r}")
     kwargs = dict(chains=chains, warmup=warmup, draws=draws, seed=seed, adapt_delta=float(adapt_delta),
                   max_treedepth=max_treedepth, inits=_normalise_inits(inits, chains),
-                  dense_metric=bool(dense_metric), dims=dims)
+                  dense_metric=bool(dense_metric), dims=dims, verbose=_is_verbose(verbose))
     runner = {"stanli": _sample_stanli, "cmdstanpy": _sample_cmdstanpy, "pystan": _sample_pystan}[engine]
-    return runner(path, data, **kwargs)
+    idata = runner(path, data, **kwargs)
+    _log_lik_to_group(idata)
+    return idata

@@ -252,8 +252,9 @@ def _joint_section(jkey: str, j: dict) -> list[str]:
              f"N={j['design']['N']}, G={j['design']['G']}, k={j['design']['k']}, mean count "
              f"{j['design']['mean_count']:.1f}, {100 * j['design']['zero_fraction']:.0f}% zeros; "
              f"{j['design']['chains']} chains x {j['design']['warmup']}/{j['design']['draws']}, "
-             f"adapt_delta {j['design']['adapt_delta']}, dense metric {j['design']['dense_metric']}: "
-             f"{j['nuts_seconds']:.0f} s.",
+             f"adapt_delta {j['design']['adapt_delta']}, dense metric {j['design']['dense_metric']}"
+             + (f", engine {j['design']['engine']} {j['design'].get('engine_version')}" if j['design'].get('engine') else "")
+             + f": {j['nuts_seconds']:.0f} s.",
              f"Gate on mu, d, Sigma, x, eta: **{'PASSED' if g['passed'] else 'FAILED'}** (R-hat max "
              f"{_fmt(g['rhat_max'], 4)}, bulk ESS min {_fmt(g['ess_bulk_min'], 0)}, tail ESS min "
              f"{_fmt(g['ess_tail_min'], 0)}, divergences {g['divergences']}, E-BFMI min "
@@ -282,14 +283,28 @@ def _moments_section(m: dict) -> list[str]:
 
 
 def _engines_section(e: dict) -> list[str]:
-    lines = ["## Engine agreement (stanli vs PyStan)", ""]
+    names = e.get("engines") or ["stanli", "PyStan"]  # reports written before the choice of engines
+    lines = [f"## Engine agreement ({' vs '.join(names)})", ""]
     if "skipped" in e:
         return lines + [f"Skipped: {e['skipped']}", ""]
-    return lines + [
+    versions = e.get("engine_versions") or {}
+    lines += [
         f"Worst |z| over {e['n_quantities']} posterior means: **{e['worst_abs_z']:.2f}** [<= 4]; "
         "NUTS wall time " + ", ".join(f"{k} {v:.1f} s" for k, v in e["seconds"].items())
         + "; gates " + ", ".join(f"{k} {'passed' if g['passed'] else 'FAILED'}" for k, g in e["gates"].items())
         + ".", ""]
+    if versions:
+        lines += ["| engine | version | R-hat max | bulk ESS min | tail ESS min | divergences | E-BFMI min | wall s |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for k, g in e["gates"].items():
+            bfmi = g.get("bfmi")
+            bfmi_min = min(bfmi) if isinstance(bfmi, list) and bfmi else bfmi
+            lines.append(f"| {k} | {versions.get(k)} | {g.get('rhat_max', float('nan')):.4f} | "
+                         f"{g.get('ess_bulk_min', float('nan')):.0f} | {g.get('ess_tail_min', float('nan')):.0f} | "
+                         f"{g.get('divergences')} | {bfmi_min if bfmi_min is None else f'{bfmi_min:.2f}'} | "
+                         f"{e['seconds'][k]:.1f} |")
+        lines.append("")
+    return lines
 
 
 def write_report(out_dir, metrics: dict) -> Path:

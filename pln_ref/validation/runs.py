@@ -1,5 +1,5 @@
 """Validation runs: Laplace and VAE vs gated per-cell NUTS (with PSIS), gated joint NUTS with the
-Laplace Sigma coverage, moment identities, stanli vs PyStan agreement. Each run writes its PNG
+Laplace Sigma coverage, moment identities, agreement of two NUTS engines. Each run writes its PNG
 figures and a JSON file into the output directory and returns its metrics, which
 :func:`pln_ref.validation.report.write_report` collects into ``report.md`` + ``metrics.json``.
 
@@ -151,8 +151,9 @@ def run_cell_comparison(out_dir, *, G: int = 20, k: int = 3, n_cells: int = 200,
     params, sim = simulate_cells(G, k, n_cells, lib_range=lib_range, seed=seed)
     u, la = np.asarray(sim.counts), np.asarray(sim.log_anchor)
     lib = np.exp(la)
+    # the cache key records the engine actually used (None resolves to the default) and its version
     design = {"G": G, "k": k, "n": n_cells, "lib": list(lib_range), "seed": seed, "chains": chains,
-              "warmup": warmup, "draws": draws, "engine": engine}
+              "warmup": warmup, "draws": draws, **_engine_record(engine)}
     nuts = _cell_truth(out, u, params, la, design=design, chains=chains, warmup=warmup, draws=draws,
                        seed=seed, engine=engine, progress=progress)
     ok = nuts["passed"]
@@ -165,7 +166,7 @@ def run_cell_comparison(out_dir, *, G: int = 20, k: int = 3, n_cells: int = 200,
                    "total_count_quantiles": np.quantile(u.sum(1), [0, 0.5, 1]).tolist(),
                    "zero_fraction": float(np.mean(u == 0)),
                    "nuts": {"chains": chains, "warmup": warmup, "draws": draws, "dense_metric": True,
-                            "per_cell_fits": True}},
+                            "per_cell_fits": True, **_engine_record(engine)}},
         "nuts": {"cells_passed": int(ok.sum()), "cells_failed": failed, "from_cache": bool(nuts.get("cached", False)),
                  "refits": int(np.sum(nuts["attempts"] > 1)), "seconds": nuts["seconds"],
                  "gate_of_compared": gate_ok.summary() if gate_ok else None},
@@ -254,7 +255,8 @@ def run_joint(out_dir, *, N: int = 100, G: int = 10, k: int = 2, seed: int = 0, 
                                 "lib_range": None if lib_range is None else list(lib_range),
                                 "mean_log_rate": mean_log_rate, "eta_mean": float(np.mean(sim.eta)),
                                 "draws": draws, "adapt_delta": adapt_delta, "dense_metric": dense_metric,
-                                "mean_count": float(u.mean()), "zero_fraction": float(np.mean(u == 0))},
+                                "mean_count": float(u.mean()), "zero_fraction": float(np.mean(u == 0)),
+                                **_engine_record(engine)},
                      "gate": gate.summary(), "gate_table": gate.table, "nuts_seconds": nuts_s}
     iu = np.triu_indices(G)
     Sig = idata.posterior["Sigma"].values.reshape(-1, G, G)[:, iu[0], iu[1]]
@@ -333,39 +335,75 @@ def run_moments(out_dir, *, G: int = 10, k: int = 2, n_cells: int = 200_000, see
 
 # --------------------------------------------------------------------------- engine agreement
 
-def run_engine_agreement(out_dir, *, n_cells: int = 5, G: int = 10, k: int = 2, seed: int = 0,
+def _engine_pair(engines) -> tuple[tuple[str, str] | None, str | None]:
+    """The two engines to compare (canonical names) or None and the reason they cannot be run.
+    engines=None: stanli against the first real Stan found (CmdStan through cmdstanpy, then PyStan)."""
+    from .engines import available_engines, real_stan_engine, resolve_engine
+
+    if engines is None:
+        real = real_stan_engine()
+        if real is None:
+            return None, ("no real Stan engine found (CmdStan for cmdstanpy: set $CMDSTAN; or "
+                          "`pip install pystan`): nothing to compare stanli with")
+        return ("stanli", real), None
+    engines = tuple(engines)
+    if len(engines) != 2:
+        raise ValueError(f"engines must name two engines, got {engines!r}")
+    pair = tuple(resolve_engine(e) for e in engines)
+    if pair[0] == pair[1]:
+        raise ValueError(f"engines must be two different engines, got {engines!r}")
+    missing = [e for e in pair if e not in available_engines()]
+    if missing:
+        how = {"cmdstanpy": "CmdStan not found (set $CMDSTAN to a built CmdStan)",
+               "pystan": "pystan not installed (install the 'pystan' extra)"}
+        return None, "; ".join(how[e] for e in missing)
+    return pair, None
+
+
+def _engine_record(engine: str | None) -> dict:
+    """The engine a run actually used (None resolved to the default) and its version."""
+    from .engines import engine_version, resolve_engine
+
+    name = resolve_engine(engine)
+    return {"engine": name, "engine_version": engine_version(name)}
+
+
+def run_engine_agreement(out_dir, *, engines=None, n_cells: int = 5, G: int = 10, k: int = 2, seed: int = 0,
                          chains: int = 4, warmup: int = 1000, draws: int = 2500) -> dict:
-    """stanli vs PyStan NUTS on one pln_cell data set: z = (mean_a - mean_b) / sqrt(mcse_a^2 + mcse_b^2)
-    per quantity; goal worst |z| <= 4. Skipped (with the reason) if pystan is not installed."""
+    """Two NUTS engines on one pln_cell data set (default: stanli against the first real Stan
+    found, see :func:`pln_ref.validation.engines.real_stan_engine`):
+    z = (mean_a - mean_b) / sqrt(mcse_a^2 + mcse_b^2) per quantity (x and eta of every cell);
+    goal worst |z| <= 4. Skipped (with the reason) if an engine is not available."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    try:
-        import stan  # noqa: F401  (pystan 3)
-    except ImportError as e:
-        res = {"skipped": f"pystan not installed ({e}); install the 'pystan' extra to run it"}
+    pair, reason = _engine_pair(engines)
+    if pair is None:
+        res = {"skipped": reason, "engines": list(engines) if engines is not None else None}
         atomic_write_json(out / "engine_agreement.json", res)
         return res
     import arviz as az
 
-    from .engines import sample_nuts
+    from .engines import engine_version, sample_nuts
     from .standata import pln_cell_data
 
     params, sim = simulate_cells(G, k, n_cells, seed=seed)
     data = pln_cell_data(sim.counts, params, sim.log_anchor)
     fits, secs = {}, {}
-    for eng in ("stanli", "pystan"):
+    for eng in pair:
         t0 = time.perf_counter()
         fits[eng] = sample_nuts("pln_cell", data, engine=eng, chains=chains, warmup=warmup, draws=draws,
                                 seed=seed + 1)
         secs[eng] = time.perf_counter() - t0
     zs = []
     for v in ("x", "eta"):
-        m = [fits[e].posterior[v].mean(("chain", "draw")).values for e in fits]
-        se = [az.mcse(fits[e].posterior[[v]], method="mean")[v].values for e in fits]
+        m = [fits[e].posterior[v].mean(("chain", "draw")).values for e in pair]
+        se = [az.mcse(fits[e].posterior[[v]], method="mean")[v].values for e in pair]
         zs.append(((m[0] - m[1]) / np.sqrt(se[0] ** 2 + se[1] ** 2)).reshape(-1))
     z = np.concatenate(zs)
-    res = {"worst_abs_z": float(np.max(np.abs(z))), "n_quantities": int(z.size),
+    res = {"engines": list(pair), "engine_versions": {e: engine_version(e) for e in pair},
+           "worst_abs_z": float(np.max(np.abs(z))), "n_quantities": int(z.size),
            "gates": {e: check_gate(f).summary() for e, f in fits.items()}, "seconds": secs,
-           "design": {"n_cells": n_cells, "G": G, "k": k, "chains": chains, "draws": draws}}
+           "sampling_seconds": {e: float(f.posterior.attrs["sampling_time"]) for e, f in fits.items()},
+           "design": {"n_cells": n_cells, "G": G, "k": k, "chains": chains, "warmup": warmup, "draws": draws}}
     atomic_write_json(out / "engine_agreement.json", res)
     return res
