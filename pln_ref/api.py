@@ -113,7 +113,7 @@ def fit(
     return _fit_laplace(u, k, cap, log_anchor, anchor=anchor, n_steps=cfg.n_steps, batch_size=cfg.batch_size,
                         lr=cfg.lr, optimizer=cfg.optimizer, ift=cfg.ift, gtol=cfg.gtol,
                         seed=cfg.seed, checkpoint=cfg.checkpoint, resume=cfg.resume, progress=progress,
-                        **names)
+                        checkpoint_every=cfg.checkpoint_every, **names)
 
 
 def _names(data) -> dict:
@@ -136,9 +136,10 @@ def _prepare(data, k, layer, capture, M0, sigma_M, capture_efficiency, library_s
         raise ValueError(f"k must be an integer with 1 <= k < G = {G} genes, got {k!r}")
     rep = check_genes_cells(u)
     if rep.n_zero_genes:
+        mat = "adata.X" if layer is None else f"adata.layers[{layer!r}]"
         raise ValueError(
             f"{rep.message()}: an all-zero gene has no identified mean (mu -> -inf); "
-            "remove such genes first, e.g. adata[:, np.asarray(adata.X.sum(0)).ravel() > 0]"
+            f"remove such genes first, e.g. adata[:, np.asarray({mat}.sum(0)).ravel() > 0]"
         )
     cap = resolve_capture(u, capture, M0=M0, sigma_M=sigma_M, capture_efficiency=capture_efficiency)
     log_anchor = None
@@ -146,14 +147,14 @@ def _prepare(data, k, layer, capture, M0, sigma_M, capture_efficiency, library_s
         if library_size is None and rep.n_zero_cells:
             raise ValueError(
                 f"{rep.message()}: the capture prior is anchored on each cell's library size, "
-                "which is 0 for these cells; remove them or pass library_size"
+                "which is 0 for these cells; remove them or pass library_size (CLI: --library-size OBS_COLUMN)"
             )
         log_anchor = resolve_log_anchor(u, library_size=library_size)
     return u, cap, log_anchor, names
 
 
 def _fit_laplace(u, k, cap, log_anchor, *, anchor, n_steps, batch_size, lr, optimizer, ift, gtol, seed,
-                 checkpoint, resume, progress, gene_names, cell_names):
+                 checkpoint, resume, progress, gene_names, cell_names, checkpoint_every=50):
     from .fit_laplace import LaplaceFitState, laplace_objective, optimize_globals
     from .laplace import newton_map
     from .moments import method_of_moments
@@ -169,7 +170,8 @@ def _fit_laplace(u, k, cap, log_anchor, *, anchor, n_steps, batch_size, lr, opti
         state.stopped = ""
     st, params = optimize_globals(
         u, init, log_anchor, n_steps=n_steps, lr=lr, batch_size=batch_size, ift=ift, seed=seed,
-        gtol=gtol, checkpoint=checkpoint, resume=state, progress=progress, optimizer=optimizer,
+        gtol=gtol, checkpoint=checkpoint, checkpoint_every=checkpoint_every, resume=state,
+        progress=progress, optimizer=optimizer,
     )
     cells = newton_map(u, params, log_anchor, x0=st.x_map, eta0=st.eta_map, gtol=gtol)
     history = np.asarray(st.history, dtype=float).reshape(-1, 3)
