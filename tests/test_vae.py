@@ -317,3 +317,21 @@ def test_amortisation_gap_is_small_and_nonnegative(fitted, sim_data):
     assert gap["gap_mean"] < 0.5
     e = fitted.elbo(new.counts, new.log_anchor)
     assert e.shape == (60,) and e.mean() == pytest.approx(gap["elbo_encoder"], rel=1e-12)
+
+
+def test_extreme_counts_stop_with_a_diverged_error_that_says_where_and_what_to_try():
+    """Issue 11 item 5: two entries of 1e7 made training non-finite and the fit failed later with
+    'mu contains NaN or inf'. Now it stops at the step it diverged, names the extreme count, and
+    the advice it gives (a 10x smaller lr) gives a finite fit."""
+    import pln_ref
+    from pln_ref.exceptions import TrainingDivergedError
+
+    p = random_params(30, 3, seed=1, capture=True, mean_log_rate=1.0)
+    u = simulate(p, 200, seed=2).counts.astype(float)
+    u[5, 3] = u[17, 10] = 1e7
+    with pytest.raises(TrainingDivergedError, match=r"diverged at step \d+ of n_steps=300") as ei:
+        pln_ref.fit(u, inference_method="vae", k=3, n_steps=300, progress=False)
+    msg = str(ei.value)
+    assert "1e+07 (cell 5, gene 3" in msg and "inference_method='laplace'" in msg and "\n" not in msg
+    res = pln_ref.fit(u, k=3, n_steps=50, progress=False)  # the advice: Laplace stays finite
+    assert np.all(np.isfinite(res.mu)) and np.all(np.isfinite(res.x_map))
