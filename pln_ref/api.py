@@ -158,7 +158,7 @@ def _fit_laplace(u, k, cap, log_anchor, *, anchor, n_steps, batch_size, lr, opti
     from .fit_laplace import LaplaceFitState, laplace_objective, optimize_globals
     from .laplace import newton_map
     from .moments import method_of_moments
-    from .results import LaplaceResult
+    from .results import LaplaceResult, evidence_outliers
 
     t0 = time.time()
     init = method_of_moments(u, k, capture=cap, log_anchor=log_anchor)
@@ -175,7 +175,9 @@ def _fit_laplace(u, k, cap, log_anchor, *, anchor, n_steps, batch_size, lr, opti
     )
     cells = newton_map(u, params, log_anchor, x0=st.x_map, eta0=st.eta_map, gtol=gtol)
     history = np.asarray(st.history, dtype=float).reshape(-1, 3)
-    objective = float(np.mean(laplace_objective(u, params, log_anchor, cells, with_grad=False)[0]))
+    evidence = laplace_objective(u, params, log_anchor, cells, with_grad=False)[0]
+    objective = float(np.mean(evidence))
+    outliers = _warn_outliers(evidence_outliers(evidence, u, cell_names))
     settings = {
         "inference_method": "laplace", "k": k, "n_steps": n_steps, "batch_size": batch_size,
         "lr": lr, "optimizer": optimizer, "ift": ift, "gtol": gtol, "seed": seed,
@@ -187,7 +189,23 @@ def _fit_laplace(u, k, cap, log_anchor, *, anchor, n_steps, batch_size, lr, opti
         "wall_time_s": time.time() - t0,
         "cells_converged": int(cells.converged.sum()), "max_grad_norm": float(cells.grad_norm.max()),
         "max_newton_iter": int(cells.n_iter.max()), "cells_on_bound": int(cells.on_bound.sum()),
+        "evidence_outliers": outliers,
     }
     return LaplaceResult(params=params, cells=cells, history=history, settings=settings,
                          diagnostics=diagnostics, init=init, gene_names=gene_names,
                          cell_names=cell_names)
+
+
+def _warn_outliers(out: dict) -> dict:
+    """Issue an ``OutlierCellsWarning`` naming the cells of ``results.evidence_outliers``."""
+    if out["n_cells"]:
+        import warnings
+
+        from .exceptions import OutlierCellsWarning
+
+        names = out["cell_names"] or out["cells"]
+        warnings.warn(f"{out['n_cells']} cell(s) with outlying Laplace evidence (robust |z| > "
+                      f"{out['threshold']:g}): {', '.join(map(str, names[:10]))}; a few extreme cells can move "
+                      "every gene's mu and Sigma: check them (diagnostics['evidence_outliers'])",
+                      OutlierCellsWarning, stacklevel=4)
+    return out
