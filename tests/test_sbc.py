@@ -215,3 +215,26 @@ def test_cli_parsers_register():
     assert a.func is validate_main and a.parts == ["cell"]
     b = ap.parse_args(["sbc", "--out", "y", "--flavour", "joint", "--sims", "10", "--synchronous"])
     assert b.func is sbc_main and b.sims == 10 and b.synchronous
+
+
+def test_refusal_names_only_the_settings_that_differ(tmp_path):
+    """Issue 11 item 7: the refusal was a 3.3 KB line of array reprs with the differing setting
+    (L 99 vs 49) buried; now it names only the differing settings, old -> new."""
+    from pln_ref.simulation import random_params
+    from pln_ref.validation.sbc_tasks import laplace_conditional_task
+
+    p = random_params(20, 3, seed=0, capture=True)
+    cfg = {"mu": p.mu, "W": p.W, "d": p.d, "M0": p.capture.M0, "sigma_M": p.capture.sigma_M, "L": 99}
+    out = tmp_path / "run"
+    run_sbc(laplace_conditional_task, 2, out, base_seed=1, config=cfg, scheduler="synchronous", progress=False)
+    with pytest.raises(ValueError) as ei:
+        run_sbc(laplace_conditional_task, 2, out, base_seed=1, config={**cfg, "L": 49},
+                scheduler="synchronous", progress=False)
+    msg = str(ei.value)
+    assert "config.L: 99 -> 49" in msg and len(msg) < 250 and "array(" not in msg and "mu" not in msg
+    with pytest.raises(ValueError) as ei:
+        run_sbc(laplace_conditional_task, 2, out, base_seed=2, config={**cfg, "mu": p.mu + 1},
+                scheduler="synchronous", progress=False)
+    msg = str(ei.value)
+    assert "base_seed: 1 -> 2" in msg and "config.mu: " in msg and len(msg) < 400
+    assert "config.L" not in msg and "config.W" not in msg

@@ -71,6 +71,33 @@ def _batches(todo_idx: Sequence[int], batch_size: int, n_sims: int) -> list[list
 _LEGACY_TASK_MODULES = {"pln_ref.sbc.": "pln_ref.validation.sbc_tasks."}
 
 
+def _short(value, width: int = 40) -> str:
+    """A setting's value for a message: as is when short, else its start and length (arrays are
+    recorded as their repr, which can be kilobytes long)."""
+    text = value if isinstance(value, str) else json.dumps(value)
+    if len(text) <= width:
+        return text
+    flat = " ".join(text.split())
+    return f"{flat[:width - 12]}... ({len(text)} chars)"
+
+
+def _manifest_differences(old: dict, new: dict) -> list[str]:
+    """The settings in which a recorded manifest and this run differ, as "name: old -> new"
+    (config entries one by one, as "config.name"); empty if they agree."""
+    diffs = []
+    for k in ("base_seed", "batch_size", "task"):
+        if k in old and old[k] != new[k]:
+            diffs.append(f"{k}: {_short(old[k])} -> {_short(new[k])}")
+    if "config" in old and old["config"] != new["config"]:
+        oc, nc = old["config"], new["config"]
+        for k in sorted(set(oc) | set(nc)):
+            if oc.get(k, "<unset>") != nc.get(k, "<unset>"):
+                a = "<unset>" if k not in oc else _short(oc[k])
+                b = "<unset>" if k not in nc else _short(nc[k])
+                diffs.append(f"config.{k}: {a} -> {b}" + (" (array differs)" if a == b else ""))
+    return diffs
+
+
 def _write_manifest(out: Path, manifest: dict, n_sims: int) -> None:
     """Record the run's design in out/manifest.json; refuse a directory that holds another design.
 
@@ -81,10 +108,10 @@ def _write_manifest(out: Path, manifest: dict, n_sims: int) -> None:
     for before, now in _LEGACY_TASK_MODULES.items():
         if str(old.get("task", "")).startswith(before):
             old["task"] = now + old["task"][len(before):]
-    for k in ("base_seed", "batch_size", "task", "config"):
-        if k in old and old[k] != manifest[k]:
-            raise ValueError(f"{out} holds a run with {k}={old[k]!r}, this run has "
-                             f"{manifest[k]!r}; resume with the same settings or use another directory")
+    diffs = _manifest_differences(old, manifest)
+    if diffs:
+        raise ValueError(f"{out} holds a run with other settings ({'; '.join(diffs)}); resume with the "
+                         "same settings or use another --out directory")
     manifest["n_sims"] = max(int(n_sims), int(old.get("n_sims", 0)))
     atomic_write_json(mpath, manifest)
 
