@@ -350,3 +350,19 @@ def test_real_dask_workers_in_another_directory_with_relative_out(tmp_path):
             p.terminate()
         for p in procs:
             p.wait(timeout=30)
+
+
+def test_few_simulations_print_a_power_caveat_not_a_bare_failed(tmp_path, capsys):
+    """Issue 11 item 8: an SBC of 2-8 simulations listed 'Failed: ...' with no word on power."""
+    from pln_ref.cli import main
+    from pln_ref.validation.sbc_runs import power_caveat
+
+    rc = main(["sbc", "--flavour", "laplace", "--sims", "4", "--L", "9", "--synchronous", "--quiet",
+               "--out", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert rc == 0
+    assert "[pln-ref sbc] laplace: 4 simulations, " in out and "caveat: only 4 simulations" in out
+    report = (tmp_path / "report.md").read_text()
+    failed_line = next(ln for ln in report.splitlines() if ln.startswith("Failed:"))
+    assert "Caveat: only 4 simulations" in failed_line
+    assert power_caveat(100, 10) is None and "expected to fail by chance" in power_caveat(8, 44)
