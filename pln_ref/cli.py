@@ -200,9 +200,11 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--version", action="version", version=f"pln-ref {__version__}")
     sub = ap.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("demo", help="fit the embedded simulated data set and report recovery")
-    p.add_argument("--out", default=None, help="directory for the fitted result and a JSON report")
-    p.add_argument("--quiet", action="store_true")
+    p = sub.add_parser("demo", help="fit the embedded simulated data set and report recovery",
+                       formatter_class=_HelpFormatter)
+    p.add_argument("--out", default=None, help="directory for the fitted result and a JSON report "
+                   "(default: nothing written)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_demo)
 
     p = sub.add_parser("fit", help="fit an .h5ad file", formatter_class=_HelpFormatter,
@@ -245,14 +247,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_fit)
 
-    p = sub.add_parser("simulate", help="write a simulated PLN data set to .h5ad")
-    p.add_argument("--cells", type=int, default=1000)
-    p.add_argument("--genes", type=int, default=200)
-    p.add_argument("--k", type=int, default=5)
-    p.add_argument("--mean-log-rate", type=float, default=1.0)
-    p.add_argument("--no-capture", action="store_true")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", required=True)
+    p = sub.add_parser("simulate", help="write a simulated PLN data set to .h5ad", formatter_class=_HelpFormatter)
+    p.add_argument("--cells", type=int, default=1000, help="number of cells")
+    p.add_argument("--genes", type=int, default=200, help="number of genes")
+    p.add_argument("--k", type=int, default=5, help="number of latent factors")
+    p.add_argument("--mean-log-rate", type=float, default=1.0, help="mean of mu (log scale)")
+    p.add_argument("--no-capture", action="store_true", help="simulate without capture (eta = 0)")
+    p.add_argument("--seed", type=int, default=0, help="random seed")
+    p.add_argument("--out", required=True, help="output .h5ad")
     p.set_defaults(func=_cmd_simulate)
 
     try:
