@@ -177,7 +177,7 @@ def _fit_laplace(u, k, cap, log_anchor, *, anchor, n_steps, batch_size, lr, opti
     history = np.asarray(st.history, dtype=float).reshape(-1, 3)
     evidence = laplace_objective(u, params, log_anchor, cells, with_grad=False)[0]
     objective = float(np.mean(evidence))
-    outliers = _warn_outliers(evidence_outliers(evidence, u, cell_names))
+    outliers = evidence_outliers(evidence, u, cell_names, warn=True)
     settings = {
         "inference_method": "laplace", "k": k, "n_steps": n_steps, "batch_size": batch_size,
         "lr": lr, "optimizer": optimizer, "ift": ift, "gtol": gtol, "seed": seed,
@@ -195,17 +195,3 @@ def _fit_laplace(u, k, cap, log_anchor, *, anchor, n_steps, batch_size, lr, opti
                          diagnostics=diagnostics, init=init, gene_names=gene_names,
                          cell_names=cell_names)
 
-
-def _warn_outliers(out: dict) -> dict:
-    """Issue an ``OutlierCellsWarning`` naming the cells of ``results.evidence_outliers``."""
-    if out["n_cells"]:
-        import warnings
-
-        from .exceptions import OutlierCellsWarning
-
-        names = out["cell_names"] or out["cells"]
-        warnings.warn(f"{out['n_cells']} cell(s) with outlying Laplace evidence (robust |z| > "
-                      f"{out['threshold']:g}): {', '.join(map(str, names[:10]))}; a few extreme cells can move "
-                      "every gene's mu and Sigma: check them (diagnostics['evidence_outliers'])",
-                      OutlierCellsWarning, stacklevel=4)
-    return out

@@ -23,7 +23,7 @@ _MAX_LISTED = 20
 
 
 def evidence_outliers(evidence: np.ndarray, counts: np.ndarray, cell_names: list | None = None, *,
-                      threshold: float = EVIDENCE_Z_THRESHOLD) -> dict:
+                      threshold: float = EVIDENCE_Z_THRESHOLD, warn: bool = False) -> dict:
     """Cells whose per-cell Laplace evidence is an outlier among the cells'.
 
     Statistic: the evidence relative to the saturated Poisson fit of the cell,
@@ -36,7 +36,8 @@ def evidence_outliers(evidence: np.ndarray, counts: np.ndarray, cell_names: list
     demo's 1500 x 100) have max |z| < 3.
 
     Returns {"threshold", "statistic", "n_cells", "cells" (indices, by |z|, at most 20),
-    "cell_names", "robust_z" (theirs), "max_abs_robust_z"}.
+    "cell_names", "robust_z" (theirs), "max_abs_robust_z"}; ``warn=True`` also issues a
+    ``pln_ref.exceptions.OutlierCellsWarning`` naming the cells when there are any.
     """
     from scipy.special import gammaln, xlogy
 
@@ -47,7 +48,7 @@ def evidence_outliers(evidence: np.ndarray, counts: np.ndarray, cell_names: list
     z = (e - med) / mad if mad > 0 else np.zeros_like(e)
     flagged = np.flatnonzero(np.abs(z) > threshold)
     order = flagged[np.argsort(-np.abs(z[flagged]))][:_MAX_LISTED]
-    return {
+    out = {
         "threshold": float(threshold),
         "statistic": "robust z of the per-cell evidence minus the saturated Poisson log-likelihood",
         "n_cells": int(flagged.size), "cells": [int(c) for c in order],
@@ -55,6 +56,16 @@ def evidence_outliers(evidence: np.ndarray, counts: np.ndarray, cell_names: list
         "robust_z": [float(z[c]) for c in order],
         "max_abs_robust_z": float(np.max(np.abs(z))) if z.size else 0.0,
     }
+    if warn and flagged.size:
+        import warnings
+
+        from .exceptions import OutlierCellsWarning
+
+        names = out["cell_names"] or out["cells"]
+        warnings.warn(f"{flagged.size} cell(s) with outlying Laplace evidence (robust |z| > {threshold:g}): "
+                      f"{', '.join(map(str, names[:10]))}; a few extreme cells can move every gene's mu and "
+                      "Sigma: check them (diagnostics['evidence_outliers'])", OutlierCellsWarning, stacklevel=4)
+    return out
 
 
 def laplace_history(steps) -> dict:
