@@ -168,6 +168,7 @@ def _fit_laplace(u, k, cap, log_anchor, *, anchor, n_steps, batch_size, lr, opti
         if state.W.shape != (u.shape[1], k) or (state.x_map is not None and state.x_map.shape != u.shape):
             raise ValueError(f"checkpoint {resume} does not match this data (genes, k) = {(u.shape[1], k)}")
         state.stopped = ""
+    resumed_at = None if state is None else int(state.step)
     st, params = optimize_globals(
         u, init, log_anchor, n_steps=n_steps, lr=lr, batch_size=batch_size, ift=ift, seed=seed,
         gtol=gtol, checkpoint=checkpoint, checkpoint_every=checkpoint_every, resume=state,
@@ -186,7 +187,8 @@ def _fit_laplace(u, k, cap, log_anchor, *, anchor, n_steps, batch_size, lr, opti
     }
     diagnostics = {
         "objective": objective, "steps": st.step, "stopped": st.stopped,
-        "wall_time_s": time.time() - t0,
+        "wall_time_s": time.time() - t0,  # of this process: a resumed fit says where it resumed
+        "resumed_from_step": resumed_at,
         "cells_converged": int(cells.converged.sum()), "max_grad_norm": float(cells.grad_norm.max()),
         "max_newton_iter": int(cells.n_iter.max()), "cells_on_bound": int(cells.on_bound.sum()),
         "evidence_outliers": outliers,

@@ -178,3 +178,15 @@ def test_demo_ppc_lines_explain_the_map_check():
     text = "\n".join(ppc_lines(tab))
     assert "zero fractions:   33%" in text and "tests the zero mass" in text
     assert "cannot show: calibration" in text and "simulated from the model itself" in text
+
+
+def test_resumed_fit_says_where_it_resumed(files, tmp_path):
+    """Issue 11 item 9: after a resume wall_time_s counts only the resumed part; the fit now says
+    so and from which step (the checkpoint does not store the earlier wall time)."""
+    a = ad.read_h5ad(files / "ok.h5ad")
+    ck = str(tmp_path / "ck.npz")
+    first = pln_ref.fit(a, k=2, n_steps=5, progress=False, checkpoint=ck)
+    assert first.diagnostics["resumed_from_step"] is None
+    r = pln_ref.fit(a, k=2, n_steps=10, progress=False, resume=ck)
+    assert r.diagnostics["resumed_from_step"] == 5
+    assert "(of this run, resumed at step 5)" in r.summary()
