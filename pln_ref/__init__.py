@@ -7,7 +7,8 @@ The user's API is what this module exports (``__all__``):
 
 - fitting: ``fit`` (Laplace or VAE inference) with the method's options (``LaplaceConfig`` /
   ``VAEConfig``), its results ``LaplaceResult`` / ``VAEResult`` (one protocol, ``PLNResult``;
-  per-cell posteriors follow ``CellPosterior``), ``ConvergenceWarning``, and
+  per-cell posteriors follow ``CellPosterior``), ``ConvergenceWarning``, ``OutlierCellsWarning``,
+  ``TrainingDivergedError``, and
   ``ppc_summary`` / ``posterior_predictive`` (posterior predictive checks);
 - the model: ``PLNParams``, ``Capture``, ``simulate`` / ``Simulation`` / ``random_params``, the
   closed-form moments ``pln_mean`` / ``pln_variance`` / ``pln_covariance`` / ``moment_zscores``
@@ -27,7 +28,7 @@ from .anchor import resolve_log_anchor
 from .api import fit, resolve_capture
 from .config import LaplaceConfig, VAEConfig
 from .data import as_counts, check_genes_cells, total_counts
-from .exceptions import ConvergenceWarning
+from .exceptions import ConvergenceWarning, OutlierCellsWarning, TrainingDivergedError
 from .moments import method_of_moments, moment_zscores, pln_covariance, pln_mean, pln_variance
 from .params import Capture, PLNParams
 from .ppc import posterior_predictive, ppc_summary
@@ -39,6 +40,7 @@ from .vae import VAEResult, fit_vae
 __all__ = [
     "fit", "LaplaceConfig", "VAEConfig", "PLNResult", "LaplaceResult", "VAEResult", "CellPosterior",
     "fit_vae", "ppc_summary", "posterior_predictive", "ConvergenceWarning",
+    "OutlierCellsWarning", "TrainingDivergedError",
     "PLNParams", "Capture", "simulate", "Simulation", "random_params",
     "pln_mean", "pln_variance", "pln_covariance", "moment_zscores", "method_of_moments",
     "as_counts", "check_genes_cells", "total_counts", "resolve_log_anchor", "resolve_capture",

@@ -113,7 +113,7 @@ def fit(
     return _fit_laplace(u, k, cap, log_anchor, anchor=anchor, n_steps=cfg.n_steps, batch_size=cfg.batch_size,
                         lr=cfg.lr, optimizer=cfg.optimizer, ift=cfg.ift, gtol=cfg.gtol,
                         seed=cfg.seed, checkpoint=cfg.checkpoint, resume=cfg.resume, progress=progress,
-                        **names)
+                        checkpoint_every=cfg.checkpoint_every, **names)
 
 
 def _names(data) -> dict:
@@ -136,9 +136,10 @@ def _prepare(data, k, layer, capture, M0, sigma_M, capture_efficiency, library_s
         raise ValueError(f"k must be an integer with 1 <= k < G = {G} genes, got {k!r}")
     rep = check_genes_cells(u)
     if rep.n_zero_genes:
+        mat = "adata.X" if layer is None else f"adata.layers[{layer!r}]"
         raise ValueError(
             f"{rep.message()}: an all-zero gene has no identified mean (mu -> -inf); "
-            "remove such genes first, e.g. adata[:, np.asarray(adata.X.sum(0)).ravel() > 0]"
+            f"remove such genes first, e.g. adata[:, np.asarray({mat}.sum(0)).ravel() > 0]"
         )
     cap = resolve_capture(u, capture, M0=M0, sigma_M=sigma_M, capture_efficiency=capture_efficiency)
     log_anchor = None
@@ -146,18 +147,18 @@ def _prepare(data, k, layer, capture, M0, sigma_M, capture_efficiency, library_s
         if library_size is None and rep.n_zero_cells:
             raise ValueError(
                 f"{rep.message()}: the capture prior is anchored on each cell's library size, "
-                "which is 0 for these cells; remove them or pass library_size"
+                "which is 0 for these cells; remove them or pass library_size (CLI: --library-size OBS_COLUMN)"
             )
         log_anchor = resolve_log_anchor(u, library_size=library_size)
     return u, cap, log_anchor, names
 
 
 def _fit_laplace(u, k, cap, log_anchor, *, anchor, n_steps, batch_size, lr, optimizer, ift, gtol, seed,
-                 checkpoint, resume, progress, gene_names, cell_names):
+                 checkpoint, resume, progress, gene_names, cell_names, checkpoint_every=50):
     from .fit_laplace import LaplaceFitState, laplace_objective, optimize_globals
     from .laplace import newton_map
     from .moments import method_of_moments
-    from .results import LaplaceResult
+    from .results import LaplaceResult, evidence_outliers
 
     t0 = time.time()
     init = method_of_moments(u, k, capture=cap, log_anchor=log_anchor)
@@ -167,13 +168,17 @@ def _fit_laplace(u, k, cap, log_anchor, *, anchor, n_steps, batch_size, lr, opti
         if state.W.shape != (u.shape[1], k) or (state.x_map is not None and state.x_map.shape != u.shape):
             raise ValueError(f"checkpoint {resume} does not match this data (genes, k) = {(u.shape[1], k)}")
         state.stopped = ""
+    resumed_at = None if state is None else int(state.step)
     st, params = optimize_globals(
         u, init, log_anchor, n_steps=n_steps, lr=lr, batch_size=batch_size, ift=ift, seed=seed,
-        gtol=gtol, checkpoint=checkpoint, resume=state, progress=progress, optimizer=optimizer,
+        gtol=gtol, checkpoint=checkpoint, checkpoint_every=checkpoint_every, resume=state,
+        progress=progress, optimizer=optimizer,
     )
     cells = newton_map(u, params, log_anchor, x0=st.x_map, eta0=st.eta_map, gtol=gtol)
     history = np.asarray(st.history, dtype=float).reshape(-1, 3)
-    objective = float(np.mean(laplace_objective(u, params, log_anchor, cells, with_grad=False)[0]))
+    evidence = laplace_objective(u, params, log_anchor, cells, with_grad=False)[0]
+    objective = float(np.mean(evidence))
+    outliers = evidence_outliers(evidence, u, cell_names, warn=True)
     settings = {
         "inference_method": "laplace", "k": k, "n_steps": n_steps, "batch_size": batch_size,
         "lr": lr, "optimizer": optimizer, "ift": ift, "gtol": gtol, "seed": seed,
@@ -182,10 +187,13 @@ def _fit_laplace(u, k, cap, log_anchor, *, anchor, n_steps, batch_size, lr, opti
     }
     diagnostics = {
         "objective": objective, "steps": st.step, "stopped": st.stopped,
-        "wall_time_s": time.time() - t0,
+        "wall_time_s": time.time() - t0,  # of this process: a resumed fit says where it resumed
+        "resumed_from_step": resumed_at,
         "cells_converged": int(cells.converged.sum()), "max_grad_norm": float(cells.grad_norm.max()),
         "max_newton_iter": int(cells.n_iter.max()), "cells_on_bound": int(cells.on_bound.sum()),
+        "evidence_outliers": outliers,
     }
     return LaplaceResult(params=params, cells=cells, history=history, settings=settings,
                          diagnostics=diagnostics, init=init, gene_names=gene_names,
                          cell_names=cell_names)
+

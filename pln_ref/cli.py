@@ -23,6 +23,28 @@ def _corr_errors(fit_params, true_params) -> dict:
     return {"corr_rmse": float(np.sqrt(np.mean(e**2))), "corr_max_abs": float(np.max(np.abs(e)))}
 
 
+def ppc_lines(ppc_map: dict) -> list[str]:
+    """The demo's MAP plug-in predictive check, explained: for each statistic the share of genes
+    whose observed value lies inside the replicates' central 95% interval, what it tests, and what
+    a MAP-only check can and cannot show (``ppc_map`` = ``ppc_summary(..., mode="map").table()``)."""
+    rows = [("mean", "gene means", "the fitted mean level of each gene"),
+            ("var", "gene variances", "the over-dispersion beyond Poisson (Sigma)"),
+            ("zero_frac", "zero fractions", "the zero mass of each gene")]
+    lines = ["  MAP plug-in predictive check, u_rep ~ Poisson(exp(x_map - eta_map)); share of genes whose "
+             "observed statistic lies inside the 95% interval of the replicates:"]
+    for key, name, tests in rows:
+        share = f"{100 * ppc_map[key]['share_in_95pct_interval']:.0f}%"
+        lines.append(f"    {name + ':':16s}{share:>5s}  (tests {tests})")
+    lines += [
+        "    What this MAP-only check can show: a gross misfit of the likelihood shape (a statistic far",
+        "    outside the plug-in range). What it cannot show: calibration. x_map is a point estimate (the",
+        "    posterior mode, shrunk toward the prior), so the replicates ignore the posterior uncertainty",
+        "    of x: their intervals are too narrow and shifted, and low shares, above all for zero",
+        "    fractions, are expected even on data simulated from the model itself, as here.",
+    ]
+    return lines
+
+
 def demo(out: str | None = None, progress: bool = True) -> dict:
     """Fit the embedded default data set (a seeded PLN simulation with capture, ``DEMO``) and
     report recovery of the simulated truth by the method-of-moments start and the Laplace fit."""
@@ -40,6 +62,8 @@ def demo(out: str | None = None, progress: bool = True) -> dict:
     res = fit(adata, k=DEMO["k"], M0=p.capture.M0, sigma_M=p.capture.sigma_M,
               library_size=np.exp(sim.log_anchor), progress=progress)
     wall = time.time() - t0
+    if progress:
+        print(stop_line(res))
     print(res.summary())
     mom, lap = _corr_errors(res.init, p), _corr_errors(res.params, p)
     report = {
@@ -57,10 +81,8 @@ def demo(out: str | None = None, progress: bool = True) -> dict:
     print(f"  Laplace fit:       RMSE {lap['corr_rmse']:.4f}, max {lap['corr_max_abs']:.4f};"
           f" max |mu error| {report['laplace']['mu_max_abs']:.3f};"
           f" RMSE of eta_map vs true eta {report['laplace']['eta_rmse']:.3f}")
-    ppc = report["ppc_map"]
-    print(f"  MAP posterior predictive: {100 * ppc['mean']['share_in_95pct_interval']:.0f}% of gene means,"
-          f" {100 * ppc['var']['share_in_95pct_interval']:.0f}% of variances,"
-          f" {100 * ppc['zero_frac']['share_in_95pct_interval']:.0f}% of zero fractions inside 95% intervals")
+    for line in ppc_lines(report["ppc_map"]):
+        print(line)
     if out:
         Path(out).mkdir(parents=True, exist_ok=True)
         res.save(Path(out) / "demo_fit.npz")
@@ -74,30 +96,80 @@ def _cmd_demo(args) -> int:
     return 0
 
 
-def _cmd_fit(args) -> int:
-    import anndata as ad
+def _library_size(adata, column: str | None):
+    """The per-cell anchor from ``adata.obs[column]`` (None without a column)."""
+    if column is None:
+        return None
+    if column not in adata.obs.columns:
+        raise ValueError(f"--library-size: no obs column {column!r}; obs columns: {list(adata.obs.columns)}")
+    col = adata.obs[column]
+    try:
+        return np.asarray(col, dtype=float)
+    except (TypeError, ValueError):
+        raise ValueError(f"--library-size: obs column {column!r} is not numeric (dtype {col.dtype})") from None
 
+
+def stop_line(res) -> str:
+    """One line saying where and why the fit stopped (printed after its progress bar)."""
+    dg, st = res.diagnostics, res.settings
+    steps = dg.get("stopped_step", dg.get("steps"))
+    return f"fit stopped at step {steps} of n_steps={st.get('n_steps')}: {dg.get('stopped')}"
+
+
+def _fallback_save(res, out: Path) -> Path | None:
+    """Save ``res`` (.npz) next to ``out``, else in the working directory, else in the temporary
+    directory; the path written, or None if every place failed."""
+    import tempfile
+
+    name = out.stem + ".pln_result.npz"
+    for d in (out.parent, Path.cwd(), Path(tempfile.gettempdir())):
+        try:
+            return res.save(d / name)
+        except Exception:  # noqa: BLE001 - try the next place
+            continue
+    return None
+
+
+def _cmd_fit(args) -> int:
     from . import fit
     from .protocol import parse_write
+    from .readers import check_checkpoint, check_output_path, read_anndata
 
-    path = Path(args.data)
-    if not path.exists():
-        print(f"error: {path} does not exist", file=sys.stderr)
-        return 2
-    adata = ad.read_h5ad(path)
-    capture = None if args.no_capture else "auto"
-    write = parse_write(args.write)  # checked before the fit
-    options = {"n_steps": args.n_steps, "batch_size": args.batch_size, "optimizer": args.optimizer,
-               "checkpoint": args.checkpoint, "resume": args.resume}
-    res = fit(adata, inference_method=args.method, k=args.k, layer=args.layer, capture=capture,
-              M0=args.M0, sigma_M=args.sigma_M, seed=args.seed, progress=not args.quiet, **options)
-    print(res.summary())
-    res.to_anndata(adata, write=write)
-    out = Path(args.out)
-    adata.write_h5ad(out)
+    # everything that can be checked is checked before the fit: no work is lost to a bad path
+    write = parse_write(args.write)
+    out = check_output_path(args.out, (".h5ad",), "--out")
     if args.save_result:
-        res.save(args.save_result)
-    print(f"wrote {out}")
+        check_output_path(args.save_result, (".npz",), "--save-result")
+    if args.checkpoint:
+        check_output_path(args.checkpoint, (".npz",), "--checkpoint")
+    if args.resume:
+        check_checkpoint(args.resume)
+    adata = read_anndata(args.data)
+    library_size = _library_size(adata, args.library_size)
+    capture = None if args.no_capture else "auto"
+    options = {"n_steps": args.n_steps, "batch_size": args.batch_size, "optimizer": args.optimizer,
+               "lr": args.lr, "checkpoint": args.checkpoint, "resume": args.resume,
+               "checkpoint_every": args.checkpoint_every}
+    res = fit(adata, inference_method=args.method, k=args.k, layer=args.layer, capture=capture,
+              M0=args.M0, sigma_M=args.sigma_M, library_size=library_size, seed=args.seed,
+              progress=not args.quiet, **options)
+    if not args.quiet:
+        print(stop_line(res))
+    print(res.summary())
+    try:
+        res.to_anndata(adata, write=write)
+        adata.write_h5ad(out)
+        if args.save_result:
+            res.save(args.save_result)
+    except Exception as exc:  # noqa: BLE001 - the fit is done: keep it whatever went wrong
+        msg = str(exc).strip().splitlines()
+        fb = _fallback_save(res, out)
+        where = (f"the fit result was saved to {fb} (load it with pln_ref.PLNResult.load)" if fb
+                 else "saving the fit result elsewhere failed too")
+        print(f"error: writing {out} failed after the fit ({type(exc).__name__}: {msg[0] if msg else ''}); "
+              f"{where}", file=sys.stderr)
+        return 1
+    print(f"wrote {out}" + (f" and {args.save_result}" if args.save_result else ""))
     return 0
 
 
@@ -112,46 +184,77 @@ def _cmd_simulate(args) -> int:
     return 0
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows each option's default, except None / False (those say their default in words)."""
+
+    def _get_help_string(self, action):
+        if action.default is None or action.default is False or action.default == "":
+            return action.help
+        return super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
     ap = argparse.ArgumentParser(prog="pln-ref", description="Poisson log-normal model with capture")
+    ap.add_argument("--version", action="version", version=f"pln-ref {__version__}")
     sub = ap.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("demo", help="fit the embedded simulated data set and report recovery")
-    p.add_argument("--out", default=None, help="directory for the fitted result and a JSON report")
-    p.add_argument("--quiet", action="store_true")
+    p = sub.add_parser("demo", help="fit the embedded simulated data set and report recovery",
+                       formatter_class=_HelpFormatter)
+    p.add_argument("--out", default=None, help="directory for the fitted result and a JSON report "
+                   "(default: nothing written)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_demo)
 
-    p = sub.add_parser("fit", help="fit an .h5ad file")
-    p.add_argument("data", help="input .h5ad (cells x genes counts)")
-    p.add_argument("--k", type=int, default=10)
-    p.add_argument("--out", required=True, help="output .h5ad with the fit written in")
-    p.add_argument("--method", choices=["laplace", "vae"], default="laplace")
-    p.add_argument("--layer", default=None)
-    p.add_argument("--M0", type=float, default=None)
-    p.add_argument("--sigma-M", dest="sigma_M", type=float, default=None)
-    p.add_argument("--no-capture", action="store_true")
-    p.add_argument("--n-steps", type=int, default=2000)
-    p.add_argument("--batch-size", type=int, default=None)
+    p = sub.add_parser("fit", help="fit an .h5ad file", formatter_class=_HelpFormatter,
+                       description="Fit the PLN with capture to the counts of an AnnData file and write "
+                                   "the fit into a copy of it (obsm['X_pln'], varm, uns['pln']).")
+    p.add_argument("data", help="input AnnData .h5ad or .zarr (cells x genes raw counts)")
+    p.add_argument("--k", type=int, default=10, help="number of latent factors (rank of W), 1 <= k < genes")
+    p.add_argument("--out", required=True, help="output .h5ad: the input with the fit written in")
+    p.add_argument("--method", choices=["laplace", "vae"], default="laplace", help="inference method")
+    p.add_argument("--layer", default=None,
+                   help="AnnData layer holding the raw counts (default: .X), e.g. --layer counts")
+    p.add_argument("--library-size", default=None, metavar="OBS_COLUMN",
+                   help="obs column with each cell's library size (the capture anchor L_c; "
+                        "default: the cell's total counts)")
+    p.add_argument("--M0", type=float, default=None,
+                   help="capture prior median total mRNA per cell (default: median library size / 0.1)")
+    p.add_argument("--sigma-M", dest="sigma_M", type=float, default=None,
+                   help="capture prior log-scale SD (default: 0.5)")
+    p.add_argument("--no-capture", action="store_true", help="fit without capture (eta = 0)")
+    p.add_argument("--n-steps", type=int, default=2000, help="step cap of the optimiser (it stops earlier "
+                   "when converged)")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="cells per step (default: laplace full batch, vae 256)")
+    p.add_argument("--lr", type=float, default=None,
+                   help="learning rate (default: laplace 0.05, vae 0.003)")
     p.add_argument("--optimizer", choices=["adam", "lbfgs"], default=None,
-                   help="Laplace outer optimiser (default adam)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--checkpoint", default=None)
-    p.add_argument("--resume", default=None)
-    p.add_argument("--save-result", default=None, help="also save the result object (.npz)")
+                   help="Laplace outer optimiser (default: adam)")
+    p.add_argument("--seed", type=int, default=0, help="random seed of the method")
+    p.add_argument("--checkpoint", default=None, metavar="PATH.npz",
+                   help="Laplace: write the optimiser state to this .npz during the fit (atomically)")
+    p.add_argument("--checkpoint-every", type=int, default=None, metavar="N",
+                   help="Laplace: write the checkpoint every N steps (default: 50)")
+    p.add_argument("--resume", default=None, metavar="PATH.npz",
+                   help="Laplace: continue from a checkpoint written by --checkpoint")
+    p.add_argument("--save-result", default=None, metavar="PATH.npz",
+                   help="also save the result object (.npz; pln_ref.PLNResult.load reads it)")
     p.add_argument("--write", default="", metavar="LIST",
                    help="per-cell x per-gene layers (map, sd, denoised) and the gene-gene "
                         "correlation (varp) to write, comma-separated, as float32 (default: none)")
-    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_fit)
 
-    p = sub.add_parser("simulate", help="write a simulated PLN data set to .h5ad")
-    p.add_argument("--cells", type=int, default=1000)
-    p.add_argument("--genes", type=int, default=200)
-    p.add_argument("--k", type=int, default=5)
-    p.add_argument("--mean-log-rate", type=float, default=1.0)
-    p.add_argument("--no-capture", action="store_true")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", required=True)
+    p = sub.add_parser("simulate", help="write a simulated PLN data set to .h5ad", formatter_class=_HelpFormatter)
+    p.add_argument("--cells", type=int, default=1000, help="number of cells")
+    p.add_argument("--genes", type=int, default=200, help="number of genes")
+    p.add_argument("--k", type=int, default=5, help="number of latent factors")
+    p.add_argument("--mean-log-rate", type=float, default=1.0, help="mean of mu (log scale)")
+    p.add_argument("--no-capture", action="store_true", help="simulate without capture (eta = 0)")
+    p.add_argument("--seed", type=int, default=0, help="random seed")
+    p.add_argument("--out", required=True, help="output .h5ad")
     p.set_defaults(func=_cmd_simulate)
 
     try:
@@ -165,12 +268,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    from .exceptions import TrainingDivergedError
+
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except ValueError as e:
+    except ValueError as e:  # bad input (includes readers.InputFileError): one line, rc 2
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except TrainingDivergedError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -36,8 +36,8 @@ class LaplaceConfig:
     n_steps : step cap of the outer optimiser; batch_size : cells per Adam step (None = full batch);
     lr : Adam step size; optimizer : "adam" | "lbfgs"; ift : exact implicit-function gradient
     (False = stop-gradient); gtol : per-cell Newton tolerance on the projected-gradient norm;
-    seed : minibatch order; checkpoint : .npz written atomically during the fit; resume : such
-    a checkpoint to continue from.
+    seed : minibatch order; checkpoint : .npz written atomically during the fit; checkpoint_every :
+    write it every that many steps (and at the end); resume : such a checkpoint to continue from.
     """
 
     n_steps: int = 2000
@@ -48,10 +48,12 @@ class LaplaceConfig:
     gtol: float = 1e-6
     seed: int = 0
     checkpoint: str | None = None
+    checkpoint_every: int = 50
     resume: str | None = None
 
     def __post_init__(self) -> None:
         _positive_int(self, "n_steps")
+        _positive_int(self, "checkpoint_every")
         if self.batch_size is not None:
             _positive_int(self, "batch_size")
         _positive_float(self, "lr")

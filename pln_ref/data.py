@@ -57,7 +57,9 @@ def as_counts(data, layer: str | None = None) -> np.ndarray:
         is_adata = isinstance(data, ad.AnnData)
     except ImportError:  # pragma: no cover - anndata is a dependency
         is_adata = False
+    layers: list = []
     if is_adata:
+        layers = sorted(data.layers.keys())
         if layer is None:
             if data.X is None:
                 raise ValueError(f"AnnData .X is None; pass layer=<name> (available layers: "
@@ -72,7 +74,23 @@ def as_counts(data, layer: str | None = None) -> np.ndarray:
             what = f"counts (AnnData layer {layer!r})"
     elif layer is not None:
         raise ValueError("layer is only meaningful for AnnData input")
+    try:
+        return _dense_counts(data, what)
+    except ValueError as e:
+        if what == "counts (AnnData .X)" and ("non-integer" in str(e) or "negative" in str(e)):
+            raise ValueError(f"{e}; .X looks normalised: {_raw_counts_hint(layers)}") from None
+        raise
 
+
+def _raw_counts_hint(layers: list) -> str:
+    """Where the raw counts of a normalised AnnData may be: its layers (``layer=`` / ``--layer``)."""
+    name = "counts" if not layers or "counts" in layers else layers[0]
+    where = f"available layers: {layers}" if layers else "this file has no layers; use adata.raw or the unnormalised file"
+    return f"give the raw counts with layer={name!r} (CLI: --layer {name}); {where}"
+
+
+def _dense_counts(data, what: str) -> np.ndarray:
+    """The checked dense float64 copy of a sparse or array-like count matrix."""
     if sp.issparse(data):
         if len(data.shape) != 2:
             raise ValueError(f"{what} must be 2-D (cells x genes), got shape {data.shape}")

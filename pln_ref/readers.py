@@ -3,7 +3,9 @@
 ``read_anndata(path)`` accepts an AnnData ``.h5ad`` file (optionally opened backed, so the counts
 stay on disk) or a ``.zarr`` store. Anything else (a directory, a text file named ``.h5ad``, a
 plain HDF5 file, a ``.csv``/``.npz``/``.mtx``) is refused with a ValueError saying what the file
-is and what to do, instead of a reader's traceback.
+is and what to do, instead of a reader's traceback. ``check_checkpoint(path)`` does the same for a
+Laplace checkpoint given to ``resume`` (an ``.npz`` written by ``checkpoint``), and
+``check_output_path(path, extensions)`` checks, before any work, that an output can be written.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-__all__ = ["read_anndata", "InputFileError"]
+__all__ = ["read_anndata", "check_checkpoint", "check_output_path", "InputFileError"]
 
 _HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
 _CONVERT = {
@@ -68,3 +70,59 @@ def read_anndata(path: str | os.PathLike, *, backed: bool = False):
         return ad.read_h5ad(p, backed="r" if backed else None)
     except Exception as exc:
         raise InputFileError(f"{p} is an HDF5 file but not a readable AnnData .h5ad ({_first_line(exc)})") from None
+
+
+_CHECKPOINT_KEYS = ("meta", "mu", "W", "rho")
+
+
+def check_checkpoint(path: str | os.PathLike) -> Path:
+    """``path`` if it is a Laplace checkpoint (an .npz written by ``fit(..., checkpoint=)``).
+
+    Raises ``InputFileError`` with one line for a missing path, a directory, a file that is not an
+    .npz archive (e.g. an .h5ad) and an .npz without the checkpoint's entries (meta, mu, W, rho).
+    """
+    import zipfile
+
+    import numpy as np
+
+    p = Path(path)
+    if not p.exists():
+        raise InputFileError(f"checkpoint {p}: no such file (write one with --checkpoint PATH.npz)")
+    if p.is_dir():
+        raise InputFileError(f"checkpoint {p} is a directory, not a checkpoint .npz file")
+    if not zipfile.is_zipfile(p):
+        with open(p, "rb") as fh:
+            head = fh.read(8)
+        kind = "an HDF5 file (an .h5ad?)" if head == _HDF5_SIGNATURE else "not an .npz archive"
+        raise InputFileError(f"checkpoint {p} is {kind}; give the .npz written by --checkpoint")
+    try:
+        with np.load(p, allow_pickle=False) as z:
+            missing = [k for k in _CHECKPOINT_KEYS if k not in z.files]
+    except Exception as exc:  # a torn or foreign archive
+        raise InputFileError(f"checkpoint {p} cannot be read ({_first_line(exc)})") from None
+    if missing:
+        raise InputFileError(f"checkpoint {p} is an .npz but not a pln-ref Laplace checkpoint "
+                             f"(no {', '.join(missing)}); give the file written by --checkpoint")
+    return p
+
+
+def check_output_path(path: str | os.PathLike, extensions: tuple[str, ...], what: str = "output") -> Path:
+    """``path`` as a Path if a file can be written there: its extension is one of ``extensions``,
+    its directory exists and is writable, and it is not a directory itself (nor a read-only file).
+    Raises ``InputFileError`` with one line naming the path and the problem (checked before a fit,
+    so no work is lost)."""
+    p = Path(path)
+    if p.suffix.lower() not in extensions:
+        raise InputFileError(f"{what} {p}: the file name must end in {' or '.join(extensions)}")
+    parent = p.parent
+    if not parent.exists():
+        raise InputFileError(f"{what} {p}: directory {parent} does not exist (create it first: mkdir -p {parent})")
+    if not parent.is_dir():
+        raise InputFileError(f"{what} {p}: {parent} is not a directory")
+    if p.is_dir():
+        raise InputFileError(f"{what} {p} is a directory; give a file name ending in {' or '.join(extensions)}")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise InputFileError(f"{what} {p}: directory {parent} is not writable")
+    if p.exists() and not os.access(p, os.W_OK):
+        raise InputFileError(f"{what} {p} exists and is not writable")
+    return p

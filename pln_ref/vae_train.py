@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .config import VAEConfig
+from .exceptions import TrainingDivergedError
 
 __all__ = ["TrainData", "EarlyStopping", "TrainLog", "train"]
 
@@ -136,8 +137,30 @@ def _step(model, opt, data: TrainData, j, beta: float, cache: _LocalCache | None
     return float((terms["rec"] - terms["kl_z"] - terms["kl_e"] + terms["eta"]).mean().detach())
 
 
+def _diverged(step: int, cfg: VAEConfig, data: TrainData, what: str) -> TrainingDivergedError:
+    """The error of a training run that became non-finite at ``step`` (1-based): where, the
+    largest count of the data (extreme counts are the usual cause) and what to try."""
+    U = data.U
+    flat = int(torch.argmax(U))
+    c, g = divmod(flat, U.shape[1])
+    med = float(torch.quantile(U[U > 0], 0.5)) if bool((U > 0).any()) else 0.0
+    return TrainingDivergedError(
+        f"VAE training diverged at step {step} of n_steps={cfg.n_steps}: {what}. The largest count is "
+        f"{float(U[c, g]):.3g} (cell {c}, gene {g}; median nonzero count {med:.3g}). Try "
+        "inference_method='laplace' (CLI --method laplace; its per-cell Newton steps stay finite on "
+        "such counts), remove or cap outlier entries, or a smaller learning rate "
+        f"(lr={cfg.lr / 10:.2g}, CLI --lr {cfg.lr / 10:.2g}; it may only delay the divergence)")
+
+
+def _finite_parameters(model) -> bool:
+    return all(bool(torch.isfinite(q).all()) for q in model.parameters())
+
+
 def train(model, data: TrainData, cfg: VAEConfig, gen: torch.Generator, *, progress: bool = True) -> TrainLog:
-    """Train ``model`` in place for at most ``cfg.n_steps`` steps (early stopping: module docstring)."""
+    """Train ``model`` in place for at most ``cfg.n_steps`` steps (early stopping: module docstring).
+
+    Raises ``pln_ref.exceptions.TrainingDivergedError`` (saying at which step, and what to try)
+    as soon as the training ELBO, the held-out ELBO or a parameter becomes NaN or infinite."""
     n_steps = cfg.n_steps
     opt = _optimizer(model, cfg)
     cache = _LocalCache(*data.U.shape) if (cfg.cache_local and model.residual == "laplace") else None
@@ -148,6 +171,11 @@ def train(model, data: TrainData, cfg: VAEConfig, gen: torch.Generator, *, progr
     for step in range(n_steps):
         beta = 1.0 if cfg.kl_anneal_steps <= 0 else min(1.0, (step + 1) / cfg.kl_anneal_steps)
         full = _step(model, opt, data, next(batches), beta, cache, cfg.warm_rounds)
+        if not math.isfinite(full) or not _finite_parameters(model):
+            if bar is not None:
+                bar.close()
+            raise _diverged(step + 1, cfg, data, f"the training ELBO is {full:.4g}" if not math.isfinite(full)
+                            else "a parameter became NaN or infinite")
         log.elbo.append(full)
         if bar is not None:
             bar.update(1)
@@ -155,6 +183,10 @@ def train(model, data: TrainData, cfg: VAEConfig, gen: torch.Generator, *, progr
                 bar.set_postfix(elbo=f"{full:.2f}", best_val=f"{stopping.best:.2f}")
         if (step + 1) % cfg.eval_every == 0 or step + 1 == n_steps:
             ve = data.held_out_elbo(model)
+            if not math.isfinite(ve):
+                if bar is not None:
+                    bar.close()
+                raise _diverged(step + 1, cfg, data, f"the held-out ELBO is {ve:.4g}")
             log.val_elbo.append((step + 1, ve))
             if beta >= 1.0 and stopping.update(ve, model):
                 log.stopped_step, log.stopped_early = step + 1, True

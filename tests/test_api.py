@@ -152,3 +152,28 @@ def test_fit_vae_entry_point_and_cli(tmp_path, sim):
     assert res.returncode == 0, res.stderr
     assert "PLN VAE fit" in res.stdout
     assert "X_pln" in ad.read_h5ad(out).obsm
+
+
+def test_outlier_cells_are_reported():
+    """Issue 11 item 5: two extreme entries moved other genes' mu with no warning. Cells whose
+    evidence (relative to the saturated Poisson fit) has robust |z| > 5 are now named in a
+    warning, the summary and uns; a clean simulation flags none."""
+    import warnings
+
+    from pln_ref.exceptions import OutlierCellsWarning
+
+    p = pln_ref.random_params(30, 3, seed=1, capture=True, mean_log_rate=3.0)
+    u = pln_ref.simulate(p, 200, seed=2).counts.astype(float)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", OutlierCellsWarning)
+        clean = pln_ref.fit(u, k=3, progress=False, n_steps=100)
+    assert clean.diagnostics["evidence_outliers"]["n_cells"] == 0
+    assert clean.diagnostics["evidence_outliers"]["max_abs_robust_z"] < 4
+    u[5, 3] = u[17, 10] = 1e7
+    with pytest.warns(OutlierCellsWarning, match=r"2 cell\(s\) with outlying Laplace evidence.*: 5, 17"):
+        r = pln_ref.fit(u, k=3, progress=False, n_steps=300)
+    out = r.diagnostics["evidence_outliers"]
+    assert out["n_cells"] == 2 and sorted(out["cells"]) == [5, 17] and min(out["robust_z"]) < -5
+    assert "cells with outlying evidence (robust |z| > 5): 2: " in r.summary()
+    uns = r.to_anndata().uns["pln"]["diagnostics"]["evidence_outliers"]
+    assert sorted(np.asarray(uns["cells"]).tolist()) == [5, 17]

@@ -61,3 +61,17 @@ def test_divergences_low_bfmi_and_missing_stats_fail(good_fit):
     assert not g3.passed and any("no sample_stats" in r for r in g3.reasons)
     with pytest.raises(ValueError, match="not in the posterior"):
         check_gate(good_fit, var_names=["Sigma"])
+
+
+def test_scalar_parameters_are_labelled_without_brackets():
+    """Issue 11 item 9: a scalar's reasons say ``y``, not ``y[]``; array elements keep ``x[i, j]``."""
+    import arviz as az
+
+    rng = np.random.default_rng(3)
+    walk = np.cumsum(rng.normal(size=(4, 50)), axis=1)  # non-mixing chains: R-hat and ESS fail
+    post = {"y": walk, "x": np.stack([walk, rng.normal(size=(4, 50))], axis=-1)}
+    g = check_gate(az.from_dict(posterior=post), var_names=["y", "x"])
+    text = "\n".join(g.reasons)
+    assert "R-hat of y = " in text and "bulk ESS of y = " in text
+    assert "y[]" not in text
+    assert "R-hat of x[0] = " in text

@@ -215,3 +215,154 @@ def test_cli_parsers_register():
     assert a.func is validate_main and a.parts == ["cell"]
     b = ap.parse_args(["sbc", "--out", "y", "--flavour", "joint", "--sims", "10", "--synchronous"])
     assert b.func is sbc_main and b.sims == 10 and b.synchronous
+
+
+def test_refusal_names_only_the_settings_that_differ(tmp_path):
+    """Issue 11 item 7: the refusal was a 3.3 KB line of array reprs with the differing setting
+    (L 99 vs 49) buried; now it names only the differing settings, old -> new."""
+    from pln_ref.simulation import random_params
+    from pln_ref.validation.sbc_tasks import laplace_conditional_task
+
+    p = random_params(20, 3, seed=0, capture=True)
+    cfg = {"mu": p.mu, "W": p.W, "d": p.d, "M0": p.capture.M0, "sigma_M": p.capture.sigma_M, "L": 99}
+    out = tmp_path / "run"
+    run_sbc(laplace_conditional_task, 2, out, base_seed=1, config=cfg, scheduler="synchronous", progress=False)
+    with pytest.raises(ValueError) as ei:
+        run_sbc(laplace_conditional_task, 2, out, base_seed=1, config={**cfg, "L": 49},
+                scheduler="synchronous", progress=False)
+    msg = str(ei.value)
+    assert "config.L: 99 -> 49" in msg and len(msg) < 250 and "array(" not in msg and "mu" not in msg
+    with pytest.raises(ValueError) as ei:
+        run_sbc(laplace_conditional_task, 2, out, base_seed=2, config={**cfg, "mu": p.mu + 1},
+                scheduler="synchronous", progress=False)
+    msg = str(ei.value)
+    assert "base_seed: 1 -> 2" in msg and "config.mu: " in msg and len(msg) < 400
+    assert "config.L" not in msg and "config.W" not in msg
+
+
+class _SplitStorageClient:
+    """A Dask-client stand-in whose second worker sees another filesystem: it resolves the output
+    directory under ``other_root`` (as a worker on another machine without a shared mount would)."""
+
+    def __init__(self, other_root):
+        self.other_root = Path(other_root)
+        self.submitted = 0
+
+    def scheduler_info(self):
+        return {"workers": {"tcp://10.0.0.1:1": {}, "tcp://10.0.0.2:1": {}}}
+
+    def run(self, fn, *args, workers):
+        (w,) = workers
+        if w.startswith("tcp://10.0.0.2"):
+            args = (str(self.other_root / str(args[0]).lstrip("/")),) + args[1:]
+        return {w: fn(*args)}
+
+    def submit(self, *a, **k):  # pragma: no cover - must not be reached
+        self.submitted += 1
+        raise AssertionError("tasks submitted although the workers do not share the output directory")
+
+
+def test_workers_without_a_shared_filesystem_are_refused_before_any_task(tmp_path):
+    """Issue 11 item 1: workers that cannot see --out lost every result; the probe now refuses the
+    cluster first and names the worker that cannot share the directory."""
+    from pln_ref.validation.sbc_runner import SharedStorageError, check_workers_share
+
+    client = _SplitStorageClient(tmp_path / "elsewhere")
+    with pytest.raises(SharedStorageError) as ei:
+        run_sbc(toy_normal_task, 4, tmp_path / "run", config={"L": 9}, client=client, progress=False)
+    msg = str(ei.value)
+    assert "1 of 2 Dask worker(s) cannot share the output directory" in msg
+    assert "tcp://10.0.0.2:1" in msg and "tcp://10.0.0.1:1" not in msg and "FileNotFoundError" in msg
+    assert client.submitted == 0 and not list((tmp_path / "run" / "sims").glob("sim_*.npz"))
+    assert not (tmp_path / "run" / ".worker_probe").exists()  # probe files cleaned up
+
+    class NoWorkers(_SplitStorageClient):
+        def scheduler_info(self):
+            return {"workers": {}}
+
+    with pytest.raises(SharedStorageError, match="no workers"):
+        check_workers_share(NoWorkers(tmp_path), tmp_path / "run")
+
+
+def test_relative_out_is_resolved_before_shipping(tmp_path, monkeypatch):
+    """The path given to the tasks (and recorded) is absolute, whatever the working directory."""
+    from pln_ref.validation import sbc_runner
+
+    seen = []
+    orig = sbc_runner._run_batch
+    monkeypatch.setattr(sbc_runner, "_run_batch", lambda task, idx, seed, out, cfg: (seen.append(out),
+                                                                                       orig(task, idx, seed, out, cfg))[1])
+    monkeypatch.chdir(tmp_path)
+    run_sbc(toy_normal_task, 2, "rel/run", config={"L": 9}, scheduler="synchronous", progress=False)
+    assert seen and all(Path(o).is_absolute() and Path(o) == tmp_path / "rel" / "run" for o in seen)
+
+
+def test_nanny_kill_warning_on_close_is_silenced(tmp_path, monkeypatch, caplog):
+    """Issue 11 item 8: closing the LocalCluster run_sbc started printed distributed.nanny's
+    'Worker process still alive after ... seconds, killing' (after every result was written)."""
+    import logging
+
+    from distributed import LocalCluster
+
+    orig_close = LocalCluster.close
+
+    def close(self, *a, **k):
+        logging.getLogger("distributed.nanny").warning("Worker process still alive after 3.2 seconds, killing")
+        return orig_close(self, *a, **k)
+
+    monkeypatch.setattr(LocalCluster, "close", close)
+    res = run_sbc(toy_normal_task, 2, tmp_path / "run", config={"L": 9}, n_workers=1, progress=False)
+    assert res["n_done"] == 2
+    assert not [r for r in caplog.records if "killing" in r.getMessage()]
+    assert not logging.getLogger("distributed.nanny").filters  # the filter is removed afterwards
+
+
+@pytest.mark.slow
+def test_real_dask_workers_in_another_directory_with_relative_out(tmp_path):
+    """A real `dask scheduler` + 2 `dask worker` processes started in another working directory and
+    a relative --out: every simulation lands in --out (issue 11 item 1)."""
+    import shutil
+
+    dask = shutil.which("dask")
+    if dask is None:
+        pytest.skip("no dask CLI")
+    elsewhere, here = tmp_path / "workers_cwd", tmp_path / "client_cwd"
+    elsewhere.mkdir()
+    here.mkdir()
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    port = 8700 + os.getpid() % 90
+    procs = [subprocess.Popen([dask, "scheduler", "--port", str(port), "--dashboard-address", ":0"], cwd=elsewhere,
+                              env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)]
+    try:
+        time.sleep(3)
+        procs += [subprocess.Popen([dask, "worker", f"tcp://127.0.0.1:{port}", "--nthreads", "1",
+                                    "--dashboard-address", ":0"], cwd=elsewhere, env=env,
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for _ in range(2)]
+        time.sleep(5)
+        r = subprocess.run([sys.executable, "-m", "pln_ref.cli", "sbc", "--flavour", "laplace", "--sims", "6",
+                            "--L", "9", "--scheduler-address", f"tcp://127.0.0.1:{port}", "--out", "L1", "--quiet"],
+                           cwd=here, env=env, capture_output=True, text=True, timeout=600)
+        assert r.returncode == 0, r.stderr
+        assert len(list((here / "L1" / "sbc_laplace" / "sims").glob("sim_*.npz"))) == 6
+        assert not (elsewhere / "L1").exists()
+    finally:
+        for p in procs[::-1]:
+            p.terminate()
+        for p in procs:
+            p.wait(timeout=30)
+
+
+def test_few_simulations_print_a_power_caveat_not_a_bare_failed(tmp_path, capsys):
+    """Issue 11 item 8: an SBC of 2-8 simulations listed 'Failed: ...' with no word on power."""
+    from pln_ref.cli import main
+    from pln_ref.validation.sbc_runs import power_caveat
+
+    rc = main(["sbc", "--flavour", "laplace", "--sims", "4", "--L", "9", "--synchronous", "--quiet",
+               "--out", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert rc == 0
+    assert "[pln-ref sbc] laplace: 4 simulations, " in out and "caveat: only 4 simulations" in out
+    report = (tmp_path / "report.md").read_text()
+    failed_line = next(ln for ln in report.splitlines() if ln.startswith("Failed:"))
+    assert "Caveat: only 4 simulations" in failed_line
+    assert power_caveat(100, 10) is None and "expected to fail by chance" in power_caveat(8, 44)

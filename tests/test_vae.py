@@ -317,3 +317,36 @@ def test_amortisation_gap_is_small_and_nonnegative(fitted, sim_data):
     assert gap["gap_mean"] < 0.5
     e = fitted.elbo(new.counts, new.log_anchor)
     assert e.shape == (60,) and e.mean() == pytest.approx(gap["elbo_encoder"], rel=1e-12)
+
+
+def test_extreme_counts_train_stably_or_stop_with_a_diverged_error():
+    """Issue 11 item 5: two entries of 1e7 made training non-finite and the fit failed later with
+    'mu contains NaN or inf'. The warm-started local sweeps lag behind their optimum on such counts
+    and the envelope gradient runs away; training now stops at the step it diverges
+    (TrainingDivergedError: where, the extreme count, what to try) and ``fit_vae`` retrains with
+    cold sweeps, which stay finite."""
+    import warnings
+
+    import pln_ref
+    from pln_ref.config import VAEConfig
+    from pln_ref.exceptions import ConvergenceWarning, TrainingDivergedError
+    from pln_ref.vae import _train
+
+    p = random_params(30, 3, seed=1, capture=True, mean_log_rate=1.0)
+    u = simulate(p, 200, seed=2).counts.astype(float)
+    u[5, 3] = u[17, 10] = 1e7
+    init = pln_ref.method_of_moments(u, 3, capture=Capture(10 * np.median(u.sum(1)), 0.5),
+                                     log_anchor=np.log(u.sum(1)))
+    la = np.log(u.sum(1))
+    with pytest.raises(TrainingDivergedError, match=r"diverged at step \d+ of n_steps=300") as ei:
+        _train(u, la, init.capture, init, VAEConfig(n_steps=300), progress=False)
+    msg = str(ei.value)
+    assert "1e+07 (cell 5, gene 3" in msg and "inference_method='laplace'" in msg and "\n" not in msg
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        res = pln_ref.fit(u, inference_method="vae", k=3, n_steps=300, progress=False)
+    assert any(issubclass(w.category, ConvergenceWarning) and "retrained with cold sweeps" in str(w.message)
+               for w in rec)
+    assert np.all(np.isfinite(res.mu)) and np.all(np.isfinite(res.x_map))
+    assert res.settings["cache_local"] is False and "diverged at step" in res.diagnostics["retrained"]
+    assert "retrained with cold sweeps" in res.summary()

@@ -11,7 +11,8 @@ from .report import write_report
 from .runs import run_cell_comparison, run_engine_agreement, run_joint, run_moments
 from .sbc_runs import run_sbc_joint, run_sbc_laplace
 
-__all__ = ["VALIDATE_PARTS", "validate_main", "sbc_main", "build_validate_parser", "build_sbc_parser"]
+__all__ = ["VALIDATE_PARTS", "validate_main", "sbc_main", "sbc_summary_line", "build_validate_parser",
+           "build_sbc_parser"]
 
 
 VALIDATE_PARTS = ("cell", "joint", "moments", "engines")
@@ -59,6 +60,17 @@ def validate_main(args: argparse.Namespace) -> int:
     return 0
 
 
+def sbc_summary_line(name: str, r: dict) -> str:
+    """One line per SBC flavour for the terminal: passes, failures and, with few simulations,
+    the power caveat instead of a bare list of failures."""
+    line = (f"[pln-ref sbc] {name}: {r['n_sims']} simulations, "
+            f"{r['n_quantities'] - r['n_failed']}/{r['n_quantities']} quantities pass the ECDF test")
+    if r.get("power_caveat"):
+        return line + f"; caveat: {r['power_caveat']}"
+    return line + (f"; failed: {', '.join(r['failed'])} (expected by chance: "
+                   f"{r['expected_false_failures']:.1f})" if r["failed"] else "")
+
+
 def sbc_main(args: argparse.Namespace) -> int:
     """``pln-ref sbc``: run (or resume) the chosen SBC flavours and rewrite the report."""
     out = Path(args.out)
@@ -71,10 +83,12 @@ def sbc_main(args: argparse.Namespace) -> int:
     if args.flavour in ("laplace", "both"):
         metrics["sbc_laplace"] = run_sbc_laplace(out, n_sims=args.sims or 2000, **common)
         write_report(out, metrics)
+        print(sbc_summary_line("laplace", metrics["sbc_laplace"]))
     if args.flavour in ("joint", "both"):
         metrics["sbc_joint"] = run_sbc_joint(out, n_sims=args.sims or 200, warmup=args.warmup,
                                              draws=args.draws, adapt_delta=args.adapt_delta, **common)
         write_report(out, metrics)
+        print(sbc_summary_line("joint", metrics["sbc_joint"]))
     print(f"[pln-ref sbc] wrote {out / 'report.md'}")
     return 0
 

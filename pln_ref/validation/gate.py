@@ -111,6 +111,11 @@ def _worst(values: np.ndarray, how: str) -> tuple[float, tuple]:
     return float(flat.reshape(-1)[j]), tuple(int(i) for i in idx)
 
 
+def _label(var: str, idx: tuple) -> str:
+    """``y`` for a scalar parameter, ``x[2, 0]`` for an element of an array parameter."""
+    return f"{var}[{', '.join(str(i) for i in idx)}]" if idx else var
+
+
 def _posterior_checks(post, var_names: list[str], thresholds: GateThresholds, reasons: list[str]):
     """Rank-normalised R-hat and bulk / tail ESS of every variable: the per-variable table and
     the overall worst figures (NaN if any is NaN); failures are appended to ``reasons``."""
@@ -131,11 +136,11 @@ def _posterior_checks(post, var_names: list[str], thresholds: GateThresholds, re
                "ess_bulk_min": b, "ess_bulk_argmin": bi, "ess_tail_min": t, "ess_tail_argmin": ti}
         table.append(row)
         if not np.isfinite(r) or r >= thresholds.rhat_max:
-            reasons.append(f"R-hat of {v}{list(ri)} = {r:.4f} (needs < {thresholds.rhat_max})")
+            reasons.append(f"R-hat of {_label(v, ri)} = {r:.4f} (needs < {thresholds.rhat_max})")
         if not np.isfinite(b) or b < thresholds.ess_bulk_min:
-            reasons.append(f"bulk ESS of {v}{list(bi)} = {b:.1f} (needs >= {thresholds.ess_bulk_min:.0f})")
+            reasons.append(f"bulk ESS of {_label(v, bi)} = {b:.1f} (needs >= {thresholds.ess_bulk_min:.0f})")
         if not np.isfinite(t) or t < thresholds.ess_tail_min:
-            reasons.append(f"tail ESS of {v}{list(ti)} = {t:.1f} (needs >= {thresholds.ess_tail_min:.0f})")
+            reasons.append(f"tail ESS of {_label(v, ti)} = {t:.1f} (needs >= {thresholds.ess_tail_min:.0f})")
         # a NaN anywhere makes the overall figure NaN (cannot be certified)
         rmax_all = np.nan if np.isnan(r) else max(rmax_all, r)
         eb_all = np.nan if np.isnan(b) else min(eb_all, b)

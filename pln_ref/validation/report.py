@@ -163,7 +163,8 @@ def _sbc_section(title: str, r: dict) -> list[str]:
          f"{100 * (1 - r['alpha']):.0f}% bands per quantity: {r['n_quantities'] - r['n_failed']}/{r['n_quantities']} pass "
          f"(expected false failures under calibration: {r['expected_false_failures']:.1f}); with a Bonferroni "
          f"family-wise band {r['n_quantities'] - r['n_failed_bonferroni']}/{r['n_quantities']} pass.",
-         f"Failed: {', '.join(r['failed']) or 'none'}.", ""]
+         f"Failed: {', '.join(r['failed']) or 'none'}."
+         + (f" **Caveat: {r['power_caveat']}.**" if r.get("power_caveat") else ""), ""]
     for k in ("gate_pass_share", "ess_ok_share", "divergent_share", "seconds_per_sim", "converged"):
         if k in r:
             s.append(f"- {k}: {_fmt(r[k])}")

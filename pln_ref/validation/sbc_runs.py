@@ -14,7 +14,22 @@ from .sbc_runner import load_sims, run_sbc
 from .sbc_stats import rank_columns, sbc_table
 from .sbc_tasks import joint_nuts_task, laplace_conditional_task
 
-__all__ = ["run_sbc_laplace", "run_sbc_joint"]
+__all__ = ["run_sbc_laplace", "run_sbc_joint", "power_caveat", "MIN_SIMS_FOR_POWER"]
+
+MIN_SIMS_FOR_POWER = 100
+
+
+def power_caveat(n_sims: int, n_quantities: int, alpha: float = 0.05) -> str | None:
+    """The caveat printed with an SBC of fewer than ``MIN_SIMS_FOR_POWER`` simulations (None
+    otherwise): with so few ranks the ECDF test has little power, so a pass says little, and under
+    exact calibration about alpha * n_quantities quantities still fail by chance."""
+    if n_sims >= MIN_SIMS_FOR_POWER:
+        return None
+    return (f"only {n_sims} simulations: too few for the ECDF test to be reliable either way (a pass "
+            f"says little; about {alpha * n_quantities:.1f} of {n_quantities} quantities are expected to fail "
+            "by chance even when calibrated); rerun with --sims of at least "
+            f"{MIN_SIMS_FOR_POWER} (the validation uses 2000 Laplace / 200 joint) before reading the failures "
+            "as miscalibration")
 
 
 def _sbc_outputs(out: Path, sims: dict, L: int, title: str, alpha: float = 0.05) -> dict:
@@ -27,7 +42,8 @@ def _sbc_outputs(out: Path, sims: dict, L: int, title: str, alpha: float = 0.05)
     return {"n_sims": int(len(sims["_index"])), "L": L, "alpha": alpha, "n_quantities": len(tab),
             "n_failed": n_fail, "failed": [r["quantity"] for r in tab if not r["passed"]],
             "n_failed_bonferroni": sum(not r["passed_bonferroni"] for r in tab),
-            "expected_false_failures": alpha * len(tab), "table": tab, "figures": figs}
+            "expected_false_failures": alpha * len(tab), "table": tab, "figures": figs,
+            "power_caveat": power_caveat(int(len(sims["_index"])), len(tab), alpha)}
 
 
 def _psis_split(sims: dict, table: list[dict]) -> dict:
