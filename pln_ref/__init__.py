@@ -8,7 +8,9 @@ The user's API is what this module exports (``__all__``):
 - fitting: ``fit`` (Laplace or VAE inference) with the method's options (``LaplaceConfig`` /
   ``VAEConfig``), its results ``LaplaceResult`` / ``VAEResult`` (one protocol, ``PLNResult``;
   per-cell posteriors follow ``CellPosterior``), ``ConvergenceWarning``, and
-  ``ppc_summary`` / ``posterior_predictive`` (posterior predictive checks);
+  ``ppc_summary`` / ``posterior_predictive`` (posterior predictive checks), ``select_rank``
+  (rank by held-out log-likelihood); new cells through ``result.transform`` /
+  ``result.score_samples``;
 - the model: ``PLNParams``, ``Capture``, ``simulate`` / ``Simulation`` / ``random_params``, the
   closed-form moments ``pln_mean`` / ``pln_variance`` / ``pln_covariance`` / ``moment_zscores``
   and the ``method_of_moments`` start;
@@ -33,12 +35,13 @@ from .params import Capture, PLNParams
 from .ppc import posterior_predictive, ppc_summary
 from .protocol import CellPosterior, PLNResult
 from .results import LaplaceResult
+from .select import select_rank
 from .simulation import Simulation, random_params, simulate
 from .vae import VAEResult, fit_vae
 
 __all__ = [
     "fit", "LaplaceConfig", "VAEConfig", "PLNResult", "LaplaceResult", "VAEResult", "CellPosterior",
-    "fit_vae", "ppc_summary", "posterior_predictive", "ConvergenceWarning",
+    "fit_vae", "ppc_summary", "posterior_predictive", "ConvergenceWarning", "select_rank",
     "PLNParams", "Capture", "simulate", "Simulation", "random_params",
     "pln_mean", "pln_variance", "pln_covariance", "moment_zscores", "method_of_moments",
     "as_counts", "check_genes_cells", "total_counts", "resolve_log_anchor", "resolve_capture",

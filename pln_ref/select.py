@@ -17,8 +17,8 @@ l_c(k) ~ log p(u_c | theta_k). Splits: ``holdout=0.2`` (one random 80/20 split o
 The chosen k is the *smallest* k whose held-out mean is within one paired SE of the best
 (``diff_vs_best >= -paired_se``): the one-standard-error rule.
 
-With ``out`` every (k, fold) writes its result atomically to ``out/fits/k{k}_fold{f}.npz`` as
-soon as it is done, and the Laplace optimiser checkpoints inside each fit
+With ``out`` every (k, fold) writes its scores atomically to ``out/fits/k{k}_fold{f}.npz`` (and
+the fitted result to ``k{k}_fold{f}_result.npz``, ``PLNResult.load``) as soon as it is done, and the Laplace optimiser checkpoints inside each fit
 (``k{k}_fold{f}.ckpt.npz``), so a killed run resumes where it stopped; a manifest pins the data
 and the split, and a rerun with other data or settings is refused. With ``scheduler`` (a Dask
 scheduler address or a ``distributed.Client``) the (k, fold) fits run in parallel on Dask.
@@ -162,6 +162,7 @@ def _fit_and_score(task: dict) -> dict:
            "cpu_s": time.process_time() - c0, "wall_s": time.time() - t0,
            "stopped": str(res.diagnostics.get("stopped"))}
     if task.get("record"):
+        res.save(str(task["record"]).replace(".npz", "_result.npz"))  # the fit, for later scoring
         arrays = {k: np.asarray(v) for k, v in rec.items() if isinstance(v, np.ndarray)}
         meta = {k: v for k, v in rec.items() if not isinstance(v, np.ndarray)}
         arrays["meta"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
