@@ -106,3 +106,17 @@ def test_bad_mode_and_shapes(sim, post):
         ppc_summary(u[:, :5], post, n_samples=2)
     with pytest.raises(ValueError, match="counts"):
         posterior_predictive(post, 2, mode="joint_is")
+
+
+def test_every_mode_on_a_vae_result(sim):
+    torch = pytest.importorskip("torch")
+    import warnings
+
+    torch.set_num_threads(1)
+    p, u, la = sim
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", pln_ref.ConvergenceWarning)
+        vae = pln_ref.fit(u[:300], inference_method="vae", k=K, n_steps=30, eval_every=10, progress=False)
+    for mode in PPC_MODES:
+        s = ppc_summary(u[:300], vae, n_samples=5, mode=mode, seed=0, n_proposals=50)
+        assert s.replicated["mean"].shape == (5, G) and np.all(np.isfinite(s.replicated["var"])), mode
