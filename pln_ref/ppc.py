@@ -332,7 +332,7 @@ def plot_zero_fraction(summary: PPCSummary, path=None):
     ax.set_xscale("log")
     ax.set_xlabel("gene mean count")
     ax.set_ylabel("zero fraction")
-    ax.set_title(f"Zero fraction vs mean ({summary.mode}): {summary.findings()['zero_frac'].split(';')[0]}",
+    ax.set_title(f"Zero fraction vs mean ({summary.mode} mode)\n{summary.findings()['zero_frac'].split(';')[0]}",
                  fontsize=8)
     ax.legend(fontsize=8)
     fig.tight_layout()
