@@ -36,6 +36,7 @@ covariance" is therefore that of a truncated Gaussian in eta (not (-H)^{-1}); wi
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -44,7 +45,8 @@ from tqdm.auto import tqdm
 from . import truncnorm
 from .constants import LOG_2PI
 from .lowrank import LowRankCov, PosteriorPrecision
-from .model import eta_schur
+from .anchor import resolve_log_anchor
+from .model import cell_gradient, eta_schur
 from .params import PLNParams
 
 __all__ = ["newton_map", "CellPosteriors", "cell_objective"]
@@ -63,47 +65,6 @@ def cell_objective(
     if m is not None:
         f = f - 0.5 * ((eta - m) / sigma_M) ** 2
     return np.where(np.isfinite(f), f, -np.inf)
-
-
-def _gradient_numpy(u, x, eta, mu, cov, m, sigma_M):
-    with np.errstate(over="ignore"):
-        lam = np.exp(x - eta[:, None])
-    g_x = u - lam - cov.inv_mv(x - mu)
-    if m is None:
-        return g_x, np.zeros(len(eta)), lam
-    g_eta = lam.sum(axis=1) - u.sum(axis=1) - (eta - m) / sigma_M**2
-    return g_x, g_eta, lam
-
-
-class _BridgeStanGradient:
-    """g_x (and g_eta for eta > 1e-8) from ``stan/pln_cell.stan`` through BridgeStan.
-
-    BridgeStan differentiates on the unconstrained scale (x, log eta) with the Jacobian log eta:
-    d lp / d log(eta) = g_eta * eta + 1, so g_eta = (grad - 1) / eta. That division loses all
-    precision as eta -> 0, so for eta <= 1e-8 the single eta component uses the analytic formula.
-    """
-
-    def __init__(self, u, params, log_anchor):
-        from .engines import bridgestan_model, pln_cell_data
-
-        if params.capture is None:
-            raise ValueError('gradient="bridgestan" needs capture settings (pln_cell has eta)')
-        self.model = bridgestan_model("pln_cell", pln_cell_data(u, params, log_anchor))
-        self.N, self.G = u.shape
-
-    def __call__(self, idx, u, x, eta, mu, cov, m, sigma_M, x_all, eta_all):
-        x_all = x_all.copy()
-        eta_all = eta_all.copy()
-        x_all[idx] = x
-        eta_all[idx] = eta
-        theta = np.concatenate([x_all.ravel(), np.log(np.maximum(eta_all, 1e-300))])
-        _, grad = self.model.log_density_gradient(theta, propto=True, jacobian=True)
-        gx = grad[: self.N * self.G].reshape(self.N, self.G)[idx]
-        gl = grad[self.N * self.G :][idx]
-        g_np_x, g_np_eta, lam = _gradient_numpy(u, x, eta, mu, cov, m, sigma_M)
-        with np.errstate(divide="ignore", invalid="ignore"):
-            g_eta = np.where(eta > 1e-8, (gl - 1.0) / eta, g_np_eta)
-        return gx, g_eta, lam
 
 
 @dataclass
@@ -271,7 +232,7 @@ def newton_map(
     eta0: np.ndarray | None = None,
     gtol: float = 1e-6,
     max_iter: int = 200,
-    gradient: str = "numpy",
+    gradient: str | Callable = "numpy",
     armijo: float = 1e-4,
     progress: bool = False,
     cov: LowRankCov | None = None,
@@ -286,7 +247,9 @@ def newton_map(
     log_anchor : (N,) log L_c of the capture prior (default: log of the realised library size).
     x0, eta0 : warm starts (default x0 = log(u + 1/2) + eta0, eta0 = max(m, 0)).
     gtol : tolerance on the infinity norm of the projected gradient.
-    gradient : "numpy" (analytic) or "bridgestan" (gradient of stan/pln_cell.stan).
+    gradient : "numpy" (``model.cell_gradient``) or a callable ``grad(rows, x, eta) -> (g_x, g_eta)``
+        evaluating the gradient of cells ``rows`` (indices into ``counts``) at (x, eta), e.g.
+        ``pln_ref.validation.engines.BridgeStanCellGradient`` (the gradient of stan/pln_cell.stan).
     block_size : cells per block (cells are independent, so blocks are exact); the default
         keeps a block's N x G work arrays near 2^18 entries (2 MB each, cache-friendly: measured
         25% faster than 32 MB blocks at G=1000), which also bounds the working memory.
@@ -301,46 +264,37 @@ def newton_map(
     for name, a, shape in (("log_anchor", log_anchor, (N,)), ("x0", x0, (N, G)), ("eta0", eta0, (N,))):
         if a is not None and np.shape(a) != shape:
             raise ValueError(f"{name} must have shape {shape}, got {np.shape(a)}")
+    if not (gradient == "numpy" or callable(gradient)):
+        raise ValueError(f'gradient must be "numpy" or a callable grad(rows, x, eta), got {gradient!r}')
+    if params.capture is not None:
+        log_anchor = resolve_log_anchor(u, log_anchor)
     if block_size is None:
         block_size = max(16, (1 << 18) // G)
-    if N <= block_size:
-        return _newton_block(u, params, log_anchor, x0, eta0, gtol, max_iter, gradient, armijo,
-                             progress, cov)
     blocks = []
     for lo in range(0, N, block_size):
         sl = slice(lo, min(N, lo + block_size))
         pick = lambda a: None if a is None else np.asarray(a)[sl]  # noqa: E731
+        grad_fn = None if gradient == "numpy" else _offset_rows(gradient, lo)
         blocks.append(_newton_block(u[sl], params, pick(log_anchor), pick(x0), pick(eta0), gtol,
-                                    max_iter, gradient, armijo, progress, cov))
-    return CellPosteriors.concatenate(blocks)
+                                    max_iter, grad_fn, armijo, progress, cov))
+    return blocks[0] if len(blocks) == 1 else CellPosteriors.concatenate(blocks)
 
 
-def _newton_block(u, params, log_anchor, x0, eta0, gtol, max_iter, gradient, armijo, progress, cov):
-    """``newton_map`` on one block of cells (the algorithm of the module docstring)."""
+def _offset_rows(gradient: Callable, lo: int) -> Callable:
+    """A block's gradient callback: block-local rows -> rows of the full counts."""
+    return lambda rows, x, eta: gradient(rows + lo, x, eta)
+
+
+def _newton_block(u, params, log_anchor, x0, eta0, gtol, max_iter, grad_fn, armijo, progress, cov):
+    """``newton_map`` on one block of cells (the algorithm of the module docstring);
+    ``log_anchor`` already resolved, ``grad_fn`` None (NumPy) or a block-local gradient callback."""
     N, G = u.shape
     mu = params.mu
     if params.capture is not None:
-        if log_anchor is None:
-            L = u.sum(axis=1)
-            if np.any(L <= 0):
-                raise ValueError(
-                    f"{int(np.sum(L <= 0))} cells have zero library size: pass log_anchor "
-                    "(the capture prior's library size) explicitly for them"
-                )
-            log_anchor = np.log(L)
-        log_anchor = np.asarray(log_anchor, dtype=float)
-        if log_anchor.shape != (N,) or not np.all(np.isfinite(log_anchor)):
-            raise ValueError(f"log_anchor must be a finite array of shape ({N},)")
         m_all = params.capture.prior_mean(log_anchor)
         sigma_M = params.capture.sigma_M
     else:
         m_all, sigma_M = None, None
-    if gradient == "numpy":
-        grad_fn = None
-    elif gradient == "bridgestan":
-        grad_fn = _BridgeStanGradient(u, params, log_anchor)
-    else:
-        raise ValueError(f'gradient must be "numpy" or "bridgestan", got {gradient!r}')
 
     xs, es = _default_start(u, m_all)
     x = xs if x0 is None else np.array(x0, dtype=float, copy=True)
@@ -357,6 +311,7 @@ def _newton_block(u, params, log_anchor, x0, eta0, gtol, max_iter, gradient, arm
     ge_all = np.zeros(N)
     S_all, LS_all = np.empty((N, k, k)), np.empty((N, k, k))
     bbar_all = np.empty((N, G)) if m_all is not None else None
+    s_all = np.empty(N) if m_all is not None else None
     f_all = np.full(N, np.nan)  # f at the current iterate (NaN: not evaluated yet)
 
     n_iter = np.zeros(N, dtype=int)
@@ -370,14 +325,12 @@ def _newton_block(u, params, log_anchor, x0, eta0, gtol, max_iter, gradient, arm
             break
         ua, xa, ea = u[active], x[active], eta[active]
         ma = None if m_all is None else m_all[active]
-        if grad_fn is None:
-            gx, ge, lam = _gradient_numpy(ua, xa, ea, mu, cov, ma, sigma_M)
-        else:
-            gx, ge, lam = grad_fn(active, ua, xa, ea, mu, cov, ma, sigma_M, x, eta)
+        gx, ge, lam = cell_gradient(ua, xa, ea, mu, cov, ma, sigma_M)
+        if grad_fn is not None:
+            gx, ge = grad_fn(active, xa, ea)
         A = PosteriorPrecision(cov, lam)
         if m_all is not None:
-            b, bbar, lam_bbar, a = eta_schur(A, gx)
-            s = 1.0 / sigma_M**2 + lam_bbar
+            b, bbar, s, a = eta_schur(A, 1.0 / sigma_M**2, gx)
             deta_free = _eta_numerator(ua, lam, b, bbar, gx, ea, ma, sigma_M) / s
             bound = (ea <= _EPS_BOUND) & (deta_free <= 0)
             dx = np.where(bound[:, None], a, a + b * deta_free[:, None])
@@ -410,7 +363,7 @@ def _newton_block(u, params, log_anchor, x0, eta0, gtol, max_iter, gradient, arm
             lam_all[cells], gx_all[cells], ge_all[cells] = lam[store], gx[store], ge[store]
             S_all[cells], LS_all[cells] = A.S[store], A.L_S[store]
             if bbar_all is not None:
-                bbar_all[cells] = bbar[store]
+                bbar_all[cells], s_all[cells] = bbar[store], s[store]
         if it == max_iter:
             break
         keep = ~fin
@@ -453,11 +406,9 @@ def _newton_block(u, params, log_anchor, x0, eta0, gtol, max_iter, gradient, arm
 
     # final state: the factorisation and Schur pieces stored at each cell's last check
     A = PosteriorPrecision.from_factor(cov, lam_all, S_all, LS_all)
-    s = delta = None
+    s, delta = s_all, None
     on_bound = np.zeros(N, dtype=bool)
     if m_all is not None:
-        lam_bbar = np.einsum("ng,ng->n", lam_all, bbar_all)
-        s = 1.0 / sigma_M**2 + lam_bbar
         on_bound = eta <= _EPS_BOUND
         eta = np.where(on_bound, 0.0, eta)
         num = _eta_numerator(u, lam_all, 1.0 - bbar_all, bbar_all, gx_all, eta, m_all, sigma_M)

@@ -25,6 +25,7 @@ Without capture (``params.capture is None``) eta is identically 0 and has no pri
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 from scipy.special import gammaln
@@ -40,6 +41,8 @@ __all__ = [
     "neg_hessian",
     "NegHessian",
     "eta_schur",
+    "EtaSchur",
+    "cell_gradient",
     "poisson_loglik",
 ]
 
@@ -57,9 +60,19 @@ def _eta_or_zero(params: PLNParams, eta, N: int) -> np.ndarray:
     return eta
 
 
-def _anchor(params: PLNParams, u: np.ndarray, log_anchor) -> np.ndarray | None:
-    """log L_c by the one anchor policy (``anchor.resolve_log_anchor``); None without capture."""
-    return None if params.capture is None else resolve_log_anchor(u, log_anchor)
+def _cell_inputs(u, x, eta, params: PLNParams, log_anchor, cov: LowRankCov | None):
+    """Validated (u, x, eta, cov, m, sigma_M) of N cells: m = log M0 - log L_c from the one anchor
+    policy (``anchor.resolve_log_anchor``); m and sigma_M are None without capture."""
+    u = np.asarray(u, dtype=float)
+    x = np.asarray(x, dtype=float)
+    if x.shape != u.shape:
+        raise ValueError(f"x has shape {x.shape} but counts have shape {u.shape}")
+    eta = _eta_or_zero(params, eta, u.shape[0])
+    cov = cov or LowRankCov.from_params(params)
+    cap = params.capture
+    if cap is None:
+        return u, x, eta, cov, None, None
+    return u, x, eta, cov, cap.prior_mean(resolve_log_anchor(u, log_anchor)), cap.sigma_M
 
 
 def poisson_loglik(u: np.ndarray, x: np.ndarray, eta: np.ndarray) -> np.ndarray:
@@ -83,18 +96,31 @@ def log_joint(
     ``log_anchor`` is log L_c of the capture prior; it defaults to the log of the realised
     library size sum_g u_g (the empirical-Bayes anchor of real data).
     """
-    u = np.asarray(u, dtype=float)
-    x = np.asarray(x, dtype=float)
-    N = u.shape[0]
-    if x.shape != u.shape:
-        raise ValueError(f"x has shape {x.shape} but counts have shape {u.shape}")
-    eta = _eta_or_zero(params, eta, N)
-    cov = cov or LowRankCov.from_params(params)
+    u, x, eta, cov, m, sigma_M = _cell_inputs(u, x, eta, params, log_anchor, cov)
     out = poisson_loglik(u, x, eta) + cov.logpdf(x, params.mu)
-    if params.capture is not None:
-        la = _anchor(params, u, log_anchor)
-        out = out + truncnorm.logpdf(eta, params.capture.prior_mean(la), params.capture.sigma_M)
+    if m is not None:
+        out = out + truncnorm.logpdf(eta, m, sigma_M)
     return out
+
+
+def cell_gradient(
+    u: np.ndarray, x: np.ndarray, eta: np.ndarray, mu: np.ndarray, cov: LowRankCov,
+    m: np.ndarray | None, sigma_M: float | None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The one gradient kernel of the log joint, with lambda = e^{x - eta} it computes on the way::
+
+        g_x   = u - lambda - Sigma^{-1} (x - mu)
+        g_eta = -sum_g u_g + sum_g lambda_g - (eta - m) / sigma_M^2   (zeros when m is None)
+
+    Arrays (n, G) / (n,) of already-validated cells; returns (g_x, g_eta, lambda).
+    """
+    with np.errstate(over="ignore"):
+        lam = np.exp(x - eta[:, None])
+    g_x = u - lam - cov.inv_mv(x - mu)
+    if m is None:
+        return g_x, np.zeros(len(eta)), lam
+    g_eta = lam.sum(axis=1) - u.sum(axis=1) - (eta - m) / sigma_M**2
+    return g_x, g_eta, lam
 
 
 def grad_log_joint(
@@ -106,32 +132,30 @@ def grad_log_joint(
     *,
     cov: LowRankCov | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """(g_x, g_eta): g_x = u - lambda - Sigma^{-1}(x - mu),
-    g_eta = -sum u + sum lambda - (eta - m)/sigma_M^2 (zeros without capture)."""
-    u = np.asarray(u, dtype=float)
-    x = np.asarray(x, dtype=float)
-    N = u.shape[0]
-    eta = _eta_or_zero(params, eta, N)
-    cov = cov or LowRankCov.from_params(params)
-    with np.errstate(over="ignore"):
-        lam = np.exp(x - eta[:, None])
-    g_x = u - lam - cov.inv_mv(x - params.mu)
-    if params.capture is None:
-        return g_x, np.zeros(N)
-    la = _anchor(params, u, log_anchor)
-    m = params.capture.prior_mean(la)
-    g_eta = lam.sum(axis=1) - u.sum(axis=1) - (eta - m) / params.capture.sigma_M**2
+    """(g_x, g_eta) of ``log_joint`` by ``cell_gradient`` (zeros for g_eta without capture)."""
+    u, x, eta, cov, m, sigma_M = _cell_inputs(u, x, eta, params, log_anchor, cov)
+    g_x, g_eta, _ = cell_gradient(u, x, eta, params.mu, cov, m, sigma_M)
     return g_x, g_eta
 
 
-def eta_schur(A: PosteriorPrecision, rhs: np.ndarray | None = None):
+class EtaSchur(NamedTuple):
+    """Pieces of the eta Schur complement of -H (``eta_schur``)."""
+
+    b: np.ndarray  # (N, G) A^{-1} lambda
+    bbar: np.ndarray  # (N, G) 1 - b = A^{-1} Sigma^{-1} 1
+    s: np.ndarray  # (N,) 1/sigma_M^2 + lambda^T bbar  (> 0)
+    sol: np.ndarray | None  # (N, G) A^{-1} rhs when rhs is given
+
+
+def eta_schur(A: PosteriorPrecision, prec_eta: float, rhs: np.ndarray | None = None) -> EtaSchur:
     """The eta Schur complement of -H without cancellation, from one factorisation of A.
 
         bbar = A^{-1} Sigma^{-1} 1 = 1 - b,   b = A^{-1} lambda   (since A 1 = lambda + Sigma^{-1} 1)
         s    = 1/sigma_M^2 + sum_g lambda_g - lambda^T b = 1/sigma_M^2 + lambda^T bbar
 
     (the direct form c - lambda^T A^{-1} lambda cancels catastrophically for large lambda).
-    Returns (b, bbar, lambda^T bbar) and, with ``rhs`` (N, G), also A^{-1} rhs.
+    ``prec_eta`` = 1/sigma_M^2; with ``rhs`` (N, G) also A^{-1} rhs (one factorisation, two
+    right-hand sides).
     """
     ones = A.cov.inv_mv(np.ones(A.cov.G))
     if rhs is None:
@@ -140,8 +164,8 @@ def eta_schur(A: PosteriorPrecision, rhs: np.ndarray | None = None):
     else:
         both = A.solve(np.stack([rhs, np.broadcast_to(ones, A.lam.shape)], axis=-1))
         sol, bbar = both[..., 0], both[..., 1]
-    lam_bbar = np.einsum("ng,ng->n", A.lam, bbar)
-    return 1.0 - bbar, bbar, lam_bbar, sol
+    s = prec_eta + np.einsum("ng,ng->n", A.lam, bbar)
+    return EtaSchur(1.0 - bbar, bbar, s, sol)
 
 
 @dataclass
@@ -161,8 +185,8 @@ class NegHessian:
         """b = A^{-1} lambda and s = c - lambda^T b (> 0), computed stably (``eta_schur``)."""
         if self.prec_eta is None:
             raise ValueError("no eta block without capture")
-        b, _, lam_bbar, _ = eta_schur(self.A)
-        return b, self.prec_eta + lam_bbar
+        es = eta_schur(self.A, self.prec_eta)
+        return es.b, es.s
 
     def logdet(self) -> np.ndarray:
         """log det(-H) = log det A + log s (matrix-determinant lemma + Schur complement)."""

@@ -100,8 +100,7 @@ class LaplaceResult(PLNResult):
         H = neg_hessian(z["x_map"], z["eta_map"] if cap else None, params)
         bbar = s = None
         if cap is not None:
-            _, bbar, lam_bbar, _ = eta_schur(H.A)
-            s = H.prec_eta + lam_bbar
+            _, bbar, s, _ = eta_schur(H.A, H.prec_eta)
         cells = CellPosteriors(
             params=params, x_map=z["x_map"], eta_map=z["eta_map"], on_bound=z["on_bound"],
             converged=z["converged"], grad_norm=z["grad_norm"], n_iter=z["n_iter"],

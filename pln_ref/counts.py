@@ -1,0 +1,161 @@
+"""A count matrix kept in its own storage and read by blocks of cells.
+
+Every phase of a fit touches the counts u (N cells x G genes) only through
+
+    a block of rows       u[lo:hi]                        (dense float64, one block at a time)
+    per-cell sums         sum_g u_cg  and  sum_g log u_cg!  (log 0! = 0, so nonzeros only)
+
+so the counts never need a dense N x G copy: ``CountMatrix`` keeps a dense array as it is, a
+scipy.sparse matrix as CSR, and an AnnData opened backed (``anndata.read_h5ad(path, backed="r")``)
+or a zarr store on disk, and hands out dense blocks. Values are checked (finite, non-negative,
+integer) once, block by block, with the same one-line messages as ``data.as_counts``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import numpy as np
+import scipy.sparse as sp
+from scipy.special import gammaln
+
+from .data import _check_values, _numeric
+
+__all__ = ["CountMatrix", "DEFAULT_BLOCK_ENTRIES"]
+
+DEFAULT_BLOCK_ENTRIES = 1 << 18  # cells x genes of one dense block (2 MB of float64)
+
+
+def _resolve_source(data, layer: str | None):
+    """(storage, what): the matrix behind ``data`` (AnnData .X / layer, or data itself)."""
+    try:
+        import anndata as ad
+
+        is_adata = isinstance(data, ad.AnnData)
+    except ImportError:  # pragma: no cover - anndata is a dependency
+        is_adata = False
+    if not is_adata:
+        if layer is not None:
+            raise ValueError("layer is only meaningful for AnnData input")
+        return data, "counts"
+    if layer is None:
+        if data.X is None:
+            raise ValueError(f"AnnData .X is None; pass layer=<name> (available layers: {sorted(data.layers.keys())})")
+        return data.X, "counts (AnnData .X)"
+    if layer not in data.layers:
+        raise ValueError(f"unknown layer {layer!r}; available layers: {sorted(data.layers.keys())}")
+    return data.layers[layer], f"counts (AnnData layer {layer!r})"
+
+
+class CountMatrix:
+    """Counts u (N, G) in dense, CSR or on-disk (backed AnnData / zarr) storage.
+
+    ``CountMatrix(data, layer=None)``: ``data`` a NumPy array / array-like, a scipy.sparse matrix or
+    array (kept as CSR), an AnnData (``.X`` or ``.layers[layer]``, in memory or backed), or an
+    object with ``shape`` and row slicing that returns arrays or sparse matrices (an h5py dataset,
+    anndata's backed sparse dataset). Raises ValueError naming the problem for a non-2-D or empty
+    matrix, a non-numeric dtype, NaN, inf, negative or non-integer values (checked block by block,
+    so on-disk counts are never loaded whole).
+    """
+
+    def __init__(self, data, layer: str | None = None, *, block_entries: int = DEFAULT_BLOCK_ENTRIES) -> None:
+        if isinstance(data, CountMatrix):
+            self.__dict__.update(data.__dict__)
+            return
+        src, self.what = _resolve_source(data, layer)
+        if sp.issparse(src):
+            src = sp.csr_array(src)
+            src.sum_duplicates()
+            self.storage = "csr"
+        elif isinstance(src, np.ndarray) or not (hasattr(src, "shape") and hasattr(src, "__getitem__")):
+            src = np.asarray(src)
+            self.storage = "dense"
+        else:
+            self.storage = "disk"
+        shape = tuple(src.shape)
+        if len(shape) != 2:
+            raise ValueError(f"{self.what} must be 2-D (cells x genes), got shape {shape}")
+        if shape[0] == 0 or shape[1] == 0:
+            raise ValueError(f"{self.what} are empty: shape {shape}")
+        self._src = src
+        self.shape: tuple[int, int] = (int(shape[0]), int(shape[1]))
+        self.block_size = max(1, int(block_entries) // self.shape[1])
+        self._total = np.empty(self.shape[0])
+        self._lgamma = np.empty(self.shape[0])
+        # one pass: check the values and keep the two per-cell sums the fit needs
+        for sl, u in self._raw_blocks():
+            self._total[sl] = u.sum(axis=1)
+            if sp.issparse(u):
+                rows = np.repeat(np.arange(u.shape[0]), np.diff(u.indptr))
+                self._lgamma[sl] = np.bincount(rows, weights=gammaln(u.data + 1.0), minlength=u.shape[0])
+            else:
+                self._lgamma[sl] = gammaln(u + 1.0).sum(axis=1)
+
+    # ------------------------------------------------------------------ reading
+    def _raw_blocks(self) -> Iterator[tuple[slice, np.ndarray | sp.csr_array]]:
+        """Checked float64 blocks in storage form (CSR stays CSR)."""
+        N = self.shape[0]
+        for lo in range(0, N, self.block_size):
+            sl = slice(lo, min(N, lo + self.block_size))
+            u = self._src[sl]
+            if sp.issparse(u):
+                u = sp.csr_array(u)
+                vals = _numeric(np.asarray(u.data), self.what)
+                _check_values(vals.astype(np.float64, copy=False), self.what)
+                u = sp.csr_array((vals.astype(np.float64), u.indices, u.indptr), shape=u.shape)
+            else:
+                u = _numeric(np.asarray(u), self.what)
+                _check_values(u.astype(np.float64, copy=False), self.what)
+                u = np.asarray(u, dtype=np.float64)
+            yield sl, u
+
+    def block(self, lo: int, hi: int) -> np.ndarray:
+        """Dense float64 copy of rows lo:hi (values were checked at construction)."""
+        u = self._src[lo:hi]
+        if sp.issparse(u):
+            return np.asarray(u.toarray(), dtype=np.float64)
+        return np.array(u, dtype=np.float64, copy=True, order="C")
+
+    def rows(self, idx: np.ndarray) -> np.ndarray:
+        """Dense float64 rows ``idx`` (sorted or not), e.g. a minibatch."""
+        idx = np.asarray(idx, dtype=np.intp)
+        if self.storage == "disk":  # h5py / backed datasets want increasing indices
+            order = np.argsort(idx)
+            out = np.empty((idx.size, self.shape[1]))
+            src = self._src[np.sort(idx)]
+            out[order] = src.toarray() if sp.issparse(src) else np.asarray(src, dtype=np.float64)
+            return out
+        u = self._src[idx]
+        return np.asarray(u.toarray() if sp.issparse(u) else u, dtype=np.float64)
+
+    def blocks(self, block_size: int | None = None) -> Iterator[tuple[slice, np.ndarray]]:
+        """(slice, dense block) over all cells in order; ``block_size`` cells each (default:
+        about ``DEFAULT_BLOCK_ENTRIES`` entries per block)."""
+        bs = self.block_size if block_size is None else max(1, int(block_size))
+        N = self.shape[0]
+        for lo in range(0, N, bs):
+            hi = min(N, lo + bs)
+            yield slice(lo, hi), self.block(lo, hi)
+
+    # ------------------------------------------------------------------ per-cell sums
+    def total_counts(self) -> np.ndarray:
+        """sum_g u_cg per cell, shape (N,)."""
+        return self._total.copy()
+
+    def lgamma_sums(self) -> np.ndarray:
+        """sum_g log(u_cg!) per cell, shape (N,): the constant of the Poisson log-likelihood."""
+        return self._lgamma.copy()
+
+    def toarray(self) -> np.ndarray:
+        """The whole matrix dense (N x G float64): for small data and tests only."""
+        return self.block(0, self.shape[0])
+
+    @property
+    def nnz_fraction(self) -> float:
+        """Share of nonzero entries (1.0 for dense storage, where it is not tracked)."""
+        if self.storage == "csr":
+            return self._src.nnz / float(self.shape[0] * self.shape[1])
+        return 1.0
+
+    def __repr__(self) -> str:
+        return f"CountMatrix({self.shape[0]} cells x {self.shape[1]} genes, {self.storage})"

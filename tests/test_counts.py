@@ -1,0 +1,85 @@
+"""pln_ref.counts.CountMatrix: one count matrix in dense, CSR or on-disk storage, read by blocks."""
+
+import anndata as ad
+import numpy as np
+import pytest
+import scipy.sparse as sp
+from scipy.special import gammaln
+
+from pln_ref.counts import CountMatrix
+
+
+def _counts(N=53, G=7, seed=0):
+    rng = np.random.default_rng(seed)
+    u = rng.poisson(rng.gamma(0.5, 2.0, size=(N, G))).astype(float)
+    u[3] = 0.0
+    return u
+
+
+@pytest.fixture(params=["dense", "int", "csr", "csc", "adata", "backed_sparse", "backed_dense"])
+def stored(request, tmp_path):
+    u = _counts()
+    kind = request.param
+    if kind == "dense":
+        return u, CountMatrix(u, block_entries=40)
+    if kind == "int":
+        return u, CountMatrix(u.astype(np.int32), block_entries=40)
+    if kind == "csr":
+        return u, CountMatrix(sp.csr_matrix(u), block_entries=40)
+    if kind == "csc":
+        return u, CountMatrix(sp.csc_array(u), block_entries=40)
+    if kind == "adata":
+        return u, CountMatrix(ad.AnnData(np.zeros_like(u), layers={"counts": sp.csr_matrix(u)}), layer="counts",
+                              block_entries=40)
+    path = tmp_path / "u.h5ad"
+    X = sp.csr_matrix(u) if kind == "backed_sparse" else u
+    ad.AnnData(X).write_h5ad(path)
+    return u, CountMatrix(ad.read_h5ad(path, backed="r"), block_entries=40)
+
+
+def test_blocks_sums_rows_equal_dense(stored):
+    u, cm = stored
+    assert cm.shape == u.shape
+    assert cm.block_size == 40 // u.shape[1]
+    got = np.vstack([b for _, b in cm.blocks()])
+    np.testing.assert_array_equal(got, u)
+    np.testing.assert_array_equal(cm.block(10, 20), u[10:20])
+    idx = np.array([40, 2, 17, 2 + 1])
+    np.testing.assert_array_equal(cm.rows(idx), u[idx])
+    np.testing.assert_allclose(cm.total_counts(), u.sum(axis=1))
+    np.testing.assert_allclose(cm.lgamma_sums(), gammaln(u + 1.0).sum(axis=1), rtol=1e-13)
+    assert cm.lgamma_sums()[3] == 0.0
+
+
+def test_sparse_input_stays_sparse():
+    u = _counts(N=200, G=50)
+    cm = CountMatrix(sp.csr_matrix(u))
+    assert cm.storage == "csr" and sp.issparse(cm._src)
+    assert 0 < cm.nnz_fraction < 1
+
+
+@pytest.mark.parametrize("bad, msg", [(np.nan, "NaN"), (-1.0, "negative"), (0.5, "non-integer"), (np.inf, "inf")])
+@pytest.mark.parametrize("kind", ["dense", "csr", "backed"])
+def test_bad_values_in_a_late_block_named(bad, msg, kind, tmp_path):
+    u = _counts()
+    u[50, 2] = bad
+    src = {"dense": u, "csr": sp.csr_matrix(u)}.get(kind)
+    if kind == "backed":
+        path = tmp_path / "bad.h5ad"
+        ad.AnnData(sp.csr_matrix(u)).write_h5ad(path)
+        src = ad.read_h5ad(path, backed="r")
+    with pytest.raises(ValueError, match=msg):
+        CountMatrix(src, block_entries=40)
+
+
+def test_shape_and_layer_errors():
+    with pytest.raises(ValueError, match="2-D"):
+        CountMatrix(np.zeros(5))
+    with pytest.raises(ValueError, match="empty"):
+        CountMatrix(np.zeros((0, 3)))
+    with pytest.raises(ValueError, match="unknown layer 'raw'"):
+        CountMatrix(ad.AnnData(np.ones((2, 2))), layer="raw")
+    with pytest.raises(ValueError, match="only meaningful for AnnData"):
+        CountMatrix(np.ones((2, 2)), layer="counts")
+    with pytest.raises(ValueError, match="numeric"):
+        CountMatrix(np.array([["a", "b"]]))
