@@ -10,12 +10,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from scipy.special import gammaln, logsumexp
+from scipy.special import logsumexp
 
 import pln_ref
 from pln_ref import ConvergenceWarning
 from pln_ref.laplace import CellPosteriors, newton_map
-from pln_ref.newcells import CellScores, score_samples, transform
+from pln_ref.newcells import CellScores, transform
 from pln_ref.results import LaplaceResult
 
 ROOT = Path(__file__).resolve().parents[1]

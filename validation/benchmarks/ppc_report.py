@@ -109,8 +109,8 @@ def main(argv=None) -> int:
                           progress=False, n_steps=args.n_steps)
         extra["sim_fit_cpu_s"] = time.process_time() - c0
         post_true = newton_map(u, p, la)
-        rows += coverage_rows(f"simulated, fitted globals", u, res, args, outdir, plots=True)
-        rows += coverage_rows(f"simulated, true globals", u, post_true, args, outdir, plots=False)
+        rows += coverage_rows("simulated, fitted globals", u, res, args, outdir, plots=True)
+        rows += coverage_rows("simulated, true globals", u, post_true, args, outdir, plots=False)
         extra["eta_bias_simulated_true_globals"] = eta_bias(post_true, u, p, la)
         print("eta bias (simulated, true globals):", extra["eta_bias_simulated_true_globals"], flush=True)
         atomic_write_json(outdir / "ppc_report.json", {"args": vars(args), "rows": rows, **extra})
