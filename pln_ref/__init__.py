@@ -8,13 +8,13 @@ The user's API is what this module exports (``__all__``):
 - fitting: ``fit`` (Laplace or VAE inference) with the method's options (``LaplaceConfig`` /
   ``VAEConfig``), its results ``LaplaceResult`` / ``VAEResult`` (one protocol, ``PLNResult``;
   per-cell posteriors follow ``CellPosterior``), ``ConvergenceWarning``, and
-  ``ppc_summary`` / ``posterior_predictive`` (posterior predictive checks), ``select_rank``
-  (rank by held-out log-likelihood); new cells through ``result.transform`` /
-  ``result.score_samples``;
+  ``ppc_summary`` / ``posterior_predictive`` (posterior predictive checks);
 - the model: ``PLNParams``, ``Capture``, ``simulate`` / ``Simulation`` / ``random_params``, the
   closed-form moments ``pln_mean`` / ``pln_variance`` / ``pln_covariance`` / ``moment_zscores``
   and the ``method_of_moments`` start;
 - input handling: ``as_counts``, ``check_genes_cells``, ``total_counts``, ``resolve_log_anchor``;
+- new cells and model choice: ``result.transform`` / ``result.score_samples`` (``pln_ref.newcells``)
+  and ``select_rank`` (rank k by held-out log-likelihood, ``pln_ref.select``);
 - the validation harness: the subpackage ``pln_ref.validation`` (imported on first use).
 
 Solver internals (per-cell Newton, low-rank algebra, the outer optimiser) live in their modules:
@@ -41,10 +41,11 @@ from .vae import VAEResult, fit_vae
 
 __all__ = [
     "fit", "LaplaceConfig", "VAEConfig", "PLNResult", "LaplaceResult", "VAEResult", "CellPosterior",
-    "fit_vae", "ppc_summary", "posterior_predictive", "ConvergenceWarning", "select_rank",
+    "fit_vae", "ppc_summary", "posterior_predictive", "ConvergenceWarning",
     "PLNParams", "Capture", "simulate", "Simulation", "random_params",
     "pln_mean", "pln_variance", "pln_covariance", "moment_zscores", "method_of_moments",
     "as_counts", "check_genes_cells", "total_counts", "resolve_log_anchor", "resolve_capture",
+    "select_rank",
 ]
 __version__ = "0.1.0"
 

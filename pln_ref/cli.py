@@ -61,10 +61,6 @@ def demo(out: str | None = None, progress: bool = True) -> dict:
     print(f"  MAP posterior predictive: {100 * ppc['mean']['share_in_95pct_interval']:.0f}% of gene means,"
           f" {100 * ppc['var']['share_in_95pct_interval']:.0f}% of variances,"
           f" {100 * ppc['zero_frac']['share_in_95pct_interval']:.0f}% of zero fractions inside 95% intervals")
-    # each check with one line saying what it tests (importance-corrected joint posterior draws)
-    ppc_joint = ppc_summary(sim.counts, res, n_samples=50, mode="joint_is")
-    report["ppc_joint_is"] = ppc_joint.table()
-    print(ppc_joint.report())
     if out:
         Path(out).mkdir(parents=True, exist_ok=True)
         res.save(Path(out) / "demo_fit.npz")
