@@ -101,17 +101,6 @@ def _cmd_fit(args) -> int:
     return 0
 
 
-def _cmd_simulate(args) -> int:
-    from . import random_params, simulate
-
-    p = random_params(args.genes, args.k, seed=args.seed, capture=not args.no_capture,
-                      mean_log_rate=args.mean_log_rate)
-    sim = simulate(p, args.cells, seed=args.seed + 1)
-    sim.to_anndata().write_h5ad(args.out)
-    print(f"wrote {args.out}: {args.cells} cells x {args.genes} genes, k={args.k}")
-    return 0
-
-
 # --- pln-ref select (rank selection by held-out log-likelihood, pln_ref.select) -------------------
 def _cmd_select(args) -> int:
     import anndata as ad
@@ -151,6 +140,17 @@ def _add_select_parser(sub) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=_cmd_select)
+
+
+def _cmd_simulate(args) -> int:
+    from . import random_params, simulate
+
+    p = random_params(args.genes, args.k, seed=args.seed, capture=not args.no_capture,
+                      mean_log_rate=args.mean_log_rate)
+    sim = simulate(p, args.cells, seed=args.seed + 1)
+    sim.to_anndata().write_h5ad(args.out)
+    print(f"wrote {args.out}: {args.cells} cells x {args.genes} genes, k={args.k}")
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -195,8 +195,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     p.set_defaults(func=_cmd_simulate)
 
-    _add_select_parser(sub)
-
     try:
         from .validation.cli import build_sbc_parser, build_validate_parser
     except ImportError:  # pragma: no cover - validation layer not importable
@@ -204,6 +202,7 @@ def build_parser() -> argparse.ArgumentParser:
     else:
         build_validate_parser(sub)
         build_sbc_parser(sub)
+    _add_select_parser(sub)
     return ap
 
 
