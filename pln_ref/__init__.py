@@ -14,6 +14,8 @@ The user's API is what this module exports (``__all__``):
   closed-form moments ``pln_mean`` / ``pln_variance`` / ``pln_covariance`` / ``moment_zscores``
   and the ``method_of_moments`` start;
 - input handling: ``as_counts``, ``check_genes_cells``, ``total_counts``, ``resolve_log_anchor``;
+- new cells and model choice: ``result.transform`` / ``result.score_samples`` (``pln_ref.newcells``)
+  and ``select_rank`` (rank k by held-out log-likelihood, ``pln_ref.select``);
 - the validation harness: the subpackage ``pln_ref.validation`` (imported on first use).
 
 Solver internals (per-cell Newton, low-rank algebra, the outer optimiser) live in their modules:
@@ -34,6 +36,7 @@ from .params import Capture, PLNParams
 from .ppc import posterior_predictive, ppc_summary
 from .protocol import CellPosterior, PLNResult
 from .results import LaplaceResult
+from .select import select_rank
 from .simulation import Simulation, random_params, simulate
 from .vae import VAEResult, fit_vae
 
@@ -44,6 +47,7 @@ __all__ = [
     "PLNParams", "Capture", "simulate", "Simulation", "random_params",
     "pln_mean", "pln_variance", "pln_covariance", "moment_zscores", "method_of_moments",
     "as_counts", "check_genes_cells", "total_counts", "resolve_log_anchor", "resolve_capture",
+    "select_rank",
 ]
 __version__ = "0.1.0"
 

@@ -1,4 +1,4 @@
-"""Command line: ``pln-ref demo | fit | simulate | validate | sbc``."""
+"""Command line: ``pln-ref demo | fit | simulate | select | validate | sbc``."""
 
 from __future__ import annotations
 
@@ -173,6 +173,47 @@ def _cmd_fit(args) -> int:
     return 0
 
 
+# --- pln-ref select (rank selection by held-out log-likelihood, pln_ref.select) -------------------
+def _cmd_select(args) -> int:
+    import anndata as ad
+
+    from .select import select_rank
+
+    path = Path(args.data)
+    if not path.exists():
+        print(f"error: {path} does not exist", file=sys.stderr)
+        return 2
+    adata = ad.read_h5ad(path)
+    options = {"n_steps": args.n_steps, "optimizer": args.optimizer}
+    sel = select_rank(adata, ks=args.k, holdout=args.holdout, folds=args.folds, score=args.score,
+                      n_draws=args.n_draws, seed=args.seed, out=args.out, scheduler=args.scheduler,
+                      layer=args.layer, capture=None if args.no_capture else "auto",
+                      progress=not args.quiet, **{k: v for k, v in options.items() if v is not None})
+    print(sel.to_markdown())
+    print(f"chosen k = {sel.chosen_k}; wrote {args.out}/selection.json, selection.md, chosen_k.txt, "
+          "heldout_vs_k.png")
+    return 0
+
+
+def _add_select_parser(sub) -> None:
+    p = sub.add_parser("select", help="choose the rank k by held-out log-likelihood")
+    p.add_argument("data", help="input .h5ad (cells x genes counts)")
+    p.add_argument("--k", type=int, nargs="+", default=[1, 2, 5, 10, 20], help="candidate ranks")
+    p.add_argument("--out", required=True, help="output directory (resumable)")
+    p.add_argument("--holdout", type=float, default=0.2, help="fraction of cells held out")
+    p.add_argument("--folds", type=int, default=None, help="K-fold cross-validation instead")
+    p.add_argument("--score", choices=["laplace", "is"], default="laplace")
+    p.add_argument("--n-draws", type=int, default=1000, help="importance draws per cell (--score is)")
+    p.add_argument("--scheduler", default=None, help="Dask scheduler address for parallel fits")
+    p.add_argument("--layer", default=None)
+    p.add_argument("--no-capture", action="store_true")
+    p.add_argument("--n-steps", type=int, default=None)
+    p.add_argument("--optimizer", choices=["adam", "lbfgs"], default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=_cmd_select)
+
+
 def _cmd_simulate(args) -> int:
     from . import random_params, simulate
 
@@ -264,6 +305,7 @@ def build_parser() -> argparse.ArgumentParser:
     else:
         build_validate_parser(sub)
         build_sbc_parser(sub)
+    _add_select_parser(sub)
     return ap
 
 

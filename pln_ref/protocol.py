@@ -9,7 +9,8 @@ Two layers:
   it at ``eta_map``), ``sample(rng, n_draws, eta=)``, ``logpdf(x, eta)`` and ``subset(idx)``.
 - ``PLNResult``: the base class of every fitted result. It holds the shared accessors (globals,
   per-cell summaries through ``posterior``) and the shared exports (``summary``, ``to_anndata``,
-  ``to_arviz``, atomic ``save``/``load``). A subclass provides ``params``, ``posterior``,
+  ``to_arviz``, atomic ``save``/``load``) and new cells (``transform``, ``score_samples``,
+  ``pln_ref.newcells``). A subclass provides ``params``, ``posterior``,
   ``history``, ``settings``, ``diagnostics``, ``gene_names``, ``cell_names``, the class attribute
   ``inference_method`` and four hooks: ``factor_scores``, ``_summary_lines``, ``_state`` /
   ``_from_state`` (its arrays and metadata for ``save``/``load``).
@@ -209,6 +210,24 @@ class PLNResult:
     def sample_x(self, rng: np.random.Generator | int, n_draws: int, eta: str = "free"):
         """Draws (x (S,N,G), eta (S,N)) from the method's posterior."""
         return self.posterior.sample(np.random.default_rng(rng), n_draws, eta=eta)
+
+    # --- new cells (``pln_ref.newcells``) ------------------------------------------------------------
+    def transform(self, counts, library_size=None, *, log_anchor=None) -> CellPosterior:
+        """Per-cell posteriors of new cells under the fitted globals (the same type as
+        ``posterior``); anchors L_c = ``library_size`` or each cell's total counts."""
+        from .newcells import transform
+
+        return transform(self, counts, library_size, log_anchor=log_anchor)
+
+    def score_samples(self, counts, method: str | None = None, *, n_draws: int = 2000,
+                      library_size=None, log_anchor=None, seed=0):
+        """Per-cell log p(u_c | theta) of (new) cells: "laplace" evidence, "elbo" (VAE) or "is"
+        (importance sampling with the method's posterior as proposal; estimate, Monte Carlo SE,
+        PSIS k-hat, cells with k-hat > 0.7 flagged). Returns a ``pln_ref.newcells.CellScores``."""
+        from .newcells import score_samples
+
+        return score_samples(self, counts, method, n_draws=n_draws, library_size=library_size,
+                             log_anchor=log_anchor, seed=seed)
 
     # --- reports and exports ---------------------------------------------------------------------
     def summary(self) -> str:

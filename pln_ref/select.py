@@ -1,0 +1,312 @@
+"""Choosing the rank k of W by held-out log-likelihood (``select_rank``, ``pln-ref select``).
+
+For every candidate k and every fold f the model is fitted (Laplace, ``pln_ref.fit``) on the
+training cells and each held-out cell c is scored under the fitted globals by
+``score_samples`` (default: its Laplace evidence; ``score="is"``: importance sampling), giving
+l_c(k) ~ log p(u_c | theta_k). Splits: ``holdout=0.2`` (one random 80/20 split of the cells) or
+``folds=5`` (K-fold cross-validation: every cell is held out exactly once). Per k the table has
+
+* ``heldout_mean`` = mean_c l_c(k) over all held-out cells, with its between-cell SE;
+* ``diff_vs_best`` = mean_c [l_c(k) - l_c(k*)] and ``paired_se`` = sd_c(l_c(k) - l_c(k*)) / sqrt(n)
+  (k* the best k; the same cells score every k, so the paired SE is the right yardstick);
+* ``train_evidence``: the fit's objective (mean Laplace log evidence per training cell, averaged
+  over folds); ``bic`` = -2 sum_c(train evidence) + p log n_train (averaged over folds), with
+  p = 2G + Gk - k(k-1)/2 free parameters (mu, d, and W up to rotation);
+* CPU and wall time of the fits.
+
+The chosen k is the *smallest* k whose held-out mean is within one paired SE of the best
+(``diff_vs_best >= -paired_se``): the one-standard-error rule.
+
+With ``out`` every (k, fold) writes its scores atomically to ``out/fits/k{k}_fold{f}.npz`` (and
+the fitted result to ``k{k}_fold{f}_result.npz``, ``PLNResult.load``) as soon as it is done, and the Laplace optimiser checkpoints inside each fit
+(``k{k}_fold{f}.ckpt.npz``), so a killed run resumes where it stopped; a manifest pins the data
+and the split, and a rerun with other data or settings is refused. With ``scheduler`` (a Dask
+scheduler address or a ``distributed.Client``) the (k, fold) fits run in parallel on Dask.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .anchor import resolve_log_anchor
+from .io import atomic_savez, atomic_write_json, atomic_write_text
+
+__all__ = ["select_rank", "RankSelection", "n_free_params"]
+
+_MANIFEST = "select_manifest.json"
+
+
+def n_free_params(G: int, k: int) -> int:
+    """Free parameters of (mu, W, d): 2G + Gk - k(k-1)/2 (W is identified up to a k x k rotation)."""
+    return 2 * G + G * k - k * (k - 1) // 2
+
+
+@dataclass
+class RankSelection:
+    """Result of ``select_rank``: the table (one dict per k), the chosen and best k, and the
+    per-cell held-out scores (k -> (n_heldout,) in the order of ``heldout_cells``)."""
+
+    table: list
+    chosen_k: int
+    best_k: int
+    scores: dict
+    heldout_cells: np.ndarray
+    settings: dict = field(default_factory=dict)
+
+    def to_markdown(self) -> str:
+        cols = ("k", "heldout_mean", "heldout_se", "diff_vs_best", "paired_se", "train_evidence",
+                "bic", "cpu_s", "wall_s")
+        lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+        for row in self.table:
+            cells = []
+            for c in cols:
+                v = row[c]
+                cells.append(str(v) if isinstance(v, (int, np.integer)) else f"{v:.4g}" if c == "bic" else f"{v:.3f}")
+            mark = " **chosen**" if row["k"] == self.chosen_k else ""
+            lines.append("| " + " | ".join(cells) + " |" + mark)
+        s = self.settings
+        split = f"{s.get('folds')}-fold cross-validation" if s.get("folds") else f"holdout {s.get('holdout')}"
+        lines.append("")
+        lines.append(f"Held-out log-likelihood per cell ({s.get('score')}), {split}, "
+                     f"{len(self.heldout_cells)} held-out cells. Best k = {self.best_k}; chosen k = "
+                     f"{self.chosen_k} (smallest k within one paired SE of the best).")
+        return "\n".join(lines)
+
+    def plot(self, path=None):
+        """Held-out log-likelihood per cell vs k (error bars: paired SE against the best k)."""
+        import matplotlib
+
+        matplotlib.use("Agg", force=False)
+        import matplotlib.pyplot as plt
+
+        ks = np.array([r["k"] for r in self.table])
+        m = np.array([r["heldout_mean"] for r in self.table])
+        se = np.array([r["paired_se"] for r in self.table])
+        fig, ax = plt.subplots(figsize=(6, 4))
+        ax.errorbar(ks, m, yerr=se, fmt="o-", capsize=3, label="held-out mean (paired SE vs best)")
+        best = m[ks == self.best_k][0]
+        ax.axhline(best, color="grey", lw=0.8, ls="--")
+        ax.plot([self.chosen_k], m[ks == self.chosen_k], "r*", ms=14, label=f"chosen k = {self.chosen_k}")
+        ax.set_xscale("log" if ks.max() / max(ks.min(), 1) >= 8 else "linear")
+        ax.set_xticks(ks)
+        ax.set_xticklabels([str(k) for k in ks])
+        ax.set_xlabel("rank k")
+        ax.set_ylabel("held-out log p(u_c) per cell")
+        ax.set_title(f"Rank selection ({self.settings.get('score')} score)")
+        ax.legend()
+        fig.tight_layout()
+        if path is not None:
+            fig.savefig(path, dpi=110)
+        return fig
+
+    def to_dict(self) -> dict:
+        return {"chosen_k": self.chosen_k, "best_k": self.best_k, "table": self.table,
+                "settings": self.settings}
+
+
+def _splits(N: int, holdout, folds, seed) -> list[np.ndarray]:
+    perm = np.random.default_rng(seed).permutation(N)
+    if folds is not None:
+        return [np.sort(t) for t in np.array_split(perm, folds)]
+    n_test = int(round(holdout * N))
+    if not (1 <= n_test < N):
+        raise ValueError(f"holdout={holdout} leaves {n_test} held-out cells of {N}")
+    return [np.sort(perm[:n_test])]
+
+
+def _check(ks, holdout, folds, score, G) -> tuple[list[int], float | None, int | None]:
+    try:
+        ks = sorted({int(k) for k in ks})
+    except (TypeError, ValueError):
+        raise ValueError(f"ks must be integers, got {ks!r}") from None
+    if not ks or ks[0] < 1 or ks[-1] >= G:
+        raise ValueError(f"every k must satisfy 1 <= k < G = {G} genes, got {ks}")
+    if folds is not None:
+        if isinstance(folds, bool) or int(folds) != folds or folds < 2:
+            raise ValueError(f"folds must be an integer >= 2, got {folds!r}")
+        folds, holdout = int(folds), None
+    elif not (0 < float(holdout) < 1):
+        raise ValueError(f"holdout must be a fraction in (0, 1), got {holdout!r}")
+    if score not in ("laplace", "is"):
+        raise ValueError(f'score must be "laplace" or "is", got {score!r}')
+    return ks, (None if holdout is None else float(holdout)), folds
+
+
+def _fit_and_score(task: dict) -> dict:
+    """One (k, fold): fit on the training cells, score the held-out cells; written atomically to
+    ``task["record"]`` when given (module-level so that Dask can ship it to a worker)."""
+    from .api import fit
+
+    t0, c0 = time.time(), time.process_time()
+    opts = dict(task["fit_options"])
+    ckpt = task.get("checkpoint")
+    if ckpt:
+        opts["checkpoint"] = ckpt
+        if os.path.exists(ckpt):
+            opts["resume"] = ckpt
+    lib_tr, lib_te = task["library_train"], task["library_test"]
+    res = fit(task["train"], k=task["k"], capture=task["capture"], library_size=lib_tr,
+              progress=False, **opts)
+    fit_cpu = time.process_time() - c0
+    sc = res.score_samples(task["test"], task["score"], n_draws=task["n_draws"], library_size=lib_te,
+                           seed=task["seed"])
+    rec = {"k": task["k"], "fold": task["fold"], "heldout": sc.estimate, "mc_se": sc.mc_se,
+           "khat": sc.khat, "train_evidence": float(res.diagnostics["objective"]),
+           "n_train": int(task["train"].shape[0]), "fit_cpu_s": fit_cpu,
+           "cpu_s": time.process_time() - c0, "wall_s": time.time() - t0,
+           "stopped": str(res.diagnostics.get("stopped"))}
+    if task.get("record"):
+        res.save(str(task["record"]).replace(".npz", "_result.npz"))  # the fit, for later scoring
+        arrays = {k: np.asarray(v) for k, v in rec.items() if isinstance(v, np.ndarray)}
+        meta = {k: v for k, v in rec.items() if not isinstance(v, np.ndarray)}
+        arrays["meta"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
+        atomic_savez(task["record"], arrays)
+        if ckpt and os.path.exists(ckpt):
+            os.remove(ckpt)
+    return rec
+
+
+def _load_record(path: Path) -> dict:
+    z = np.load(path)
+    rec = json.loads(bytes(z["meta"]).decode())
+    rec.update({k: z[k] for k in z.files if k != "meta"})
+    return rec
+
+
+def _manifest(out: Path, info: dict) -> None:
+    path = out / _MANIFEST
+    if path.exists():
+        old = json.loads(path.read_text())
+        diff = [k for k in info if k != "ks" and old.get(k) != info[k]]
+        if diff:
+            raise ValueError(f"{out} holds a rank selection with other {', '.join(diff)}; "
+                             "use another --out directory")
+    atomic_write_json(path, info)
+
+
+def _fingerprint(u: np.ndarray) -> str:
+    import hashlib
+
+    return hashlib.sha1(np.ascontiguousarray(u, dtype=np.float64).tobytes()).hexdigest()[:16]
+
+
+def _run(tasks: list[dict], scheduler) -> list[dict]:
+    if not tasks:
+        return []
+    if scheduler is None:
+        return [_fit_and_score(t) for t in tasks]
+    from dask.distributed import Client
+
+    client = scheduler if isinstance(scheduler, Client) else Client(scheduler)
+    try:
+        futures = client.map(_fit_and_score, tasks, pure=False)
+        return client.gather(futures)
+    finally:
+        if client is not scheduler:
+            client.close()
+
+
+def select_rank(data, ks=(1, 2, 5, 10, 20), *, holdout: float = 0.2, folds: int | None = None,
+                score: str = "laplace", n_draws: int = 1000, seed: int = 0, out=None,
+                scheduler=None, layer: str | None = None, library_size=None, capture="auto",
+                progress: bool = True, **fit_options) -> RankSelection:
+    """Held-out log-likelihood for every k in ``ks`` and the chosen k (module docstring).
+
+    data : (cells x genes) counts (array, sparse, AnnData with ``layer``).
+    holdout : fraction of cells held out (one split); folds : K-fold CV instead (overrides holdout).
+    score : "laplace" (Laplace evidence of the held-out cells) or "is" (importance sampling,
+        ``n_draws`` draws per cell). seed : the split (and the IS draws).
+    out : directory for per-(k, fold) records, checkpoints, selection.json / .md and the plot
+        heldout_vs_k.png (resumable). scheduler : Dask scheduler address or Client.
+    library_size : anchors L_c of all cells (default: total counts); capture : as in ``fit``.
+    **fit_options : options of the Laplace fit (``n_steps``, ``optimizer``, ...).
+    """
+    from .data import as_counts
+
+    u = as_counts(data, layer=layer)
+    N, G = u.shape
+    ks, holdout, folds = _check(ks, holdout, folds, score, G)
+    for bad in ("checkpoint", "resume", "k", "library_size"):
+        if bad in fit_options:
+            raise ValueError(f"{bad} is set by select_rank itself; use out= for checkpoints")
+    lib = None if library_size is None else np.exp(resolve_log_anchor(u, library_size=library_size))
+    if lib is None and capture is not None:
+        resolve_log_anchor(u)  # the default anchor (total counts) must be positive: checked up front
+    tests = _splits(N, holdout, folds, seed)
+    out = None if out is None else Path(out)
+    if out is not None:
+        (out / "fits").mkdir(parents=True, exist_ok=True)
+        _manifest(out, {"N": N, "G": G, "data": _fingerprint(u), "holdout": holdout, "folds": folds,
+                        "seed": seed, "score": score, "n_draws": int(n_draws) if score == "is" else None,
+                        "capture": str(capture), "library_size": None if lib is None else _fingerprint(lib[None]),
+                        "fit_options": {k: str(v) for k, v in sorted(fit_options.items())}, "ks": ks})
+    records, tasks = {}, []
+    for k in ks:
+        for f, te in enumerate(tests):
+            rec_path = None if out is None else out / "fits" / f"k{k}_fold{f}.npz"
+            if rec_path is not None and rec_path.exists():
+                records[(k, f)] = _load_record(rec_path)
+                continue
+            tr = np.setdiff1d(np.arange(N), te)
+            if np.any(u[tr].sum(axis=0) == 0):
+                raise ValueError(f"fold {f}: {int(np.sum(u[tr].sum(axis=0) == 0))} genes have no counts in "
+                                 "the training cells; remove rare genes first")
+            tasks.append({"k": k, "fold": f, "train": u[tr], "test": u[te], "capture": capture,
+                          "library_train": None if lib is None else lib[tr],
+                          "library_test": None if lib is None else lib[te],
+                          "score": score, "n_draws": int(n_draws), "seed": seed,
+                          "fit_options": fit_options,
+                          "record": None if rec_path is None else str(rec_path),
+                          "checkpoint": None if out is None else str(out / "fits" / f"k{k}_fold{f}.ckpt.npz")})
+    if progress and tasks:
+        print(f"select_rank: {len(tasks)} fits to run ({len(records)} already done)", flush=True)
+    for rec in _run(tasks, scheduler):
+        records[(rec["k"], rec["fold"])] = rec
+    sel = _summarise(records, ks, tests, G, score, holdout, folds, seed, n_draws)
+    if out is not None:
+        atomic_write_json(out / "selection.json", sel.to_dict())
+        atomic_write_text(out / "selection.md", sel.to_markdown() + "\n")
+        atomic_write_text(out / "chosen_k.txt", f"{sel.chosen_k}\n")
+        import matplotlib.pyplot as plt
+
+        plt.close(sel.plot(out / "heldout_vs_k.png"))
+    return sel
+
+
+def _summarise(records, ks, tests, G, score, holdout, folds, seed, n_draws) -> RankSelection:
+    cells = np.concatenate(tests)
+    scores = {k: np.concatenate([np.asarray(records[(k, f)]["heldout"], float) for f in range(len(tests))])
+              for k in ks}
+    n = cells.size
+    means = {k: float(np.mean(s)) for k, s in scores.items()}
+    best = max(ks, key=lambda k: means[k])
+    table = []
+    for k in ks:
+        d = scores[k] - scores[best]
+        recs = [records[(k, f)] for f in range(len(tests))]
+        n_tr = [int(r["n_train"]) for r in recs]
+        ev = [float(r["train_evidence"]) for r in recs]
+        p = n_free_params(G, k)
+        khat = np.concatenate([np.asarray(r["khat"], float) for r in recs])
+        table.append({
+            "k": int(k), "heldout_mean": means[k],
+            "heldout_se": float(np.std(scores[k], ddof=1) / np.sqrt(n)),
+            "diff_vs_best": float(np.mean(d)), "paired_se": float(np.std(d, ddof=1) / np.sqrt(n)),
+            "train_evidence": float(np.mean(ev)),
+            "bic": float(np.mean([-2 * e * m + p * np.log(m) for e, m in zip(ev, n_tr)])),
+            "n_params": p, "cpu_s": float(sum(r["cpu_s"] for r in recs)),
+            "wall_s": float(sum(r["wall_s"] for r in recs)),
+            "n_flagged_khat_gt_0.7": int(np.sum(np.nan_to_num(khat) > 0.7)),
+            "stopped": "; ".join(sorted({str(r["stopped"]) for r in recs})),
+        })
+    chosen = min(r["k"] for r in table if r["diff_vs_best"] >= -r["paired_se"])
+    settings = {"score": score, "holdout": holdout, "folds": folds, "seed": seed,
+                "n_draws": int(n_draws) if score == "is" else None, "n_heldout": int(n)}
+    return RankSelection(table=table, chosen_k=int(chosen), best_k=int(best), scores=scores,
+                         heldout_cells=cells, settings=settings)
