@@ -74,7 +74,12 @@ class VAEConfig:
     held-out ELBO; train_decoder : False keeps (mu, W, d) at the start; cache_local : warm-start
     the local sweeps during training; restore_best : restore the best held-out state at the end.
     family : "structured" (q(eta) q(z, e | eta), x shifting linearly in eta, so corr(x_g, eta) != 0)
-    or "meanfield" (q(z) q(e) q(eta), the family before issue 16); structured_rounds : closed-form
+    or "meanfield" (q(z) q(e) q(eta), the family before issue 16) of the posteriors the fit returns
+    and ``encode`` gives; train_family : the family whose ELBO trains the encoder and decoder (None =
+    ``family``; default "meanfield": measured on simulated N=2000, G=50, k=3 it recovers Sigma better
+    -- off-diagonal correlation error 0.222 vs 0.289 when trained with the structured ELBO -- and
+    trains ~3x faster, while the structured posterior of its encoder is as close to NUTS: see
+    ``pln_ref.vae``); structured_rounds : closed-form
     sweeps of the structured local updates; refine_steps : per-cell refinement rounds of q(z) when
     cells are encoded (0 = the encoder output as is; see ``pln_ref.vae_model``).
     """
@@ -97,6 +102,7 @@ class VAEConfig:
     cache_local: bool = True
     restore_best: bool = True
     family: str = "structured"
+    train_family: str | None = "meanfield"
     structured_rounds: int = 6
     refine_steps: int = 2
 
@@ -104,6 +110,8 @@ class VAEConfig:
         object.__setattr__(self, "hidden", tuple(int(h) for h in self.hidden))
         if self.family not in ("meanfield", "structured"):
             raise ValueError(f"family must be 'meanfield' or 'structured', got {self.family!r}")
+        if self.train_family not in (None, "meanfield", "structured"):
+            raise ValueError(f"train_family must be None, 'meanfield' or 'structured', got {self.train_family!r}")
         _positive_int(self, "structured_rounds")
         if isinstance(self.refine_steps, bool) or not isinstance(self.refine_steps, numbers.Integral) \
                 or self.refine_steps < 0:

@@ -705,7 +705,9 @@ def fit_vae(
         torch.manual_seed(cfg.seed)
         gen = torch.Generator().manual_seed(cfg.seed)
         model, data = _setup(u, la, capture, init, cfg, gen)
+        model.family = cfg.train_family or cfg.family
         log = train(model, data, cfg, gen, progress=progress)
+        model.family = cfg.family
         if log.stopping.best_state is not None and cfg.restore_best:
             model.load_state_dict(log.stopping.best_state)
         model.eval()

@@ -211,6 +211,27 @@ def eta_log_mgf(t: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tens
     return _t(truncnorm.log_mgf(_np(t), _np(a)[:, None], _np(b)[:, None]))
 
 
+class _EtaLogMGF(torch.autograd.Function):
+    """log E e^{t eta} for eta ~ TruncN(a, b^2, 0) (``truncnorm.log_mgf``) with its derivative in t,
+    d/dt log M(t) = mean of the tilted TruncN(a + b^2 t, b^2) (``truncnorm.mean_var``); a, b constants."""
+
+    @staticmethod
+    def forward(ctx, t, a, b):
+        tn, an, bn = _np(t), _np(a)[:, None], _np(b)[:, None]
+        ctx.save_for_backward(_t(truncnorm.mean_var(an + bn**2 * tn, bn)[0]))
+        return _t(truncnorm.log_mgf(tn, an, bn))
+
+    @staticmethod
+    def backward(ctx, grad):
+        (mt,) = ctx.saved_tensors
+        return grad * mt, None, None
+
+
+def eta_log_mgf_grad(t: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``eta_log_mgf`` differentiable in t (N, G) (a, b (N,) held fixed)."""
+    return _EtaLogMGF.apply(t, a.detach(), b.detach())
+
+
 def eta_terms_np(a: torch.Tensor, b: torch.Tensor, prior_m: torch.Tensor, sigma: float):
     """(E eta, Var eta, E_q log TruncN(eta | prior_m, sigma, 0) + H[q]) by ``pln_ref.truncnorm``:
     E log p = -log sigma - log(2 pi)/2 - log Phi(m/sigma) - (Var + (E eta - m)^2)/(2 sigma^2),
@@ -242,6 +263,7 @@ class PLNVAE(nn.Module):
             raise ValueError("family='structured' needs residual='laplace'")
         self.family = family
         self.structured_rounds = int(structured_rounds)
+        self.hold = "c"
         self.G, self.k = int(G), int(k)
         self.hidden = tuple(int(h) for h in hidden)
         self.residual = residual
@@ -395,7 +417,7 @@ class PLNVAE(nn.Module):
             st = self._rv_step(u, st)
         return st
 
-    def _eta_step(self, u, st: LocalState, prior_m, n_newton: int = 12) -> LocalState:
+    def _eta_step(self, u, st: LocalState, prior_m, n_newton: int = 12, n_vi: int = 2) -> LocalState:
         """q(eta) = Laplace approximation of exp f(eta) (module docstring, step 1)."""
         d, W = self.d, self.W
         o, _ = self._o(st.m, st.logvar)
@@ -413,7 +435,21 @@ class PLNVAE(nn.Module):
             eta = eta + torch.clamp(g / H, -2.0, 2.0)
         ex = torch.exp(torch.clamp(log_lam0 + t * eta[:, None], max=700.0))
         H = (t * t * ex).sum(1) + P + 1.0 / s2
-        return st.replace(a=eta, b=torch.sqrt(1.0 / H))
+        a, b = eta, torch.sqrt(1.0 / H)
+        # Gaussian-VI fixed point (Bonnet / Price): E_q f'(eta) = 0, 1/b^2 = -E_q f''(eta), with
+        # E_q e^{t eta} = M(t) in closed form; moves (a, b) from the Laplace point towards the
+        # ELBO's optimum (exact for an untruncated q; the truncation's boundary terms are ignored)
+        A1 = (t * u).sum(1) - lin + P * st.eta_r + prior_m / s2
+        A2 = P + 1.0 / s2
+        lam0 = torch.exp(log_lam0)
+        for _ in range(n_vi):
+            mean, _ = eta_moments(a, b)
+            tM = lam0 * torch.exp(eta_log_mgf(t, a, b))
+            g = A1 - A2 * mean - (t * tM).sum(1)
+            Hq = A2 + (t * t * tM).sum(1)
+            a = a + torch.clamp(g / Hq, -1.0, 1.0)
+            b = torch.sqrt(1.0 / Hq)
+        return st.replace(a=a, b=b)
 
     def _rv_step(self, u, st: LocalState) -> LocalState:
         """(r, v): exact coordinate optimum given the slopes and q(eta) (step 2, Lambert W)."""
@@ -551,11 +587,17 @@ class PLNVAE(nn.Module):
         o, Wm = self._o(m, logvar)
         with torch.no_grad():
             mean, var, eta_term = eta_terms_np(st.a, st.b, prior_m, self.capture.sigma_M)
-            logM = eta_log_mgf(st.beta - 1.0, st.a, st.b)
         mu_d = mean - st.eta_r
         E2 = mu_d**2 + var
-        beta, c_z = st.beta, st.c_z
-        c = beta - c_z @ self.W.T
+        c_z = st.c_z
+        if self.hold == "beta":
+            beta = st.beta
+            c = beta - c_z @ self.W.T
+            logM = eta_log_mgf(beta - 1.0, st.a, st.b)
+        else:  # hold (c_z, c): beta = W c_z + c carries the decoder's W
+            c = (st.beta - c_z @ self.W.T).detach()
+            beta = c_z @ self.W.T + c
+            logM = eta_log_mgf_grad(beta - 1.0, st.a, st.b)
         rec = (u * (self.mu + Wm + r + beta * mu_d[:, None] - mean[:, None])
                - torch.exp(o + r + 0.5 * v - beta * st.eta_r[:, None] + logM)
                - torch.lgamma(u + 1.0)).sum(1)

@@ -15,6 +15,11 @@ Sections (each result is written to the JSON as soon as it exists):
               aggregate-posterior drift.
   throughput  G=2000, k=10: cells/s of ``VAEResult.encode`` on new cells vs
               ``laplace.newton_map`` on the same cells with the same parameters.
+  gap         (``--gap``) issue 16: amortisation gap in nats/cell (``VAEResult.amortisation_gap``:
+              Adam on each cell's q(z) from the delivered q) on ``--gap-new`` held-out cells and as
+              many training cells, for each family in ``--families``, before (refine_steps=0) and
+              after per-cell refinement (``--refine-steps``); simulated N=``--gap-N``,
+              G=``--gap-G``, k=``--gap-k`` with capture.
   nuts        G=50, k=3 (N=2000 training cells): VAE posterior of ``--nuts-cells`` cells vs NUTS
               on ``pln_cell`` under the VAE's own globals (and the Laplace posterior under the same
               globals, for reference): standardised mean error, SD ratio, 50/90% coverage, PSIS k-hat.
@@ -24,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -133,37 +139,81 @@ def section_throughput(args, out, path):
     sim = simulate(p, args.n_train_tp + args.n_new, seed=args.seed + 11)
     u, la = np.asarray(sim.counts, float), sim.log_anchor
     n_tr = args.n_train_tp
-    fit = fit_vae(u[:n_tr], args.k, capture=p.capture, log_anchor=la[:n_tr], n_steps=args.tp_steps,
-                  seed=args.seed, progress=args.progress)
     new_u, new_la = u[n_tr:], la[n_tr:]
-    fit.encode(new_u[:256], new_la[:256])  # warm-up
-    times = []
-    for _ in range(3):
-        t0 = time.perf_counter()
-        q = fit.encode(new_u, new_la)
-        times.append(time.perf_counter() - t0)
-    tp = {"G": G, "k": args.k, "n_new_cells": int(new_u.shape[0]), "vae_encode_s": min(times),
-          "vae_cells_per_s": new_u.shape[0] / min(times), "torch_threads": torch.get_num_threads()}
+    tp = {"G": G, "k": args.k, "n_new_cells": int(new_u.shape[0]), "torch_threads": torch.get_num_threads(),
+          "loadavg_start": os.getloadavg()}
     out["throughput"] = tp
-    dump(out, path)
+    fits = {}
+    for fam in args.families:
+        fit = fit_vae(u[:n_tr], args.k, capture=p.capture, log_anchor=la[:n_tr], n_steps=args.tp_steps,
+                      seed=args.seed, progress=args.progress, family=fam,
+                      refine_steps=args.refine_steps if fam == "structured" else 0)
+        fits[fam] = fit
+        fit.encode(new_u[:256], new_la[:256])  # warm-up
+        times, cpu = [], []
+        for _ in range(3):
+            t0, c0 = time.perf_counter(), time.process_time()
+            q = fit.encode(new_u, new_la)
+            times.append(time.perf_counter() - t0)
+            cpu.append(time.process_time() - c0)
+        tp[fam] = {"refine_steps": fit.config.refine_steps, "vae_encode_s": min(times),
+                   "vae_encode_cpu_s": min(cpu), "vae_cells_per_s": new_u.shape[0] / min(times),
+                   "vae_cells_per_cpu_s": new_u.shape[0] / min(cpu)}
+        dump(out, path)
+    fit = fits[args.families[0]]
     try:
         from pln_ref.laplace import newton_map
     except ImportError:
         newton_map = None
     if newton_map is not None:
         n_lap = min(args.n_laplace_tp, new_u.shape[0])
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         post = newton_map(new_u[:n_lap], fit.params, new_la[:n_lap])
-        tl = time.perf_counter() - t0
-        tp.update({"laplace_n_cells": n_lap, "laplace_s": tl, "laplace_cells_per_s": n_lap / tl,
-                   "laplace_converged_frac": float(np.mean(post.converged)),
-                   "speedup_vae_over_laplace": (new_u.shape[0] / min(times)) / (n_lap / tl)})
+        tl, cl = time.perf_counter() - t0, time.process_time() - c0
+        tp.update({"laplace_n_cells": n_lap, "laplace_s": tl, "laplace_cpu_s": cl,
+                   "laplace_cells_per_s": n_lap / tl, "laplace_cells_per_cpu_s": n_lap / cl,
+                   "laplace_converged_frac": float(np.mean(post.converged)), "loadavg_end": os.getloadavg()})
+        for fam in args.families:
+            tp[fam]["speedup_over_laplace_wall"] = tp[fam]["vae_cells_per_s"] / (n_lap / tl)
+            tp[fam]["speedup_over_laplace_cpu"] = tp[fam]["vae_cells_per_cpu_s"] / (n_lap / cl)
+        q = fit.encode(new_u, new_la)
         # how far the VAE posterior mean is from the Laplace MAP on the same cells / params
         dx = q.x_mean[:n_lap] - post.x_map
         tp["vae_vs_laplace_x_rmse"] = float(np.sqrt(np.mean(dx**2)))
         tp["vae_vs_laplace_eta_rmse"] = float(np.sqrt(np.mean((q.eta_mean[:n_lap] - post.eta_map) ** 2)))
         dump(out, path)
     print(json.dumps(tp, indent=1), flush=True)
+
+
+def section_gap(args, out, path):
+    """Amortisation gap (nats/cell) on held-out and training cells, before/after refinement."""
+    p = random_params(args.gap_G, args.gap_k, seed=args.seed + 30, capture=True)
+    n_new = args.gap_new
+    sim = simulate(p, args.gap_N + n_new, seed=args.seed + 31)
+    u, la = np.asarray(sim.counts, float), sim.log_anchor
+    tr_u, tr_la, new_u, new_la = u[:args.gap_N], la[:args.gap_N], u[args.gap_N:], la[args.gap_N:]
+    res = {"N": args.gap_N, "G": args.gap_G, "k": args.gap_k, "n_eval_cells": n_new,
+           "n_iter": args.gap_iter, "mean_count": float(u.mean()), "loadavg_start": os.getloadavg()}
+    out["gap"] = res
+    for fam in args.families:
+        t0, c0 = time.perf_counter(), time.process_time()
+        fit = fit_vae(tr_u, args.gap_k, capture=p.capture, log_anchor=tr_la, n_steps=args.steps,
+                      seed=args.seed, progress=args.progress, family=fam, refine_steps=0)
+        r = {"train_wall_s": time.perf_counter() - t0, "train_cpu_s": time.process_time() - c0,
+             "steps_run": fit.diagnostics["steps"],
+             "best_val_elbo": fit.diagnostics["best_validation_objective"]}
+        res[fam] = r
+        for label, (cu, cla) in (("held_out", (new_u, new_la)), ("training", (tr_u[:n_new], tr_la[:n_new]))):
+            for ref in sorted({0, args.refine_steps}):
+                t0 = time.perf_counter()
+                g = fit.amortisation_gap(cu, cla, n_iter=args.gap_iter, refine_steps=ref)
+                g["time_s"] = time.perf_counter() - t0
+                r[f"{label}_refine{ref}"] = g
+                dump(out, path)
+                print(fam, label, "refine", ref, {k: round(v, 3) for k, v in g.items()
+                                                   if isinstance(v, float)}, flush=True)
+    res["loadavg_end"] = os.getloadavg()
+    dump(out, path)
 
 
 def section_nuts(args, out, path):
@@ -233,6 +283,15 @@ def main(argv=None):
     ap.add_argument("--nuts", action="store_true")
     ap.add_argument("--nuts-cells", type=int, default=8)
     ap.add_argument("--progress", action="store_true")
+    ap.add_argument("--families", nargs="+", default=["structured", "meanfield"],
+                    choices=["structured", "meanfield"])
+    ap.add_argument("--refine-steps", type=int, default=2)
+    ap.add_argument("--gap", action="store_true")
+    ap.add_argument("--gap-N", type=int, default=2000)
+    ap.add_argument("--gap-G", type=int, default=200)
+    ap.add_argument("--gap-k", type=int, default=5)
+    ap.add_argument("--gap-new", type=int, default=300)
+    ap.add_argument("--gap-iter", type=int, default=200)
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     path = Path(args.out)
@@ -247,6 +306,8 @@ def main(argv=None):
         section_main(args, out, path)
     if not args.skip_throughput:
         section_throughput(args, out, path)
+    if args.gap:
+        section_gap(args, out, path)
     if args.nuts:
         section_nuts(args, out, path)
     print(f"wrote {path}")
