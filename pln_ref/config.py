@@ -103,7 +103,7 @@ class VAEConfig:
     restore_best: bool = True
     family: str = "structured"
     train_family: str | None = "meanfield"
-    structured_rounds: int = 6
+    structured_rounds: int = 3
     refine_steps: int = 2
 
     def __post_init__(self) -> None:

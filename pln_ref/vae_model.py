@@ -192,6 +192,12 @@ class LocalState:
                           f(self.c_z), f(self.beta), f(self.eta_r))
 
 
+def _wtdw(W: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """W^T diag(w_n) W for every row w_n of w (N, G) -> (N, k, k), as one (N, G) x (G, k^2) product."""
+    k = W.shape[1]
+    return (w @ (W[:, :, None] * W[:, None, :]).reshape(-1, k * k)).reshape(-1, k, k)
+
+
 def _np(t: torch.Tensor) -> np.ndarray:
     return t.detach().numpy()
 
@@ -253,7 +259,7 @@ class PLNVAE(nn.Module):
     """
 
     def __init__(self, G: int, k: int, hidden=(128, 64), capture=None, residual: str = "laplace",
-                 n_local_rounds: int = 4, family: str = "meanfield", structured_rounds: int = 6):
+                 n_local_rounds: int = 4, family: str = "meanfield", structured_rounds: int = 3):
         super().__init__()
         if residual not in ("laplace", "prior"):
             raise ValueError(f"residual must be 'laplace' or 'prior', got {residual!r}")
@@ -417,7 +423,7 @@ class PLNVAE(nn.Module):
             st = self._rv_step(u, st)
         return st
 
-    def _eta_step(self, u, st: LocalState, prior_m, n_newton: int = 12, n_vi: int = 2) -> LocalState:
+    def _eta_step(self, u, st: LocalState, prior_m, n_newton: int = 6, n_vi: int = 1) -> LocalState:
         """q(eta) = Laplace approximation of exp f(eta) (module docstring, step 1)."""
         d, W = self.d, self.W
         o, _ = self._o(st.m, st.logvar)
@@ -499,8 +505,7 @@ class PLNVAE(nn.Module):
         d, W = self.d, self.W
         Dc = h + E2 / d
         rhs = g_z - (h * g_c / Dc) @ W
-        Sz = (torch.einsum("ga,ng,gb->nab", W, h * E2 / d / Dc, W)
-              + E2[:, :, None] * torch.eye(self.k, dtype=h.dtype))
+        Sz = _wtdw(W, h * E2 / d / Dc) + E2[:, :, None] * torch.eye(self.k, dtype=h.dtype)
         dz = torch.linalg.solve(Sz, rhs[..., None])[..., 0]
         return dz, (g_c - h * (dz @ W.T)) / Dc
 
@@ -546,7 +551,7 @@ class PLNVAE(nn.Module):
                 mean, _ = eta_moments(st.a, st.b)
                 extra = st.c_z * (mean - st.eta_r)[:, None]
             g = (u - lam) @ W - st.m - extra
-            H = torch.einsum("ga,ng,gb->nab", W, lam, W) + eye
+            H = _wtdw(W, lam) + eye
             m = st.m + torch.linalg.solve(H, g[..., None])[..., 0]
             lam = self.expected_rate(u, st.replace(m=m))
             logvar = torch.clamp(-torch.log1p(lam @ (W**2)), LOGVAR_MIN, LOGVAR_MAX)
