@@ -71,7 +71,8 @@ M(t) = E_q e^{t eta} (``pln_ref.truncnorm.log_mgf``), the ELBO stays closed form
 
 (c = c_z = 0 gives the mean-field ELBO above). Closed-form local updates, no optimiser
 (``local_updates_structured``), sweeps of
-  1. q(eta): Laplace (mode by Newton, curvature) of the exact eta-objective at fixed intercepts
+  1. q(eta): Laplace (mode by Newton, curvature) of the exact eta-objective at fixed intercepts,
+     then one Gaussian-VI fixed-point step (E_q f' = 0, 1/b^2 = -E_q f'', closed form via M)
      f(eta) = sum_g [(beta_g - 1) u_g eta - lam0_g e^{(beta_g - 1) eta}] - (m.c_z + sum_g r_g c_g/d_g) delta
               - (|c_z|^2 + sum_g c_g^2/d_g) delta^2 / 2 + log p(eta),  lam0_g = e^{o_g + r_g + v_g/2 - beta_g eta_r}
      (moving eta moves x along beta: the x - eta ridge is followed, not crossed);
@@ -80,9 +81,15 @@ M(t) = E_q e^{t eta} (``pln_ref.truncnorm.log_mgf``), the ELBO stays closed form
   3. slopes (c_z, c): one exact Newton step on the concave slope objective; the likelihood part
      is diagonal in beta (second derivative E e^{x-eta} [Var_t + (E_t eta - eta_r)^2] under the
      tilted TruncN(a + b^2 (beta - 1), b)), the prior part separable, so the (k + G) system is
-     solved through a k x k Schur complement per cell.
-In the gradient pass the local quantities (r, v, a, b, c_z, beta) are held fixed (envelope
-theorem; beta, not c, is held so log M(beta - 1) is a constant: no truncated normal in autograd).
+     solved through a k x k Schur complement per cell. The slopes start at their Gaussian limit
+     (Var eta -> 0), the Laplace slope beta = (diag(lam) + Sigma^-1)^-1 lam (``_slope_init``):
+     from beta = 0 the slope <-> Var eta coordinate ascent is very slow.
+In the gradient pass the local quantities (r, v, a, b, c_z, c) are held fixed (envelope
+theorem: checked against finite differences of the re-optimised ELBO for mu, W, rho), so beta =
+W c_z + c carries W's gradient and log M(beta - 1) is differentiated through ``_EtaLogMGF``
+(derivative = mean of the tilted TruncN(a + b^2 t, b^2), ``truncnorm.mean_var``). The reference
+eta_r is a constant of each local solve (it moves with the encoder and decoder between steps).
+Training uses the mean-field ELBO by default (``VAEConfig.train_family``).
 
 Per-cell refinement of q(z) (``refine_z``, used at transform time for new cells, issue 16's
 amortisation gap): Newton on m (gradient W^T (u - lam) - m - mu_d c_z, Hessian
@@ -269,7 +276,7 @@ class PLNVAE(nn.Module):
             raise ValueError("family='structured' needs residual='laplace'")
         self.family = family
         self.structured_rounds = int(structured_rounds)
-        self.hold = "c"
+        self.hold = "c"  # structured ELBO: hold (c_z, c) ("c") or (c_z, beta) ("beta") in the gradient
         self.G, self.k = int(G), int(k)
         self.hidden = tuple(int(h) for h in hidden)
         self.residual = residual
