@@ -380,6 +380,8 @@ class VAEResult(PLNResult):
             f" best held-out ELBO per cell: {dg.get('best_validation_objective', nan):.4f}",
             f"  steps: {dg.get('steps')}  ({dg.get('stopped')})  wall time {dg.get('wall_time_s', nan):.1f} s;"
             f" init {dg.get('init_method')}",
+            f"  posterior family {self.config.family} (trained with the "
+            f"{self.config.train_family or self.config.family} ELBO), refine_steps {self.config.refine_steps}",
         ]
 
     # --- new cells --------------------------------------------------------------------------
