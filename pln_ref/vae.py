@@ -35,8 +35,13 @@ and e given eta beyond the factor structure, and any non-Gaussian shape of p(x |
 Transform time (``encode``, and the training cells' posterior): the encoder's q(z), the family's
 closed-form local updates, then ``refine_steps`` (default 2) rounds of per-cell refinement of q(z)
 (a Newton step on its mean and the exact fixed point of its variances, ``PLNVAE.refine_z``): this
-closes most of the amortisation gap of the encoder on cells it was not trained on (measured by
-``amortisation_gap``; figures in ``validation/benchmarks/bench_vae.py --gap``).
+closes most of the amortisation gap of the encoder on cells it was not trained on. Measured by
+``amortisation_gap`` (200 Adam steps on each cell's q(z) from the delivered q) on simulated
+N=2000, G=1000, k=10 (300 held-out and 300 training cells; ``bench_vae.py --gap --gap-G 1000
+--gap-k 10``), nats/cell before -> after 2 refinement rounds: mean-field family held-out
+4.19 -> 0.08, training 0.91 -> 0.02; structured family held-out 3.27 -> 0.20, training 0.71 -> 0.04.
+Cost (CPU s per 256 cells, G=2000, k=10): mean field 0.094 / 0.156 without / with refinement,
+structured 0.60 / 0.92; Laplace (``newton_map``) ~0.18 (1426 cells per CPU second).
 Training uses ``train_family``'s ELBO (default "meanfield", see ``VAEConfig``).
 
 Training: minibatch Adam(W) on -mean ELBO over (encoder, mu, W, rho) with d = 1e-4 + softplus(rho);
