@@ -219,9 +219,46 @@ def eta_moments(a: torch.Tensor, b: torch.Tensor):
     return _t(mean), _t(var)
 
 
+# Far from the bound (a/b >= 9 and a/b + b t >= 9 for every gene of a cell) log Phi and the inverse
+# Mills ratio of the truncated normal are below 1e-18: its log-MGF is the Gaussian a t + b^2 t^2 / 2
+# and the tilted TruncN(a + b^2 t, b^2) has mean a + b^2 t and variance b^2 to double precision.
+# Those cells skip the (N, G) truncated-normal evaluation; every other cell goes to pln_ref.truncnorm.
+_FAR = 9.0
+
+
+def _far_rows(t: np.ndarray, an: np.ndarray, bn: np.ndarray) -> np.ndarray:
+    al = an / bn
+    return (al >= _FAR) & (al + bn * t.min(1) >= _FAR)
+
+
+def _rows_tn(fn_far, fn_tn, t: np.ndarray, an: np.ndarray, bn: np.ndarray):
+    """fn_far on the cells far from the bound, fn_tn (``truncnorm``) on the others (rows of t)."""
+    res = fn_far(t, an[:, None], bn[:, None])
+    near = ~_far_rows(t, an, bn)
+    if near.any():
+        res_near = fn_tn(t[near], an[near][:, None], bn[near][:, None])
+        if isinstance(res, tuple):
+            for r, rn in zip(res, res_near):
+                r[near] = rn
+        else:
+            res[near] = res_near
+    return res
+
+
+def _log_mgf_np(t: np.ndarray, an: np.ndarray, bn: np.ndarray) -> np.ndarray:
+    """log E e^{t eta} (N, G) of TruncN(a, b^2, 0) per cell (``truncnorm.log_mgf``)."""
+    return _rows_tn(lambda t_, a_, b_: a_ * t_ + 0.5 * (b_ * t_) ** 2, truncnorm.log_mgf, t, an, bn)
+
+
+def _tilted_mean_var_np(t: np.ndarray, an: np.ndarray, bn: np.ndarray):
+    """(mean, var) (N, G) of the tilted TruncN(a + b^2 t, b^2) (``truncnorm.mean_var``)."""
+    return _rows_tn(lambda t_, a_, b_: (a_ + b_**2 * t_, np.broadcast_to(b_**2, t_.shape).copy()),
+                    lambda t_, a_, b_: truncnorm.mean_var(a_ + b_**2 * t_, b_), t, an, bn)
+
+
 def eta_log_mgf(t: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """log E e^{t eta}, eta ~ TruncN(a, b^2, 0), t (N, G), a, b (N,) (``truncnorm.log_mgf``; no grad)."""
-    return _t(truncnorm.log_mgf(_np(t), _np(a)[:, None], _np(b)[:, None]))
+    return _t(_log_mgf_np(_np(t), _np(a), _np(b)))
 
 
 class _EtaLogMGF(torch.autograd.Function):
@@ -230,9 +267,9 @@ class _EtaLogMGF(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, t, a, b):
-        tn, an, bn = _np(t), _np(a)[:, None], _np(b)[:, None]
-        ctx.save_for_backward(_t(truncnorm.mean_var(an + bn**2 * tn, bn)[0]))
-        return _t(truncnorm.log_mgf(tn, an, bn))
+        tn, an, bn = _np(t), _np(a), _np(b)
+        ctx.save_for_backward(_t(_tilted_mean_var_np(tn, an, bn)[0]))
+        return _t(_log_mgf_np(tn, an, bn))
 
     @staticmethod
     def backward(ctx, grad):
@@ -489,8 +526,8 @@ class PLNVAE(nn.Module):
         mu_d = mean - st.eta_r
         E2 = (mu_d**2 + var)[:, None]
         t = _np(st.beta - 1.0)
-        logM = _t(truncnorm.log_mgf(t, a_np[:, None], b_np[:, None]))
-        mt, vt = truncnorm.mean_var(a_np[:, None] + b_np[:, None] ** 2 * t, b_np[:, None])
+        logM = _t(_log_mgf_np(t, a_np, b_np))
+        mt, vt = _tilted_mean_var_np(t, a_np, b_np)
         mt, vt = _t(mt), _t(vt)
         lam = torch.exp(o + st.r + 0.5 * st.v - st.beta * st.eta_r[:, None] + logM)  # E e^{x - eta}
         dev = mt - st.eta_r[:, None]

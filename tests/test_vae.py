@@ -567,3 +567,21 @@ def test_structured_elbo_gradient_is_the_reoptimised_elbo_gradient():
     # (grad, fd) = (-4.825, -4.877), (73.252, 73.291), (-1.406, -1.404), (-7.247, -7.276)
     for g, fd in res:
         assert g == pytest.approx(fd, rel=2e-2, abs=2e-2)
+
+
+def test_far_from_bound_shortcut_equals_truncnorm():
+    """Cells far from eta's bound skip the truncated-normal evaluation; the result equals
+    pln_ref.truncnorm to double precision, and near cells still use it."""
+    from pln_ref import truncnorm as tn
+    from pln_ref.vae_model import _far_rows, _log_mgf_np, _tilted_mean_var_np
+
+    rng = np.random.default_rng(0)
+    a = np.array([3.0, 0.2, 5.0, 0.9, -0.5, 4.0])
+    b = np.array([0.05, 0.3, 0.1, 0.1, 0.4, 0.44])
+    t = rng.uniform(-2.0, 1.0, (6, 50))
+    far = _far_rows(t, a, b)
+    assert far.any() and (~far).any()
+    assert np.allclose(_log_mgf_np(t, a, b), tn.log_mgf(t, a[:, None], b[:, None]), rtol=1e-14, atol=1e-14)
+    m, v = _tilted_mean_var_np(t, a, b)
+    m0, v0 = tn.mean_var(a[:, None] + b[:, None] ** 2 * t, b[:, None])
+    assert np.allclose(m, m0, rtol=1e-14, atol=1e-14) and np.allclose(v, v0, rtol=1e-13, atol=1e-16)
