@@ -40,8 +40,11 @@ closes most of the amortisation gap of the encoder on cells it was not trained o
 N=2000, G=1000, k=10 (300 held-out and 300 training cells; ``bench_vae.py --gap --gap-G 1000
 --gap-k 10``), nats/cell before -> after 2 refinement rounds: mean-field family held-out
 4.19 -> 0.08, training 0.91 -> 0.02; structured family held-out 3.27 -> 0.20, training 0.71 -> 0.04.
-Cost (CPU s per 256 cells, G=2000, k=10): mean field 0.094 / 0.156 without / with refinement,
-structured 0.60 / 0.92; Laplace (``newton_map``) ~0.18 (1426 cells per CPU second).
+Cost (CPU s per 256 cells, G=2000, k=10): mean field 0.11 / 0.18 without / with refinement,
+structured 0.41 / 0.58; Laplace (``newton_map``) ~0.16. Throughput (``bench_vae.py``): structured
+with refinement 465 cells per CPU second, mean field without 3675, Laplace 1652 -- the structured
+family is ~3.5x slower than Laplace per cell (the per-gene truncated-normal MGF and its tilted
+moments, O(G) per sweep, and 3 sweeps + 2 refinement rounds).
 Training uses ``train_family``'s ELBO (default "meanfield", see ``VAEConfig``).
 
 Training: minibatch Adam(W) on -mean ELBO over (encoder, mu, W, rho) with d = 1e-4 + softplus(rho);
