@@ -20,6 +20,9 @@ Sections (each result is written to the JSON as soon as it exists):
               many training cells, for each family in ``--families``, before (refine_steps=0) and
               after per-cell refinement (``--refine-steps``); simulated N=``--gap-N``,
               G=``--gap-G``, k=``--gap-k`` with capture.
+  real        (``--real``) issue 16's second cell design: pyPLNmodels scRNA counts (600 cells,
+              30 most expressed genes, k=3, capture="auto"), Laplace-fitted globals, gated per-cell
+              NUTS on ``--real-cells`` cells; Laplace and the VAE families vs NUTS.
   nuts        G=50, k=3 (N=2000 training cells): VAE posterior of ``--nuts-cells`` cells vs NUTS
               on ``pln_cell`` under the VAE's own globals (and the Laplace posterior under the same
               globals, for reference): standardised mean error, SD ratio, 50/90% coverage, PSIS k-hat.
@@ -220,6 +223,76 @@ def section_gap(args, out, path):
     dump(out, path)
 
 
+def section_real(args, out, path):
+    """Issue 16's second cell design: pyPLNmodels' scRNA counts (600 cells, the 30 most expressed
+    genes, k=3, capture as pln_ref.fit's capture="auto"), globals from a Laplace fit, per-cell gated
+    NUTS for ``--real-cells`` cells at those globals; Laplace and both VAE families (encoder trained
+    at the fitted globals) compared with the validation metrics."""
+    from pyPLNmodels import load_scrna
+
+    from pln_ref.fit_laplace import optimize_globals
+    from pln_ref.laplace import newton_map
+    from pln_ref.moments import method_of_moments
+    from pln_ref.params import Capture
+    from pln_ref.anchor import resolve_log_anchor
+    from pln_ref.validation.compare import compare_cells, corr_x_eta, summarise
+    from pln_ref.validation.gate import combine_gates
+    from pln_ref.validation.nuts_cells import fit_cells_nuts
+    from pln_ref.validation.psis import cell_psis
+
+    X = np.asarray(load_scrna(n_samples=600)["endog"], dtype=float)
+    top = np.argsort(X.sum(0))[::-1][:30]
+    u = X[:, top]
+    # pln_ref.fit's capture="auto": M0 = median library size / 0.1, sigma_M = 0.5
+    cap = Capture(M0=float(np.median(u.sum(1))) / 0.1, sigma_M=0.5)
+    la = resolve_log_anchor(u, None)
+    init = method_of_moments(u, 3, capture=cap, log_anchor=la)
+    _, params = optimize_globals(u, init, la, n_steps=300, optimizer="lbfgs", progress=False)
+    rng = np.random.default_rng(args.seed)
+    idx = np.sort(rng.choice(u.shape[0], args.real_cells, replace=False))
+    nuts = fit_cells_nuts(u[idx], params, la[idx], chains=4, warmup=1000, draws=1000, seed=args.seed,
+                          progress=args.progress)
+    ok = nuts["passed"]
+    res = {"n_cells": int(len(idx)), "G": 30, "k": 3, "nuts_passed": int(ok.sum()),
+           "nuts_seconds": nuts["seconds"], "loadavg_start": os.getloadavg()}
+    out["real"] = res
+    dump(out, path)
+    gate = combine_gates([nuts["gates"][c] for c in np.flatnonzero(ok)])
+    cu, cla = u[idx][ok], la[idx][ok]
+    nx, ne = nuts["x"][:, ok], nuts["eta"][:, ok]
+    lib = cu.sum(1)
+    methods = {"laplace": newton_map(cu, params, cla)}
+    for fam in args.families:
+        f = fit_vae(u, 3, capture=cap, log_anchor=la, init=params, train_decoder=False, n_steps=3000,
+                    seed=args.seed, progress=False, family=fam, refine_steps=0 if fam == "meanfield" else None)
+        methods[f"vae_{fam}"] = f.encode(cu, cla)
+    bins = np.digitize(lib, np.quantile(lib, [1 / 3, 2 / 3]))
+    for name, m in methods.items():
+        cmp = compare_cells(m, (nx, ne), gate=gate, n_draws=4000, seed=args.seed, label=name,
+                            sample_kwargs={"eta": "free"})
+        ps = cell_psis(m, cu, params, cla, n_draws=4000, seed=args.seed + 1, sample_kwargs={"eta": "free"})
+        xm, em = m.sample(np.random.default_rng(args.seed + 2), 1000, eta="free")
+        cn, cm = corr_x_eta(nx, ne), corr_x_eta(xm, em)
+        r = {q: summarise(cmp[q]) for q in ("x", "eta") if q in cmp}
+        for q in r:
+            sr = np.asarray(cmp[q].sd_ratio)
+            r[q]["sd_ratio_share_0.9_1.1"] = float(np.mean((sr >= 0.9) & (sr <= 1.1)))
+        r["psis"] = ps["summary"]
+        r["corr_x_eta_by_library_tercile"] = [
+            {"nuts_median": float(np.median(cn[bins == b])), "method_median": float(np.median(cm[bins == b]))}
+            for b in range(3)]
+        res[name] = r
+        dump(out, path)
+        print(name, {q: (round(r[q]["std_mean_error"]["median_abs"], 3), round(r[q]["sd_ratio"]["min"], 3),
+                         round(r[q]["sd_ratio"]["max"], 3), round(r[q]["sd_ratio_share_0.9_1.1"], 3),
+                         round(r[q]["cover90"]["mean"], 3)) for q in ("x", "eta") if q in r},
+              "khat<0.7", round(r["psis"]["share_khat_lt_0.7"], 3),
+              "corr", [(round(t["method_median"], 2), round(t["nuts_median"], 2))
+                       for t in r["corr_x_eta_by_library_tercile"]], flush=True)
+    res["loadavg_end"] = os.getloadavg()
+    dump(out, path)
+
+
 def section_nuts(args, out, path):
     from pln_ref.validation.compare import compare_cells, summarise
     from pln_ref.validation.engines import sample_nuts
@@ -291,6 +364,8 @@ def main(argv=None):
                     choices=["structured", "meanfield"])
     ap.add_argument("--refine-steps", type=int, default=2)
     ap.add_argument("--gap", action="store_true")
+    ap.add_argument("--real", action="store_true")
+    ap.add_argument("--real-cells", type=int, default=60)
     ap.add_argument("--gap-N", type=int, default=2000)
     ap.add_argument("--gap-G", type=int, default=200)
     ap.add_argument("--gap-k", type=int, default=5)
@@ -312,6 +387,8 @@ def main(argv=None):
         section_throughput(args, out, path)
     if args.gap:
         section_gap(args, out, path)
+    if args.real:
+        section_real(args, out, path)
     if args.nuts:
         section_nuts(args, out, path)
     print(f"wrote {path}")
