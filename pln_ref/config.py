@@ -75,6 +75,15 @@ class VAEConfig:
     encoder_weight_decay; val_fraction, eval_every, patience, tol : early stopping on the
     held-out ELBO; train_decoder : False keeps (mu, W, d) at the start; cache_local : warm-start
     the local sweeps during training; restore_best : restore the best held-out state at the end.
+    family : "structured" (q(eta) q(z, e | eta), x shifting linearly in eta, so corr(x_g, eta) != 0)
+    or "meanfield" (q(z) q(e) q(eta), the family before issue 16) of the posteriors the fit returns
+    and ``encode`` gives; train_family : the family whose ELBO trains the encoder and decoder (None =
+    ``family``; default "meanfield": measured on simulated N=2000, G=50, k=3 it recovers Sigma better
+    -- off-diagonal correlation error 0.222 vs 0.289 when trained with the structured ELBO -- and
+    trains ~3x faster, while the structured posterior of its encoder is as close to NUTS: see
+    ``pln_ref.vae``); structured_rounds : closed-form
+    sweeps of the structured local updates; refine_steps : per-cell refinement rounds of q(z) when
+    cells are encoded (0 = the encoder output as is; see ``pln_ref.vae_model``).
     """
 
     hidden: tuple = (128, 64)
@@ -94,9 +103,23 @@ class VAEConfig:
     train_decoder: bool = True
     cache_local: bool = True
     restore_best: bool = True
+    family: str = "structured"
+    train_family: str | None = "meanfield"
+    structured_rounds: int = 3
+    refine_steps: int = 2
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "hidden", tuple(int(h) for h in self.hidden))
+        if self.family not in ("meanfield", "structured"):
+            raise ValueError(f"family must be 'meanfield' or 'structured', got {self.family!r}")
+        if self.train_family not in (None, "meanfield", "structured"):
+            raise ValueError(f"train_family must be None, 'meanfield' or 'structured', got {self.train_family!r}")
+        _positive_int(self, "structured_rounds")
+        if isinstance(self.refine_steps, bool) or not isinstance(self.refine_steps, numbers.Integral) \
+                or self.refine_steps < 0:
+            raise ValueError(f"refine_steps must be an integer >= 0, got {self.refine_steps!r}")
+        if self.family == "structured" and self.residual != "laplace":
+            raise ValueError("family='structured' needs residual='laplace'")
         for name in ("n_steps", "batch_size", "eval_every", "patience", "n_local_rounds", "warm_rounds"):
             _positive_int(self, name)
         if any(h < 1 for h in self.hidden):

@@ -49,6 +49,52 @@ a truncated normal all in closed form (``truncnorm_moments``). With KL annealing
 multiplied by beta in [0, 1] during training only.
 
 Decoder parameters: mu (G,), W (G, k), d = D_FLOOR + softplus(rho) (G,), D_FLOOR = 1e-4.
+
+Structured family (``family="structured"``, issue 16): q(eta) q(z, e | eta), x shifting linearly
+in eta. With a per-cell reference eta_r (the mean-field E eta of the cell, computed first and then
+held fixed, no grad) and delta = eta - eta_r::
+
+    q(eta)        = TruncN(a, b^2, low=0)
+    q(z | eta)    = N(m + c_z delta, diag(s^2))          (m: encoder output = intercept at eta_r)
+    q(e | eta)    = N(r + c delta, diag(v))
+    x | eta       = mu + W m + r + beta delta + N(0, W diag(s^2) W^T + diag(v)),  beta = W c_z + c
+
+so corr_q(x_g, eta) = beta_g sd(eta) / sd(x_g) (the counts pin x_g - eta: beta_g -> 1 in deep
+cells). With mu_d = E delta, E2 = E delta^2 = mu_d^2 + Var eta and the truncated-normal MGF
+M(t) = E_q e^{t eta} (``pln_ref.truncnorm.log_mgf``), the ELBO stays closed form::
+
+    E e^{x_g - eta} = exp(o_g + r_g + v_g/2 - beta_g eta_r) M(beta_g - 1),  o_g = mu_g + W_g m + |W_g s|^2/2
+    rec  = sum_g [u_g (mu_g + W_g m + r_g + beta_g mu_d - E eta) - E e^{x_g - eta} - log u_g!]
+    kl_z = 1/2 sum_a (s_a^2 + m_a^2 - 1 - log s_a^2) + mu_d m.c_z + E2 |c_z|^2 / 2
+    kl_e = 1/2 sum_g ((v_g + r_g^2)/d_g - 1 - log(v_g/d_g)) + sum_g (mu_d r_g c_g + E2 c_g^2 / 2) / d_g
+    eta  = E_q log TruncN(eta | m_c, sigma_M, 0) + H[q(eta)]
+
+(c = c_z = 0 gives the mean-field ELBO above). Closed-form local updates, no optimiser
+(``local_updates_structured``), sweeps of
+  1. q(eta): Laplace (mode by Newton, curvature) of the exact eta-objective at fixed intercepts,
+     then one Gaussian-VI fixed-point step (E_q f' = 0, 1/b^2 = -E_q f'', closed form via M)
+     f(eta) = sum_g [(beta_g - 1) u_g eta - lam0_g e^{(beta_g - 1) eta}] - (m.c_z + sum_g r_g c_g/d_g) delta
+              - (|c_z|^2 + sum_g c_g^2/d_g) delta^2 / 2 + log p(eta),  lam0_g = e^{o_g + r_g + v_g/2 - beta_g eta_r}
+     (moving eta moves x along beta: the x - eta ridge is followed, not crossed);
+  2. (r, v): the exact coordinate optimum (Lambert W, as in the mean-field family, with the
+     per-gene factor log M(beta_g - 1) - beta_g eta_r - c_g mu_d);
+  3. slopes (c_z, c): one exact Newton step on the concave slope objective; the likelihood part
+     is diagonal in beta (second derivative E e^{x-eta} [Var_t + (E_t eta - eta_r)^2] under the
+     tilted TruncN(a + b^2 (beta - 1), b)), the prior part separable, so the (k + G) system is
+     solved through a k x k Schur complement per cell. The slopes start at their Gaussian limit
+     (Var eta -> 0), the Laplace slope beta = (diag(lam) + Sigma^-1)^-1 lam (``_slope_init``):
+     from beta = 0 the slope <-> Var eta coordinate ascent is very slow.
+In the gradient pass the local quantities (r, v, a, b, c_z, c) are held fixed (envelope
+theorem: checked against finite differences of the re-optimised ELBO for mu, W, rho), so beta =
+W c_z + c carries W's gradient and log M(beta - 1) is differentiated through ``_EtaLogMGF``
+(derivative = mean of the tilted TruncN(a + b^2 t, b^2), ``truncnorm.mean_var``). The reference
+eta_r is a constant of each local solve (it moves with the encoder and decoder between steps).
+Training uses the mean-field ELBO by default (``VAEConfig.train_family``).
+
+Per-cell refinement of q(z) (``refine_z``, used at transform time for new cells, issue 16's
+amortisation gap): Newton on m (gradient W^T (u - lam) - m - mu_d c_z, Hessian
+-(W^T diag(lam) W + I), lam_g = E_q e^{x_g - eta}) and the exact fixed point
+1/s_a^2 = 1 + sum_g W_ga^2 lam_g, each followed by one sweep of the local updates.
 """
 
 from __future__ import annotations
@@ -60,6 +106,8 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
+from . import truncnorm
+
 __all__ = [
     "LOGVAR_MIN",
     "LOGVAR_MAX",
@@ -68,7 +116,10 @@ __all__ = [
     "truncnorm_moments",
     "PLNVAE",
     "LocalState",
+    "FAMILIES",
 ]
+
+FAMILIES = ("meanfield", "structured")
 
 LOGVAR_MIN = -10.0
 LOGVAR_MAX = 2.0
@@ -122,14 +173,126 @@ def truncnorm_moments(a: torch.Tensor, b: torch.Tensor, m: torch.Tensor, sigma: 
 
 
 class LocalState:
-    """Per-cell variational quantities of a batch (all tensors, first axis = cells)."""
+    """Per-cell variational quantities of a batch (all tensors, first axis = cells).
 
-    def __init__(self, m, logvar, r, v, a, b):
+    Structured family only: ``c_z`` (N, k) and ``beta`` (N, G) slopes, ``eta_r`` (N,) reference
+    (None in the mean-field family)."""
+
+    def __init__(self, m, logvar, r, v, a, b, c_z=None, beta=None, eta_r=None):
         self.m, self.logvar, self.r, self.v, self.a, self.b = m, logvar, r, v, a, b
+        self.c_z, self.beta, self.eta_r = c_z, beta, eta_r
+        self.w_r = None
+
+    def replace(self, **kw) -> "LocalState":
+        names = ("m", "logvar", "r", "v", "a", "b", "c_z", "beta", "eta_r")
+        st = LocalState(*(kw.get(n, getattr(self, n)) for n in names))
+        st.w_r = kw.get("w_r", self.w_r)
+        return st
+
+    @property
+    def structured(self) -> bool:
+        return self.beta is not None
 
     def detach(self) -> "LocalState":
         f = lambda t: None if t is None else t.detach()  # noqa: E731
-        return LocalState(f(self.m), f(self.logvar), f(self.r), f(self.v), f(self.a), f(self.b))
+        return LocalState(f(self.m), f(self.logvar), f(self.r), f(self.v), f(self.a), f(self.b),
+                          f(self.c_z), f(self.beta), f(self.eta_r))
+
+
+def _wtdw(W: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """W^T diag(w_n) W for every row w_n of w (N, G) -> (N, k, k), as one (N, G) x (G, k^2) product."""
+    k = W.shape[1]
+    return (w @ (W[:, :, None] * W[:, None, :]).reshape(-1, k * k)).reshape(-1, k, k)
+
+
+def _np(t: torch.Tensor) -> np.ndarray:
+    return t.detach().numpy()
+
+
+def _t(a: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(a, dtype=np.float64))
+
+
+def eta_moments(a: torch.Tensor, b: torch.Tensor):
+    """(E eta, Var eta) of TruncN(a, b^2, low=0) by ``pln_ref.truncnorm.mean_var`` (no grad)."""
+    mean, var = truncnorm.mean_var(_np(a), _np(b))
+    return _t(mean), _t(var)
+
+
+# Far from the bound (a/b >= 9 and a/b + b t >= 9 for every gene of a cell) log Phi and the inverse
+# Mills ratio of the truncated normal are below 1e-18: its log-MGF is the Gaussian a t + b^2 t^2 / 2
+# and the tilted TruncN(a + b^2 t, b^2) has mean a + b^2 t and variance b^2 to double precision.
+# Those cells skip the (N, G) truncated-normal evaluation; every other cell goes to pln_ref.truncnorm.
+_FAR = 9.0
+
+
+def _far_rows(t: np.ndarray, an: np.ndarray, bn: np.ndarray) -> np.ndarray:
+    al = an / bn
+    return (al >= _FAR) & (al + bn * t.min(1) >= _FAR)
+
+
+def _rows_tn(fn_far, fn_tn, t: np.ndarray, an: np.ndarray, bn: np.ndarray):
+    """fn_far on the cells far from the bound, fn_tn (``truncnorm``) on the others (rows of t)."""
+    res = fn_far(t, an[:, None], bn[:, None])
+    near = ~_far_rows(t, an, bn)
+    if near.any():
+        res_near = fn_tn(t[near], an[near][:, None], bn[near][:, None])
+        if isinstance(res, tuple):
+            for r, rn in zip(res, res_near):
+                r[near] = rn
+        else:
+            res[near] = res_near
+    return res
+
+
+def _log_mgf_np(t: np.ndarray, an: np.ndarray, bn: np.ndarray) -> np.ndarray:
+    """log E e^{t eta} (N, G) of TruncN(a, b^2, 0) per cell (``truncnorm.log_mgf``)."""
+    return _rows_tn(lambda t_, a_, b_: a_ * t_ + 0.5 * (b_ * t_) ** 2, truncnorm.log_mgf, t, an, bn)
+
+
+def _tilted_mean_var_np(t: np.ndarray, an: np.ndarray, bn: np.ndarray):
+    """(mean, var) (N, G) of the tilted TruncN(a + b^2 t, b^2) (``truncnorm.mean_var``)."""
+    return _rows_tn(lambda t_, a_, b_: (a_ + b_**2 * t_, np.broadcast_to(b_**2, t_.shape).copy()),
+                    lambda t_, a_, b_: truncnorm.mean_var(a_ + b_**2 * t_, b_), t, an, bn)
+
+
+def eta_log_mgf(t: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """log E e^{t eta}, eta ~ TruncN(a, b^2, 0), t (N, G), a, b (N,) (``truncnorm.log_mgf``; no grad)."""
+    return _t(_log_mgf_np(_np(t), _np(a), _np(b)))
+
+
+class _EtaLogMGF(torch.autograd.Function):
+    """log E e^{t eta} for eta ~ TruncN(a, b^2, 0) (``truncnorm.log_mgf``) with its derivative in t,
+    d/dt log M(t) = mean of the tilted TruncN(a + b^2 t, b^2) (``truncnorm.mean_var``); a, b constants."""
+
+    @staticmethod
+    def forward(ctx, t, a, b):
+        tn, an, bn = _np(t), _np(a), _np(b)
+        ctx.save_for_backward(_t(_tilted_mean_var_np(tn, an, bn)[0]))
+        return _t(_log_mgf_np(tn, an, bn))
+
+    @staticmethod
+    def backward(ctx, grad):
+        (mt,) = ctx.saved_tensors
+        return grad * mt, None, None
+
+
+def eta_log_mgf_grad(t: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``eta_log_mgf`` differentiable in t (N, G) (a, b (N,) held fixed)."""
+    return _EtaLogMGF.apply(t, a.detach(), b.detach())
+
+
+def eta_terms_np(a: torch.Tensor, b: torch.Tensor, prior_m: torch.Tensor, sigma: float):
+    """(E eta, Var eta, E_q log TruncN(eta | prior_m, sigma, 0) + H[q]) by ``pln_ref.truncnorm``:
+    E log p = -log sigma - log(2 pi)/2 - log Phi(m/sigma) - (Var + (E eta - m)^2)/(2 sigma^2),
+    H = log b + log(2 pi)/2 + log Phi(a/b) + (Var + (E eta - a)^2)/(2 b^2)."""
+    an, bn, mn = _np(a), _np(b), _np(prior_m)
+    mean, var = truncnorm.mean_var(an, bn)
+    e_logp = (-math.log(sigma) - _LOG_SQRT_2PI - truncnorm.log_normaliser(mn, sigma)
+              - (var + (mean - mn) ** 2) / (2.0 * sigma**2))
+    ent = (np.log(bn) + _LOG_SQRT_2PI + truncnorm.log_normaliser(an, bn)
+           + (var + (mean - an) ** 2) / (2.0 * bn**2))
+    return _t(mean), _t(var), _t(e_logp + ent)
 
 
 class PLNVAE(nn.Module):
@@ -140,10 +303,17 @@ class PLNVAE(nn.Module):
     """
 
     def __init__(self, G: int, k: int, hidden=(128, 64), capture=None, residual: str = "laplace",
-                 n_local_rounds: int = 4):
+                 n_local_rounds: int = 4, family: str = "meanfield", structured_rounds: int = 3):
         super().__init__()
         if residual not in ("laplace", "prior"):
             raise ValueError(f"residual must be 'laplace' or 'prior', got {residual!r}")
+        if family not in FAMILIES:
+            raise ValueError(f"family must be one of {FAMILIES}, got {family!r}")
+        if family == "structured" and residual != "laplace":
+            raise ValueError("family='structured' needs residual='laplace'")
+        self.family = family
+        self.structured_rounds = int(structured_rounds)
+        self.hold = "c"  # structured ELBO: hold (c_z, c) ("c") or (c_z, beta) ("beta") in the gradient
         self.G, self.k = int(G), int(k)
         self.hidden = tuple(int(h) for h in hidden)
         self.residual = residual
@@ -265,9 +435,182 @@ class PLNVAE(nn.Module):
         st.w_r = w_r
         return st
 
+    # --- structured family: closed-form local updates -----------------------------------------
+    @torch.no_grad()
+    def local_updates_structured(self, u, m, logvar, prior_m=None, n_rounds=None, init=None) -> LocalState:
+        """Local quantities of the structured family (module docstring, steps 1-3), no grad.
+
+        Starts from the mean-field state (``init``, or the mean-field sweeps), the slopes'
+        Gaussian-limit start (``_slope_init``) and one q(eta), (r, v) update, then runs
+        ``n_rounds`` (default ``self.structured_rounds``) sweeps slopes -> q(eta) -> (r, v).
+        Without capture eta = 0 and the family is the mean-field one."""
+        n_rounds = self.structured_rounds if n_rounds is None else int(n_rounds)
+        cap = self.capture
+        if init is None or not init.structured:
+            st = self.local_updates(u, m, logvar, prior_m) if init is None else init
+            N = u.shape[0]
+            # reference: the mean-field E eta (the structured mean stays close to it, so
+            # mu_d = E eta - eta_r is small and slopes do not double as mean shifts)
+            eta_r = torch.zeros(N, dtype=u.dtype) if cap is None else eta_moments(st.a, st.b)[0]
+            st = st.replace(c_z=torch.zeros(N, self.k, dtype=u.dtype), beta=torch.zeros_like(u), eta_r=eta_r)
+            if cap is not None:
+                st = self._slope_init(u, st)
+                st = self._eta_step(u, st, prior_m)
+                st = self._rv_step(u, st)
+        else:
+            st = init.replace(m=m, logvar=logvar)
+        if cap is None:
+            return st
+        for _ in range(max(1, n_rounds)):
+            st = self._slope_step(u, st, prior_m)
+            st = self._eta_step(u, st, prior_m)
+            st = self._rv_step(u, st)
+        return st
+
+    def _eta_step(self, u, st: LocalState, prior_m, n_newton: int = 6, n_vi: int = 1) -> LocalState:
+        """q(eta) = Laplace approximation of exp f(eta) (module docstring, step 1)."""
+        d, W = self.d, self.W
+        o, _ = self._o(st.m, st.logvar)
+        c = st.beta - st.c_z @ W.T
+        t = st.beta - 1.0
+        log_lam0 = o + st.r + 0.5 * st.v - st.beta * st.eta_r[:, None]
+        lin = (st.m * st.c_z).sum(1) + (st.r * c / d).sum(1)
+        P = (st.c_z**2).sum(1) + (c**2 / d).sum(1)
+        s2 = self.capture.sigma_M**2
+        eta = st.a.clone()
+        for _ in range(n_newton):
+            ex = torch.exp(torch.clamp(log_lam0 + t * eta[:, None], max=700.0))
+            g = (t * (u - ex)).sum(1) - lin - P * (eta - st.eta_r) - (eta - prior_m) / s2
+            H = (t * t * ex).sum(1) + P + 1.0 / s2
+            eta = eta + torch.clamp(g / H, -2.0, 2.0)
+        ex = torch.exp(torch.clamp(log_lam0 + t * eta[:, None], max=700.0))
+        H = (t * t * ex).sum(1) + P + 1.0 / s2
+        a, b = eta, torch.sqrt(1.0 / H)
+        # Gaussian-VI fixed point (Bonnet / Price): E_q f'(eta) = 0, 1/b^2 = -E_q f''(eta), with
+        # E_q e^{t eta} = M(t) in closed form; moves (a, b) from the Laplace point towards the
+        # ELBO's optimum (exact for an untruncated q; the truncation's boundary terms are ignored)
+        A1 = (t * u).sum(1) - lin + P * st.eta_r + prior_m / s2
+        A2 = P + 1.0 / s2
+        lam0 = torch.exp(log_lam0)
+        for _ in range(n_vi):
+            mean, _ = eta_moments(a, b)
+            tM = lam0 * torch.exp(eta_log_mgf(t, a, b))
+            g = A1 - A2 * mean - (t * tM).sum(1)
+            Hq = A2 + (t * t * tM).sum(1)
+            a = a + torch.clamp(g / Hq, -1.0, 1.0)
+            b = torch.sqrt(1.0 / Hq)
+        return st.replace(a=a, b=b)
+
+    def _rv_step(self, u, st: LocalState) -> LocalState:
+        """(r, v): exact coordinate optimum given the slopes and q(eta) (step 2, Lambert W)."""
+        d, W = self.d, self.W
+        o, _ = self._o(st.m, st.logvar)
+        c = st.beta - st.c_z @ W.T
+        mean, _ = eta_moments(st.a, st.b)
+        mu_d = (mean - st.eta_r)[:, None]
+        logM = eta_log_mgf(st.beta - 1.0, st.a, st.b)
+        Lr = o - st.beta * st.eta_r[:, None] + logM - c * mu_d + 0.5 * st.v + torch.log(d) + u * d
+        w_r = lambert_log_solve(Lr, n_iter=4 if st.w_r is None else 2, w0=st.w_r)
+        y = torch.exp(w_r)
+        r_marg = u * d - y
+        return st.replace(r=r_marg - c * mu_d, v=d / (1.0 + y), w_r=w_r)
+
+    def _slope_step(self, u, st: LocalState, prior_m) -> LocalState:
+        """One exact Newton step on the slopes (c_z, c) (step 3; k x k Schur complement)."""
+        d, W = self.d, self.W
+        o, _ = self._o(st.m, st.logvar)
+        c = st.beta - st.c_z @ W.T
+        a_np, b_np = _np(st.a), _np(st.b)
+        mean, var = truncnorm.mean_var(a_np, b_np)
+        mean, var = _t(mean), _t(var)
+        mu_d = mean - st.eta_r
+        E2 = (mu_d**2 + var)[:, None]
+        t = _np(st.beta - 1.0)
+        logM = _t(_log_mgf_np(t, a_np, b_np))
+        mt, vt = _tilted_mean_var_np(t, a_np, b_np)
+        mt, vt = _t(mt), _t(vt)
+        lam = torch.exp(o + st.r + 0.5 * st.v - st.beta * st.eta_r[:, None] + logM)  # E e^{x - eta}
+        dev = mt - st.eta_r[:, None]
+        ell = u * mu_d[:, None] - lam * dev
+        h = lam * (vt + dev**2)
+        g_c = ell - (st.r * mu_d[:, None] + c * E2) / d
+        g_z = ell @ W - st.m * mu_d[:, None] - E2 * st.c_z
+        dz, dc = self._slope_solve(h, E2, g_z, g_c)
+        # trust region: no slope moves by more than 0.5 in one step (ill-conditioned when Var eta ~ 0)
+        big = torch.maximum((dz @ W.T + dc).abs().amax(1), dz.abs().amax(1))
+        step = torch.clamp(0.5 / torch.clamp(big, min=1e-300), max=1.0)[:, None]
+        c_z = st.c_z + step * dz
+        c = c + step * dc
+        return st.replace(c_z=c_z, beta=c_z @ W.T + c)
+
+    def _slope_solve(self, h, E2, g_z, g_c):
+        """Solve [[W^T h W + E2 I, W^T h], [h W, h + E2/d]] (dz, dc) = (g_z, g_c) per cell through
+        the k x k Schur complement E2 I + W^T diag(h E2 / (d (h + E2/d))) W (h, g_c (N, G); E2 (N, 1))."""
+        d, W = self.d, self.W
+        Dc = h + E2 / d
+        rhs = g_z - (h * g_c / Dc) @ W
+        Sz = _wtdw(W, h * E2 / d / Dc) + E2[:, :, None] * torch.eye(self.k, dtype=h.dtype)
+        dz = torch.linalg.solve(Sz, rhs[..., None])[..., 0]
+        return dz, (g_c - h * (dz @ W.T)) / Dc
+
+    def _slope_init(self, u, st: LocalState) -> LocalState:
+        """Slopes at the Gaussian limit of their stationarity condition (Var eta -> 0):
+        beta = (diag(lam) + Sigma^-1)^-1 lam, lam = E_q e^{x - eta} of the mean-field state, split
+        into (c_z, c) by the prior (min |c_z|^2 + sum c^2/d subject to W c_z + c = beta). This is the
+        Laplace slope of x*(eta); starting there avoids the slow slope <-> Var eta coordinate
+        ascent from beta = 0."""
+        lam = self.expected_rate(u, st)
+        one = torch.ones(u.shape[0], 1, dtype=u.dtype)
+        c_z, c = self._slope_solve(lam, one, lam @ self.W, lam)
+        return st.replace(c_z=c_z, beta=c_z @ self.W.T + c)
+
+    def local(self, u, m, logvar, prior_m=None, w_r=None, n_rounds=None, init=None) -> LocalState:
+        """The family's closed-form local updates (``local_updates`` or ``local_updates_structured``)."""
+        if self.family == "structured":
+            return self.local_updates_structured(u, m, logvar, prior_m, n_rounds=n_rounds, init=init)
+        return self.local_updates(u, m, logvar, prior_m, w_r=w_r, n_rounds=n_rounds)
+
+    @torch.no_grad()
+    def expected_rate(self, u, st: LocalState) -> torch.Tensor:
+        """lam_g = E_q e^{x_g - eta} (N, G) of the state ``st`` (either family)."""
+        o, _ = self._o(st.m, st.logvar)
+        if self.capture is None:
+            return torch.exp(o + st.r + 0.5 * st.v)
+        if st.structured:
+            logM = eta_log_mgf(st.beta - 1.0, st.a, st.b)
+            return torch.exp(o + st.r + 0.5 * st.v - st.beta * st.eta_r[:, None] + logM)
+        logK = torch.from_numpy(truncnorm.log_mgf(-1.0, _np(st.a), _np(st.b)))
+        return torch.exp(o + st.r + 0.5 * st.v + logK[:, None])
+
+    @torch.no_grad()
+    def refine_z(self, u, st: LocalState, prior_m=None, n_steps: int = 2) -> LocalState:
+        """Per-cell refinement of q(z) = N(m, s^2) from the encoder's output (module docstring):
+        ``n_steps`` rounds of one Newton step on m, the fixed point of s^2, one local sweep."""
+        W = self.W
+        eye = torch.eye(self.k, dtype=u.dtype)
+        for _ in range(int(n_steps)):
+            lam = self.expected_rate(u, st)
+            extra = 0.0
+            if st.structured and self.capture is not None:
+                mean, _ = eta_moments(st.a, st.b)
+                extra = st.c_z * (mean - st.eta_r)[:, None]
+            g = (u - lam) @ W - st.m - extra
+            H = _wtdw(W, lam) + eye
+            m = st.m + torch.linalg.solve(H, g[..., None])[..., 0]
+            lam = self.expected_rate(u, st.replace(m=m))
+            logvar = torch.clamp(-torch.log1p(lam @ (W**2)), LOGVAR_MIN, LOGVAR_MAX)
+            st = st.replace(m=m, logvar=logvar)
+            if self.family == "structured":
+                st = self.local_updates_structured(u, m, logvar, prior_m, n_rounds=1, init=st)
+            else:
+                st = self.local_updates(u, m, logvar, prior_m, w_r=st.w_r, n_rounds=2)
+        return st
+
     # --- ELBO ---------------------------------------------------------------------------------
     def elbo_terms(self, u, st: LocalState, prior_m=None):
         """Per-cell closed-form ELBO pieces (dict of (N,) tensors): rec, kl_z, kl_e, eta."""
+        if st.structured and self.capture is not None:
+            return self._elbo_terms_structured(u, st, prior_m)
         m, logvar, r, v = st.m, st.logvar, st.r, st.v
         d = self.d
         o, Wm = self._o(m, logvar)
@@ -286,12 +629,38 @@ class PLNVAE(nn.Module):
         kl_e = 0.5 * ((v + r**2) / d - 1.0 - torch.log(v / d)).sum(1)
         return {"rec": rec, "kl_z": kl_z, "kl_e": kl_e, "eta": eta_term}
 
+    def _elbo_terms_structured(self, u, st: LocalState, prior_m):
+        """Structured-family ELBO pieces (module docstring); (r, v, a, b, c_z, beta) constants."""
+        m, logvar, r, v = st.m, st.logvar, st.r, st.v
+        d = self.d
+        o, Wm = self._o(m, logvar)
+        with torch.no_grad():
+            mean, var, eta_term = eta_terms_np(st.a, st.b, prior_m, self.capture.sigma_M)
+        mu_d = mean - st.eta_r
+        E2 = mu_d**2 + var
+        c_z = st.c_z
+        if self.hold == "beta":
+            beta = st.beta
+            c = beta - c_z @ self.W.T
+            logM = eta_log_mgf(beta - 1.0, st.a, st.b)
+        else:  # hold (c_z, c): beta = W c_z + c carries the decoder's W
+            c = (st.beta - c_z @ self.W.T).detach()
+            beta = c_z @ self.W.T + c
+            logM = eta_log_mgf_grad(beta - 1.0, st.a, st.b)
+        rec = (u * (self.mu + Wm + r + beta * mu_d[:, None] - mean[:, None])
+               - torch.exp(o + r + 0.5 * v - beta * st.eta_r[:, None] + logM)
+               - torch.lgamma(u + 1.0)).sum(1)
+        kl_z = (0.5 * (torch.exp(logvar) + m**2 - 1.0 - logvar).sum(1)
+                + mu_d * (m * c_z).sum(1) + 0.5 * E2 * (c_z**2).sum(1))
+        kl_e = (0.5 * ((v + r**2) / d - 1.0 - torch.log(v / d)).sum(1)
+                + ((mu_d[:, None] * r * c + 0.5 * E2[:, None] * c**2) / d).sum(1))
+        return {"rec": rec, "kl_z": kl_z, "kl_e": kl_e, "eta": eta_term}
+
     def forward(self, u, log_lib, prior_m=None, beta: float = 1.0, w_r=None, n_rounds=None):
         """Per-cell ELBO (beta-weighted z-KL) and its pieces, local updates held fixed."""
         m, logvar = self.encode_z(u, log_lib)
-        st0 = self.local_updates(u, m.detach(), logvar.detach(), prior_m, w_r=w_r, n_rounds=n_rounds)
-        st = LocalState(m, logvar, st0.r, st0.v, st0.a, st0.b)
-        st.w_r = st0.w_r
+        st0 = self.local(u, m.detach(), logvar.detach(), prior_m, w_r=w_r, n_rounds=n_rounds)
+        st = st0.replace(m=m, logvar=logvar)
         t = self.elbo_terms(u, st, prior_m)
         elbo = t["rec"] - beta * t["kl_z"] - t["kl_e"] + t["eta"]
         return elbo, t, st

@@ -163,7 +163,8 @@ def train(model, data: TrainData, cfg: VAEConfig, gen: torch.Generator, *, progr
     as soon as the training ELBO, the held-out ELBO or a parameter becomes NaN or infinite."""
     n_steps = cfg.n_steps
     opt = _optimizer(model, cfg)
-    cache = _LocalCache(*data.U.shape) if (cfg.cache_local and model.residual == "laplace") else None
+    cache = (_LocalCache(*data.U.shape)
+             if (cfg.cache_local and model.residual == "laplace" and model.family == "meanfield") else None)
     stopping = EarlyStopping(cfg.tol, cfg.patience)
     batches = _batches(data.tr_idx, min(cfg.batch_size, len(data.tr_idx)), gen)
     log = TrainLog(stopped_step=n_steps, stopping=stopping)

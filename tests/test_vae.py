@@ -17,6 +17,8 @@ from scipy.stats import multivariate_normal, truncnorm  # noqa: E402
 from pln_ref.params import Capture  # noqa: E402
 from pln_ref.simulation import random_params, simulate  # noqa: E402
 from pln_ref.vae import VAEResult, fit_vae  # noqa: E402
+from pln_ref.config import VAEConfig  # noqa: E402
+from pln_ref.vae import VAEPosterior  # noqa: E402
 from pln_ref.vae_model import PLNVAE, lambert_log_solve, truncnorm_moments  # noqa: E402
 
 
@@ -216,9 +218,11 @@ def test_posterior_interface_density_and_draws(fitted, sim_data):
     lp = q.logpdf(x[:5], eta[:5])
     assert lp.shape == (5, 3)
     W = fitted.W
+    assert q.family == "structured"
     for c in range(3):
         C = (W * q.z_var[c]) @ W.T + np.diag(q.v[c])
-        ref_x = multivariate_normal(q.x_mean[c], C).logpdf(x[:5, c])
+        ref_x = [multivariate_normal(q.x_mean[c] + q.x_slope[c] * (eta[s, c] - q.eta_mean[c]), C).logpdf(x[s, c])
+                 for s in range(5)]
         a, b = q.eta_loc[c], q.eta_scale[c]
         ref_e = truncnorm.logpdf(eta[:5, c], -a / b, np.inf, loc=a, scale=b)
         assert np.allclose(lp[:, c], ref_x + ref_e, rtol=1e-10, atol=1e-8)
@@ -350,3 +354,267 @@ def test_extreme_counts_train_stably_or_stop_with_a_diverged_error():
     assert np.all(np.isfinite(res.mu)) and np.all(np.isfinite(res.x_map))
     assert res.settings["cache_local"] is False and "diverged at step" in res.diagnostics["retrained"]
     assert "retrained with cold sweeps" in res.summary()
+
+
+# ------------------------------------------------------------------------------------------------
+# issue 16: structured family q(eta) q(z, e | eta), refinement, mean-field option
+# ------------------------------------------------------------------------------------------------
+def test_meanfield_family_reproduces_pre_issue16_fit():
+    """family="meanfield", refine_steps=0 is the VAE before issue 16, bit for bit: these sums were
+    produced by the code at commit 8d1a2d7 (same data, options and seed)."""
+    p = random_params(20, 2, seed=7, capture=True)
+    sim = simulate(p, 300, seed=8)
+    r = fit_vae(sim.counts, 2, capture=p.capture, log_anchor=sim.log_anchor, n_steps=30, batch_size=64,
+                progress=False, seed=4, kl_anneal_steps=10, eval_every=10, family="meanfield", refine_steps=0)
+    q = r.posterior
+    new = simulate(p, 20, seed=11)
+    qn = r.encode(new.counts, new.log_anchor)
+    assert q.family == "meanfield" and q.x_slope is None
+    got = [np.sum(r.W), np.sum(r.d), np.sum(q.z_mean), np.sum(q.z_var), np.sum(q.r), np.sum(q.v),
+           np.sum(q.eta_loc), np.sum(q.eta_scale), np.sum(r.history["objective"]), np.sum(qn.x_mean),
+           np.sum(qn.eta_scale)]
+    old = [-1.4415238558142736, 2.513611282499228, -19.387668523763935, 276.67845283296987,
+           -2.1724609561093136, 654.5266017331137, 537.9829219815576, 81.26019192834907,
+           -633.4125663561257, 333.440686374711, 5.750270729072277]
+    assert np.allclose(got, old, rtol=1e-11, atol=1e-11)
+
+
+def test_vae_config_family_options():
+    assert VAEConfig().family == "structured" and VAEConfig().refine_steps == 2
+    with pytest.raises(ValueError, match="family"):
+        VAEConfig(family="full")
+    with pytest.raises(ValueError, match="residual='laplace'"):
+        VAEConfig(residual="prior")  # structured family needs the closed-form residual
+    assert VAEConfig(family="meanfield", residual="prior").residual == "prior"
+    with pytest.raises(ValueError, match="refine_steps"):
+        VAEConfig(refine_steps=-1)
+    with pytest.raises(ValueError, match="train_family"):
+        VAEConfig(train_family="full")
+
+
+def _structured_state(n_rounds=12, seed=3, G=10, k=2, n_cells=6):
+    """A structured-family local state of simulated cells with a non-trivial q(z)."""
+    from pln_ref.validation.design import simulate_cells
+
+    torch.manual_seed(seed)
+    p, sim = simulate_cells(G, k, n_cells, lib_range=(200.0, 5000.0), seed=seed)
+    model = PLNVAE(p.G, p.k, hidden=(16,), capture=p.capture, family="structured", structured_rounds=n_rounds)
+    model.set_decoder(p.mu, p.W, p.d)
+    with torch.no_grad():
+        model.head.weight.normal_(0, 0.3)
+        model.head.bias.normal_(0, 0.2)
+    u = torch.tensor(np.asarray(sim.counts, dtype=float))
+    pm = torch.tensor(p.capture.prior_mean(sim.log_anchor))
+    with torch.no_grad():
+        m, lv = model.encode_z(u, torch.log1p(u.sum(1)))
+        st = model.local(u, m, lv, pm)
+    return p, model, u, pm, st
+
+
+def test_structured_closed_form_elbo_equals_monte_carlo():
+    """Every structured ELBO term (through the truncated-normal MGF) against a Monte Carlo estimate
+    with eta ~ q(eta), z | eta, e | eta from q; 400k draws, fixed seed, 4 standard errors."""
+    p, model, ut, pm, st = _structured_state()
+    with torch.no_grad():
+        terms = {k: v.numpy() for k, v in model.elbo_terms(ut, st, pm).items()}
+    u = ut.numpy()
+    assert np.abs(st.beta.numpy()).max() > 0.3  # the coupling is really there
+    rng = np.random.default_rng(0)
+    S, (N, G), k = 400_000, u.shape, p.k
+    m, s = st.m.numpy(), np.exp(0.5 * st.logvar.numpy())
+    r, v = st.r.numpy(), st.v.numpy()
+    a, b, er = st.a.numpy(), st.b.numpy(), st.eta_r.numpy()
+    cz, beta = st.c_z.numpy(), st.beta.numpy()
+    c = beta - cz @ p.W.T
+    W, d, sig = p.W, p.d, p.capture.sigma_M
+    for name in ("rec", "kl_z", "kl_e", "eta"):
+        acc = np.zeros((8, N))
+        for rep in range(8):  # 8 x 50k draws (memory)
+            n = S // 8
+            eta = truncnorm.rvs(-a / b, np.inf, loc=a, scale=b, size=(n, N), random_state=rng)
+            dl = (eta - er)[..., None]
+            z = m + cz * dl + s * rng.standard_normal((n, N, k))
+            e = r + c * dl + np.sqrt(v) * rng.standard_normal((n, N, G))
+            if name == "rec":
+                lr = p.mu + z @ W.T + e - eta[..., None]
+                val = np.sum(u * lr - np.exp(lr) - gammaln(u + 1), -1)
+            elif name == "kl_z":  # log q(z | eta) - log p(z)
+                val = np.sum(0.5 * z**2 - 0.5 * ((z - m - cz * dl) / s) ** 2 - np.log(s), -1)
+            elif name == "kl_e":
+                val = np.sum(0.5 * e**2 / d + 0.5 * np.log(d) - 0.5 * (e - r - c * dl) ** 2 / v
+                             - 0.5 * np.log(v), -1)
+            else:
+                val = (-0.5 * ((eta - pm.numpy()) / sig) ** 2 - np.log(sig) - 0.5 * np.log(2 * np.pi)
+                       - log_ndtr(pm.numpy() / sig)
+                       - truncnorm.logpdf(eta, -a / b, np.inf, loc=a, scale=b))
+            acc[rep] = val.mean(0)
+            if rep == 0:
+                sd = val.std(0)
+        est, se = acc.mean(0), sd / math.sqrt(S)
+        assert np.all(np.abs(terms[name] - est) <= 4 * se + 1e-9), (name, terms[name], est, se)
+
+
+def test_structured_local_updates_are_stationary_and_beat_meanfield():
+    """(r, v) is the exact optimum given the rest, the slopes' gradient vanishes at convergence,
+    and the structured ELBO is above the mean-field one at the same q(z)."""
+    p, model, u, pm, st = _structured_state(n_rounds=60)
+    r = st.r.clone().requires_grad_(True)
+    logv = torch.log(st.v).clone().requires_grad_(True)
+    cz = st.c_z.clone().requires_grad_(True)
+    c = (st.beta - st.c_z @ model.W.T).detach().clone().requires_grad_(True)
+    with torch.no_grad():
+        W = model.W.detach().clone()
+    from pln_ref.vae_model import eta_log_mgf_grad, eta_terms_np
+
+    # the ELBO's pieces that depend on (r, v, c_z, c) (module docstring of pln_ref.vae_model)
+    with torch.no_grad():
+        o, _ = model._o(st.m, st.logvar)
+    mean, var, _ = eta_terms_np(st.a, st.b, pm, p.capture.sigma_M)
+    mu_d = (mean - st.eta_r)[:, None]
+    E2 = mu_d**2 + var[:, None]
+    beta = cz @ W.T + c
+    logM = eta_log_mgf_grad(beta - 1.0, st.a, st.b)
+    d = model.d.detach()
+    rec = (u * (r + beta * mu_d) - torch.exp(o + r + 0.5 * torch.exp(logv)
+                                              - beta * st.eta_r[:, None] + logM)).sum(1)
+    kl_z = mu_d[:, 0] * (st.m * cz).sum(1) + 0.5 * E2[:, 0] * (cz**2).sum(1)
+    kl_e = (0.5 * ((torch.exp(logv) + r**2) / d - torch.log(torch.exp(logv))).sum(1)
+            + ((mu_d * r * c + 0.5 * E2 * c**2) / d).sum(1))
+    (rec - kl_z - kl_e).sum().backward()
+    assert float(r.grad.abs().max()) < 1e-6
+    assert float(logv.grad.abs().max()) < 1e-6
+    # slopes: converged to the sweep's fixed point (measured max |grad| 5e-4; at slopes 0 it is O(1))
+    assert float(cz.grad.abs().max()) < 2e-3 and float(c.grad.abs().max()) < 2e-3
+    with torch.no_grad():
+        mf = model.local_updates(u, st.m, st.logvar, pm)
+        e_mf = sum(v * sgn for v, sgn in zip(model.elbo_terms(u, mf, pm).values(), (1, -1, -1, 1)))
+        e_st = sum(v * sgn for v, sgn in zip(model.elbo_terms(u, st, pm).values(), (1, -1, -1, 1)))
+    assert np.all(e_st.numpy() >= e_mf.numpy() - 1e-9)
+    assert float((e_st - e_mf).max()) > 0.1
+
+
+def _toy_posterior(rng, N=3, G=2, k=1):
+    p = random_params(G, k, seed=4, capture=True)
+    return VAEPosterior(p, rng.normal(0, 0.5, (N, k)), rng.uniform(0.1, 0.5, (N, k)),
+                        rng.normal(0, 0.2, (N, G)), rng.uniform(0.05, 0.3, (N, G)),
+                        np.array([0.3, 1.5, -0.2])[:N], np.array([0.4, 0.3, 0.5])[:N],
+                        rng.uniform(0.3, 1.1, (N, G)), rng.normal(0, 0.3, (N, k)))
+
+
+def test_structured_logpdf_normalises_and_matches_its_draws():
+    """log q(x) (closed-form mixture over eta) integrates to 1 on a grid, equals the quadrature of the
+    joint log q(x, eta) over eta, and the draws have the stated means, SDs, corr(x, eta), E e^x."""
+    rng = np.random.default_rng(1)
+    q = _toy_posterior(rng)
+    sd, mx = q.sd_x(), q.x_mean
+    for c in range(q.N):  # 2-D grid integral of the marginal density
+        g1 = np.linspace(mx[c, 0] - 9 * sd[c, 0], mx[c, 0] + 9 * sd[c, 0], 401)
+        g2 = np.linspace(mx[c, 1] - 9 * sd[c, 1], mx[c, 1] + 9 * sd[c, 1], 401)
+        X = np.stack(np.meshgrid(g1, g2, indexing="ij"), -1).reshape(-1, 2)
+        x = np.broadcast_to(mx, (X.shape[0],) + mx.shape).copy()
+        x[:, c] = X
+        dens = np.exp(q.logpdf_x(x)[:, c]).reshape(401, 401)
+        assert np.trapezoid(np.trapezoid(dens, g2, axis=1), g1) == pytest.approx(1.0, abs=1e-6)
+    # marginal = integral of the joint over eta (quadrature)
+    x = mx + sd * rng.standard_normal((4,) + mx.shape)
+    et = np.linspace(0.0, 8.0, 40001)
+    joint = np.stack([q.logpdf(x, np.full((4, q.N), e)) for e in et])  # (E, 4, N)
+    quad = np.log(np.trapezoid(np.exp(joint), et, axis=0))
+    assert np.allclose(quad, q.logpdf_x(x), atol=1e-6)
+    # draws
+    S = 200_000
+    xs, es = q.sample(np.random.default_rng(2), S)
+    assert np.all(es >= 0)
+    assert np.all(np.abs(xs.mean(0) - mx) < 5 * sd / math.sqrt(S))
+    assert np.allclose(xs.std(0), sd, rtol=0.01)
+    from pln_ref.validation.compare import corr_x_eta
+    assert np.allclose(corr_x_eta(xs, es), q.corr_x_eta(), atol=0.01)
+    assert np.all(np.abs(q.corr_x_eta()) > 0.2)
+    ex = np.exp(xs)
+    assert np.all(np.abs(ex.mean(0) - q.expected_exp_x()) < 5 * ex.std(0) / math.sqrt(S))
+    # eta="map": x given eta = E eta
+    xm, em = q.sample(np.random.default_rng(3), 50_000, eta="map")
+    assert np.allclose(em, q.eta_mean) and np.allclose(xm.std(0), q.sd_x(eta="map"), rtol=0.02)
+    assert np.all(q.sd_x(eta="map") < sd)
+    # subset keeps the slopes
+    sub = q.subset([2, 0])
+    assert np.array_equal(sub.x_slope, q.x_slope[[2, 0]]) and np.array_equal(sub.z_slope, q.z_slope[[2, 0]])
+
+
+def test_fitted_structured_posterior_has_the_coupling(fitted, sim_data):
+    """The fitted VAE's posterior: corr(x_g, eta) of its draws equals the stated one and rises with
+    library size (the counts pin x_g - eta); the saved result keeps the slopes."""
+    q = fitted.posterior
+    corr = np.median(q.corr_x_eta(), axis=1)
+    lib = np.asarray(sim_data.counts).sum(1)
+    lo, hi = lib < np.quantile(lib, 0.2), lib > np.quantile(lib, 0.8)
+    # measured medians 0.031 (lowest library quintile) and 0.094 (highest) at mean count 0.86
+    assert np.median(corr[hi]) > np.median(corr[lo]) + 0.04 and np.median(corr[lo]) > 0
+    sub = q.subset(np.arange(5))
+    from pln_ref.validation.compare import corr_x_eta
+    xs, es = sub.sample(np.random.default_rng(0), 40_000)
+    assert np.allclose(corr_x_eta(xs, es), sub.corr_x_eta(), atol=0.03)
+
+
+def test_refinement_reduces_the_amortisation_gap(fitted, sim_data):
+    p = sim_data.params
+    new = simulate(p, 60, seed=99)
+    g0 = fitted.amortisation_gap(new.counts, new.log_anchor, n_iter=60, refine_steps=0)
+    g2 = fitted.amortisation_gap(new.counts, new.log_anchor, n_iter=60, refine_steps=2)
+    assert g2["elbo_delivered"] > g0["elbo_delivered"]
+    assert g2["gap_mean"] < g0["gap_mean"]
+    assert g0["elbo_encoder"] == pytest.approx(g2["elbo_encoder"], rel=1e-12)
+    e2 = fitted.elbo(new.counts, new.log_anchor, refine_steps=2)
+    assert e2.mean() == pytest.approx(g2["elbo_delivered"], rel=1e-10)
+
+
+def test_structured_elbo_gradient_is_the_reoptimised_elbo_gradient():
+    """Envelope theorem: the gradient of the structured ELBO in (mu, W, rho) at fixed local
+    quantities equals the finite difference of the ELBO re-optimised over them (reference fixed)."""
+    p, model, u, pm, st = _structured_state(n_rounds=60, n_cells=8)
+    with torch.no_grad():
+        m, lv = st.m, st.logvar
+
+    def fstar():
+        with torch.no_grad():
+            s2 = model.local_updates_structured(u, m, lv, pm, init=st)
+            t = model.elbo_terms(u, s2, pm)
+            return float((t["rec"] - t["kl_z"] - t["kl_e"] + t["eta"]).sum())
+
+    model.zero_grad()
+    t = model.elbo_terms(u, st, pm)
+    (t["rec"] - t["kl_z"] - t["kl_e"] + t["eta"]).sum().backward()
+    eps = 1e-5
+    res = []
+    for name, idx in (("W", (0, 0)), ("W", (3, 1)), ("rho", (2,)), ("mu", (1,))):
+        P = getattr(model, name)
+        with torch.no_grad():
+            P[idx] += eps
+            fp = fstar()
+            P[idx] -= 2 * eps
+            fm = fstar()
+            P[idx] += eps
+        fd = (fp - fm) / (2 * eps)
+        res.append((float(P.grad[idx]), fd))
+    # exact up to q(eta) (Laplace + one Gaussian-VI step, not the exact TruncN optimum): measured
+    # (grad, fd) = (-4.825, -4.877), (73.252, 73.291), (-1.406, -1.404), (-7.247, -7.276)
+    for g, fd in res:
+        assert g == pytest.approx(fd, rel=2e-2, abs=2e-2)
+
+
+def test_far_from_bound_shortcut_equals_truncnorm():
+    """Cells far from eta's bound skip the truncated-normal evaluation; the result equals
+    pln_ref.truncnorm to double precision, and near cells still use it."""
+    from pln_ref import truncnorm as tn
+    from pln_ref.vae_model import _far_rows, _log_mgf_np, _tilted_mean_var_np
+
+    rng = np.random.default_rng(0)
+    a = np.array([3.0, 0.2, 5.0, 0.9, -0.5, 4.0])
+    b = np.array([0.05, 0.3, 0.1, 0.1, 0.4, 0.44])
+    t = rng.uniform(-2.0, 1.0, (6, 50))
+    far = _far_rows(t, a, b)
+    assert far.any() and (~far).any()
+    assert np.allclose(_log_mgf_np(t, a, b), tn.log_mgf(t, a[:, None], b[:, None]), rtol=1e-14, atol=1e-14)
+    m, v = _tilted_mean_var_np(t, a, b)
+    m0, v0 = tn.mean_var(a[:, None] + b[:, None] ** 2 * t, b[:, None])
+    assert np.allclose(m, m0, rtol=1e-14, atol=1e-14) and np.allclose(v, v0, rtol=1e-13, atol=1e-16)

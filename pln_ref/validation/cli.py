@@ -100,7 +100,9 @@ def build_validate_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output directory (report.md, metrics.json, *.png)")
     p.add_argument("--parts", nargs="+", choices=VALIDATE_PARTS, default=None,
                    help="which parts to run (default: all); results of earlier runs in --out are kept")
-    p.add_argument("--methods", nargs="+", choices=["laplace", "vae"], default=["laplace", "vae"])
+    p.add_argument("--methods", nargs="+", choices=["laplace", "vae", "vae_meanfield"],
+                   default=["laplace", "vae", "vae_meanfield"],
+                   help="vae: structured family q(eta) q(z, e | eta); vae_meanfield: the mean-field family")
     p.add_argument("--cells", type=int, default=200)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--engine", default=None, help="NUTS engine of the cell and joint parts: stanli | cmdstanpy | "

@@ -209,6 +209,19 @@ def _headline(metrics: dict) -> list[str]:
         if "share_khat_lt_0.7" in p:
             add(f"{name}: share of cells k-hat < 0.7", f"{100 * p['share_khat_lt_0.7']:.1f}%", ">= 99%",
                 p["share_khat_lt_0.7"] >= 0.99)
+        for q in ("x", "eta"):
+            if q in r and "sd_ratio_share_0.9_1.1" in r[q]:
+                sh = r[q]["sd_ratio_share_0.9_1.1"]
+                add(f"{name}: share of SD ratios ({q}) in 0.9-1.1", f"{100 * sh:.1f}%", ">= 90%", sh >= 0.9)
+        if "eta" in r:
+            add(f"{name}: median abs std. mean error (eta)", f"{r['eta']['std_mean_error']['median_abs']:.3f}",
+                "< 0.05", r["eta"]["std_mean_error"]["median_abs"] < 0.05)
+        if "corr_x_eta_by_library_tercile" in r:
+            t = r["corr_x_eta_by_library_tercile"]
+            dev = max(abs(v["method_median"] - v["nuts_median"]) for v in t)
+            add(f"{name}: corr(x_g, eta) by library tercile, method vs NUTS",
+                " / ".join(f"{v['method_median']:.2f} vs {v['nuts_median']:.2f}" for v in t), "within 0.1",
+                dev <= 0.1)
     for jkey in sorted(k for k in metrics if k.startswith("joint")):
         j = metrics[jkey]
         add(f"[{jkey}] joint NUTS gate (N=%d, G=%d, k=%d)" % (j["design"]["N"], j["design"]["G"], j["design"]["k"]),

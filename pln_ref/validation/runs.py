@@ -22,6 +22,7 @@ from .gate import check_gate, combine_gates
 from .nuts_cells import fit_cells_nuts, load_nuts_cache, nuts_cache_key, save_nuts_cache
 
 __all__ = [
+    "VAE_METHODS",
     "run_cell_comparison",
     "run_joint",
     "run_moments",
@@ -30,6 +31,9 @@ __all__ = [
 
 
 # --------------------------------------------------------------------------- cell comparison
+
+#: VAE method names of the cell comparison and their variational family (``VAEConfig.family``)
+VAE_METHODS = {"vae": "structured", "vae_meanfield": "meanfield"}
 
 def _by_tercile(lib: np.ndarray, row) -> list[dict]:
     """``row(mask)`` for each library-size tercile, with its library range."""
@@ -48,6 +52,10 @@ def _draw_metrics(cmp: dict[str, DrawComparison], method, nuts_x, nuts_eta, *, n
     res: dict = {"x": summarise(cmp["x"])}
     if "eta" in cmp:
         res["eta"] = summarise(cmp["eta"])
+    for q in ("x", "eta"):  # share of quantities with SD ratio in the 0.9-1.1 band (issue 16's goal)
+        if q in cmp:
+            r = np.asarray(cmp[q].sd_ratio)
+            res[q]["sd_ratio_share_0.9_1.1"] = float(np.mean((r >= 0.9) & (r <= 1.1)))
     shape = cmp["x"].sd_ratio.shape
     res["x_by_library_tercile"] = _by_tercile(lib, lambda sel: {
         m: summarise(cmp["x"], select=np.broadcast_to(sel[:, None], shape))[m]
@@ -115,14 +123,20 @@ def _fit_method(name: str, u, la, idx, params, k: int, *, vae_steps: int, seed: 
 
         method = newton_map(u[idx], params, la[idx])
         return method, {"converged": int(np.sum(method.converged)), "on_bound": int(np.sum(method.on_bound))}
-    if name == "vae":
+    if name in VAE_METHODS:
         from ..vae import fit_vae
 
+        family = VAE_METHODS[name]
         # encoder-only fit at the TRUE globals, so the VAE is compared on the same
-        # conditional posterior p(x, eta | u, theta) as Laplace and NUTS
+        # conditional posterior p(x, eta | u, theta) as Laplace and NUTS; "vae" is the structured
+        # family q(eta) q(z, e | eta), "vae_meanfield" the mean-field family without refinement
+        # (the VAE before issue 16)
         vres = fit_vae(u, k, capture=params.capture, log_anchor=la, init=params,
-                       train_decoder=False, n_steps=vae_steps, seed=seed, progress=progress)
-        return vres.encode(u[idx], la[idx]), {"n_steps": vae_steps, "train_decoder": False}
+                       train_decoder=False, n_steps=vae_steps, seed=seed, progress=progress,
+                       family=family, refine_steps=0 if family == "meanfield" else None)
+        return vres.encode(u[idx], la[idx]), {"n_steps": vae_steps, "train_decoder": False,
+                                              "family": family,
+                                              "refine_steps": vres.config.refine_steps}
     raise ValueError(f"unknown method {name!r}")
 
 

@@ -15,6 +15,14 @@ Sections (each result is written to the JSON as soon as it exists):
               aggregate-posterior drift.
   throughput  G=2000, k=10: cells/s of ``VAEResult.encode`` on new cells vs
               ``laplace.newton_map`` on the same cells with the same parameters.
+  gap         (``--gap``) issue 16: amortisation gap in nats/cell (``VAEResult.amortisation_gap``:
+              Adam on each cell's q(z) from the delivered q) on ``--gap-new`` held-out cells and as
+              many training cells, for each family in ``--families``, before (refine_steps=0) and
+              after per-cell refinement (``--refine-steps``); simulated N=``--gap-N``,
+              G=``--gap-G``, k=``--gap-k`` with capture.
+  real        (``--real``) issue 16's second cell design: pyPLNmodels scRNA counts (600 cells,
+              30 most expressed genes, k=3, capture="auto"), Laplace-fitted globals, gated per-cell
+              NUTS on ``--real-cells`` cells; Laplace and the VAE families vs NUTS.
   nuts        G=50, k=3 (N=2000 training cells): VAE posterior of ``--nuts-cells`` cells vs NUTS
               on ``pln_cell`` under the VAE's own globals (and the Laplace posterior under the same
               globals, for reference): standardised mean error, SD ratio, 50/90% coverage, PSIS k-hat.
@@ -24,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -133,37 +142,155 @@ def section_throughput(args, out, path):
     sim = simulate(p, args.n_train_tp + args.n_new, seed=args.seed + 11)
     u, la = np.asarray(sim.counts, float), sim.log_anchor
     n_tr = args.n_train_tp
-    fit = fit_vae(u[:n_tr], args.k, capture=p.capture, log_anchor=la[:n_tr], n_steps=args.tp_steps,
-                  seed=args.seed, progress=args.progress)
     new_u, new_la = u[n_tr:], la[n_tr:]
-    fit.encode(new_u[:256], new_la[:256])  # warm-up
-    times = []
-    for _ in range(3):
-        t0 = time.perf_counter()
-        q = fit.encode(new_u, new_la)
-        times.append(time.perf_counter() - t0)
-    tp = {"G": G, "k": args.k, "n_new_cells": int(new_u.shape[0]), "vae_encode_s": min(times),
-          "vae_cells_per_s": new_u.shape[0] / min(times), "torch_threads": torch.get_num_threads()}
+    tp = {"G": G, "k": args.k, "n_new_cells": int(new_u.shape[0]), "torch_threads": torch.get_num_threads(),
+          "loadavg_start": os.getloadavg()}
     out["throughput"] = tp
-    dump(out, path)
+    fits = {}
+    for fam in args.families:
+        fit = fit_vae(u[:n_tr], args.k, capture=p.capture, log_anchor=la[:n_tr], n_steps=args.tp_steps,
+                      seed=args.seed, progress=args.progress, family=fam,
+                      refine_steps=args.refine_steps if fam == "structured" else 0)
+        fits[fam] = fit
+        fit.encode(new_u[:256], new_la[:256])  # warm-up
+        times, cpu = [], []
+        for _ in range(3):
+            t0, c0 = time.perf_counter(), time.process_time()
+            q = fit.encode(new_u, new_la)
+            times.append(time.perf_counter() - t0)
+            cpu.append(time.process_time() - c0)
+        tp[fam] = {"refine_steps": fit.config.refine_steps, "vae_encode_s": min(times),
+                   "vae_encode_cpu_s": min(cpu), "vae_cells_per_s": new_u.shape[0] / min(times),
+                   "vae_cells_per_cpu_s": new_u.shape[0] / min(cpu)}
+        dump(out, path)
+    fit = fits[args.families[0]]
     try:
         from pln_ref.laplace import newton_map
     except ImportError:
         newton_map = None
     if newton_map is not None:
         n_lap = min(args.n_laplace_tp, new_u.shape[0])
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         post = newton_map(new_u[:n_lap], fit.params, new_la[:n_lap])
-        tl = time.perf_counter() - t0
-        tp.update({"laplace_n_cells": n_lap, "laplace_s": tl, "laplace_cells_per_s": n_lap / tl,
-                   "laplace_converged_frac": float(np.mean(post.converged)),
-                   "speedup_vae_over_laplace": (new_u.shape[0] / min(times)) / (n_lap / tl)})
+        tl, cl = time.perf_counter() - t0, time.process_time() - c0
+        tp.update({"laplace_n_cells": n_lap, "laplace_s": tl, "laplace_cpu_s": cl,
+                   "laplace_cells_per_s": n_lap / tl, "laplace_cells_per_cpu_s": n_lap / cl,
+                   "laplace_converged_frac": float(np.mean(post.converged)), "loadavg_end": os.getloadavg()})
+        for fam in args.families:
+            tp[fam]["speedup_over_laplace_wall"] = tp[fam]["vae_cells_per_s"] / (n_lap / tl)
+            tp[fam]["speedup_over_laplace_cpu"] = tp[fam]["vae_cells_per_cpu_s"] / (n_lap / cl)
+        q = fit.encode(new_u, new_la)
         # how far the VAE posterior mean is from the Laplace MAP on the same cells / params
         dx = q.x_mean[:n_lap] - post.x_map
         tp["vae_vs_laplace_x_rmse"] = float(np.sqrt(np.mean(dx**2)))
         tp["vae_vs_laplace_eta_rmse"] = float(np.sqrt(np.mean((q.eta_mean[:n_lap] - post.eta_map) ** 2)))
         dump(out, path)
     print(json.dumps(tp, indent=1), flush=True)
+
+
+def section_gap(args, out, path):
+    """Amortisation gap (nats/cell) on held-out and training cells, before/after refinement."""
+    p = random_params(args.gap_G, args.gap_k, seed=args.seed + 30, capture=True)
+    n_new = args.gap_new
+    sim = simulate(p, args.gap_N + n_new, seed=args.seed + 31)
+    u, la = np.asarray(sim.counts, float), sim.log_anchor
+    tr_u, tr_la, new_u, new_la = u[:args.gap_N], la[:args.gap_N], u[args.gap_N:], la[args.gap_N:]
+    res = {"N": args.gap_N, "G": args.gap_G, "k": args.gap_k, "n_eval_cells": n_new,
+           "n_iter": args.gap_iter, "mean_count": float(u.mean()), "loadavg_start": os.getloadavg()}
+    out["gap"] = res
+    # one fit: both families train with the mean-field ELBO (VAEConfig.train_family default), so
+    # the trained encoder and decoder are the same; only the posterior family differs
+    t0, c0 = time.perf_counter(), time.process_time()
+    fit = fit_vae(tr_u, args.gap_k, capture=p.capture, log_anchor=tr_la, n_steps=args.steps,
+                  seed=args.seed, progress=args.progress, refine_steps=0)
+    res["fit"] = {"train_wall_s": time.perf_counter() - t0, "train_cpu_s": time.process_time() - c0,
+                  "steps_run": fit.diagnostics["steps"], "train_family": fit.config.train_family,
+                  "best_val_elbo": fit.diagnostics["best_validation_objective"]}
+    for fam in args.families:
+        fit.model.family = fam
+        r = {}
+        res[fam] = r
+        for label, (cu, cla) in (("held_out", (new_u, new_la)), ("training", (tr_u[:n_new], tr_la[:n_new]))):
+            for ref in sorted({0, args.refine_steps}):
+                t0 = time.perf_counter()
+                g = fit.amortisation_gap(cu, cla, n_iter=args.gap_iter, refine_steps=ref)
+                g["time_s"] = time.perf_counter() - t0
+                r[f"{label}_refine{ref}"] = g
+                dump(out, path)
+                print(fam, label, "refine", ref, {k: round(v, 3) for k, v in g.items()
+                                                   if isinstance(v, float)}, flush=True)
+    res["loadavg_end"] = os.getloadavg()
+    dump(out, path)
+
+
+def section_real(args, out, path):
+    """Issue 16's second cell design: pyPLNmodels' scRNA counts (600 cells, the 30 most expressed
+    genes, k=3, capture as pln_ref.fit's capture="auto"), globals from a Laplace fit, per-cell gated
+    NUTS for ``--real-cells`` cells at those globals; Laplace and both VAE families (encoder trained
+    at the fitted globals) compared with the validation metrics."""
+    from pyPLNmodels import load_scrna
+
+    from pln_ref.fit_laplace import optimize_globals
+    from pln_ref.laplace import newton_map
+    from pln_ref.moments import method_of_moments
+    from pln_ref.params import Capture
+    from pln_ref.anchor import resolve_log_anchor
+    from pln_ref.validation.compare import compare_cells, corr_x_eta, summarise
+    from pln_ref.validation.gate import combine_gates
+    from pln_ref.validation.nuts_cells import fit_cells_nuts
+    from pln_ref.validation.psis import cell_psis
+
+    X = np.asarray(load_scrna(n_samples=600)["endog"], dtype=float)
+    top = np.argsort(X.sum(0))[::-1][:30]
+    u = X[:, top]
+    # pln_ref.fit's capture="auto": M0 = median library size / 0.1, sigma_M = 0.5
+    cap = Capture(M0=float(np.median(u.sum(1))) / 0.1, sigma_M=0.5)
+    la = resolve_log_anchor(u, None)
+    init = method_of_moments(u, 3, capture=cap, log_anchor=la)
+    _, params = optimize_globals(u, init, la, n_steps=300, optimizer="lbfgs", progress=False)
+    rng = np.random.default_rng(args.seed)
+    idx = np.sort(rng.choice(u.shape[0], args.real_cells, replace=False))
+    nuts = fit_cells_nuts(u[idx], params, la[idx], chains=4, warmup=1000, draws=1000, seed=args.seed,
+                          progress=args.progress)
+    ok = nuts["passed"]
+    res = {"n_cells": int(len(idx)), "G": 30, "k": 3, "nuts_passed": int(ok.sum()),
+           "nuts_seconds": nuts["seconds"], "loadavg_start": os.getloadavg()}
+    out["real"] = res
+    dump(out, path)
+    gate = combine_gates([nuts["gates"][c] for c in np.flatnonzero(ok)])
+    cu, cla = u[idx][ok], la[idx][ok]
+    nx, ne = nuts["x"][:, ok], nuts["eta"][:, ok]
+    lib = cu.sum(1)
+    methods = {"laplace": newton_map(cu, params, cla)}
+    for fam in args.families:
+        f = fit_vae(u, 3, capture=cap, log_anchor=la, init=params, train_decoder=False, n_steps=3000,
+                    seed=args.seed, progress=False, family=fam, refine_steps=0 if fam == "meanfield" else None)
+        methods[f"vae_{fam}"] = f.encode(cu, cla)
+    bins = np.digitize(lib, np.quantile(lib, [1 / 3, 2 / 3]))
+    for name, m in methods.items():
+        cmp = compare_cells(m, (nx, ne), gate=gate, n_draws=4000, seed=args.seed, label=name,
+                            sample_kwargs={"eta": "free"})
+        ps = cell_psis(m, cu, params, cla, n_draws=4000, seed=args.seed + 1, sample_kwargs={"eta": "free"})
+        xm, em = m.sample(np.random.default_rng(args.seed + 2), 1000, eta="free")
+        cn, cm = corr_x_eta(nx, ne), corr_x_eta(xm, em)
+        r = {q: summarise(cmp[q]) for q in ("x", "eta") if q in cmp}
+        for q in r:
+            sr = np.asarray(cmp[q].sd_ratio)
+            r[q]["sd_ratio_share_0.9_1.1"] = float(np.mean((sr >= 0.9) & (sr <= 1.1)))
+        r["psis"] = ps["summary"]
+        r["corr_x_eta_by_library_tercile"] = [
+            {"nuts_median": float(np.median(cn[bins == b])), "method_median": float(np.median(cm[bins == b]))}
+            for b in range(3)]
+        res[name] = r
+        dump(out, path)
+        print(name, {q: (round(r[q]["std_mean_error"]["median_abs"], 3), round(r[q]["sd_ratio"]["min"], 3),
+                         round(r[q]["sd_ratio"]["max"], 3), round(r[q]["sd_ratio_share_0.9_1.1"], 3),
+                         round(r[q]["cover90"]["mean"], 3)) for q in ("x", "eta") if q in r},
+              "khat<0.7", round(r["psis"]["share_khat_lt_0.7"], 3),
+              "corr", [(round(t["method_median"], 2), round(t["nuts_median"], 2))
+                       for t in r["corr_x_eta_by_library_tercile"]], flush=True)
+    res["loadavg_end"] = os.getloadavg()
+    dump(out, path)
 
 
 def section_nuts(args, out, path):
@@ -233,6 +360,17 @@ def main(argv=None):
     ap.add_argument("--nuts", action="store_true")
     ap.add_argument("--nuts-cells", type=int, default=8)
     ap.add_argument("--progress", action="store_true")
+    ap.add_argument("--families", nargs="+", default=["structured", "meanfield"],
+                    choices=["structured", "meanfield"])
+    ap.add_argument("--refine-steps", type=int, default=2)
+    ap.add_argument("--gap", action="store_true")
+    ap.add_argument("--real", action="store_true")
+    ap.add_argument("--real-cells", type=int, default=60)
+    ap.add_argument("--gap-N", type=int, default=2000)
+    ap.add_argument("--gap-G", type=int, default=200)
+    ap.add_argument("--gap-k", type=int, default=5)
+    ap.add_argument("--gap-new", type=int, default=300)
+    ap.add_argument("--gap-iter", type=int, default=200)
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     path = Path(args.out)
@@ -247,6 +385,10 @@ def main(argv=None):
         section_main(args, out, path)
     if not args.skip_throughput:
         section_throughput(args, out, path)
+    if args.gap:
+        section_gap(args, out, path)
+    if args.real:
+        section_real(args, out, path)
     if args.nuts:
         section_nuts(args, out, path)
     print(f"wrote {path}")
