@@ -208,6 +208,12 @@ def _headline(metrics: dict) -> list[str]:
         if "share_khat_lt_0.7" in p:
             add(f"{name}: share of cells k-hat < 0.7", f"{100 * p['share_khat_lt_0.7']:.1f}%", ">= 99%",
                 p["share_khat_lt_0.7"] >= 0.99)
+        e = r.get("eta")
+        if e:  # the eta marginal: goals of issue 16
+            add(f"{name}: median abs std. mean error (eta)", f"{e['std_mean_error']['median_abs']:.3f}", "< 0.05",
+                e["std_mean_error"]["median_abs"] < 0.05)
+            add(f"{name}: SD ratio range (eta)", f"{e['sd_ratio']['min']:.3f}-{e['sd_ratio']['max']:.3f}",
+                "0.9-1.1", e["sd_ratio"]["min"] >= 0.9 and e["sd_ratio"]["max"] <= 1.1)
     for jkey in sorted(k for k in metrics if k.startswith("joint")):
         j = metrics[jkey]
         add(f"[{jkey}] joint NUTS gate (N=%d, G=%d, k=%d)" % (j["design"]["N"], j["design"]["G"], j["design"]["k"]),

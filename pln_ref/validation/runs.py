@@ -115,6 +115,16 @@ def _fit_method(name: str, u, la, idx, params, k: int, *, vae_steps: int, seed: 
 
         method = newton_map(u[idx], params, la[idx])
         return method, {"converged": int(np.sum(method.converged)), "on_bound": int(np.sum(method.on_bound))}
+    if name == "laplace_eta_marginal":
+        # the same Gaussian Laplace posterior, with eta integrated by quadrature and x by
+        # Laplace at each eta node (pln_ref.eta_marginal)
+        from ..eta_marginal import eta_marginal
+        from ..laplace import newton_map
+
+        method = eta_marginal(u[idx], newton_map(u[idx], params, la[idx]), la[idx])
+        return method, {"converged": int(np.sum(method.converged)),
+                        "node_newton_iterations_mean": float(np.mean(method.node_iter)),
+                        "cells_widened": int(np.sum(method.n_widen > 0))}
     if name == "vae":
         from ..vae import fit_vae
 
@@ -176,6 +186,9 @@ def run_cell_comparison(out_dir, *, G: int = 20, k: int = 3, n_cells: int = 200,
         atomic_write_json(out / "cell_comparison.json", metrics)
         return metrics
     nx, ne = nuts["x"][:, idx], nuts["eta"][:, idx]
+    methods = list(methods)
+    if "laplace" in methods and "laplace_eta_marginal" not in methods:  # old and new side by side
+        methods.insert(methods.index("laplace") + 1, "laplace_eta_marginal")
     for name in methods:
         t0 = time.perf_counter()
         try:
