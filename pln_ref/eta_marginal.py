@@ -388,13 +388,19 @@ class EtaMarginalPosterior:
                                            self.S_nodes.reshape(N * J, k, k), self.L_S_nodes.reshape(N * J, k, k))
         return P.logdet().reshape(N, J)
 
+    def arrays(self) -> dict[str, np.ndarray]:
+        """The per-cell arrays of the posterior (all but ``gaussian``), e.g. for ``save``."""
+        return {k: getattr(self, k) for k in _ARRAYS}
+
     def subset(self, idx) -> "EtaMarginalPosterior":
         """The posteriors of a subset of cells (index or boolean mask)."""
-        names = ("nodes", "log_p_nodes", "x_nodes", "b_nodes", "lam_nodes", "S_nodes", "L_S_nodes", "grid",
-                 "log_q_grid", "cdf", "log_evidence", "node_iter", "node_converged", "n_widen", "v_nodes",
-                 "shift_nodes")
         return EtaMarginalPosterior(gaussian=self.gaussian.subset(idx),
-                                    **{k: getattr(self, k)[idx] for k in names})
+                                    **{k: getattr(self, k)[idx] for k in _ARRAYS})
+
+
+_ARRAYS = ("nodes", "log_p_nodes", "x_nodes", "b_nodes", "lam_nodes", "S_nodes", "L_S_nodes", "grid",
+           "log_q_grid", "cdf", "log_evidence", "node_iter", "node_converged", "n_widen", "v_nodes",
+           "shift_nodes")
 
 
 def _segment_cdf(cdf: np.ndarray, U: np.ndarray) -> np.ndarray:
@@ -537,8 +543,5 @@ def eta_marginal(
 
 
 def _concatenate(gaussian: CellPosteriors, parts: list[EtaMarginalPosterior]) -> EtaMarginalPosterior:
-    names = ("nodes", "log_p_nodes", "x_nodes", "b_nodes", "lam_nodes", "S_nodes", "L_S_nodes", "grid",
-             "log_q_grid", "cdf", "log_evidence", "node_iter", "node_converged", "n_widen", "v_nodes",
-             "shift_nodes")
     return EtaMarginalPosterior(gaussian=gaussian,
-                                **{k: np.concatenate([getattr(p, k) for p in parts]) for k in names})
+                                **{k: np.concatenate([getattr(p, k) for p in parts]) for k in _ARRAYS})
