@@ -287,7 +287,12 @@ class EtaMarginalPosterior:
 
 
     def _x_moments(self):
-        """(E x, Var x, E e^x) under q with eta free, accumulated over the moment rule."""
+        """(E x, Var x, E e^x) under q with eta free, accumulated over the moment rule (cached)."""
+        if getattr(self, "_moments", None) is None:
+            self._moments = self._compute_x_moments()
+        return self._moments
+
+    def _compute_x_moments(self):
         pts, wq = self._eta_quadrature()
         v_nodes = self.v_nodes
         n = np.arange(self.N)
