@@ -79,7 +79,7 @@ def test_node_newton_matches_dense(small):
     # the node values of the posterior are the dense log p~(eta_j)
     for c in range(5):
         _, lpd = _dense_laplace_in_x(u[c], p, la[c], em.nodes[c])
-        np.testing.assert_allclose(em.log_p_nodes[c], lpd, atol=1e-7)
+        np.testing.assert_allclose(em.log_p_nodes[c], lpd, atol=1e-5)  # x-Newton decrement tol 1e-8
 
 
 def test_marginal_matches_brute_force_quadrature(small):

@@ -31,7 +31,9 @@ def main():
     m = run_real_cell_comparison(a.out, counts, n_cells=a.cells, progress=False)
     lines = ["# Real-count cell design (load_scrna, 30 most expressed genes)", "",
              f"Globals fitted to {m['design']['fit_cells']} cells; M0 {m['design']['M0']:.4g}.", ""]
-    atomic_write_text(Path(a.out) / "report.md", "\n".join(lines + _cell_section(m)) + "\n")
+    sec = [ln.replace("Simulated G=", "Real counts G=").replace("(exogenous anchor)", "(anchor = realised total)")
+           for ln in _cell_section(m)]
+    atomic_write_text(Path(a.out) / "report.md", "\n".join(lines + sec) + "\n")
     print((Path(a.out) / "report.md").read_text())
 
 
