@@ -155,7 +155,9 @@ def run_cell_comparison(out_dir, *, G: int = 20, k: int = 3, n_cells: int = 200,
                         n_method_draws: int = 4000, methods=("laplace", "vae"), engine: str | None = None,
                         vae_steps: int = 3000, force: bool = False, progress: bool = True) -> dict:
     """Laplace (and VAE) vs gated per-cell NUTS on simulated pln_cell data; writes figures and
-    ``cell_comparison.json`` into out_dir and returns the metrics."""
+    ``cell_comparison.json`` into out_dir and returns the metrics. "laplace" brings the
+    eta-marginal Laplace family ("laplace_eta_marginal", ``pln_ref.eta_marginal``) along, so the
+    report shows the old and the new Laplace posterior side by side."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     t_all = time.perf_counter()
