@@ -154,7 +154,7 @@ def _tiny():
 
 
 def test_exact_marginal_on_a_two_gene_model():
-    """G = 2: p(u, x, eta) integrated on a 301 x 301 x 400 grid gives the exact posterior
+    """G = 2: p(u, x, eta) integrated on a 201 x 201 x 300 grid gives the exact posterior
     moments. The eta marginal (and E x) of the new posterior are within 0.01 posterior SD of them,
     the Gaussian Laplace posterior is off by 0.03-0.15 SD (fails this test)."""
     p, u, la = _tiny()
@@ -162,11 +162,11 @@ def test_exact_marginal_on_a_two_gene_model():
     em = eta_marginal(u, g, la)
     mg, vg = g.eta_mean_var()
     mm, vm = em.eta_mean_var()
-    x1 = np.linspace(p.mu[0] - 4.0, p.mu[0] + 4.5, 301)
-    x2 = np.linspace(p.mu[1] - 4.5, p.mu[1] + 4.5, 301)
+    x1 = np.linspace(p.mu[0] - 4.0, p.mu[0] + 4.5, 201)
+    x2 = np.linspace(p.mu[1] - 4.5, p.mu[1] + 4.5, 201)
     X = np.stack(np.meshgrid(x1, x2, indexing="ij"), -1).reshape(-1, 2)
     for c in range(3):
-        eg = np.linspace(0.0, em.nodes[c, -1] * 1.3, 400)
+        eg = np.linspace(0.0, em.nodes[c, -1] * 1.3, 300)
         lp = np.stack([log_joint(np.broadcast_to(u[c], X.shape), X, np.full(len(X), e), p,
                                  np.full(len(X), la[c])) for e in eg])
         P = np.exp(lp - lp.max())
