@@ -458,7 +458,7 @@ def eta_marginal(
     gaussian: CellPosteriors,
     log_anchor: np.ndarray | None = None,
     *,
-    n_nodes: int = 7,
+    n_nodes: int = 5,
     width: tuple[float, float] = (4.5, 5.5),
     tail_tol: float = 9.0,
     max_widen: int = 4,

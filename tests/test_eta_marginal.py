@@ -83,8 +83,8 @@ def test_node_newton_matches_dense(small):
 
 
 def test_marginal_matches_brute_force_quadrature(small):
-    """log Z, E eta, Var eta and log q(eta) against a 4001-point trapezoid rule on the dense
-    Laplace-in-x log density (same integrand, independent algebra and quadrature)."""
+    """log Z, E eta, Var eta and log q(eta) (5 nodes by default) against a 4001-point trapezoid
+    rule on the dense Laplace-in-x log density (same integrand, independent algebra and quadrature)."""
     p, u, la, g, em = small
     mean, var = em.eta_mean_var()
     for c in range(5):
@@ -95,12 +95,12 @@ def test_marginal_matches_brute_force_quadrature(small):
         q = np.exp(lp - top) / Z
         m = np.trapezoid(etas * q, etas)
         v = np.trapezoid((etas - m) ** 2 * q, etas)
-        assert abs(em.log_evidence[c] - (top + math.log(Z))) < 5e-4
-        assert abs(mean[c] - m) < 1e-3 * math.sqrt(v)
-        assert abs(var[c] / v - 1) < 2e-3
+        assert abs(em.log_evidence[c] - (top + math.log(Z))) < 2e-3
+        assert abs(mean[c] - m) < 3e-3 * math.sqrt(v)
+        assert abs(var[c] / v - 1) < 5e-3
         pick = etas[::400]
         np.testing.assert_allclose(em.eta_logpdf(np.repeat(pick[:, None], 5, axis=1))[:, c],
-                                   lp[::400] - top - math.log(Z), atol=2e-3)
+                                   lp[::400] - top - math.log(Z), atol=1e-2)
 
 
 def test_eta_density_normalised_and_draws_follow_cdf(small):
@@ -189,7 +189,7 @@ def test_window_widening_blocks_and_subset(small):
     assert np.all(narrow.n_widen >= 1)
     lp = narrow.log_p_nodes
     assert np.all(lp.max(1) - lp[:, -1] > 9.0)
-    np.testing.assert_allclose(narrow.eta_mean_var()[0], em.eta_mean_var()[0], atol=2e-3 * np.sqrt(em.eta_mean_var()[1]).min())
+    np.testing.assert_allclose(narrow.eta_mean_var()[0], em.eta_mean_var()[0], atol=5e-3 * np.sqrt(em.eta_mean_var()[1]).min())
     np.testing.assert_allclose(narrow.log_evidence, em.log_evidence, atol=1e-3)
     blocked = eta_marginal(u, g, la, block_size=2)
     np.testing.assert_allclose(blocked.eta_mean_var()[0], em.eta_mean_var()[0], rtol=1e-12)
