@@ -3,7 +3,9 @@
 Two layers:
 
 - ``CellPosterior`` (a ``typing.Protocol``): the per-cell approximate posterior over (x, eta)
-  that every method returns (``laplace.CellPosteriors``, ``vae.VAEPosterior``). Point estimates
+  that every method returns (``laplace.CellPosteriors``, ``vae.VAEPosterior``; also
+  ``eta_marginal.EtaMarginalPosterior``, the Laplace posterior with eta integrated by quadrature,
+  selected by ``LaplaceResult.with_eta_marginal(counts)``). Point estimates
   ``x_map``/``eta_map`` (the MAP for Laplace, the posterior mean for the VAE), ``eta_mean_var()``,
   ``mean_x``/``sd_x``/``expected_exp_x`` (``eta="free"`` integrates eta out, ``eta="map"`` holds
   it at ``eta_map``), ``sample(rng, n_draws, eta=)``, ``logpdf(x, eta)`` and ``subset(idx)``.

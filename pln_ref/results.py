@@ -7,10 +7,11 @@ x = mu + W z + sqrt(d) eps, z ~ N(0, I):  E[z | x] = K^{-1} W^T D (x - mu), K = 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
+from .eta_marginal import EtaMarginalPosterior, eta_marginal
 from .laplace import CellPosteriors
 from .model import eta_schur, neg_hessian
 from .params import PLNParams
@@ -98,6 +99,10 @@ class LaplaceResult(PLNResult):
         evidence, see ``fit_laplace``) and "objective_smoothed".
     settings : dict of the fit's settings; diagnostics : dict of convergence diagnostics.
     init : the method-of-moments start.
+    eta_marginal : None (default: ``posterior`` is the Gaussian Laplace posterior ``cells``) or the
+        eta-marginal posterior of the same cells (``pln_ref.eta_marginal``), set by
+        ``with_eta_marginal(counts)``; then ``posterior`` and every accessor and export built on it
+        (draws, sd_x, denoised, PPCs, to_anndata, to_arviz, save/load) use it.
     """
 
     params: PLNParams
@@ -108,6 +113,7 @@ class LaplaceResult(PLNResult):
     init: PLNParams | None = None
     gene_names: list | None = None
     cell_names: list | None = None
+    eta_marginal: EtaMarginalPosterior | None = field(default=None, repr=False)
 
     inference_method = "laplace"
     _label = "Laplace"
@@ -117,9 +123,24 @@ class LaplaceResult(PLNResult):
             self.history = laplace_history(self.history)
 
     @property
-    def posterior(self) -> CellPosteriors:
-        """The Laplace posteriors of the training cells (``cells``)."""
-        return self.cells
+    def posterior(self) -> CellPosteriors | EtaMarginalPosterior:
+        """The posteriors of the training cells: ``cells`` (Gaussian Laplace, the default) or,
+        after ``with_eta_marginal``, the eta-marginal posterior."""
+        return self.cells if self.eta_marginal is None else self.eta_marginal
+
+    def posterior_eta_marginal(self, counts, **options) -> EtaMarginalPosterior:
+        """The eta-marginal posterior of the training cells (``pln_ref.eta_marginal.eta_marginal``):
+        q(eta) proportional to p(u, x*(eta), eta) |A(eta)|^{-1/2} integrated by quadrature, x | eta
+        Gaussian at each node. ``counts``: the (N, G) training counts (the result does not keep
+        them); ``options``: those of ``eta_marginal`` (n_nodes, tail_tol, ...)."""
+        u = np.asarray(counts.toarray() if hasattr(counts, "toarray") else counts, dtype=float)
+        return eta_marginal(u, self.cells, self.cells.log_anchor, **options)
+
+    def with_eta_marginal(self, counts, **options) -> "LaplaceResult":
+        """A copy of this result whose ``posterior`` is the eta-marginal posterior
+        (``posterior_eta_marginal``); globals, ``cells`` and diagnostics are shared."""
+        em = self.posterior_eta_marginal(counts, **options)
+        return replace(self, eta_marginal=em, settings=dict(self.settings, posterior="eta_marginal"))
 
     def factor_scores(self) -> np.ndarray:
         """E[z | x_map] = K^{-1} W^T D (x_map - mu), shape (N, k)."""
@@ -155,6 +176,8 @@ class LaplaceResult(PLNResult):
             arrays["log_anchor"] = c.log_anchor
         if self.init is not None:
             arrays.update(init_mu=self.init.mu, init_W=self.init.W, init_d=self.init.d)
+        if self.eta_marginal is not None:
+            arrays.update({f"eta_marginal.{k}": v for k, v in self.eta_marginal.arrays().items()})
         return arrays, {}
 
     @classmethod
@@ -176,4 +199,8 @@ class LaplaceResult(PLNResult):
             init = PLNParams(z["init_mu"], z["init_W"], z["init_d"], params.capture)
         if "history" in z.files:  # format pln_ref.LaplaceResult/1
             common = dict(common, history=z["history"])
-        return cls(cells=cells, init=init, **common)
+        em = None
+        if any(f.startswith("eta_marginal.") for f in z.files):
+            em = EtaMarginalPosterior(gaussian=cells, **{f.split(".", 1)[1]: z[f] for f in z.files
+                                                         if f.startswith("eta_marginal.")})
+        return cls(cells=cells, init=init, eta_marginal=em, **common)

@@ -216,6 +216,9 @@ def _headline(metrics: dict) -> list[str]:
         if "eta" in r:
             add(f"{name}: median abs std. mean error (eta)", f"{r['eta']['std_mean_error']['median_abs']:.3f}",
                 "< 0.05", r["eta"]["std_mean_error"]["median_abs"] < 0.05)
+            e = r["eta"]
+            add(f"{name}: SD ratio range (eta)", f"{e['sd_ratio']['min']:.3f}-{e['sd_ratio']['max']:.3f}",
+                "0.9-1.1", e["sd_ratio"]["min"] >= 0.9 and e["sd_ratio"]["max"] <= 1.1)
         if "corr_x_eta_by_library_tercile" in r:
             t = r["corr_x_eta_by_library_tercile"]
             dev = max(abs(v["method_median"] - v["nuts_median"]) for v in t)

@@ -24,6 +24,7 @@ from .nuts_cells import fit_cells_nuts, load_nuts_cache, nuts_cache_key, save_nu
 __all__ = [
     "VAE_METHODS",
     "run_cell_comparison",
+    "run_real_cell_comparison",
     "run_joint",
     "run_moments",
     "run_engine_agreement",
@@ -123,6 +124,16 @@ def _fit_method(name: str, u, la, idx, params, k: int, *, vae_steps: int, seed: 
 
         method = newton_map(u[idx], params, la[idx])
         return method, {"converged": int(np.sum(method.converged)), "on_bound": int(np.sum(method.on_bound))}
+    if name == "laplace_eta_marginal":
+        # the same Gaussian Laplace posterior, with eta integrated by quadrature and x by
+        # Laplace at each eta node (pln_ref.eta_marginal)
+        from ..eta_marginal import eta_marginal
+        from ..laplace import newton_map
+
+        method = eta_marginal(u[idx], newton_map(u[idx], params, la[idx]), la[idx])
+        return method, {"converged": int(np.sum(method.converged)),
+                        "node_newton_iterations_mean": float(np.mean(method.node_iter)),
+                        "cells_widened": int(np.sum(method.n_widen > 0))}
     if name in VAE_METHODS:
         from ..vae import fit_vae
 
@@ -158,7 +169,9 @@ def run_cell_comparison(out_dir, *, G: int = 20, k: int = 3, n_cells: int = 200,
                         n_method_draws: int = 4000, methods=("laplace", "vae"), engine: str | None = None,
                         vae_steps: int = 3000, force: bool = False, progress: bool = True) -> dict:
     """Laplace (and VAE) vs gated per-cell NUTS on simulated pln_cell data; writes figures and
-    ``cell_comparison.json`` into out_dir and returns the metrics."""
+    ``cell_comparison.json`` into out_dir and returns the metrics. "laplace" brings the
+    eta-marginal Laplace family ("laplace_eta_marginal", ``pln_ref.eta_marginal``) along, so the
+    report shows the old and the new Laplace posterior side by side."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     t_all = time.perf_counter()
@@ -191,6 +204,9 @@ def run_cell_comparison(out_dir, *, G: int = 20, k: int = 3, n_cells: int = 200,
         atomic_write_json(out / "cell_comparison.json", metrics)
         return metrics
     nx, ne = nuts["x"][:, idx], nuts["eta"][:, idx]
+    methods = list(methods)
+    if "laplace" in methods and "laplace_eta_marginal" not in methods:  # old and new side by side
+        methods.insert(methods.index("laplace") + 1, "laplace_eta_marginal")
     for name in methods:
         t0 = time.perf_counter()
         try:
@@ -207,6 +223,62 @@ def run_cell_comparison(out_dir, *, G: int = 20, k: int = 3, n_cells: int = 200,
         metrics["figures"] += figs
     metrics["seconds"] = time.perf_counter() - t_all
     atomic_write_json(out / "cell_comparison.json", metrics)
+    return metrics
+
+
+def run_real_cell_comparison(out_dir, counts, *, k: int = 3, n_cells: int = 60, seed: int = 0, chains: int = 4,
+                             warmup: int = 1000, draws: int = 1000, n_method_draws: int = 4000,
+                             methods=("laplace", "laplace_eta_marginal"), engine: str | None = None,
+                             force: bool = False, progress: bool = True, label: str = "real") -> dict:
+    """The cell comparison on real counts (issue 16's second design): globals from the default
+    Laplace fit (``pln_ref.fit``, capture "auto", anchor = realised library size) to all cells of
+    ``counts`` (N x G), then the first ``n_cells`` cells against gated per-cell NUTS at those
+    globals. Writes ``{label}_cell_comparison.json`` into out_dir and returns the metrics, in the
+    layout of :func:`run_cell_comparison` (``report._cell_section`` renders it)."""
+    from ..api import fit
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    t_all = time.perf_counter()
+    u_all = np.asarray(counts, dtype=float)
+    res_fit = fit(u_all, k=k, progress=False)
+    params = res_fit.params
+    u = u_all[:n_cells]
+    la = np.log(u.sum(axis=1))
+    lib = np.exp(la)
+    design = {"real": label, "G": u.shape[1], "k": k, "n": n_cells, "seed": seed, "chains": chains,
+              "warmup": warmup, "draws": draws, "engine": engine, "mu_sum": float(params.mu.sum())}
+    nuts = _cell_truth(out, u, params, la, design=design, chains=chains, warmup=warmup, draws=draws,
+                       seed=seed, engine=engine, progress=progress)
+    ok = nuts["passed"]
+    idx = np.flatnonzero(ok)
+    gate_ok = combine_gates([nuts["gates"][c] for c in idx]) if idx.size else None
+    metrics: dict = {
+        "design": {"G": u.shape[1], "k": k, "n_cells": n_cells, "library_range": [float(lib.min()), float(lib.max())],
+                   "seed": seed, "M0": params.capture.M0, "sigma_M": params.capture.sigma_M, "real": label,
+                   "fit_cells": int(u_all.shape[0]),
+                   "total_count_quantiles": np.quantile(u.sum(1), [0, 0.5, 1]).tolist(),
+                   "zero_fraction": float(np.mean(u == 0)),
+                   "nuts": {"chains": chains, "warmup": warmup, "draws": draws, "dense_metric": True,
+                            "per_cell_fits": True}},
+        "nuts": {"cells_passed": int(ok.sum()),
+                 "cells_failed": [{"cell": int(c), "reasons": nuts["gates"][c].reasons} for c in np.flatnonzero(~ok)],
+                 "from_cache": bool(nuts.get("cached", False)), "refits": int(np.sum(nuts["attempts"] > 1)),
+                 "seconds": nuts["seconds"], "gate_of_compared": gate_ok.summary() if gate_ok else None},
+        "methods": {}, "figures": [],
+    }
+    nx, ne = nuts["x"][:, idx], nuts["eta"][:, idx]
+    for name in methods:
+        t0 = time.perf_counter()
+        method, extra = _fit_method(name, u, la, idx, params, k, vae_steps=0, seed=seed, progress=progress)
+        fit_s = time.perf_counter() - t0
+        res, figs = _method_block(f"{label}_{name}", method, nx, ne, gate_ok, u[idx], params, la[idx], out,
+                                  n_draws=n_method_draws, seed=seed, lib=lib[idx], force=force)
+        res.update(extra, fit_seconds=fit_s, seconds=time.perf_counter() - t0)
+        metrics["methods"][name] = res
+        metrics["figures"] += figs
+    metrics["seconds"] = time.perf_counter() - t_all
+    atomic_write_json(out / f"{label}_cell_comparison.json", metrics)
     return metrics
 
 

@@ -61,9 +61,11 @@ def _psis_split(sims: dict, table: list[dict]) -> dict:
 
 def run_sbc_laplace(out_dir, *, n_sims: int = 2000, G: int = 20, k: int = 3, L: int = 99, seed: int = 0,
                     batch_size: int = 500, psis_draws: int = 1000, scheduler: str = "distributed",
-                    scheduler_address=None, n_workers: int = 2, progress: bool = True) -> dict:
+                    scheduler_address=None, n_workers: int = 2, progress: bool = True,
+                    posterior: str = "gaussian") -> dict:
     """Conditional SBC of the Laplace approximation at fixed globals (one simulation = one cell),
-    resumable in out_dir/sbc_laplace. With ``psis_draws`` > 0 the same simulations also rank the
+    resumable in out_dir/sbc_laplace. ``posterior="eta_marginal"`` ranks the eta-marginal
+    posterior (``pln_ref.eta_marginal``) instead of the Gaussian one. With ``psis_draws`` > 0 the same simulations also rank the
     PSIS-reweighted posterior (``psis_*`` quantities; see
     :func:`pln_ref.validation.sbc_tasks.laplace_conditional_task`)."""
     out = Path(out_dir)
@@ -71,6 +73,8 @@ def run_sbc_laplace(out_dir, *, n_sims: int = 2000, G: int = 20, k: int = 3, L: 
     params, _ = simulate_cells(G, k, 1, seed=seed)
     cfg = {"mu": params.mu, "W": params.W, "d": params.d, "M0": params.capture.M0,
            "sigma_M": params.capture.sigma_M, "L": L, "psis_draws": psis_draws}
+    if posterior != "gaussian":
+        cfg["posterior"] = posterior
     run = run_sbc(laplace_conditional_task, n_sims, sub, base_seed=seed, config=cfg, batch_size=batch_size,
                   scheduler=scheduler, scheduler_address=scheduler_address, n_workers=n_workers,
                   progress=progress)
@@ -80,7 +84,7 @@ def run_sbc_laplace(out_dir, *, n_sims: int = 2000, G: int = 20, k: int = 3, L: 
         res.update(_psis_split(sims, res["table"]))
     res.update(run=run, converged=int(np.sum(sims["converged"])),
                design={"G": G, "k": k, "L": L, "seed": seed, "batch_size": batch_size,
-                       "psis_draws": psis_draws},
+                       "psis_draws": psis_draws, "posterior": posterior},
                seconds_per_sim=float(np.mean(sims["_seconds"])))
     atomic_write_json(out / "sbc_laplace.json", res)
     return res

@@ -1,0 +1,564 @@
+"""A Laplace posterior whose eta marginal is integrated in eta, not expanded at the mode.
+
+The Gaussian Laplace posterior (``laplace.CellPosteriors``) expands the joint log density at
+the joint MAP, so its eta marginal is a (truncated) normal centred at the mode. The exact eta
+marginal of a cell is skewed near the bound eta >= 0 and its mean sits above the mode. Here, as
+INLA does for its low-dimensional hyperparameters, x is integrated by Laplace at *each* eta and
+eta is integrated numerically (seed notation, lambda = e^{x - eta})::
+
+    x*(eta)       = argmax_x log p(u, x, eta)                    (x-only Newton at fixed eta)
+    A(eta)        = diag(lambda(x*(eta), eta)) + Sigma^{-1}      (``lowrank.PosteriorPrecision``)
+    log p~(eta)   = log p(u, x*(eta), eta) + G/2 log 2 pi - 1/2 log det A(eta)      ~ log p(u, eta)
+    q(eta)        = p~(eta) / Z,   Z = int_0^inf p~(eta) d eta   (log Z: the Laplace-in-x evidence)
+    q(x | eta)    = (1 - w) N(x | m(eta), A_j^{-1}) + w N(x | m(eta), A_{j+1}^{-1})   (below)
+
+log p(u, x, eta) is the full ``model.log_joint`` (Poisson, Gaussian and truncated-normal prior
+with every normaliser), so log Z is an absolute log evidence, comparable with the Gaussian
+Laplace evidence of ``fit_laplace.laplace_objective``.
+
+Nodes. Per cell, J equally spaced nodes eta_1 < ... < eta_J on [lo, hi], lo = max(0,
+c - 4.5 sd), hi = c + 5.5 sd, from the Gaussian posterior's sd = 1/sqrt(s) (its Schur precision)
+and c = eta_hat + (1/2 sum_g diag(A^{-1})_g lambda_g bbar_g) / s, one Newton step on log p~ from
+the joint mode eta_hat (the slope of -1/2 log det A there; see ``eta_marginal``). A side whose end node still has log p~ above
+max - ``tail_tol`` is widened (x 1.6, up to ``max_widen`` times; the lower end stops at 0) and
+that cell's nodes are recomputed; beyond [lo, hi] q(eta) = 0. At every node x*(eta_j) comes from a
+globally convergent x-only Newton (backtracking line search on the strictly concave objective),
+batched over all (cell, node) pairs and warm-started at x_hat + b D + c D^2 / 2, D = eta_j - eta_hat,
+the second-order expansion of x*(eta) at the joint mode (dx*/d eta = A^{-1} lambda = b and
+d^2 x*/d eta^2 = c = -A^{-1} (lambda o bbar^2), bbar = 1 - b).
+
+Density between nodes. log p~ is interpolated by a not-a-knot cubic spline in eta through the J
+nodes (exact for a cubic log density), evaluated on ``n_fine`` equally spaced points, and q(eta)
+is the density that is linear in log between those points (piecewise exponential): its
+normaliser, CDF and inverse CDF are closed form, so draws, ``logpdf`` and moments all refer to
+the same density.
+
+x given eta. The conditional mean is m(eta) = x*(eta) + delta(eta): x*(eta) is the cubic Hermite
+interpolant of x*(eta_j) with slopes dx*/d eta = b_j = A_j^{-1} lambda_j at the two nodes around
+eta, and delta the linear interpolant of the third-order (skewness) correction of the mean at
+the nodes. The only third derivatives of the log density in x are d^3 f / d x_g^3 = -lambda_g,
+so the Laplace expansion E[x | eta] = x* + 1/2 A^{-1} t, t_g = sum_jk f_gjk (A^{-1})_jk, gives
+
+    delta = -1/2 A^{-1} (lambda o diag(A^{-1}))      (mean below the mode: the Poisson tail e^x)
+
+It is of the same order as the eta skew this module captures: without it, putting eta at its
+correct mean moves x above its posterior mean (x median |std. mean error| against NUTS 0.064,
+Gaussian Laplace 0.030, with it 0.014 on the 60 validation cells). The covariance is the two-node
+mixture with the linear weight w = (eta - eta_j) / (eta_{j+1} - eta_j). So x is a continuous
+mixture over nodes; with eta="map" everything is the Gaussian posterior's (x ~
+N(x_hat, A^{-1}) at eta_hat), which keeps the seed's PPC mode unchanged.
+
+Moments of (x, eta) use 4-point Gauss-Legendre rules on each node interval with the weights of
+q(eta): E x = sum_q w_q m(eta_q), Var x_g = sum_q w_q [v_g(eta_q) + m_g(eta_q)^2] - (E x_g)^2,
+v(eta) = (1 - w) diag(A_j^{-1}) + w diag(A_{j+1}^{-1}). No array is G x G; the node
+factorisations cost J (N x G) @ (G x k(k+1)/2) products per Newton iteration.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from scipy.interpolate import CubicSpline
+from scipy.special import gammaln
+
+from . import truncnorm
+from .constants import LOG_2PI
+from .anchor import resolve_log_anchor
+from .laplace import CellPosteriors
+from .lowrank import LowRankCov, PosteriorPrecision
+from .model import cell_gradient
+
+__all__ = ["EtaMarginalPosterior", "eta_marginal", "x_newton_fixed_eta"]
+
+_GL_T, _GL_W = np.polynomial.legendre.leggauss(4)
+_GL_T = 0.5 * (_GL_T + 1.0)  # nodes on [0, 1]
+_GL_W = 0.5 * _GL_W
+
+
+def _x_objective(u, x, eta, mu, cov) -> np.ndarray:
+    """sum_g [u_g (x_g - eta) - e^{x_g - eta}] - 1/2 (x - mu)^T Sigma^{-1} (x - mu) per row."""
+    z = x - eta[:, None]
+    with np.errstate(over="ignore", invalid="ignore"):
+        f = np.sum(u * z - np.exp(z), axis=1) - 0.5 * cov.quad(x - mu)
+    return np.where(np.isfinite(f), f, -np.inf)
+
+
+def x_newton_fixed_eta(u: np.ndarray, x0: np.ndarray, eta: np.ndarray, mu: np.ndarray, cov: LowRankCov,
+                       *, tol: float = 1e-10, max_iter: int = 50, armijo: float = 1e-4):
+    """x*(eta) = argmax_x [u^T (x - eta) - 1^T e^{x - eta} - 1/2 (x - mu)^T Sigma^{-1} (x - mu)] for n rows
+    (cells or (cell, node) pairs) at fixed eta, by Newton dx = A^{-1} g_x with
+    g_x = u - lambda - Sigma^{-1} (x - mu) (``model.cell_gradient``), A = diag(lambda) + Sigma^{-1}
+    (``PosteriorPrecision``) and a backtracking (Armijo) line search; full steps once the squared
+    Newton decrement g_x^T A^{-1} g_x is <= 1e-6. Stops per row when the decrement is <= ``tol``.
+
+    Returns (x (n, G), f (n,) objective at x, A PosteriorPrecision at x, n_iter (n,), converged (n,)).
+    """
+    u = np.asarray(u, dtype=float)
+    x = np.array(x0, dtype=float, copy=True)
+    eta = np.asarray(eta, dtype=float)
+    n, G = u.shape
+    k = cov.k
+    lam_all, S_all, LS_all = np.empty((n, G)), np.empty((n, k, k)), np.empty((n, k, k))
+    f_all = _x_objective(u, x, eta, mu, cov)
+    n_iter = np.zeros(n, dtype=int)
+    conv = np.zeros(n, dtype=bool)
+    active = np.arange(n)
+    for it in range(max_iter + 1):
+        ua, xa, ea = u[active], x[active], eta[active]
+        gx, _, lam = cell_gradient(ua, xa, ea, mu, cov, None, None)
+        A = PosteriorPrecision(cov, lam)
+        dx = A.solve(gx)
+        dec2 = np.einsum("ng,ng->n", gx, dx)
+        fin = dec2 <= tol
+        store = fin if it < max_iter else np.ones(active.size, dtype=bool)
+        cells = active[store]
+        lam_all[cells], S_all[cells], LS_all[cells] = lam[store], A.S[store], A.L_S[store]
+        conv[active[fin]] = True
+        keep = ~store
+        if not keep.any():
+            break
+        active, ua, xa, ea, dx, dec2 = active[keep], ua[keep], xa[keep], ea[keep], dx[keep], dec2[keep]
+        f0 = f_all[active]
+        t = np.ones(active.size)
+        x_new = xa + dx
+        f_new = _x_objective(ua, x_new, ea, mu, cov)
+        pending = (dec2 > 1e-6) & ~(f_new >= f0 + armijo * dec2)
+        tol_round = 16 * np.finfo(float).eps * np.maximum(1.0, np.abs(f0))
+        for _ in range(60):
+            p = np.flatnonzero(pending)
+            if p.size == 0:
+                break
+            t[p] *= 0.5
+            xt = xa[p] + t[p, None] * dx[p]
+            ft = _x_objective(ua[p], xt, ea[p], mu, cov)
+            ok = ft >= f0[p] + armijo * t[p] * dec2[p] - tol_round[p]
+            x_new[p[ok]], f_new[p[ok]] = xt[ok], ft[ok]
+            pending[p[ok]] = False
+        x[active], f_all[active] = x_new, f_new
+        n_iter[active] += 1
+    A = PosteriorPrecision.from_factor(cov, lam_all, S_all, LS_all)
+    return x, f_all, A, n_iter, conv
+
+
+def _piecewise_exp_cdf(grid: np.ndarray, logd: np.ndarray):
+    """Masses of the density that is linear in log between the points of ``grid`` (N, F):
+    segment i has mass h_i e^{l_i} (e^{d_i} - 1) / d_i, d_i = l_{i+1} - l_i.
+    Returns (log Z (N,), cdf (N, F) with cdf[:, 0] = 0 and cdf[:, -1] = 1)."""
+    lmax = logd.max(axis=1, keepdims=True)
+    h = np.diff(grid, axis=1)
+    d = np.diff(logd, axis=1)
+    small = np.abs(d) < 1e-8
+    ratio = np.where(small, 1.0 + 0.5 * d, np.expm1(d) / np.where(small, 1.0, d))
+    mass = h * np.exp(logd[:, :-1] - lmax) * ratio
+    tot = mass.sum(axis=1)
+    cdf = np.concatenate([np.zeros((grid.shape[0], 1)), np.cumsum(mass, axis=1) / tot[:, None]], axis=1)
+    cdf[:, -1] = 1.0
+    return lmax[:, 0] + np.log(tot), cdf
+
+
+def _segment(grid: np.ndarray, values: np.ndarray) -> np.ndarray:
+    """Index i (clipped to 0..F-2) of the grid segment [grid_i, grid_{i+1}) holding each value,
+    per cell without a Python loop: grid (N, F) increasing per row, values (..., N)."""
+    N, F = grid.shape
+    span = grid[:, -1] - grid[:, 0]
+    # per-row increasing grids mapped into disjoint intervals [c, c + 1) -> one searchsorted
+    flat = ((grid - grid[:, :1]) / span[:, None] * 0.999999 + np.arange(N)[:, None]).reshape(-1)
+    v = (values - grid[:, 0]) / span
+    v = np.clip(v, 0.0, 1.0) * 0.999999 + np.arange(N)
+    i = np.searchsorted(flat, v, side="right") - 1 - np.arange(N) * F
+    return np.clip(i, 0, F - 2)
+
+
+def _hermite(t, h, x0, x1, m0, m1):
+    """Cubic Hermite interpolant on [0, 1] at t (broadcast) of values x0, x1 and slopes m0, m1
+    (per unit of the original variable; h the interval length)."""
+    t2, t3 = t * t, t * t * t
+    return ((2 * t3 - 3 * t2 + 1) * x0 + (t3 - 2 * t2 + t) * h * m0
+            + (-2 * t3 + 3 * t2) * x1 + (t3 - t2) * h * m1)
+
+
+@dataclass
+class EtaMarginalPosterior:
+    """Per-cell posterior with the eta marginal integrated in eta (module docstring).
+
+    Attributes: gaussian (the ``CellPosteriors`` it starts from; ``x_map``/``eta_map`` are its
+    joint MAP), nodes (N, J) eta nodes, log_p_nodes (N, J) log p~(eta_j), x_nodes (N, J, G)
+    x*(eta_j), b_nodes (N, J, G) dx*/d eta at the nodes, lam_nodes/S_nodes/L_S_nodes (the node
+    factorisations of A(eta_j)), grid (N, F) fine eta grid, log_q_grid (N, F) normalised log q(eta)
+    on it, cdf (N, F), log_evidence (N,) log Z, node_iter (N, J) x-Newton iterations, node_converged
+    (N, J), n_widen (N,) times the node window was widened.
+    """
+
+    gaussian: CellPosteriors
+    nodes: np.ndarray
+    log_p_nodes: np.ndarray
+    x_nodes: np.ndarray
+    b_nodes: np.ndarray
+    lam_nodes: np.ndarray
+    S_nodes: np.ndarray
+    L_S_nodes: np.ndarray
+    grid: np.ndarray
+    log_q_grid: np.ndarray
+    cdf: np.ndarray
+    log_evidence: np.ndarray
+    node_iter: np.ndarray
+    node_converged: np.ndarray
+    n_widen: np.ndarray
+    v_nodes: np.ndarray
+    shift_nodes: np.ndarray
+
+    # --- protocol fields -------------------------------------------------------------------
+    @property
+    def params(self):
+        return self.gaussian.params
+
+    @property
+    def N(self) -> int:
+        return self.nodes.shape[0]
+
+    @property
+    def x_map(self) -> np.ndarray:
+        return self.gaussian.x_map
+
+    @property
+    def eta_map(self) -> np.ndarray:
+        return self.gaussian.eta_map
+
+    @property
+    def converged(self) -> np.ndarray:
+        """Joint MAP converged and every node's x-Newton converged."""
+        return self.gaussian.converged & self.node_converged.all(axis=1)
+
+    @property
+    def J(self) -> int:
+        return self.nodes.shape[1]
+
+    def _cov(self) -> LowRankCov:
+        return self.gaussian.precision.cov
+
+    # --- eta marginal ------------------------------------------------------------------------
+    def eta_logpdf(self, eta: np.ndarray) -> np.ndarray:
+        """log q(eta) for eta (..., N): linear interpolation of log q between grid points;
+        -inf outside [grid_0, grid_{F-1}]."""
+        eta = np.asarray(eta, dtype=float)
+        i = _segment(self.grid, eta)
+        n = np.arange(self.N)
+        g0, g1 = self.grid[n, i], self.grid[n, i + 1]
+        l0, l1 = self.log_q_grid[n, i], self.log_q_grid[n, i + 1]
+        t = (eta - g0) / (g1 - g0)
+        out = l0 + t * (l1 - l0)
+        inside = (eta >= self.grid[:, 0]) & (eta <= self.grid[:, -1])
+        return np.where(inside, out, -np.inf)
+
+    def _eta_quadrature(self) -> tuple[np.ndarray, np.ndarray]:
+        """Points (Q, N) and weights (Q, N) (summing to 1 per cell) of the moment rule:
+        4-point Gauss-Legendre on each node interval, weighted by q(eta)."""
+        lo, hi = self.nodes[:, :-1], self.nodes[:, 1:]  # (N, J-1)
+        pts = lo[None] + _GL_T[:, None, None] * (hi - lo)[None]  # (4, N, J-1)
+        pts = np.moveaxis(pts, 0, -1).reshape(self.N, -1).T  # (Q, N)
+        w0 = np.broadcast_to(_GL_W[None, None, :] * (hi - lo)[..., None], lo.shape + (4,))
+        w0 = w0.reshape(self.N, -1).T
+        lq = self.eta_logpdf(pts)
+        w = w0 * np.exp(lq - lq.max(axis=0))
+        return pts, w / w.sum(axis=0)
+
+    def eta_mean_var(self) -> tuple[np.ndarray, np.ndarray]:
+        """E eta and Var eta under q(eta) (moment rule of the module docstring)."""
+        pts, w = self._eta_quadrature()
+        m = np.sum(w * pts, axis=0)
+        return m, np.sum(w * (pts - m) ** 2, axis=0)
+
+    # --- x given eta ---------------------------------------------------------------------------
+    def _node_pos(self, eta: np.ndarray):
+        """Node interval j (..., N) and linear weight w in [0, 1] of eta (..., N)."""
+        lo, hi = self.nodes[:, 0], self.nodes[:, -1]
+        tau = (np.asarray(eta, dtype=float) - lo) / (hi - lo) * (self.J - 1)
+        j = np.clip(np.floor(tau).astype(int), 0, self.J - 2)
+        return j, np.clip(tau - j, 0.0, 1.0)
+
+    def _cond_mean(self, eta: np.ndarray, j: np.ndarray, w: np.ndarray) -> np.ndarray:
+        """m(eta) (..., N, G): cubic Hermite in eta through x*(eta_j), x*(eta_{j+1}) with slopes b,
+        plus the linear interpolant of the mean corrections delta_j, delta_{j+1}."""
+        n = np.arange(self.N)
+        h = (self.nodes[n, j + 1] - self.nodes[n, j])[..., None]
+        wl = w[..., None]
+        return (_hermite(wl, h, self.x_nodes[n, j], self.x_nodes[n, j + 1], self.b_nodes[n, j],
+                         self.b_nodes[n, j + 1])
+                + (1.0 - wl) * self.shift_nodes[n, j] + wl * self.shift_nodes[n, j + 1])
+
+
+    def _x_moments(self):
+        """(E x, Var x, E e^x) under q with eta free, accumulated over the moment rule (cached)."""
+        if getattr(self, "_moments", None) is None:
+            self._moments = self._compute_x_moments()
+        return self._moments
+
+    def _compute_x_moments(self):
+        pts, wq = self._eta_quadrature()
+        v_nodes = self.v_nodes
+        n = np.arange(self.N)
+        ex = np.zeros(self.x_map.shape)
+        ex2 = np.zeros(self.x_map.shape)
+        eexp = np.zeros(self.x_map.shape)
+        for q in range(pts.shape[0]):
+            j, w = self._node_pos(pts[q])
+            m = self._cond_mean(pts[q], j, w)
+            v0, v1 = v_nodes[n, j], v_nodes[n, j + 1]
+            ww = wq[q][:, None]
+            wl = w[:, None]
+            ex += ww * m
+            ex2 += ww * (m * m + (1 - wl) * v0 + wl * v1)
+            with np.errstate(over="ignore"):
+                eexp += ww * np.exp(m) * ((1 - wl) * np.exp(0.5 * v0) + wl * np.exp(0.5 * v1))
+        return ex, np.maximum(ex2 - ex * ex, 0.0), eexp
+
+    def mean_x(self, eta: str = "free") -> np.ndarray:
+        """E[x] = int q(eta) m(eta) d eta (eta="free"); eta="map": the Gaussian posterior's x_hat."""
+        if _check_eta(eta) == "map":
+            return self.gaussian.mean_x("map")
+        return self._x_moments()[0]
+
+    def sd_x(self, eta: str = "free") -> np.ndarray:
+        """Posterior SD of x: sqrt(E_q[v(eta) + m(eta)^2] - (E x)^2) (eta="free");
+        eta="map": sqrt(diag A^{-1}) of the Gaussian posterior at eta_hat."""
+        if _check_eta(eta) == "map":
+            return self.gaussian.sd_x("map")
+        return np.sqrt(self._x_moments()[1])
+
+    def expected_exp_x(self, eta: str = "free") -> np.ndarray:
+        """E[e^x] = int q(eta) sum_i w_i e^{m(eta) + v_i/2} d eta (eta="free"), the Gaussian's with eta="map"."""
+        if _check_eta(eta) == "map":
+            return self.gaussian.expected_exp_x("map")
+        return self._x_moments()[2]
+
+    # --- draws and density -----------------------------------------------------------------------
+    def sample_eta(self, rng: np.random.Generator, n_draws: int) -> np.ndarray:
+        """Exact draws from q(eta) (S, N) by inverse CDF of the piecewise-exponential density."""
+        N = self.N
+        U = rng.random((n_draws, N))
+        i = _segment_cdf(self.cdf, U)
+        n = np.arange(N)
+        c0, c1 = self.cdf[n, i], self.cdf[n, i + 1]
+        r = np.clip((U - c0) / np.maximum(c1 - c0, 1e-300), 0.0, 1.0)
+        g0, g1 = self.grid[n, i], self.grid[n, i + 1]
+        d = self.log_q_grid[n, i + 1] - self.log_q_grid[n, i]
+        small = np.abs(d) < 1e-8
+        ds = np.where(small, 1.0, d)
+        with np.errstate(over="ignore", invalid="ignore"):
+            frac = np.where(small, r, np.log1p(r * np.expm1(ds)) / ds)
+        return g0 + np.clip(frac, 0.0, 1.0) * (g1 - g0)
+
+    def sample(self, rng: np.random.Generator, n_draws: int, eta: str = "free"):
+        """Draws (x (S, N, G), eta (S, N)): eta ~ q(eta), node i in {j, j+1} with probabilities
+        (1 - w, w), x = m(eta) + e1 / sqrt(m_i) + r_i (W L_{S,i}^{-T} e2) (covariance A_i^{-1},
+        ``PosteriorPrecision.sample``). eta="map": the Gaussian posterior's draws at eta_hat."""
+        if _check_eta(eta) == "map":
+            return self.gaussian.sample(rng, n_draws, eta="map")
+        e = self.sample_eta(rng, n_draws)
+        j, w = self._node_pos(e)
+        comp = j + (rng.random(e.shape) < w)
+        m = self._cond_mean(e, j, w)
+        cov = self._cov()
+        n = np.arange(self.N)
+        lam = self.lam_nodes[n, comp]  # (S, N, G)
+        mm = lam + cov.dinv
+        rr = 1.0 / (1.0 + lam * cov.d)
+        LT_inv = np.linalg.inv(np.swapaxes(self.L_S_nodes, -1, -2))  # (N, J, k, k)
+        e1 = rng.standard_normal(m.shape)
+        e2 = rng.standard_normal(e.shape + (cov.k,))
+        y = np.einsum("snab,snb->sna", LT_inv[n, comp], e2)
+        return m + e1 / np.sqrt(mm) + rr * (y @ cov.W.T), e
+
+    def logpdf(self, x: np.ndarray, eta: np.ndarray) -> np.ndarray:
+        """log q(x, eta) = log q(eta) + log[(1 - w) N(x | m, A_j^{-1}) + w N(x | m, A_{j+1}^{-1})], (S, N)."""
+        x = np.asarray(x, dtype=float)
+        eta = np.asarray(eta, dtype=float)
+        le = self.eta_logpdf(eta)
+        j, w = self._node_pos(eta)
+        r = x - self._cond_mean(eta, j, w)
+        cov = self._cov()
+        qs = cov.quad(r)  # r^T Sigma^{-1} r, shared by both components
+        n = np.arange(self.N)
+        ld = self._node_logdet()
+        comps = []
+        for jj, ww in ((j, 1.0 - w), (j + 1, w)):
+            quad = qs + np.einsum("...g,...g->...", self.lam_nodes[n, jj], r * r)
+            with np.errstate(divide="ignore"):
+                comps.append(np.log(ww) - 0.5 * (x.shape[-1] * LOG_2PI - ld[n, jj] + quad))
+        return le + np.logaddexp(comps[0], comps[1])
+
+    def _node_logdet(self) -> np.ndarray:
+        N, J, G = self.x_nodes.shape
+        k = self.S_nodes.shape[-1]
+        P = PosteriorPrecision.from_factor(self._cov(), self.lam_nodes.reshape(N * J, G),
+                                           self.S_nodes.reshape(N * J, k, k), self.L_S_nodes.reshape(N * J, k, k))
+        return P.logdet().reshape(N, J)
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        """The per-cell arrays of the posterior (all but ``gaussian``), e.g. for ``save``."""
+        return {k: getattr(self, k) for k in _ARRAYS}
+
+    def subset(self, idx) -> "EtaMarginalPosterior":
+        """The posteriors of a subset of cells (index or boolean mask)."""
+        return EtaMarginalPosterior(gaussian=self.gaussian.subset(idx),
+                                    **{k: getattr(self, k)[idx] for k in _ARRAYS})
+
+
+_ARRAYS = ("nodes", "log_p_nodes", "x_nodes", "b_nodes", "lam_nodes", "S_nodes", "L_S_nodes", "grid",
+           "log_q_grid", "cdf", "log_evidence", "node_iter", "node_converged", "n_widen", "v_nodes",
+           "shift_nodes")
+
+
+def _segment_cdf(cdf: np.ndarray, U: np.ndarray) -> np.ndarray:
+    """Segment i with cdf_i <= U < cdf_{i+1} per cell, cdf (N, F) non-decreasing in [0, 1]."""
+    N, F = cdf.shape
+    flat = (cdf * 0.999999 + 2.0 * np.arange(N)[:, None]).reshape(-1)
+    v = U * 0.999999 + 2.0 * np.arange(N)
+    i = np.searchsorted(flat, v, side="right") - 1 - np.arange(N) * F
+    return np.clip(i, 0, F - 2)
+
+
+def _check_eta(eta: str) -> str:
+    if eta not in ("free", "map"):
+        raise ValueError('eta must be "free" or "map"')
+    return eta
+
+
+def _nodes_for(lo: np.ndarray, hi: np.ndarray, J: int) -> np.ndarray:
+    return lo[:, None] + np.linspace(0.0, 1.0, J)[None] * (hi - lo)[:, None]
+
+
+def _evaluate_nodes(u, lgam, m, sigma_M, gauss: CellPosteriors, curv, cells, nodes, cov, mu, tol, max_iter,
+                    mean_correction):
+    """x*(eta), log p~(eta), b, the factorisation, diag A^{-1} and the mean correction at nodes
+    (n, J) of cells ``cells``."""
+    n, J = nodes.shape
+    G = u.shape[1]
+    uu = np.repeat(u[cells], J, axis=0)
+    eta = nodes.reshape(-1)
+    dn = (nodes - gauss.eta_map[cells][:, None])[..., None]
+    x0 = (gauss.x_map[cells][:, None, :] + gauss.b[cells][:, None, :] * dn
+          + 0.5 * curv[cells][:, None, :] * dn * dn).reshape(n * J, G)
+    x, f, A, it, conv = x_newton_fixed_eta(uu, x0, eta, mu, cov, tol=tol, max_iter=max_iter)
+    b = A.solve(A.lam)  # dx*/d eta = A^{-1} lambda
+    v = A.inv_diag()
+    shift = -0.5 * A.solve(A.lam * v) if mean_correction else np.zeros_like(x)
+    mm = np.repeat(m[cells], J)
+    logp = (f - np.repeat(lgam[cells], J) - 0.5 * cov.logdet()
+            + truncnorm.logpdf(eta, mm, sigma_M) - 0.5 * A.logdet())
+    k = cov.k
+    return (x.reshape(n, J, G), logp.reshape(n, J), b.reshape(n, J, G), A.lam.reshape(n, J, G),
+            A.S.reshape(n, J, k, k), A.L_S.reshape(n, J, k, k), it.reshape(n, J), conv.reshape(n, J),
+            v.reshape(n, J, G), shift.reshape(n, J, G))
+
+
+def eta_marginal(
+    counts: np.ndarray,
+    gaussian: CellPosteriors,
+    log_anchor: np.ndarray | None = None,
+    *,
+    n_nodes: int = 5,
+    width: tuple[float, float] = (4.5, 5.5),
+    tail_tol: float = 9.0,
+    max_widen: int = 4,
+    n_fine: int = 257,
+    tol: float = 1e-8,
+    max_iter: int = 50,
+    mean_correction: bool = True,
+    block_size: int | None = None,
+) -> EtaMarginalPosterior:
+    """The eta-marginal Laplace posterior of N cells (module docstring) from their Gaussian
+    Laplace posterior ``gaussian`` (``laplace.newton_map`` of the same counts and params).
+
+    counts : (N, G) counts u; log_anchor : log L_c of the capture prior (default: the one stored
+    in ``gaussian``, else the realised library size, ``anchor.resolve_log_anchor``).
+    n_nodes : J nodes per cell; width : (below, above) the mode in Gaussian SDs of the first
+    window; tail_tol : log density drop at the window ends (nats) below which the tail is
+    negligible, else that side widens by 1.6 (at most ``max_widen`` times); n_fine : points of the
+    piecewise-exponential q(eta); tol : x-Newton decrement tolerance; mean_correction : shift the
+    mean of x | eta from the mode x*(eta) by the third-order term delta(eta) (module docstring;
+    False: x | eta centred at the mode); block_size : cells per block.
+    """
+    params = gaussian.params
+    if params.capture is None:
+        raise ValueError("the eta-marginal posterior needs capture (params.capture is None: eta is fixed at 0)")
+    u = np.asarray(counts, dtype=float)
+    if u.shape != gaussian.x_map.shape:
+        raise ValueError(f"counts have shape {u.shape} but the Gaussian posterior has {gaussian.x_map.shape}")
+    if n_nodes < 4:
+        raise ValueError(f"n_nodes must be >= 4 (a cubic spline through the nodes), got {n_nodes}")
+    N, G = u.shape
+    if log_anchor is None and gaussian.log_anchor is not None:
+        log_anchor = gaussian.log_anchor
+    la = resolve_log_anchor(u, log_anchor)
+    if block_size is None:
+        block_size = max(8, (1 << 18) // (G * n_nodes))
+    if N > block_size:
+        parts = [eta_marginal(u[lo:lo + block_size], gaussian.subset(slice(lo, lo + block_size)),
+                              la[lo:lo + block_size], n_nodes=n_nodes, width=width, tail_tol=tail_tol,
+                              max_widen=max_widen, n_fine=n_fine, tol=tol, max_iter=max_iter,
+                              mean_correction=mean_correction, block_size=block_size)
+                 for lo in range(0, N, block_size)]
+        return _concatenate(gaussian, parts)
+    cov = gaussian.precision.cov
+    mu = params.mu
+    m = params.capture.prior_mean(la)
+    sigma_M = params.capture.sigma_M
+    lgam = gammaln(u + 1.0).sum(axis=1)
+    sd = 1.0 / np.sqrt(gaussian.s)
+    # window centre: one Newton step on log p~ from the joint mode. There d/d eta of
+    # log p(u, x*(eta), eta) is 0 and d/d eta [-1/2 log det A] = 1/2 sum_g diag(A^{-1})_g lambda_g bbar_g
+    # (d lambda / d eta = -lambda bbar), with curvature about -s; the log-determinant term moves the
+    # marginal's mode up by about 1 SD at G = 200 (more with more genes)
+    A0 = gaussian.precision
+    slope = 0.5 * np.einsum("ng,ng->n", A0.inv_diag() * A0.lam, gaussian.bbar)
+    centre = gaussian.eta_map + slope / gaussian.s
+    # warm starts x_hat + b D + c D^2 / 2 (D = eta - eta_hat): differentiating A b = lambda along
+    # x*(eta) gives A c = -lambda bbar^2, the curvature of x*(eta) at the mode
+    curv = -A0.solve(A0.lam * gaussian.bbar**2)
+    below = np.full(N, width[0])
+    above = np.full(N, width[1])
+    J = n_nodes
+    out = {}
+    n_widen = np.zeros(N, dtype=int)
+    todo = np.arange(N)
+    for rnd in range(max_widen + 1):
+        lo = np.maximum(centre[todo] - below[todo] * sd[todo], 0.0)
+        hi = centre[todo] + above[todo] * sd[todo]
+        nodes = _nodes_for(lo, hi, J)
+        res = _evaluate_nodes(u, lgam, m, sigma_M, gaussian, curv, todo, nodes, cov, mu, tol, max_iter,
+                              mean_correction)
+        for name, val in zip(("x", "logp", "b", "lam", "S", "LS", "it", "conv", "v", "shift"), res):
+            if name not in out:
+                out[name] = np.empty((N,) + val.shape[1:], dtype=val.dtype)
+            out[name][todo] = val
+        out.setdefault("nodes", np.empty((N, J)))[todo] = nodes
+        logp = res[1]
+        top = logp.max(axis=1)
+        wide_hi = logp[:, -1] > top - tail_tol
+        wide_lo = (logp[:, 0] > top - tail_tol) & (lo > 0)
+        widen = wide_hi | wide_lo
+        if rnd == max_widen or not widen.any():
+            break
+        above[todo[wide_hi]] *= 1.6
+        below[todo[wide_lo]] *= 1.6
+        todo = todo[widen]
+        n_widen[todo] += 1
+    nodes, logp = out["nodes"], out["logp"]
+    tau = np.linspace(0.0, 1.0, J)
+    spline = CubicSpline(tau, logp.T, axis=0, bc_type="not-a-knot")
+    tf = np.linspace(0.0, 1.0, n_fine)
+    log_fine = spline(tf).T  # (N, F)
+    grid = nodes[:, :1] + tf[None] * (nodes[:, -1:] - nodes[:, :1])
+    logZ, cdf = _piecewise_exp_cdf(grid, log_fine)
+    return EtaMarginalPosterior(
+        gaussian=gaussian, nodes=nodes, log_p_nodes=logp, x_nodes=out["x"], b_nodes=out["b"],
+        lam_nodes=out["lam"], S_nodes=out["S"], L_S_nodes=out["LS"], grid=grid,
+        log_q_grid=log_fine - logZ[:, None], cdf=cdf, log_evidence=logZ, node_iter=out["it"],
+        node_converged=out["conv"], n_widen=n_widen, v_nodes=out["v"], shift_nodes=out["shift"])
+
+
+def _concatenate(gaussian: CellPosteriors, parts: list[EtaMarginalPosterior]) -> EtaMarginalPosterior:
+    return EtaMarginalPosterior(gaussian=gaussian,
+                                **{k: np.concatenate([getattr(p, k) for p in parts]) for k in _ARRAYS})
