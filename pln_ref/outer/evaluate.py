@@ -60,12 +60,15 @@ __all__ = ["laplace_objective", "laplace_terms", "LaplaceTerms", "Evaluator", "E
 class LaplaceTerms(NamedTuple):
     """l (N,) per-cell evidence; grad {"mu", "W", "d"} of sum_c l_c (None without gradient);
     wx (N, G) x-part of the adjoint w = (-H)^{-1} r (with the truncation term's r; None when
-    ift=False); kappa (N,) truncation coefficient d c / d s (None without truncation)."""
+    ift=False); kappa (N,) truncation coefficient d c / d s (None without truncation); info_mu (G,)
+    sum_c diag(Sigma^{-1} - Sigma^{-1} C_c Sigma^{-1}) = sum_c (lambda - lambda^2 diag A^{-1} - q^2/s),
+    the observed information of each mu_g at fixed MAPs (the L-BFGS preconditioner)."""
 
     l: np.ndarray
     grad: dict | None
     wx: np.ndarray | None
     kappa: np.ndarray | None
+    info_mu: np.ndarray | None = None
 
 
 def laplace_terms(
@@ -168,7 +171,8 @@ def laplace_terms(
         g_d -= 0.5 * (alpha * beta).sum(axis=0)
     else:
         wx = None
-    return LaplaceTerms(l, {"mu": g_mu, "W": g_W, "d": g_d}, wx, kappa if trunc else None)
+    return LaplaceTerms(l, {"mu": g_mu, "W": g_W, "d": g_d}, wx, kappa if trunc else None,
+                        -diag2.sum(axis=0))
 
 
 def laplace_objective(

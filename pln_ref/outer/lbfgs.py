@@ -54,23 +54,42 @@ def from_z(z: np.ndarray, G: int, k: int):
     return z[:G], z[G:G + G * k].reshape(G, k), D_FLOOR + s * s
 
 
-def _two_loop(g, S, Y):
-    """p = -H g, H the L-BFGS inverse-Hessian approximation from pairs (S, Y) (oldest first)."""
+def _two_loop(g, S, Y, D=None):
+    """p = -H g, H the L-BFGS inverse-Hessian approximation from pairs (S, Y) (oldest first),
+    with initial matrix H0 = gamma D (D a diagonal preconditioner, default I;
+    gamma = s^T y / y^T D y of the newest pair)."""
     q = g.copy()
+    if D is None:
+        D = np.ones_like(g)
     if not S:
-        return -q
+        return -D * q
     rho = [1.0 / float(np.dot(y, s)) for s, y in zip(S, Y)]
     alpha = []
     for s, y, r in zip(reversed(S), reversed(Y), reversed(rho)):
         a = r * float(np.dot(s, q))
         alpha.append(a)
         q -= a * y
-    gamma = float(np.dot(S[-1], Y[-1]) / np.dot(Y[-1], Y[-1]))
-    q *= gamma
+    gamma = float(np.dot(S[-1], Y[-1]) / np.dot(Y[-1], D * Y[-1]))
+    q *= gamma * D
     for (s, y, r), a in zip(zip(S, Y, rho), reversed(alpha)):
         b = r * float(np.dot(y, q))
         q += (a - b) * s
     return -q
+
+
+def _preconditioner(ev: Evaluator, z, G, k):
+    """Diagonal inverse-curvature estimate D of F at z from the last evaluation (at z): with
+    h_g = mean_c (lambda - lambda^2 diag A^{-1} - q^2/s)_g the observed information of mu_g,
+    curvature h_g for mu_g and for each W_ga, and 2 s_g^2 h_g^2 for s_g (the Fisher information
+    1/(2 d^2) of a variance, times (dd/ds)^2 = 4 s^2). D = 1 / max(curvature, 1e-8 max)."""
+    last = ev._last
+    if last is None or last[1].terms.info_mu is None:
+        return None
+    h = np.maximum(last[1].terms.info_mu / ev.u.shape[0], 0.0)
+    s = z[G + G * k:]
+    curv = np.concatenate([h, np.repeat(h, k), 2.0 * s * s * h * h])
+    curv = np.maximum(curv, 1e-8 * max(float(curv.max()), 1e-300))
+    return 1.0 / curv
 
 
 def _line_search(fg, z, F0, g0, p, t0=1.0, c1=1e-4, c2=0.9, max_evals=30):
@@ -110,7 +129,7 @@ def _line_search(fg, z, F0, g0, p, t0=1.0, c1=1e-4, c2=0.9, max_evals=30):
 
 def run_lbfgs(ev: Evaluator, st: LaplaceFitState, *, n_steps: int, gtol: float, rule: StopRule,
               memory: int = 20, checkpoint: str | None = None, checkpoint_every: int = 50,
-              progress: bool = True) -> LaplaceFitState:
+              progress: bool = True, precondition: bool = True) -> LaplaceFitState:
     """L-BFGS from the state's globals (module docstring) until ``rule`` or ``n_steps``; updates
     and returns ``st`` (globals, pairs, MAPs, history, best, stop rule and message)."""
     G, k = st.W.shape
@@ -150,7 +169,8 @@ def run_lbfgs(ev: Evaluator, st: LaplaceFitState, *, n_steps: int, gtol: float, 
             st.best_value = -F
             mu, W, d = from_z(z, G, k)
             st.best = {"mu": mu.copy(), "W": W.copy(), "rho": np.log(d)}
-        p = _two_loop(g, S, Y)
+        D = _preconditioner(ev, z, G, k) if precondition else None
+        p = _two_loop(g, S, Y, D)
         if not S:  # first step: at most 0.1 per coordinate
             p *= min(1.0, 0.1 / max(float(np.max(np.abs(p))), 1e-300))
         gap_qn = quasi_newton_gap(g, p)
