@@ -170,7 +170,7 @@ class PosteriorPrecision:
         b = np.asarray(b, dtype=float)
         if b.ndim == 2:
             t = (self.r * b) @ self.cov.W  # (N, k)
-            s = _batched_cho_solve(self.L_S, t)
+            s = np.einsum("nab,nb->na", self.S_inv(), t)  # S^{-1} cached: one inversion per factorisation
             return b / self.m + self.r * (s @ self.cov.W.T)
         if b.ndim == 3:
             # one (N x G) @ (G x k) GEMM per right-hand side beats batched tiny GEMMs

@@ -185,3 +185,25 @@ def test_s_inverse_is_cached():
     A = post.precision
     assert A.S_inv() is A.S_inv()
     np.testing.assert_allclose(A.S_inv() @ A.S, np.broadcast_to(np.eye(2), A.S.shape), atol=1e-10)
+
+
+def test_corrected_em_has_the_laplace_optimum_as_fixed_point():
+    """The corrected EM map (adjoint w and truncation kappa) leaves the optimum of the evidence in
+    place (to 1e-6); the plain Laplace-EM map (w = 0, kappa = 0) moves it."""
+    from pln_ref.outer.em import em_update
+    from pln_ref.outer.evaluate import Evaluation
+
+    p, u, la = _sim()
+    init = initial_globals(u, 2, p.capture, la).params
+    _, q = optimize_globals(u, init, la, gtol=1e-9, gap_tol=1e-11, progress=False)
+    ev = Evaluator(u, la, p.capture)
+    e = ev(q.mu, q.W, q.d, gtol=1e-10)
+    mu2, W2, d2 = em_update(ev, e, q.mu, q.W, q.d)
+    S = q.sigma_dense()
+    moved = max(np.abs(mu2 - q.mu).max(), np.abs(W2 @ W2.T + np.diag(d2) - S).max())
+    plain_terms = e.terms._replace(wx=np.zeros_like(e.terms.wx), kappa=np.zeros_like(e.terms.kappa))
+    mu3, W3, d3 = em_update(ev, Evaluation(e.value, e.grad, e.post, e.gtol, plain_terms), q.mu, q.W, q.d)
+    moved_plain = max(np.abs(mu3 - q.mu).max(), np.abs(W3 @ W3.T + np.diag(d3) - S).max())
+    print(f"corrected EM moves the optimum by {moved:.1e}, plain EM by {moved_plain:.1e}")
+    assert moved < 1e-6
+    assert moved_plain > 1e-3
