@@ -164,7 +164,7 @@ def _fit_laplace(u, k, cap, log_anchor, cfg: LaplaceConfig, *, anchor, progress,
     start = initial_globals(u, k, cap, log_anchor, raise_d_start=cfg.raise_d, seed=cfg.seed)
     init = start.params
     options = {"optimizer": cfg.optimizer, "ift": cfg.ift, "batch_size": cfg.batch_size,
-               "raise_d": cfg.raise_d}
+               "raise_d": cfg.raise_d, "em_cycles": cfg.em_cycles}
     fingerprint = data_fingerprint(u, log_anchor, cap, k, options)
     state = None
     if cfg.resume is not None:
@@ -178,7 +178,7 @@ def _fit_laplace(u, k, cap, log_anchor, cfg: LaplaceConfig, *, anchor, progress,
         u, init, log_anchor, n_steps=cfg.n_steps, lr=cfg.lr, batch_size=cfg.batch_size, ift=cfg.ift,
         seed=cfg.seed, gtol=cfg.gtol, checkpoint=cfg.checkpoint, checkpoint_every=cfg.checkpoint_every,
         resume=state, progress=progress, optimizer=cfg.optimizer, gap_tol=cfg.gap_tol,
-        fingerprint=fingerprint,
+        fingerprint=fingerprint, em_cycles=cfg.em_cycles,
     )
     cells = newton_map(u, params, log_anchor, x0=st.x_map, eta0=st.eta_map, gtol=cfg.gtol)
     history = np.asarray(st.history, dtype=float).reshape(-1, 3)

@@ -41,7 +41,8 @@ class LaplaceConfig:
     write it every that many steps (and at the end); resume : such a checkpoint to continue from
     (refused if it was written for other data or options); gap_tol : L-BFGS certificate on the
     estimated evidence gap, nats/cell; raise_d : start from the method of moments with d raised
-    where lambda d << 1 (``pln_ref.outer.start``).
+    where lambda d << 1 (``pln_ref.outer.start``); em_cycles : SQUAREM cycles of the corrected EM
+    before L-BFGS (``pln_ref.outer.em``; 0 = none).
     """
 
     n_steps: int = 2000
@@ -56,11 +57,14 @@ class LaplaceConfig:
     resume: str | None = None
     gap_tol: float = 1e-4
     raise_d: bool = True
+    em_cycles: int = 0
 
     def __post_init__(self) -> None:
         _positive_int(self, "n_steps")
         _positive_int(self, "checkpoint_every")
         _positive_float(self, "gap_tol")
+        if isinstance(self.em_cycles, bool) or not isinstance(self.em_cycles, int) or self.em_cycles < 0:
+            raise ValueError(f"em_cycles must be an integer >= 0, got {self.em_cycles!r}")
         if self.batch_size is not None:
             _positive_int(self, "batch_size")
         _positive_float(self, "lr")

@@ -54,6 +54,7 @@ def optimize_globals(
     truncation: bool = True,
     gap_tol: float = 1e-4,
     fingerprint: dict | None = None,
+    em_cycles: int = 0,
 ) -> tuple[LaplaceFitState, PLNParams]:
     """Maximise L(theta) = mean_c l_c(theta) from ``init`` (or ``resume``); returns the final state
     and the best globals.
@@ -65,7 +66,8 @@ def optimize_globals(
     ``resume=LaplaceFitState.load(path)`` continues it. ``fingerprint`` (``data_fingerprint``): stored
     in the checkpoint; when resuming, a checkpoint whose fingerprint differs is refused (ValueError
     naming what differs). Wall and CPU time accumulate over resumes (``state.elapsed_s``,
-    ``state.elapsed_cpu_s``).
+    ``state.elapsed_cpu_s``). ``em_cycles``: SQUAREM cycles of the corrected EM
+    (``pln_ref.outer.em``) before L-BFGS on a fresh fit (each cycle costs about three evaluations).
     """
     if optimizer not in ("adam", "lbfgs"):
         raise ValueError(f'optimizer must be "adam" or "lbfgs", got {optimizer!r}')
@@ -87,6 +89,11 @@ def optimize_globals(
     ev = Evaluator(u, log_anchor, init.capture, ift=ift, truncation=truncation,
                    x_map=st.x_map, eta_map=st.eta_map)
     try:
+        if em_cycles and resume is None and optimizer == "lbfgs":
+            from .outer.em import squarem
+
+            mu, W, d, _, _ = squarem(ev, st.mu, st.W, np.exp(st.rho), n_cycles=em_cycles)
+            st.mu, st.W, st.rho = mu, W, np.log(d)
         if optimizer == "lbfgs":
             run_lbfgs(ev, st, n_steps=n_steps, gtol=gtol, rule=StopRule(gap_tol=gap_tol),
                       checkpoint=checkpoint, checkpoint_every=checkpoint_every, progress=progress)

@@ -81,15 +81,19 @@ def _preconditioner(ev: Evaluator, z, G, k):
     """Diagonal inverse-curvature estimate D of F at z from the last evaluation (at z): with
     h_g = mean_c (lambda - lambda^2 diag A^{-1} - q^2/s)_g the observed information of mu_g,
     curvature h_g for mu_g and for each W_ga, and 2 s_g^2 h_g^2 for s_g (the Fisher information
-    1/(2 d^2) of a variance, times (dd/ds)^2 = 4 s^2). D = 1 / max(curvature, 1e-8 max)."""
+    1/(2 d^2) of a variance, times (dd/ds)^2 = 4 s^2). D = 1 / max(curvature, 1e-3 median) (the floor keeps coordinates
+    with almost no information, e.g. s of a weakly expressed gene, from taking huge trial steps)."""
     last = ev._last
     if last is None or last[1].terms.info_mu is None:
         return None
     h = np.maximum(last[1].terms.info_mu / ev.u.shape[0], 0.0)
     s = z[G + G * k:]
     curv = np.concatenate([h, np.repeat(h, k), 2.0 * s * s * h * h])
-    curv = np.maximum(curv, 1e-8 * max(float(curv.max()), 1e-300))
+    curv = np.maximum(curv, 1e-3 * max(float(np.median(curv)), 1e-300))
     return 1.0 / curv
+
+
+LS_COUNTS = {"extrapolate": 0, "backtrack": 0, "accept": 0}
 
 
 def _line_search(fg, z, F0, g0, p, t0=1.0, c1=1e-4, c2=0.9, max_evals=30):
@@ -102,6 +106,7 @@ def _line_search(fg, z, F0, g0, p, t0=1.0, c1=1e-4, c2=0.9, max_evals=30):
     for _ in range(max_evals):
         F, g = fg(z + t * p)
         if not np.isfinite(F) or F > F0 + c1 * t * slope0:
+            LS_COUNTS["backtrack"] += 1
             hi = t
             if np.isfinite(F):  # safeguarded quadratic interpolation of F along p
                 denom = 2.0 * (F - F0 - slope0 * t)
@@ -112,6 +117,7 @@ def _line_search(fg, z, F0, g0, p, t0=1.0, c1=1e-4, c2=0.9, max_evals=30):
             continue
         slope = float(np.dot(g, p))
         if slope < c2 * slope0 and math.isinf(hi):
+            LS_COUNTS["extrapolate"] += 1
             lo = t  # still steep: extrapolate
             t *= 2.0
             continue
@@ -119,6 +125,7 @@ def _line_search(fg, z, F0, g0, p, t0=1.0, c1=1e-4, c2=0.9, max_evals=30):
             lo = t
             t = 0.5 * (lo + hi)
             continue
+        LS_COUNTS["accept"] += 1
         return t, F, g
     # evaluation budget spent: accept the last Armijo point if there was one
     if lo > 0:
@@ -129,7 +136,7 @@ def _line_search(fg, z, F0, g0, p, t0=1.0, c1=1e-4, c2=0.9, max_evals=30):
 
 def run_lbfgs(ev: Evaluator, st: LaplaceFitState, *, n_steps: int, gtol: float, rule: StopRule,
               memory: int = 20, checkpoint: str | None = None, checkpoint_every: int = 50,
-              progress: bool = True, precondition: bool = True) -> LaplaceFitState:
+              progress: bool = True, precondition: bool = True, max_step: float = 1.0) -> LaplaceFitState:
     """L-BFGS from the state's globals (module docstring) until ``rule`` or ``n_steps``; updates
     and returns ``st`` (globals, pairs, MAPs, history, best, stop rule and message)."""
     G, k = st.W.shape
@@ -171,8 +178,10 @@ def run_lbfgs(ev: Evaluator, st: LaplaceFitState, *, n_steps: int, gtol: float, 
             st.best = {"mu": mu.copy(), "W": W.copy(), "rho": np.log(d)}
         D = _preconditioner(ev, z, G, k) if precondition else None
         p = _two_loop(g, S, Y, D)
-        if not S:  # first step: at most 0.1 per coordinate
-            p *= min(1.0, 0.1 / max(float(np.max(np.abs(p))), 1e-300))
+        # first step: at most 0.1 per coordinate; later at most max_step (trial points far from
+        # the iterate cost many Newton iterations and are mostly rejected)
+        cap = 0.1 if not S else max_step
+        p *= min(1.0, cap / max(float(np.max(np.abs(p))), 1e-300))
         gap_qn = quasi_newton_gap(g, p)
         st.gap_estimate = rule.estimate(gap_qn, gains)
         stop = rule.check(gap_qn, gains, float(np.max(np.abs(g))))
