@@ -80,15 +80,19 @@ def _two_loop(g, S, Y, D=None):
 def _preconditioner(ev: Evaluator, z, G, k):
     """Diagonal inverse-curvature estimate D of F at z from the last evaluation (at z): with
     h_g = mean_c (lambda - lambda^2 diag A^{-1} - q^2/s)_g the observed information of mu_g,
-    curvature h_g for mu_g and for each W_ga, and 2 s_g^2 h_g^2 for s_g (the Fisher information
-    1/(2 d^2) of a variance, times (dd/ds)^2 = 4 s^2). D = 1 / max(curvature, 1e-3 median) (the floor keeps coordinates
+    curvature h_g for mu_g and for each W_ga, and 2 s_g^2 h_g^2 + max(-2 dL/dd_g, 0) for s_g (the
+    Fisher information 1/(2 d^2) of a variance times (dd/ds)^2 = 4 s^2, plus the 2 F_d term of
+    F_ss that dominates for genes pressing on the floor). D = 1 / max(curvature, 1e-3 median) (the floor keeps coordinates
     with almost no information, e.g. s of a weakly expressed gene, from taking huge trial steps)."""
     last = ev._last
     if last is None or last[1].terms.info_mu is None:
         return None
     h = np.maximum(last[1].terms.info_mu / ev.u.shape[0], 0.0)
     s = z[G + G * k:]
-    curv = np.concatenate([h, np.repeat(h, k), 2.0 * s * s * h * h])
+    g_d = last[1].grad["d"]
+    # F_ss = 4 s^2 F_dd + 2 F_d: near s = 0 (a gene pressing on the floor, dL/dd < 0) the second
+    # term dominates; without it those genes creep to the floor geometrically
+    curv = np.concatenate([h, np.repeat(h, k), 2.0 * s * s * h * h + np.maximum(-2.0 * g_d, 0.0)])
     curv = np.maximum(curv, 1e-3 * max(float(np.median(curv)), 1e-300))
     return 1.0 / curv
 
