@@ -20,8 +20,8 @@ Per case: ``pln_ref.fit(u, k=k)`` with its defaults (capture "auto" on the real 
 time (``time.process_time``), outer steps, CPU per outer step, the stop rule and message, Newton
 iterations; then PlnPCA(rank=k) with offsets = log library size, ``fit(maxiter=5000, tol=1e-6)``
 (its own tolerance), CPU time and iterations; the CPU ratio. The **reference** of each data set is
-the pln-ref fit continued by L-BFGS to a tight tolerance (gap_tol 1e-9 nats/cell, Newton gtol 1e-9),
-(gap_tol 1e-7 nats/cell, Newton gtol 1e-8) cached in ``results/reference_<case>.npz`` (rerun with ``--refresh-reference``); the **gap** is
+the pln-ref fit continued by L-BFGS to a tight tolerance (gap_tol 1e-7 nats/cell, Newton gtol 1e-8),
+cached in ``results/reference_<case>.npz`` (rerun with ``--refresh-reference``); the **gap** is
 reference evidence - fit evidence in nats/cell, both evaluated at Newton gtol 1e-9. "patience share":
 the share of outer steps taken after the objective first came within 1e-3 nats/cell of the
 reference (0 means the rule stopped the first step it could). Simulated case: RMSE of the
