@@ -87,8 +87,9 @@ def fit(
     seed : the method's seed (default 0).
     config : the method's options as a ``pln_ref.LaplaceConfig`` / ``pln_ref.VAEConfig``.
     **options : fields of that config as keywords, e.g. ``n_steps``, ``batch_size``, ``lr``;
-        Laplace also ``optimizer`` ("adam" | "lbfgs"), ``ift``, ``gtol``, ``checkpoint`` (an .npz
-        written atomically during the fit), ``resume`` (such a path to continue from); VAE
+        Laplace also ``optimizer`` ("lbfgs" | "adam"), ``ift``, ``gtol``, ``checkpoint`` (an .npz
+        written atomically during the fit), ``checkpoint_every``, ``resume`` (such a path to
+        continue from; refused if written for other data), ``gap_tol``, ``raise_d``; VAE
         ``hidden``, ``patience``, ... An option the method does not have raises ValueError;
         None means the method's default.
 
@@ -110,10 +111,7 @@ def fit(
         res = fit_vae(u, k, capture=cap, log_anchor=log_anchor, progress=progress, config=cfg, **names)
         res.settings["anchor"] = anchor
         return res
-    return _fit_laplace(u, k, cap, log_anchor, anchor=anchor, n_steps=cfg.n_steps, batch_size=cfg.batch_size,
-                        lr=cfg.lr, optimizer=cfg.optimizer, ift=cfg.ift, gtol=cfg.gtol,
-                        seed=cfg.seed, checkpoint=cfg.checkpoint, resume=cfg.resume, progress=progress,
-                        checkpoint_every=cfg.checkpoint_every, **names)
+    return _fit_laplace(u, k, cap, log_anchor, cfg, anchor=anchor, progress=progress, **names)
 
 
 def _names(data) -> dict:
@@ -153,47 +151,59 @@ def _prepare(data, k, layer, capture, M0, sigma_M, capture_efficiency, library_s
     return u, cap, log_anchor, names
 
 
-def _fit_laplace(u, k, cap, log_anchor, *, anchor, n_steps, batch_size, lr, optimizer, ift, gtol, seed,
-                 checkpoint, resume, progress, gene_names, cell_names, checkpoint_every=50):
-    from .fit_laplace import LaplaceFitState, laplace_objective, optimize_globals
+def _fit_laplace(u, k, cap, log_anchor, cfg: LaplaceConfig, *, anchor, progress, gene_names, cell_names):
+    """Start (``pln_ref.outer.start``), outer optimisation (``optimize_globals``), final posteriors.
+
+    A resumed fit keeps the wall and CPU time of its earlier runs (``wall_time_s``, ``cpu_time_s``
+    count every run of the fit) and is refused if its checkpoint's data fingerprint differs."""
+    from .fit_laplace import LaplaceFitState, data_fingerprint, laplace_objective, optimize_globals
     from .laplace import newton_map
-    from .moments import method_of_moments
+    from .outer.start import initial_globals
     from .results import LaplaceResult, evidence_outliers
 
-    t0 = time.time()
-    init = method_of_moments(u, k, capture=cap, log_anchor=log_anchor)
+    w0, c0 = time.time(), time.process_time()
+    start = initial_globals(u, k, cap, log_anchor, raise_d_start=cfg.raise_d, seed=cfg.seed)
+    init = start.params
+    options = {"optimizer": cfg.optimizer, "ift": cfg.ift, "batch_size": cfg.batch_size,
+               "raise_d": cfg.raise_d, "em_cycles": cfg.em_cycles}
+    fingerprint = data_fingerprint(u, log_anchor, cap, k, options)
     state = None
-    if resume is not None:
-        state = LaplaceFitState.load(resume)
-        if state.W.shape != (u.shape[1], k) or (state.x_map is not None and state.x_map.shape != u.shape):
-            raise ValueError(f"checkpoint {resume} does not match this data (genes, k) = {(u.shape[1], k)}")
-        state.stopped = ""
+    if cfg.resume is not None:
+        state = LaplaceFitState.load(cfg.resume)
+        from .outer.state import check_fingerprint
+
+        check_fingerprint(state.fingerprint, fingerprint, path=f"checkpoint {cfg.resume}")
     resumed_at = None if state is None else int(state.step)
+    earlier_wall = 0.0 if state is None else state.elapsed_s
+    earlier_cpu = 0.0 if state is None else state.elapsed_cpu_s
     st, params = optimize_globals(
-        u, init, log_anchor, n_steps=n_steps, lr=lr, batch_size=batch_size, ift=ift, seed=seed,
-        gtol=gtol, checkpoint=checkpoint, checkpoint_every=checkpoint_every, resume=state,
-        progress=progress, optimizer=optimizer,
+        u, init, log_anchor, n_steps=cfg.n_steps, lr=cfg.lr, batch_size=cfg.batch_size, ift=cfg.ift,
+        seed=cfg.seed, gtol=cfg.gtol, checkpoint=cfg.checkpoint, checkpoint_every=cfg.checkpoint_every,
+        resume=state, progress=progress, optimizer=cfg.optimizer, gap_tol=cfg.gap_tol,
+        fingerprint=fingerprint, em_cycles=cfg.em_cycles,
     )
-    cells = newton_map(u, params, log_anchor, x0=st.x_map, eta0=st.eta_map, gtol=gtol)
+    cells = newton_map(u, params, log_anchor, x0=st.x_map, eta0=st.eta_map, gtol=cfg.gtol)
     history = np.asarray(st.history, dtype=float).reshape(-1, 3)
     evidence = laplace_objective(u, params, log_anchor, cells, with_grad=False)[0]
     objective = float(np.mean(evidence))
     outliers = evidence_outliers(evidence, u, cell_names, warn=True)
     settings = {
-        "inference_method": "laplace", "k": k, "n_steps": n_steps, "batch_size": batch_size,
-        "lr": lr, "optimizer": optimizer, "ift": ift, "gtol": gtol, "seed": seed,
+        "inference_method": "laplace", "k": k, **cfg.to_dict(),
         "capture": None if cap is None else {"M0": cap.M0, "sigma_M": cap.sigma_M},
         "anchor": anchor,
     }
     diagnostics = {
-        "objective": objective, "steps": st.step, "stopped": st.stopped,
-        "wall_time_s": time.time() - t0,  # of this process: a resumed fit says where it resumed
-        "resumed_from_step": resumed_at,
+        "objective": objective, "steps": st.step, "stopped": st.stopped, "stop_rule": st.stop_rule,
+        "gap_estimate": float(st.gap_estimate),
+        "wall_time_s": earlier_wall + (time.time() - w0),
+        "cpu_time_s": earlier_cpu + (time.process_time() - c0),
         "cells_converged": int(cells.converged.sum()), "max_grad_norm": float(cells.grad_norm.max()),
         "max_newton_iter": int(cells.n_iter.max()), "cells_on_bound": int(cells.on_bound.sum()),
+        "resumed_from_step": resumed_at,
         "evidence_outliers": outliers,
+        "start": start.info,
     }
     return LaplaceResult(params=params, cells=cells, history=history, settings=settings,
-                         diagnostics=diagnostics, init=init, gene_names=gene_names,
+                         diagnostics=diagnostics, init=start.moments, gene_names=gene_names,
                          cell_names=cell_names)
 

@@ -33,33 +33,46 @@ def _positive_float(cfg, name: str) -> None:
 class LaplaceConfig:
     """Options of the Laplace fit (outer optimisation of mu, W, d; see ``pln_ref.fit_laplace``).
 
-    n_steps : step cap of the outer optimiser; batch_size : cells per Adam step (None = full batch);
-    lr : Adam step size; optimizer : "adam" | "lbfgs"; ift : exact implicit-function gradient
-    (False = stop-gradient); gtol : per-cell Newton tolerance on the projected-gradient norm;
+    n_steps : step cap of the outer optimiser; batch_size : cells per Adam step (None = full batch;
+    minibatches need optimizer="adam"); lr : Adam step size; optimizer : "lbfgs" (default,
+    stopped by a certificate on the evidence gap) | "adam"; ift : exact implicit-function gradient
+    (False = stop-gradient); gtol : final per-cell Newton tolerance on the projected-gradient norm;
     seed : minibatch order; checkpoint : .npz written atomically during the fit; checkpoint_every :
-    write it every that many steps (and at the end); resume : such a checkpoint to continue from.
+    write it every that many steps (and at the end); resume : such a checkpoint to continue from
+    (refused if it was written for other data or options); gap_tol : L-BFGS certificate on the
+    estimated evidence gap, nats/cell; raise_d : start from the method of moments with d raised
+    where lambda d << 1 (``pln_ref.outer.start``); em_cycles : SQUAREM cycles of the corrected EM
+    before L-BFGS (``pln_ref.outer.em``; 0 = none).
     """
 
     n_steps: int = 2000
     batch_size: int | None = None
     lr: float = 0.05
-    optimizer: str = "adam"
+    optimizer: str = "lbfgs"
     ift: bool = True
     gtol: float = 1e-6
     seed: int = 0
     checkpoint: str | None = None
     checkpoint_every: int = 50
     resume: str | None = None
+    gap_tol: float = 1e-4
+    raise_d: bool = True
+    em_cycles: int = 0
 
     def __post_init__(self) -> None:
         _positive_int(self, "n_steps")
         _positive_int(self, "checkpoint_every")
+        _positive_float(self, "gap_tol")
+        if isinstance(self.em_cycles, bool) or not isinstance(self.em_cycles, int) or self.em_cycles < 0:
+            raise ValueError(f"em_cycles must be an integer >= 0, got {self.em_cycles!r}")
         if self.batch_size is not None:
             _positive_int(self, "batch_size")
         _positive_float(self, "lr")
         _positive_float(self, "gtol")
         if self.optimizer not in ("adam", "lbfgs"):
             raise ValueError(f"optimizer must be 'adam' or 'lbfgs', got {self.optimizer!r}")
+        if self.optimizer == "lbfgs" and self.batch_size is not None:
+            raise ValueError("batch_size (minibatches) needs optimizer='adam'; L-BFGS is full batch")
 
     def to_dict(self) -> dict:
         return asdict(self)

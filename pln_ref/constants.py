@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import math
 
-__all__ = ["LOG_2PI"]
+__all__ = ["LOG_2PI", "D_FLOOR"]
 
 #: log(2 pi), the Gaussian normaliser's constant.
 LOG_2PI = math.log(2.0 * math.pi)
+
+#: Lower bound on the diagonal d of Sigma = W W^T + diag(d) in the Laplace fit. With few cells the
+#: marginal likelihood can be maximal at d_g -> 0 for a gene (a Heywood case; measured at N=100,
+#: G=10: d_g ran below 1e-9, where Sigma is numerically singular and the per-cell Newton no longer
+#: converges); the floor keeps such a gene at a well-posed point.
+D_FLOOR = 1e-6

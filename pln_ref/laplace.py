@@ -38,6 +38,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import numpy as np
 from tqdm.auto import tqdm
@@ -49,7 +50,7 @@ from .anchor import resolve_log_anchor
 from .model import cell_gradient, eta_schur
 from .params import PLNParams
 
-__all__ = ["newton_map", "CellPosteriors", "cell_objective"]
+__all__ = ["newton_map", "CellPosteriors", "cell_objective", "LineSearchProblem", "backtracking_line_search"]
 
 _EPS_BOUND = 1e-10  # epsilon-active set for eta >= 0
 
@@ -223,6 +224,65 @@ def _default_start(u: np.ndarray, m: np.ndarray | None):
     return x0, eta0
 
 
+class LineSearchProblem(NamedTuple):
+    """One backtracking problem for the cells still moving (arrays over those n cells).
+
+    From (x, eta) with objective f0, Newton direction (dx, deta), gradient (gx, ge), lambda at the
+    start ``lam``, squared Newton decrement ``dec2``; the objective is ``cell_objective`` with
+    (mu, cov, m, sigma_M). A line search returns the accepted (x_new, eta_new, f_new); f_new may
+    be NaN where it was not evaluated (``newton_map`` then recomputes it when needed)."""
+
+    u: np.ndarray
+    x: np.ndarray
+    eta: np.ndarray
+    dx: np.ndarray
+    deta: np.ndarray
+    gx: np.ndarray
+    ge: np.ndarray
+    lam: np.ndarray
+    f0: np.ndarray
+    dec2: np.ndarray
+    mu: np.ndarray
+    cov: LowRankCov
+    m: np.ndarray | None
+    sigma_M: float | None
+    armijo: float
+
+
+LineSearch = Callable[[LineSearchProblem], tuple]
+
+
+def backtracking_line_search(p: LineSearchProblem) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Armijo backtracking along the projected path (x + t dx, max(0, eta + t deta)), t = 1, 1/2, ...
+
+    Accept t when f(t) >= f0 + armijo * (g_x^T (x_t - x) + g_eta (eta_t - eta)) - 16 eps max(1, |f0|).
+    In the quadratic region (decrement^2 <= 1e-8 nats: the step is tiny in the Hessian norm) the
+    full step is taken directly, since there the Armijo test compares changes below round-off."""
+    n = p.x.shape[0]
+    t = np.ones(n)
+    x_new, e_new = p.x.copy(), p.eta.copy()
+    quad = p.dec2 <= 1e-8
+    x_new[quad] = p.x[quad] + p.dx[quad]
+    e_new[quad] = np.maximum(p.eta[quad] + p.deta[quad], 0.0)
+    f_new = np.where(quad, np.nan, p.f0)
+    pending = ~quad
+    tol_round = 16 * np.finfo(float).eps * np.maximum(1.0, np.abs(p.f0))
+    for _ in range(60):
+        q = np.flatnonzero(pending)
+        if q.size == 0:
+            break
+        xt = p.x[q] + t[q, None] * p.dx[q]
+        et = np.maximum(p.eta[q] + t[q] * p.deta[q], 0.0)
+        ft = cell_objective(p.u[q], xt, et, p.mu, p.cov, None if p.m is None else p.m[q], p.sigma_M)
+        gain = np.einsum("ng,ng->n", p.gx[q], xt - p.x[q]) + p.ge[q] * (et - p.eta[q])
+        ok = ft >= p.f0[q] + p.armijo * gain - tol_round[q]
+        acc = q[ok]
+        x_new[acc], e_new[acc], f_new[acc] = xt[ok], et[ok], ft[ok]
+        pending[acc] = False
+        t[q[~ok]] *= 0.5
+    return x_new, e_new, f_new
+
+
 def newton_map(
     counts: np.ndarray,
     params: PLNParams,
@@ -237,6 +297,7 @@ def newton_map(
     progress: bool = False,
     cov: LowRankCov | None = None,
     block_size: int | None = None,
+    line_search: LineSearch | None = None,
 ) -> CellPosteriors:
     """MAP of every cell's (x, eta) by globally convergent projected Newton (module docstring).
 
@@ -253,6 +314,8 @@ def newton_map(
     block_size : cells per block (cells are independent, so blocks are exact); the default
         keeps a block's N x G work arrays near 2^18 entries (2 MB each, cache-friendly: measured
         25% faster than 32 MB blocks at G=1000), which also bounds the working memory.
+    line_search : a callable ``line_search(LineSearchProblem) -> (x_new, eta_new, f_new)``
+        (default ``backtracking_line_search``), e.g. a benchmark variant.
     """
     u = np.asarray(counts, dtype=float)
     if u.ndim != 2 or u.shape[1] != params.G:
@@ -266,17 +329,20 @@ def newton_map(
             raise ValueError(f"{name} must have shape {shape}, got {np.shape(a)}")
     if not (gradient == "numpy" or callable(gradient)):
         raise ValueError(f'gradient must be "numpy" or a callable grad(rows, x, eta), got {gradient!r}')
+    if line_search is not None and not callable(line_search):
+        raise ValueError(f"line_search must be a callable, got {line_search!r}")
     if params.capture is not None:
         log_anchor = resolve_log_anchor(u, log_anchor)
     if block_size is None:
         block_size = max(16, (1 << 18) // G)
+    ls = line_search or backtracking_line_search
     blocks = []
     for lo in range(0, N, block_size):
         sl = slice(lo, min(N, lo + block_size))
         pick = lambda a: None if a is None else np.asarray(a)[sl]  # noqa: E731
         grad_fn = None if gradient == "numpy" else _offset_rows(gradient, lo)
         blocks.append(_newton_block(u[sl], params, pick(log_anchor), pick(x0), pick(eta0), gtol,
-                                    max_iter, grad_fn, armijo, progress, cov))
+                                    max_iter, grad_fn, armijo, progress, cov, ls))
     return blocks[0] if len(blocks) == 1 else CellPosteriors.concatenate(blocks)
 
 
@@ -285,17 +351,28 @@ def _offset_rows(gradient: Callable, lo: int) -> Callable:
     return lambda rows, x, eta: gradient(rows + lo, x, eta)
 
 
-def _newton_block(u, params, log_anchor, x0, eta0, gtol, max_iter, grad_fn, armijo, progress, cov):
-    """``newton_map`` on one block of cells (the algorithm of the module docstring);
-    ``log_anchor`` already resolved, ``grad_fn`` None (NumPy) or a block-local gradient callback."""
+class _Direction(NamedTuple):
+    """Gradient, factorisation and projected Newton direction of the active cells."""
+
+    gx: np.ndarray
+    ge: np.ndarray
+    lam: np.ndarray
+    A: PosteriorPrecision
+    bbar: np.ndarray | None
+    s: np.ndarray | None
+    dx: np.ndarray
+    deta: np.ndarray
+    gnorm: np.ndarray
+
+
+def _block_start(u, params, log_anchor, x0, eta0):
+    """(x, eta, m, sigma_M): the starting iterate of a block (copies) and the capture prior."""
     N, G = u.shape
-    mu = params.mu
     if params.capture is not None:
         m_all = params.capture.prior_mean(log_anchor)
         sigma_M = params.capture.sigma_M
     else:
         m_all, sigma_M = None, None
-
     xs, es = _default_start(u, m_all)
     x = xs if x0 is None else np.array(x0, dtype=float, copy=True)
     eta = es if eta0 is None else np.maximum(np.array(eta0, dtype=float, copy=True), 0.0)
@@ -303,17 +380,60 @@ def _newton_block(u, params, log_anchor, x0, eta0, gtol, max_iter, grad_fn, armi
         eta = np.zeros(N)
     if x.shape != (N, G) or eta.shape != (N,):
         raise ValueError("x0 / eta0 have the wrong shape")
+    return x, eta, m_all, sigma_M
 
-    # per-cell state kept from each cell's last check, so the final posterior reuses the
-    # factorisation of the converged iterate instead of recomputing it
-    k = params.k
-    lam_all, gx_all = np.empty((N, G)), np.empty((N, G))
-    ge_all = np.zeros(N)
-    S_all, LS_all = np.empty((N, k, k)), np.empty((N, k, k))
-    bbar_all = np.empty((N, G)) if m_all is not None else None
-    s_all = np.empty(N) if m_all is not None else None
+
+def _newton_direction(ua, xa, ea, ma, mu, cov, sigma_M, grad_fn, active) -> _Direction:
+    """Gradient at (xa, ea), one factorisation of A, and the projected joint Newton step:
+    a = A^{-1} g_x, b = A^{-1} lambda, delta_eta = (g_eta + lambda^T a)/s, delta_x = a + b delta_eta;
+    cells on the bound whose free step points outward take the x-only step a (active set)."""
+    gx, ge, lam = cell_gradient(ua, xa, ea, mu, cov, ma, sigma_M)
+    if grad_fn is not None:
+        gx, ge = grad_fn(active, xa, ea)
+    A = PosteriorPrecision(cov, lam)
+    if ma is not None:
+        b, bbar, s, a = eta_schur(A, 1.0 / sigma_M**2, gx)
+        deta_free = _eta_numerator(ua, lam, b, bbar, gx, ea, ma, sigma_M) / s
+        bound = (ea <= _EPS_BOUND) & (deta_free <= 0)
+        dx = np.where(bound[:, None], a, a + b * deta_free[:, None])
+        deta = np.where(bound, -ea, deta_free)
+        g_eta_proj = np.where((ea <= _EPS_BOUND) & (ge <= 0), 0.0, ge)
+    else:
+        bbar = s = None
+        dx = A.solve(gx)
+        deta = np.zeros(len(ea))
+        g_eta_proj = np.zeros(len(ea))
+    gnorm = np.maximum(np.max(np.abs(gx), axis=1), np.abs(g_eta_proj))
+    return _Direction(gx, ge, lam, A, bbar, s, dx, deta, gnorm)
+
+
+class _BlockStore:
+    """Per-cell state kept from each cell's last check, so the final posterior reuses the
+    factorisation of the converged iterate instead of recomputing it."""
+
+    def __init__(self, N, G, k, capture):
+        self.lam, self.gx = np.empty((N, G)), np.empty((N, G))
+        self.ge = np.zeros(N)
+        self.S, self.L_S = np.empty((N, k, k)), np.empty((N, k, k))
+        self.bbar = np.empty((N, G)) if capture else None
+        self.s = np.empty(N) if capture else None
+
+    def put(self, cells, sel, d: _Direction) -> None:
+        self.lam[cells], self.gx[cells], self.ge[cells] = d.lam[sel], d.gx[sel], d.ge[sel]
+        self.S[cells], self.L_S[cells] = d.A.S[sel], d.A.L_S[sel]
+        if self.bbar is not None:
+            self.bbar[cells], self.s[cells] = d.bbar[sel], d.s[sel]
+
+
+def _newton_block(u, params, log_anchor, x0, eta0, gtol, max_iter, grad_fn, armijo, progress, cov,
+                  line_search=backtracking_line_search):
+    """``newton_map`` on one block of cells (the algorithm of the module docstring);
+    ``log_anchor`` already resolved, ``grad_fn`` None (NumPy) or a block-local gradient callback."""
+    N, G = u.shape
+    mu = params.mu
+    x, eta, m_all, sigma_M = _block_start(u, params, log_anchor, x0, eta0)
+    store = _BlockStore(N, G, params.k, m_all is not None)
     f_all = np.full(N, np.nan)  # f at the current iterate (NaN: not evaluated yet)
-
     n_iter = np.zeros(N, dtype=int)
     done = np.zeros(N, dtype=bool)
     conv_by = np.full(N, "max_iter", dtype="<U9")
@@ -325,100 +445,62 @@ def _newton_block(u, params, log_anchor, x0, eta0, gtol, max_iter, grad_fn, armi
             break
         ua, xa, ea = u[active], x[active], eta[active]
         ma = None if m_all is None else m_all[active]
-        gx, ge, lam = cell_gradient(ua, xa, ea, mu, cov, ma, sigma_M)
-        if grad_fn is not None:
-            gx, ge = grad_fn(active, xa, ea)
-        A = PosteriorPrecision(cov, lam)
-        if m_all is not None:
-            b, bbar, s, a = eta_schur(A, 1.0 / sigma_M**2, gx)
-            deta_free = _eta_numerator(ua, lam, b, bbar, gx, ea, ma, sigma_M) / s
-            bound = (ea <= _EPS_BOUND) & (deta_free <= 0)
-            dx = np.where(bound[:, None], a, a + b * deta_free[:, None])
-            deta = np.where(bound, -ea, deta_free)
-            g_eta_proj = np.where((ea <= _EPS_BOUND) & (ge <= 0), 0.0, ge)
-        else:
-            dx = A.solve(gx)
-            deta = np.zeros(active.size)
-            g_eta_proj = np.zeros(active.size)
-        gnorm = np.maximum(np.max(np.abs(gx), axis=1), np.abs(g_eta_proj))
+        dr = _newton_direction(ua, xa, ea, ma, mu, cov, sigma_M, grad_fn, active)
         f0 = f_all[active]
         need = np.isnan(f0)
         if need.any():
             f0[need] = cell_objective(ua[need], xa[need], ea[need], mu, cov,
                                       None if ma is None else ma[need], sigma_M)
             f_all[active[need]] = f0[need]
-        dec2 = np.einsum("ng,ng->n", gx, dx) + ge * deta  # Newton decrement^2 (>= 0)
-        conv_g = gnorm <= gtol
+        dec2 = np.einsum("ng,ng->n", dr.gx, dr.dx) + dr.ge * dr.deta  # Newton decrement^2 (>= 0)
+        conv_g = dr.gnorm <= gtol
         # round-off floor: the Newton step no longer changes the iterate in floating point
         conv_d = (~conv_g) & (dec2 <= (4 * np.finfo(float).eps) ** 2 * np.maximum(1.0, np.abs(f0)))
         fin = conv_g | conv_d
-        gnorm_all[active] = gnorm
+        gnorm_all[active] = dr.gnorm
         conv_by[active[conv_g]] = "gradient"
         conv_by[active[conv_d]] = "roundoff"
         done[active[conv_g]] = True
         bar.update(int(fin.sum()))
-        store = fin if it < max_iter else np.ones(active.size, dtype=bool)
-        if store.any():
-            cells = active[store]
-            lam_all[cells], gx_all[cells], ge_all[cells] = lam[store], gx[store], ge[store]
-            S_all[cells], LS_all[cells] = A.S[store], A.L_S[store]
-            if bbar_all is not None:
-                bbar_all[cells], s_all[cells] = bbar[store], s[store]
+        sel = fin if it < max_iter else np.ones(active.size, dtype=bool)
+        if sel.any():
+            store.put(active[sel], sel, dr)
         if it == max_iter:
             break
         keep = ~fin
-        if not np.any(keep):
-            active = active[keep]
+        active = active[keep]
+        if active.size == 0:
             break
-        active, ua, xa, ea = active[keep], ua[keep], xa[keep], ea[keep]
-        dx, deta, gx, ge, f0 = dx[keep], deta[keep], gx[keep], ge[keep], f0[keep]
-        ma = None if ma is None else ma[keep]
-        # backtracking line search along the projected path; in the quadratic region
-        # (decrement^2 <= 1e-8 nats: the step is tiny in the Hessian norm) the full step is taken
-        # directly, since there the Armijo test compares objective changes below round-off
-        t = np.ones(active.size)
-        x_new, e_new = xa.copy(), ea.copy()
-        dec2 = dec2[keep]
-        quad = dec2 <= 1e-8
-        x_new[quad] = xa[quad] + dx[quad]
-        e_new[quad] = np.maximum(ea[quad] + deta[quad], 0.0)
-        f_new = np.where(quad, np.nan, f0)
-        pending = ~quad
-        tol_round = 16 * np.finfo(float).eps * np.maximum(1.0, np.abs(f0))
-        for _ in range(60):
-            p = np.flatnonzero(pending)
-            if p.size == 0:
-                break
-            xt = xa[p] + t[p, None] * dx[p]
-            et = np.maximum(ea[p] + t[p] * deta[p], 0.0)
-            ft = cell_objective(ua[p], xt, et, mu, cov, None if ma is None else ma[p], sigma_M)
-            gain = np.einsum("ng,ng->n", gx[p], xt - xa[p]) + ge[p] * (et - ea[p])
-            ok = ft >= f0[p] + armijo * gain - tol_round[p]
-            acc = p[ok]
-            x_new[acc], e_new[acc], f_new[acc] = xt[ok], et[ok], ft[ok]
-            pending[acc] = False
-            t[p[~ok]] *= 0.5
-        x[active] = x_new
-        eta[active] = e_new
-        f_all[active] = f_new
+        prob = LineSearchProblem(
+            u=ua[keep], x=xa[keep], eta=ea[keep], dx=dr.dx[keep], deta=dr.deta[keep],
+            gx=dr.gx[keep], ge=dr.ge[keep], lam=dr.lam[keep], f0=f0[keep], dec2=dec2[keep], mu=mu,
+            cov=cov, m=None if ma is None else ma[keep], sigma_M=sigma_M, armijo=armijo)
+        x[active], eta[active], f_all[active] = line_search(prob)
         n_iter[active] += 1
     bar.close()
+    return _final_posterior(u, params, log_anchor, cov, x, eta, m_all, sigma_M, store, f_all, done,
+                            gnorm_all, n_iter, conv_by)
 
-    # final state: the factorisation and Schur pieces stored at each cell's last check
-    A = PosteriorPrecision.from_factor(cov, lam_all, S_all, LS_all)
-    s, delta = s_all, None
+
+def _final_posterior(u, params, log_anchor, cov, x, eta, m_all, sigma_M, store: _BlockStore, f_all,
+                     done, gnorm_all, n_iter, conv_by) -> CellPosteriors:
+    """The posterior of the block from the factorisation and Schur pieces stored at each cell's
+    last check; delta = g_eta / s (<= 0) for cells on the bound."""
+    N = u.shape[0]
+    A = PosteriorPrecision.from_factor(cov, store.lam, store.S, store.L_S)
+    s, delta = store.s, None
     on_bound = np.zeros(N, dtype=bool)
     if m_all is not None:
         on_bound = eta <= _EPS_BOUND
         eta = np.where(on_bound, 0.0, eta)
-        num = _eta_numerator(u, lam_all, 1.0 - bbar_all, bbar_all, gx_all, eta, m_all, sigma_M)
+        num = _eta_numerator(u, store.lam, 1.0 - store.bbar, store.bbar, store.gx, eta, m_all, sigma_M)
         delta = np.where(on_bound, num / s, 0.0)
     need = np.isnan(f_all)
     if need.any():
-        f_all[need] = cell_objective(u[need], x[need], eta[need], mu, cov,
+        f_all[need] = cell_objective(u[need], x[need], eta[need], params.mu, cov,
                                      None if m_all is None else m_all[need], sigma_M)
     return CellPosteriors(
         params=params, x_map=x, eta_map=eta, on_bound=on_bound, converged=done,
         grad_norm=gnorm_all, n_iter=n_iter, objective=f_all,
-        precision=A, bbar=bbar_all, s=s, delta=delta, log_anchor=log_anchor, converged_by=conv_by,
+        precision=A, bbar=store.bbar, s=s, delta=delta, log_anchor=log_anchor, converged_by=conv_by,
     )

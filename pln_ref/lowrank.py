@@ -170,7 +170,7 @@ class PosteriorPrecision:
         b = np.asarray(b, dtype=float)
         if b.ndim == 2:
             t = (self.r * b) @ self.cov.W  # (N, k)
-            s = _batched_cho_solve(self.L_S, t)
+            s = np.einsum("nab,nb->na", self.S_inv(), t)  # S^{-1} cached: one inversion per factorisation
             return b / self.m + self.r * (s @ self.cov.W.T)
         if b.ndim == 3:
             # one (N x G) @ (G x k) GEMM per right-hand side beats batched tiny GEMMs
@@ -186,8 +186,13 @@ class PosteriorPrecision:
         return np.sum(np.log(self.m), axis=1) + ld_S - self.cov._logdet_K
 
     def S_inv(self) -> np.ndarray:
-        eye = np.broadcast_to(np.eye(self.cov.k), self.S.shape)
-        return _batched_cho_solve(self.L_S, eye.copy())
+        """S_c^{-1} (N, k, k), computed once per object and cached (``inv_diag``, the outer
+        gradient and the EM step all need it; do not modify the returned array)."""
+        cached = getattr(self, "_S_inv", None)
+        if cached is None:
+            eye = np.broadcast_to(np.eye(self.cov.k), self.S.shape)
+            cached = self._S_inv = _batched_cho_solve(self.L_S, eye.copy())
+        return cached
 
     def inv_diag(self) -> np.ndarray:
         """diag(A_c^{-1})_g = 1/m_g + r_g^2 W_g S_c^{-1} W_g^T, shape (N, G), O(N G k^2)."""

@@ -32,9 +32,11 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 from . import truncnorm
+from .anchor import resolve_log_anchor
 from .data import as_counts
 from .params import Capture, PLNParams
 
@@ -48,6 +50,8 @@ __all__ = [
     "pln_covariance",
     "moment_zscores",
     "method_of_moments",
+    "moments_fit",
+    "MomentsFit",
     "all_pairs",
 ]
 
@@ -281,7 +285,104 @@ def _principal_axis_fa(apply, s_diag, k, *, d_floor, n_iter, tol, rng, exact_den
     return W, d, it, converged
 
 
-def method_of_moments(
+class MomentsFit(NamedTuple):
+    """Result of ``moments_fit``: the globals and how they were obtained.
+
+    info: path ("dense" | "streamed"), e1, e2, n_zero_genes, n_var_clamped, n_cov_clamped,
+    fa_iterations, fa_converged, sigma_diag_hat (G,)."""
+
+    params: PLNParams
+    info: dict
+
+
+def method_of_moments(counts, k: int, **options) -> PLNParams:
+    """Method-of-moments estimate of (mu, W, d): ``moments_fit(counts, k, **options).params``."""
+    return moments_fit(counts, k, **options).params
+
+
+def _moment_capture_factors(u, capture, log_anchor) -> tuple[float, float]:
+    """(e1, e2) of the population of cells; the anchors by the one policy ``resolve_log_anchor``
+    (default: each cell's realised total counts)."""
+    if capture is None:
+        return 1.0, 1.0
+    la = resolve_log_anchor(u, log_anchor)
+    return mixture_capture_factors(capture, la)
+
+
+def _invert_diagonal(u, e1, e2, sigma_floor):
+    """Per-gene inversion: (E_emp, a, s_diag, mu, var_clamped, n_zero)."""
+    N = u.shape[0]
+    E_emp = u.mean(0)
+    V = u.var(0, ddof=1)
+    n_zero = int(np.sum(E_emp <= 0))
+    E = np.maximum(E_emp, 0.5 / N)  # all-zero genes: half a count in the whole data set
+    a = E / e1
+    arg_d = ((V - E) / (a * a) + e1 * e1) / e2
+    with np.errstate(divide="ignore", invalid="ignore"):
+        s_raw = np.where(arg_d > 0, np.log(np.where(arg_d > 0, arg_d, 1.0)), -np.inf)
+    var_clamped = s_raw < sigma_floor
+    s_diag = np.where(var_clamped, sigma_floor, s_raw)
+    mu = np.log(a) - 0.5 * s_diag
+    return E_emp, a, s_diag, mu, var_clamped, n_zero
+
+
+def _offdiag_inverter(s_diag, c0, c1, max_corr):
+    """Elementwise inversion + clamping of a block of rows of Z^T Z -> (S_b, n_clamped)."""
+    sq = np.sqrt(s_diag)
+
+    def invert_block(R_b, rows):
+        arg = c0 + c1 * R_b
+        bound = max_corr * np.outer(sq[rows], sq)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            S_b = np.where(arg > 0, np.log(np.where(arg > 0, arg, 1.0)), -np.inf)
+        clamped = (S_b < -bound) | (S_b > bound)
+        S_b = np.clip(S_b, -bound, bound)
+        S_b[np.arange(len(rows)), rows] = s_diag[rows]
+        clamped[np.arange(len(rows)), rows] = False
+        return S_b, int(clamped.sum())
+
+    return invert_block
+
+
+def _fa_dense(Z, invert_block, s_diag, k, *, d_floor, n_iter, tol, rng):
+    G = Z.shape[1]
+    S, n_cov_clamped = invert_block(Z.T @ Z, np.arange(G))
+    S = 0.5 * (S + S.T)
+    exact = S if G <= 300 else None
+    n_it = n_iter if n_iter is not None else (500 if exact is not None else 100)
+    W, d, it, conv = _principal_axis_fa(lambda X: S @ X, s_diag, k, d_floor=d_floor, n_iter=n_it,
+                                        tol=tol, rng=rng, exact_dense=exact)
+    return W, d, it, conv, n_cov_clamped // 2
+
+
+def _fa_streamed(Z, invert_block, s_diag, k, *, d_floor, n_iter, tol, rng, oversample, seed):
+    from scipy.sparse.linalg import svds
+
+    N, G = Z.shape
+    r = min(k + oversample, min(N, G) - 1)
+    _, sv, vt = svds(Z, k=r, random_state=seed)
+    Qr = vt.T * sv  # R ~= Qr Qr^T
+    block = max(1, int(2e6 // G))  # ~16 MB per temporary block
+    counted = {"n": None}
+
+    def apply(X):
+        out = np.empty_like(X)
+        total = 0
+        for b0 in range(0, G, block):
+            rows = np.arange(b0, min(G, b0 + block))
+            S_b, nc = invert_block(Qr[rows] @ Qr.T, rows)
+            total += nc
+            out[rows] = S_b @ X
+        if counted["n"] is None:
+            counted["n"] = total // 2
+        return out
+
+    n_it = n_iter if n_iter is not None else 30
+    W, d, it, conv = _principal_axis_fa(apply, s_diag, k, d_floor=d_floor, n_iter=n_it, tol=tol, rng=rng)
+    return W, d, it, conv, int(counted["n"] or 0)
+
+
+def moments_fit(
     counts,
     k: int,
     *,
@@ -295,8 +396,7 @@ def method_of_moments(
     dense_max_genes: int = 2000,
     oversample: int = 20,
     seed: int = 0,
-    return_info: bool = False,
-):
+) -> MomentsFit:
     """Method-of-moments estimate of (mu, W, d) by inverting the closed-form moments.
 
     Let Ebar_g, V_g, C_gh be the sample mean, variance, covariance, and e1, e2 the mixture capture
@@ -321,8 +421,9 @@ def method_of_moments(
     products of a subspace-iteration factor analysis (memory O(G (k + oversample) + block x G)).
 
     ``capture``: Capture used for the e1/e2 correction (returned params carry it). ``log_anchor``:
-    per-cell log L_c; default (capture on) log(max(sum_g u_cg, 1)), the realised library size.
-    Returns PLNParams, or (PLNParams, info dict) with ``return_info=True``.
+    per-cell log L_c (N,) or a scalar, resolved by ``pln_ref.anchor.resolve_log_anchor`` (default:
+    log of each cell's realised total counts; an all-zero cell is then an error).
+    Returns ``MomentsFit(params, info)``.
     """
     u = as_counts(counts)
     N, G = u.shape
@@ -331,101 +432,26 @@ def method_of_moments(
         raise ValueError(f"need 1 <= k < G, got k={k}, G={G}")
     if N < 2:
         raise ValueError("method_of_moments needs at least 2 cells")
-    if capture is not None:
-        if log_anchor is None:
-            log_anchor = np.log(np.maximum(u.sum(axis=1), 1.0))
-        la = _log_anchor_array(log_anchor)
-        if la.size not in (1, N):
-            raise ValueError(f"log_anchor has {la.size} entries but counts have N={N} cells")
-        e1, e2 = mixture_capture_factors(capture, la)
-    else:
-        e1, e2 = 1.0, 1.0
+    e1, e2 = _moment_capture_factors(u, capture, log_anchor)
     rng = np.random.default_rng(seed)
-
-    E_emp = u.mean(0)
-    V = u.var(0, ddof=1)
-    mean_floor = 0.5 / N
-    n_zero = int(np.sum(E_emp <= 0))
-    E = np.maximum(E_emp, mean_floor)
-    a = E / e1
-
-    arg_d = ((V - E) / (a * a) + e1 * e1) / e2
-    with np.errstate(divide="ignore", invalid="ignore"):
-        s_raw = np.where(arg_d > 0, np.log(np.where(arg_d > 0, arg_d, 1.0)), -np.inf)
-    var_clamped = s_raw < sigma_floor
-    s_diag = np.where(var_clamped, sigma_floor, s_raw)
-    mu = np.log(a) - 0.5 * s_diag
-
-    # Z^T Z = C / (a a^T), C the sample covariance (ddof=1)
+    E_emp, a, s_diag, mu, var_clamped, n_zero = _invert_diagonal(u, e1, e2, sigma_floor)
+    # Z^T Z = C / (a a^T), C the sample covariance (ddof=1); exp(Sigma_gh) = c0 + c1 (Z^T Z)_gh
     Z = (u - E_emp) / (a * np.sqrt(N - 1))
-    sq = np.sqrt(s_diag)
-    c0, c1 = e1 * e1 / e2, 1.0 / e2  # exp(Sigma_gh) = c0 + c1 * (Z^T Z)_gh
-
-    def invert_block(R_b, rows):
-        """Elementwise inversion + clamping of a block of rows of Z^T Z; returns (S_b, n_clamped)."""
-        arg = c0 + c1 * R_b
-        bound = max_corr * np.outer(sq[rows], sq)
-        with np.errstate(divide="ignore", invalid="ignore"):
-            S_b = np.where(arg > 0, np.log(np.where(arg > 0, arg, 1.0)), -np.inf)
-        clamped = (S_b < -bound) | (S_b > bound)
-        S_b = np.clip(S_b, -bound, bound)
-        S_b[np.arange(len(rows)), rows] = s_diag[rows]
-        clamped[np.arange(len(rows)), rows] = False
-        return S_b, int(clamped.sum())
-
+    invert_block = _offdiag_inverter(s_diag, e1 * e1 / e2, 1.0 / e2, max_corr)
+    fa = dict(d_floor=d_floor, n_iter=n_iter, tol=tol, rng=rng)
     if G <= dense_max_genes:
         path = "dense"
-        S, n_cov_clamped = invert_block(Z.T @ Z, np.arange(G))
-        n_cov_clamped //= 2
-        S = 0.5 * (S + S.T)
-        exact = S if G <= 300 else None
-        n_it = n_iter if n_iter is not None else (500 if exact is not None else 100)
-        W, d, it, conv = _principal_axis_fa(
-            lambda X: S @ X, s_diag, k, d_floor=d_floor, n_iter=n_it, tol=tol, rng=rng, exact_dense=exact
-        )
+        W, d, it, conv, n_cov_clamped = _fa_dense(Z, invert_block, s_diag, k, **fa)
     else:
         path = "streamed"
-        from scipy.sparse.linalg import svds
-
-        r = min(k + oversample, min(N, G) - 1)
-        _, sv, vt = svds(Z, k=r, random_state=seed)
-        Qr = vt.T * sv  # R ~= Qr Qr^T
-        block = max(1, int(2e6 // G))  # ~16 MB per temporary block
-        counted = {"n": None}
-
-        def apply(X):
-            out = np.empty_like(X)
-            total = 0
-            for b0 in range(0, G, block):
-                rows = np.arange(b0, min(G, b0 + block))
-                R_b = Qr[rows] @ Qr.T
-                S_b, nc = invert_block(R_b, rows)
-                total += nc
-                out[rows] = S_b @ X
-            if counted["n"] is None:
-                counted["n"] = total // 2
-            return out
-
-        n_it = n_iter if n_iter is not None else 30
-        W, d, it, conv = _principal_axis_fa(apply, s_diag, k, d_floor=d_floor, n_iter=n_it, tol=tol, rng=rng)
-        n_cov_clamped = int(counted["n"] or 0)
-
+        W, d, it, conv, n_cov_clamped = _fa_streamed(Z, invert_block, s_diag, k, oversample=oversample,
+                                                     seed=seed, **fa)
     info = {
-        "path": path,
-        "e1": e1,
-        "e2": e2,
-        "n_zero_genes": n_zero,
-        "n_var_clamped": int(var_clamped.sum()),
-        "n_cov_clamped": int(n_cov_clamped),
-        "fa_iterations": int(it),
-        "fa_converged": bool(conv),
-        "sigma_diag_hat": s_diag,
+        "path": path, "e1": e1, "e2": e2, "n_zero_genes": n_zero,
+        "n_var_clamped": int(var_clamped.sum()), "n_cov_clamped": int(n_cov_clamped),
+        "fa_iterations": int(it), "fa_converged": bool(conv), "sigma_diag_hat": s_diag,
     }
     if info["n_var_clamped"] or info["n_cov_clamped"]:
-        _logger.info(
-            "method_of_moments: clamped %d variances (no overdispersion) and %d covariances",
-            info["n_var_clamped"],
-            info["n_cov_clamped"],
-        )
-    params = PLNParams(mu=mu, W=W, d=d, capture=capture)
-    return (params, info) if return_info else params
+        _logger.info("method_of_moments: clamped %d variances (no overdispersion) and %d covariances",
+                     info["n_var_clamped"], info["n_cov_clamped"])
+    return MomentsFit(PLNParams(mu=mu, W=W, d=d, capture=capture), info)

@@ -152,7 +152,7 @@ class LaplaceResult(PLNResult):
         return [
             f"  objective (mean Laplace log evidence per cell): {dg.get('objective', float('nan')):.4f}",
             f"  outer steps: {dg.get('steps')}  ({dg.get('stopped')})  wall time {dg.get('wall_time_s', float('nan')):.1f} s"
-            + (f" (of this run, resumed at step {dg['resumed_from_step']})"
+            + (f" (over all runs; resumed at step {dg['resumed_from_step']})"
                if dg.get("resumed_from_step") is not None else ""),
             f"  cells converged: {dg.get('cells_converged')}/{self.x_map.shape[0]}"
             f"  (max projected-gradient norm {dg.get('max_grad_norm', float('nan')):.2e}, tol {self.settings.get('gtol')})",

@@ -32,7 +32,7 @@ from scipy.special import erfcx, log_ndtr, ndtri_exp
 
 from .constants import LOG_2PI
 
-__all__ = ["log_normaliser", "logpdf", "mean", "variance", "mean_var", "log_mgf", "mgf", "ppf",
+__all__ = ["inv_mills", "log_normaliser", "logpdf", "mean", "variance", "mean_var", "log_mgf", "mgf", "ppf",
            "sample"]
 
 _SQRT2 = float(np.sqrt(2.0))
@@ -62,10 +62,14 @@ def logpdf(x, loc, scale) -> np.ndarray:
     return np.where(x >= 0, out, -np.inf)
 
 
-def _inv_mills(a: np.ndarray) -> np.ndarray:
-    """h(a) = phi(a) / (1 - Phi(a)) = sqrt(2/pi) / erfcx(a / sqrt 2), stable for every a."""
+def inv_mills(a) -> np.ndarray:
+    """Inverse Mills ratio h(a) = phi(a) / (1 - Phi(a)) = sqrt(2/pi) / erfcx(a / sqrt 2), stable
+    for every a (no 0/0 where Phi underflows). phi(t) / Phi(t) is ``inv_mills(-t)``."""
     with np.errstate(over="ignore"):
-        return _SQRT_2_OVER_PI / erfcx(a / _SQRT2)
+        return _SQRT_2_OVER_PI / erfcx(np.asarray(a, dtype=float) / _SQRT2)
+
+
+_inv_mills = inv_mills
 
 
 def _cf_tail(a: np.ndarray, first: int) -> np.ndarray:

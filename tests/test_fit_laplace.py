@@ -127,7 +127,7 @@ def test_resume_continues(tmp_path):
     sim = pln_ref.simulate(p, 300, seed=4)
     u, la = sim.counts.astype(float), sim.log_anchor
     init = pln_ref.method_of_moments(u, 2, capture=p.capture, log_anchor=la)
-    kw = dict(lr=0.05, patience=10**6, progress=False)
+    kw = dict(optimizer="adam", lr=0.05, patience=10**6, progress=False)
     full, p_full = optimize_globals(u, init, la, n_steps=40, **kw)
     ck = tmp_path / "ck.npz"
     part, _ = optimize_globals(u, init, la, n_steps=15, checkpoint=str(ck), checkpoint_every=5, **kw)
@@ -145,7 +145,8 @@ def test_adam_and_lbfgs_agree():
     sim = pln_ref.simulate(p, 600, seed=6)
     u, la = sim.counts.astype(float), sim.log_anchor
     init = pln_ref.method_of_moments(u, 2, capture=p.capture, log_anchor=la)
-    a, pa = optimize_globals(u, init, la, n_steps=3000, lr=0.05, progress=False, rtol=1e-7, patience=100)
+    a, pa = optimize_globals(u, init, la, n_steps=3000, optimizer="adam", lr=0.05, progress=False,
+                             rtol=1e-7, patience=100)
     b, pb = optimize_globals(u, init, la, n_steps=3000, optimizer="lbfgs", progress=False)
     assert abs(a.best_value - b.best_value) < 2e-4 * abs(b.best_value)
     assert np.abs(pa.correlation_dense() - pb.correlation_dense()).max() < 0.03
@@ -157,7 +158,8 @@ def test_minibatch_adam_reaches_full_batch_optimum():
     u, la = sim.counts.astype(float), sim.log_anchor
     init = pln_ref.method_of_moments(u, 2, capture=p.capture, log_anchor=la)
     full, pf = optimize_globals(u, init, la, n_steps=3000, optimizer="lbfgs", progress=False)
-    mb, pm = optimize_globals(u, init, la, n_steps=1200, lr=0.01, batch_size=200, patience=10**6,
+    mb, pm = optimize_globals(u, init, la, n_steps=1200, optimizer="adam", lr=0.01, batch_size=200,
+                              patience=10**6,
                               progress=False, seed=1)
     post = newton_map(u, pm, la)
     value = laplace_objective(u, pm, la, post, with_grad=False)[0].mean()
@@ -175,7 +177,8 @@ def test_divergence_guard_restores_best():
     init = pln_ref.method_of_moments(u, 2, capture=p.capture, log_anchor=la)
     post0 = newton_map(u, init, la)
     v0 = laplace_objective(u, init, la, post0, with_grad=False)[0].mean()
-    st, fitted = optimize_globals(u, init, la, n_steps=12, lr=50.0, progress=False, patience=10**6)
+    st, fitted = optimize_globals(u, init, la, n_steps=12, optimizer="adam", lr=50.0, progress=False,
+                                  patience=10**6)
     assert st.lr < 50.0  # the guard fired at least once
     post = newton_map(u, fitted, la)
     assert laplace_objective(u, fitted, la, post, with_grad=False)[0].mean() >= v0 - 1e-9

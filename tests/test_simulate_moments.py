@@ -13,6 +13,8 @@ from scipy import integrate, stats
 from scipy.special import log_ndtr
 
 from pln_ref.moments import (
+    MomentsFit,
+    moments_fit,
     all_pairs,
     capture_factors,
     method_of_moments,
@@ -261,8 +263,8 @@ def test_method_of_moments_recovers_mu_sigma(capture):
     for rep in range(5):
         p = random_params(8, 2, seed=300 + rep, capture=capture)
         sim = simulate(p, N_BIG, seed=400 + rep)
-        est, info = method_of_moments(
-            sim.counts, 2, capture=p.capture, log_anchor=sim.log_anchor if capture else None, return_info=True
+        est, info = moments_fit(
+            sim.counts, 2, capture=p.capture, log_anchor=sim.log_anchor if capture else None
         )
         assert info["fa_converged"] and info["n_var_clamped"] == 0
         assert est.capture == p.capture
@@ -291,7 +293,7 @@ def test_method_of_moments_robust_to_zero_and_constant_genes():
     u[:, 1] = 0.0  # all-zero gene
     u[:, 4] = 3.0  # constant gene (Var = 0 < E)
     for cap in (None, Capture(M0=200.0, sigma_M=0.5)):
-        est, info = method_of_moments(u, 2, capture=cap, return_info=True)
+        est, info = moments_fit(u, 2, capture=cap)
         assert np.all(np.isfinite(est.mu)) and np.all(np.isfinite(est.W)) and np.all(est.d > 0)
         assert np.all(est.d >= 1e-3)
         assert info["n_zero_genes"] == 1
@@ -304,7 +306,7 @@ def test_method_of_moments_streamed_path_matches_dense():
     p = random_params(60, 3, seed=9)
     sim = simulate(p, 20_000, seed=10)
     dense = method_of_moments(sim.counts, 3)
-    streamed, info = method_of_moments(sim.counts, 3, dense_max_genes=10, oversample=20, return_info=True)
+    streamed, info = moments_fit(sim.counts, 3, dense_max_genes=10, oversample=20)
     assert info["path"] == "streamed"
     S_d, S_s, S_true = dense.sigma_dense(), streamed.sigma_dense(), p.sigma_dense()
     diff = np.abs(S_s - S_d).max()
@@ -322,8 +324,14 @@ def test_method_of_moments_bad_input():
         method_of_moments(np.ones((1, 4)), 1)
     with pytest.raises(ValueError, match="non-integer"):
         method_of_moments(u * 0.5, 1)
-    with pytest.raises(ValueError, match="log_anchor has 3 entries"):
+    with pytest.raises(ValueError, match=r"log_anchor must have shape \(10,\)"):
         method_of_moments(u, 1, capture=Capture(M0=10.0), log_anchor=np.zeros(3))
+    # the one anchor policy: an all-zero cell has no default anchor (no silent floor at 1)
+    u0 = u.copy()
+    u0[3] = 0.0
+    with pytest.raises(ValueError, match="zero library size"):
+        method_of_moments(u0, 1, capture=Capture(M0=10.0))
+    assert isinstance(moments_fit(u, 1), MomentsFit)
 
 
 def test_all_pairs():

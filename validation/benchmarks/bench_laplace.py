@@ -40,9 +40,9 @@ sigma     Sigma recovery at N=2000, G=200, k=5: correlation error (RMSE, max) of
 profile   cProfile of ``pln_ref.fit`` (adam) for a few outer steps on the ``compare`` data.
 
 Variants (``--variants``, compare / sigma / profile; default ``asis``): ``asis`` runs pln_ref
-exactly as in the repository; ``lsfix`` swaps in, inside this process only, a Newton loop whose
-Armijo line search evaluates f(x + t p) - f(x) in difference form (no cancellation between O(|f|)
-terms, no Sigma^{-1} product per trial step); pln_ref/ files are not edited. It was written against
+exactly as in the repository; ``lsfix`` injects (``newton_map(line_search=...)``, inside this
+process only) an Armijo line search that evaluates f(x + t p) - f(x) in difference form (no
+cancellation between O(|f|) terms, no Sigma^{-1} product per trial step); pln_ref/ files are not edited. It was written against
 the round-off stall of laplace.py before commit 87e9858 (cells whose remaining gain was below the
 round-off of f failed all 60 halvings and ran to max_iter=200); the repository has fixed that
 since (full steps once the Newton decrement^2 <= 1e-8), so ``lsfix`` is now an A/B of the two line
@@ -102,97 +102,70 @@ from pln_ref.laplace import newton_map  # noqa: E402
 from pln_ref.simulation import random_params, simulate  # noqa: E402
 
 
-# ---- optional benchmark-only variant: the line-search fix proposed in the report ------------
-# (pln_ref/ is not edited: the patched newton_map is compiled from the loaded source with one
-# block replaced, and swapped in only inside ``variant("lsfix")``.)
-_LS_OLD_START = "        # backtracking line search along the projected path"
-_LS_OLD_END = "        x[active] = x_new\n"
-_LS_NEW = """        # backtracking line search along the projected path. BENCHMARK PATCH: the Armijo test
-        # uses f(x + t p) - f(x) in difference form (no cancellation between O(|f|) terms, and
-        # no Sigma^{-1} product per trial step: the two quadratic terms are computed once).
-        lam_k = lam[keep]
-        q1 = np.einsum("ng,ng->n", dx, ua - lam_k - gx)  # dx^T Sigma^{-1}(x - mu)
-        q2 = np.einsum("ng,ng->n", dx, cov.inv_mv(dx))  # dx^T Sigma^{-1} dx
-        gdx = np.einsum("ng,ng->n", gx, dx)
-        t = np.ones(active.size)
-        pending = np.ones(active.size, dtype=bool)
-        x_new, e_new = xa.copy(), ea.copy()
-        f_new = np.full(active.size, np.nan)  # versions that cache f: NaN = recompute
-        for _ in range(60):
-            p = np.flatnonzero(pending)
-            if p.size == 0:
-                break
-            tp = t[p]
-            et = np.maximum(ea[p] + tp * deta[p], 0.0)
-            de = et - ea[p]
-            dz = tp[:, None] * dx[p] - de[:, None]  # change of x - eta
-            with np.errstate(over="ignore", invalid="ignore"):
-                df = (np.einsum("ng,ng->n", ua[p], dz) - np.einsum("ng,ng->n", lam_k[p], np.expm1(dz))
-                      - tp * q1[p] - 0.5 * tp**2 * q2[p])
-            if ma is not None:
-                df = df - de * (2.0 * (ea[p] - ma[p]) + de) / (2.0 * sigma_M**2)
-            gain = tp * gdx[p] + ge[p] * de
-            ok = np.isfinite(df) & (df >= armijo * gain)
-            acc = p[ok]
-            x_new[acc] = xa[acc] + tp[ok, None] * dx[acc]
-            e_new[acc] = et[ok]
-            pending[acc] = False
-            t[p[~ok]] *= 0.5
-"""
-_VARIANT_FNS: dict = {}
-
-
-def _build_lsfix():
-    """(name, patched function) of the function holding the Newton loop (``_newton_block`` in the
-    blocked versions of laplace.py, ``newton_map`` before), or (None, reason) if it no longer matches."""
-    import inspect
-    import textwrap
-
-    import pln_ref.laplace as lap
-
-    name = "_newton_block" if hasattr(lap, "_newton_block") else "newton_map"
-    src = textwrap.dedent(inspect.getsource(getattr(lap, name)))
-    if _LS_OLD_START not in src or _LS_OLD_END not in src or "lam" not in src:
-        return None, f"line-search block not found in pln_ref.laplace.{name}"
-    i, j = src.index(_LS_OLD_START), src.index(_LS_OLD_END)
-    new = src[:i] + _LS_NEW + src[j:]
-    ns = dict(lap.__dict__)
-    exec(compile(new, f"<bench_laplace lsfix {name}>", "exec"), ns)
-    return name, ns[name]
+# ---- optional benchmark-only variant: the difference-form line search ------------------------
+# (pln_ref/ is not edited: the variant is a line search injected through
+# ``newton_map(line_search=...)``, swapped in only inside ``variant("lsfix")``.)
+def difference_line_search(p):
+    """Armijo backtracking in difference form: f(x + t dx) - f(x) computed without cancellation
+    between O(|f|) terms and without a Sigma^{-1} product per trial step (the two quadratic terms
+    dx^T Sigma^{-1}(x - mu) and dx^T Sigma^{-1} dx are computed once per Newton iteration)."""
+    q1 = np.einsum("ng,ng->n", p.dx, p.u - p.lam - p.gx)  # dx^T Sigma^{-1}(x - mu)
+    q2 = np.einsum("ng,ng->n", p.dx, p.cov.inv_mv(p.dx))  # dx^T Sigma^{-1} dx
+    gdx = np.einsum("ng,ng->n", p.gx, p.dx)
+    n = p.x.shape[0]
+    t = np.ones(n)
+    pending = np.ones(n, dtype=bool)
+    x_new, e_new = p.x.copy(), p.eta.copy()
+    f_new = np.full(n, np.nan)  # NaN: newton_map recomputes f where it needs it
+    for _ in range(60):
+        q = np.flatnonzero(pending)
+        if q.size == 0:
+            break
+        tp = t[q]
+        et = np.maximum(p.eta[q] + tp * p.deta[q], 0.0)
+        de = et - p.eta[q]
+        dz = tp[:, None] * p.dx[q] - de[:, None]  # change of x - eta
+        with np.errstate(over="ignore", invalid="ignore"):
+            df = (np.einsum("ng,ng->n", p.u[q], dz) - np.einsum("ng,ng->n", p.lam[q], np.expm1(dz))
+                  - tp * q1[q] - 0.5 * tp**2 * q2[q])
+        if p.m is not None:
+            df = df - de * (2.0 * (p.eta[q] - p.m[q]) + de) / (2.0 * p.sigma_M**2)
+        gain = tp * gdx[q] + p.ge[q] * de
+        ok = np.isfinite(df) & (df >= p.armijo * gain)
+        acc = q[ok]
+        x_new[acc] = p.x[acc] + tp[ok, None] * p.dx[acc]
+        e_new[acc] = et[ok]
+        pending[acc] = False
+        t[q[~ok]] *= 0.5
+    return x_new, e_new, f_new
 
 
 class variant:
-    """Context manager: "asis" = pln_ref unchanged; "lsfix" = newton_map with the line-search patch."""
+    """Context manager: "asis" = pln_ref unchanged; "lsfix" = newton_map with
+    ``line_search=difference_line_search`` (injected, every caller of newton_map sees it)."""
 
     def __init__(self, name):
         self.name = name
 
     def __enter__(self):
-        import pln_ref.fit_laplace as fl
-        import pln_ref.laplace as lap
+        import functools
 
-        self.saved = (lap.newton_map, fl.newton_map, getattr(lap, "_newton_block", None))
+        import pln_ref.laplace as lap
+        import pln_ref.outer.evaluate as ev
+
+        self.saved = (lap.newton_map, ev.newton_map)
         if self.name == "lsfix":
-            if "lsfix" not in _VARIANT_FNS:
-                _VARIANT_FNS["lsfix"] = _build_lsfix()
-            name, fn = _VARIANT_FNS["lsfix"]
-            if name is None:
-                raise RuntimeError(fn)
-            if name == "newton_map":
-                lap.newton_map = fl.newton_map = fn
-            else:  # newton_map looks _newton_block up in its module at call time
-                lap._newton_block = fn
+            fn = functools.partial(self.saved[0], line_search=difference_line_search)
+            lap.newton_map = ev.newton_map = fn
         elif self.name != "asis":
             raise ValueError(self.name)
         return self
 
     def __exit__(self, *a):
-        import pln_ref.fit_laplace as fl
         import pln_ref.laplace as lap
+        import pln_ref.outer.evaluate as ev
 
-        lap.newton_map, fl.newton_map, blk = self.saved
-        if blk is not None:
-            lap._newton_block = blk
+        lap.newton_map, ev.newton_map = self.saved
 
 
 def _nm():

@@ -1,0 +1,277 @@
+"""The Laplace evidence of the globals theta = (mu, W, d) and its exact gradient, and its
+evaluation with warm-started per-cell Newton (``Evaluator``).
+
+Per cell, with xi* = (x*, eta*) the MAP from ``laplace.newton_map`` (seed notation)::
+
+    l_c(theta) = log p(u_c, xi*(theta) | theta) - 1/2 log det(-H(xi*; theta)) + (G+1)/2 log 2 pi
+
+(``model.log_joint`` at the MAP, which contains -1/2 log det Sigma, minus half the log
+determinant of the joint precision, computed by the matrix-determinant lemma as
+log det A + log s). The objective is L(theta) = (1/N) sum_c l_c(theta); no prior on theta
+(maximum marginal likelihood). For a cell whose MAP sits on eta = 0 the same Gaussian formula is
+used at the boundary point.
+
+Truncation of eta (``truncation=True``, the default): eta lives on [0, inf), so the Gaussian
+integral over eta is taken over that half-line only. With s the Schur precision of eta, the
+exact integral of the quadratic expansion adds, per cell,
+
+    c = log Phi(eta* sqrt s)                              interior MAP (eta* > 0)
+    c = log Phi(delta sqrt s) + s delta^2 / 2             MAP on the bound (eta* = 0, delta = g_eta / s <= 0)
+
+(continuous at eta* = delta = 0, where both are log 1/2). Without it the objective rewards
+globals under which cells press on the bound: on simulated data with 98% of cells there
+(N=3000, G=10, k=2, library sizes 100-5000 against M0 = 68) it biased every Sigma entry by
+about +0.1, while the corrected objective peaks at the true globals. Its gradient uses
+ds = (b, 1)^T d(-H) (b, 1): partial dSigma -> -q^T dSigma q, d s / d x_g = lambda_g bbar_g^2,
+d s / d eta = -sum_g lambda_g bbar_g^2, and d g_eta / d x_g = lambda_g on the bound (where eta is
+held at 0, so only x* moves); its implicit part shares the adjoint solve below.
+
+Exact total gradient (``ift=True``), alpha = Sigma^{-1}(x* - mu), C = [(-H)^{-1}]_xx
+= A^{-1} + b b^T / s::
+
+    dl/dtheta = d/dtheta log p(u, xi | theta)|_xi*            (partial; grad_xi f = 0 at the MAP)
+              - 1/2 d/dtheta log det(-H)|_xi*                 (partial)
+              - 1/2 r^T dxi*/dtheta,   r_g = lambda_g v_g^T (-H)^{-1} v_g,  r_eta = -sum_g r_g
+    dxi*/dtheta = (-H)^{-1} d(grad_xi f)/dtheta               (implicit-function theorem)
+
+With Sigma^{-1} C Sigma^{-1} = Sigma^{-1} - Lambda + Lambda A^{-1} Lambda + q q^T / s,
+q = lambda (1 - b), every term is O(N G k^2); the adjoint w = (-H)^{-1} r turns the implicit
+term into the theta-gradient of 1/2 w_x^T Sigma^{-1} (x* - mu). ``ift=False`` drops that term
+(stop-gradient on the MAP). d = exp(rho) keeps d > 0 (Adam works on rho = log d).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import NamedTuple
+
+import numpy as np
+from scipy.special import gammaln, log_ndtr
+
+from .. import laplace as _laplace
+from .. import truncnorm
+from ..laplace import CellPosteriors, newton_map
+from ..lowrank import LowRankCov
+from ..params import PLNParams
+
+__all__ = ["laplace_objective", "laplace_terms", "LaplaceTerms", "Evaluator", "Evaluation"]
+
+
+class LaplaceTerms(NamedTuple):
+    """l (N,) per-cell evidence; grad {"mu", "W", "d"} of sum_c l_c (None without gradient);
+    wx (N, G) x-part of the adjoint w = (-H)^{-1} r (with the truncation term's r; None when
+    ift=False); kappa (N,) truncation coefficient d c / d s (None without truncation); info_mu (G,)
+    sum_c diag(Sigma^{-1} - Sigma^{-1} C_c Sigma^{-1}) = sum_c (lambda - lambda^2 diag A^{-1} - q^2/s),
+    the observed information of each mu_g at fixed MAPs (the L-BFGS preconditioner)."""
+
+    l: np.ndarray
+    grad: dict | None
+    wx: np.ndarray | None
+    kappa: np.ndarray | None
+    info_mu: np.ndarray | None = None
+
+
+def laplace_terms(
+    counts: np.ndarray,
+    params: PLNParams,
+    log_anchor: np.ndarray | None,
+    post: CellPosteriors,
+    *,
+    ift: bool = True,
+    with_grad: bool = True,
+    lgamma_sum: np.ndarray | None = None,
+    truncation: bool = True,
+) -> LaplaceTerms:
+    """Per-cell Laplace evidence l_c (N,), the gradient of sum_c l_c w.r.t. mu, W, d, and the
+    adjoint pieces (w_x, kappa) of the implicit term (``LaplaceTerms``).
+
+    ``post`` must hold the MAPs of ``counts`` under ``params`` (from ``newton_map``); its
+    ``objective`` f (log_joint without constants) gives log p(u, xi* | theta) =
+    f - sum_g log u_g! - G/2 log 2 pi - 1/2 log det Sigma [+ log TruncN normaliser].
+    ``lgamma_sum`` (N,) = sum_g log u_g! may be passed to avoid recomputing it.
+    ``truncation``: add the eta >= 0 truncation term c (module docstring); False gives the plain
+    Gaussian formula (kept for comparison).
+    """
+    u = np.asarray(counts, dtype=float)
+    N, G = u.shape
+    cap = params.capture is not None
+    cov = post.precision.cov
+    if lgamma_sum is None:
+        lgamma_sum = gammaln(u + 1.0).sum(axis=1)
+    # l = log p(u, xi*) - 1/2 log det(-H) + (G + cap)/2 log 2 pi; the G/2 log 2 pi terms cancel
+    l = post.objective - lgamma_sum - 0.5 * cov.logdet() - 0.5 * post.log_det_neg_H()
+    if cap:
+        sM = params.capture.sigma_M
+        m = params.capture.prior_mean(post.log_anchor)
+        l = l - np.log(sM) - log_ndtr(m / sM)  # TruncN normaliser (its -1/2 log 2 pi cancels)
+    trunc = cap and truncation
+    if trunc:
+        ob, s_ = post.on_bound, post.s
+        sq = np.sqrt(s_)
+        t = np.where(ob, post.delta * sq, post.eta_map * sq)
+        log_phi_cdf = log_ndtr(t)
+        l = l + log_phi_cdf + np.where(ob, 0.5 * s_ * post.delta**2, 0.0)
+    if not with_grad:
+        return LaplaceTerms(l, None, None, None)
+    W = params.W
+    A = post.precision
+    lam, r, m = A.lam, A.r, A.m
+    alpha = cov.inv_mv(post.x_map - params.mu)  # Sigma^{-1}(x* - mu)
+    aW = alpha @ W  # (N, k)
+    Sinv = A.S_inv()  # cached on A: inv_diag reuses it
+    inv_diag = A.inv_diag()
+    eye = np.eye(params.k)
+
+    # (1) partial of log p(u, xi | theta):  G_Sigma = 1/2 (alpha alpha^T - Sigma^{-1})
+    # (2) partial of -1/2 log det(-H):      G_Sigma = 1/2 Sigma^{-1} C Sigma^{-1}
+    #     = 1/2 (Sigma^{-1} - Lambda + Lambda A^{-1} Lambda + q q^T/s); the Sigma^{-1} terms cancel.
+    g_mu = alpha.sum(axis=0)
+    g_W = alpha.T @ aW  # sum_c alpha_c (alpha_c^T W)
+    g_W += -lam.sum(axis=0)[:, None] * W
+    g_W += (lam**2 / m).sum(axis=0)[:, None] * W  # Lambda A^{-1} Lambda W, diagonal part
+    T = ((lam * r).T @ (eye - Sinv).reshape(N, -1)).reshape(G, params.k, params.k)
+    g_W += np.einsum("ga,gab->gb", W, T)  # ... low-rank part: sum_c (lam r)_c W (I - S_c^{-1})
+    diag2 = -lam + lam**2 * inv_diag
+    if cap:
+        q = lam * post.bbar  # Sigma^{-1} b = lambda (1 - b)
+        g_W += (q / post.s[:, None]).T @ (q @ W)
+        diag2 = diag2 + q**2 / post.s[:, None]
+    g_d = 0.5 * (alpha**2 + diag2).sum(axis=0)
+    if trunc:
+        # (4) truncation term c(t, s, delta): dc = kappa ds + (direct terms), mills = phi(t)/Phi(t)
+        mills = truncnorm.inv_mills(-t)  # phi(t) / Phi(t)
+        kappa = mills * t / (2.0 * s_)
+        kappa = np.where(ob, -(kappa + 0.5 * post.delta**2), kappa)
+        # partial ds at fixed xi: -q^T dSigma q with dSigma = dW W^T + W dW^T + diag(dd)
+        g_W -= 2.0 * (kappa[:, None] * q).T @ (q @ W)
+        g_d -= (kappa[:, None] * q**2).sum(axis=0)
+        lam_bbar2 = lam * post.bbar**2  # d s / d x
+        rx_tr = kappa[:, None] * lam_bbar2 + np.where(ob, mills / sq + post.delta, 0.0)[:, None] * lam
+        reta_tr = np.where(ob, 0.0, mills * sq - kappa * lam_bbar2.sum(axis=1))
+
+    if ift:
+        # (3) implicit term: r = d log det(-H) / d xi, adjoint w = (-H)^{-1} r; the truncation
+        # term's r_tr enters as r - 2 r_tr (the result is scaled by -1/2 below)
+        if cap:
+            rx = lam * (inv_diag + post.bbar**2 / post.s[:, None])
+            r_eta = -rx.sum(axis=1)
+            if trunc:
+                rx = rx - 2.0 * rx_tr
+                r_eta = r_eta - 2.0 * reta_tr
+            a2 = A.solve(rx)
+            w_eta = (r_eta + np.einsum("ng,ng->n", lam, a2)) / post.s
+            w_eta = np.where(post.on_bound, 0.0, w_eta)  # eta held at its bound
+            wx = a2 + post.b * w_eta[:, None]
+        else:
+            rx = lam * inv_diag
+            wx = A.solve(rx)
+        beta = cov.inv_mv(wx)  # Sigma^{-1} w_x
+        g_mu -= 0.5 * beta.sum(axis=0)
+        g_W -= 0.5 * (beta.T @ aW + alpha.T @ (beta @ W))
+        g_d -= 0.5 * (alpha * beta).sum(axis=0)
+    else:
+        wx = None
+    return LaplaceTerms(l, {"mu": g_mu, "W": g_W, "d": g_d}, wx, kappa if trunc else None,
+                        -diag2.sum(axis=0))
+
+
+def laplace_objective(
+    counts: np.ndarray,
+    params: PLNParams,
+    log_anchor: np.ndarray | None,
+    post: CellPosteriors,
+    *,
+    ift: bool = True,
+    with_grad: bool = True,
+    lgamma_sum: np.ndarray | None = None,
+    truncation: bool = True,
+) -> tuple[np.ndarray, dict[str, np.ndarray] | None]:
+    """(l_c (N,), gradient of sum_c l_c w.r.t. mu, W, d or None): ``laplace_terms`` without the
+    adjoint pieces (module docstring for the formulas)."""
+    t = laplace_terms(counts, params, log_anchor, post, ift=ift, with_grad=with_grad,
+                      lgamma_sum=lgamma_sum, truncation=truncation)
+    return t.l, t.grad
+
+
+class Evaluation(NamedTuple):
+    """L = mean_c l_c at given globals, its gradient (mean over cells; None if not asked), the
+    posteriors (MAPs) it was computed from, the Newton tolerance used and the adjoint pieces."""
+
+    value: float
+    grad: dict | None
+    post: CellPosteriors
+    gtol: float
+    terms: LaplaceTerms
+
+
+class Evaluator:
+    """The Laplace evidence and its exact gradient at given globals, by warm-started Newton.
+
+    Each call solves every cell's MAP from the MAPs of the previous successful call (cold start
+    the first time, or ``x_map``/``eta_map``), to the Newton tolerance ``gtol`` asked for, then
+    evaluates ``laplace_terms``. The last evaluation is cached: asking again at the same globals
+    with a tolerance no tighter (and no gradient where it had one) returns it without a re-solve.
+    ``cells`` (indices) evaluates on a subset (minibatch); its MAPs are updated in place.
+    Counters: ``n_evals``, ``n_cached``, ``newton_iters`` (sum over cells), ``cpu_newton``,
+    ``cpu_objective`` (process CPU seconds).
+    """
+
+    def __init__(self, counts: np.ndarray, log_anchor: np.ndarray | None, capture, *, ift: bool = True,
+                 truncation: bool = True, x_map: np.ndarray | None = None,
+                 eta_map: np.ndarray | None = None) -> None:
+        self.u = np.asarray(counts, dtype=float)
+        self.log_anchor = log_anchor
+        self.capture = capture
+        self.ift, self.truncation = ift, truncation
+        self.lgam = gammaln(self.u + 1.0).sum(axis=1)  # sum_g log u_g!, constant
+        self.x_map, self.eta_map = x_map, eta_map
+        self._last: tuple | None = None
+        self.n_evals = self.n_cached = self.newton_iters = 0
+        self.cpu_newton = self.cpu_objective = 0.0
+
+    @staticmethod
+    def _key(mu, W, d, cells) -> bytes:
+        parts = [np.ascontiguousarray(a).tobytes() for a in (mu, W, d)]
+        parts.append(b"all" if cells is None else np.asarray(cells).tobytes())
+        return b"|".join(parts)
+
+    def __call__(self, mu: np.ndarray, W: np.ndarray, d: np.ndarray, *, gtol: float = 1e-6,
+                 with_grad: bool = True, cells: np.ndarray | None = None) -> Evaluation:
+        key = self._key(mu, W, d, cells)
+        if self._last is not None:
+            k0, ev = self._last
+            if k0 == key and ev.gtol <= gtol and (ev.grad is not None or not with_grad):
+                self.n_cached += 1
+                return ev
+        params = PLNParams(mu, W, d, self.capture)
+        cov = LowRankCov.from_params(params)
+        u = self.u if cells is None else self.u[cells]
+        la = self.log_anchor if self.log_anchor is None or cells is None else self.log_anchor[cells]
+        x0 = None if self.x_map is None else (self.x_map if cells is None else self.x_map[cells])
+        e0 = None if self.eta_map is None else (self.eta_map if cells is None else self.eta_map[cells])
+        c0 = time.process_time()
+        post = _laplace.newton_map(u, params, la, x0=x0, eta0=e0, gtol=gtol, cov=cov)
+        c1 = time.process_time()
+        terms = laplace_terms(u, params, la, post, ift=self.ift, with_grad=with_grad,
+                              lgamma_sum=self.lgam if cells is None else self.lgam[cells],
+                              truncation=self.truncation)
+        self.cpu_newton += c1 - c0
+        self.cpu_objective += time.process_time() - c1
+        self.n_evals += 1
+        self.newton_iters += int(post.n_iter.sum())
+        n = u.shape[0]
+        value = float(np.mean(terms.l))
+        grad = None if terms.grad is None else {k: v / n for k, v in terms.grad.items()}
+        ev = Evaluation(value, grad, post, gtol, terms)
+        if np.isfinite(value):
+            if cells is None:
+                self.x_map, self.eta_map = post.x_map, post.eta_map
+            elif self.x_map is not None:
+                self.x_map[cells], self.eta_map[cells] = post.x_map, post.eta_map
+            self._last = (key, ev)
+        return ev
+
+    def ensure_maps(self, mu, W, d, gtol: float = 1e-6) -> None:
+        """Cold-start every cell's MAP at these globals if no warm start exists yet."""
+        if self.x_map is None:
+            self(mu, W, d, gtol=gtol, with_grad=False)
