@@ -104,7 +104,6 @@ def optimize_globals(
     finally:
         st.elapsed_s += time.perf_counter() - w0
         st.elapsed_cpu_s += time.process_time() - c0
-        st.__dict__["evaluator"] = ev  # counters for benchmarks (not saved)
     if checkpoint:  # the current iterate (with the optimiser's memory): a resume continues exactly
         st.save(checkpoint)
     return st, st.best_params(init.capture)

@@ -193,11 +193,6 @@ class LocalState:
     def structured(self) -> bool:
         return self.beta is not None
 
-    def detach(self) -> "LocalState":
-        f = lambda t: None if t is None else t.detach()  # noqa: E731
-        return LocalState(f(self.m), f(self.logvar), f(self.r), f(self.v), f(self.a), f(self.b),
-                          f(self.c_z), f(self.beta), f(self.eta_r))
-
 
 def _wtdw(W: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """W^T diag(w_n) W for every row w_n of w (N, G) -> (N, k, k), as one (N, G) x (G, k^2) product."""

@@ -97,9 +97,6 @@ def _preconditioner(ev: Evaluator, z, G, k):
     return 1.0 / curv
 
 
-LS_COUNTS = {"extrapolate": 0, "backtrack": 0, "accept": 0}
-
-
 def _line_search(fg, z, F0, g0, p, t0=1.0, c1=1e-4, c2=0.9, max_evals=30):
     """Weak Wolfe line search along p from z (F0, g0); returns (t, F, g) or None if no decrease."""
     slope0 = float(np.dot(g0, p))
@@ -110,7 +107,6 @@ def _line_search(fg, z, F0, g0, p, t0=1.0, c1=1e-4, c2=0.9, max_evals=30):
     for _ in range(max_evals):
         F, g = fg(z + t * p)
         if not np.isfinite(F) or F > F0 + c1 * t * slope0:
-            LS_COUNTS["backtrack"] += 1
             hi = t
             if np.isfinite(F):  # safeguarded quadratic interpolation of F along p
                 denom = 2.0 * (F - F0 - slope0 * t)
@@ -121,7 +117,6 @@ def _line_search(fg, z, F0, g0, p, t0=1.0, c1=1e-4, c2=0.9, max_evals=30):
             continue
         slope = float(np.dot(g, p))
         if slope < c2 * slope0 and math.isinf(hi):
-            LS_COUNTS["extrapolate"] += 1
             lo = t  # still steep: extrapolate
             t *= 2.0
             continue
@@ -129,7 +124,6 @@ def _line_search(fg, z, F0, g0, p, t0=1.0, c1=1e-4, c2=0.9, max_evals=30):
             lo = t
             t = 0.5 * (lo + hi)
             continue
-        LS_COUNTS["accept"] += 1
         return t, F, g
     # evaluation budget spent: accept the last Armijo point if there was one
     if lo > 0:
