@@ -143,19 +143,7 @@ def run_lbfgs(ev: Evaluator, st: LaplaceFitState, *, n_steps: int, gtol: float, 
     S = [] if st.lbfgs_s is None else list(st.lbfgs_s)
     Y = [] if st.lbfgs_y is None else list(st.lbfgs_y)
     counters = {"failed": 0}
-
-    def fg(zz, tol):
-        mu, W, d = from_z(zz, G, k)
-        try:
-            e = ev(mu, W, d, gtol=tol)
-        except (np.linalg.LinAlgError, ValueError, FloatingPointError):
-            counters["failed"] += 1  # e.g. Sigma numerically singular: the line search backs off
-            return math.inf, np.zeros_like(zz)
-        if not np.isfinite(e.value):
-            return math.inf, np.zeros_like(zz)
-        s = zz[G + G * k:]
-        g = np.concatenate([e.grad["mu"], e.grad["W"].ravel(), 2.0 * s * e.grad["d"]])
-        return -e.value, -g
+    fg = _negated_objective(ev, G, k, counters)
 
     tol = newton_schedule(1.0, final)
     F, g = fg(z, tol)
@@ -170,10 +158,7 @@ def run_lbfgs(ev: Evaluator, st: LaplaceFitState, *, n_steps: int, gtol: float, 
         if new_tol < tol:
             tol = new_tol
             F, g = fg(z, tol)
-        if -F > st.best_value:
-            st.best_value = -F
-            mu, W, d = from_z(z, G, k)
-            st.best = {"mu": mu.copy(), "W": W.copy(), "rho": np.log(d)}
+        _record_best(st, z, F, G, k)
         D = _preconditioner(ev, z, G, k) if precondition else None
         p = _two_loop(g, S, Y, D)
         # first step: at most 0.1 per coordinate; later at most max_step (trial points far from
@@ -208,35 +193,70 @@ def run_lbfgs(ev: Evaluator, st: LaplaceFitState, *, n_steps: int, gtol: float, 
                           f"gap {st.gap_estimate:.1e} nats/cell)")
             break
         t, F_new, g_new = res
-        s_vec, y_vec = t * p, g_new - g
-        if float(np.dot(s_vec, y_vec)) > 1e-10 * np.linalg.norm(s_vec) * np.linalg.norm(y_vec):
-            S.append(s_vec)
-            Y.append(y_vec)
-            if len(S) > memory:
-                S.pop(0)
-                Y.pop(0)
+        _push_pair(S, Y, t * p, g_new - g, memory)
         gains.append(F - F_new)
-        z, F, g = z + s_vec, F_new, g_new
-        st.step += 1
-        mu, W, d = from_z(z, G, k)
-        st.mu, st.W, st.rho = mu.copy(), W.copy(), np.log(d)
-        st.x_map, st.eta_map = ev.x_map, ev.eta_map
-        st.history.append((st.step, -F, -F))
-        st.lbfgs_s, st.lbfgs_y = np.array(S), np.array(Y)
+        z, F, g = z + t * p, F_new, g_new
+        _accept(st, ev, z, F, S, Y, G, k)
         bar.update(1)
         bar.set_postfix(objective=f"{-F:.5f}", gap=f"{st.gap_estimate:.1e}", newton_gtol=f"{tol:.0e}")
         if checkpoint and st.step % checkpoint_every == 0:
             st.save(checkpoint)
     bar.close()
-    if -F > st.best_value:
-        st.best_value = -F
-        mu, W, d = from_z(z, G, k)
-        st.best = {"mu": mu.copy(), "W": W.copy(), "rho": np.log(d)}
+    _record_best(st, z, F, G, k)
     st.x_map, st.eta_map = ev.x_map, ev.eta_map
-    best_d = np.exp(st.best["rho"])
-    n_floor = int(np.sum(best_d <= 10 * D_FLOOR))
+    n_floor = int(np.sum(np.exp(st.best["rho"]) <= 10 * D_FLOOR))
     if n_floor:
         st.stopped += f"; {n_floor} gene(s) with d at the floor {D_FLOOR:g} (Heywood case)"
     if counters["failed"]:
         st.stopped += f"; {counters['failed']} trial point(s) rejected as numerically singular"
     return st
+
+
+def _negated_objective(ev: Evaluator, G: int, k: int, counters: dict):
+    """fg(z, tol) -> (-L, -dL/dz) on z = (mu, W, s) with d = D_FLOOR + s^2 (dL/ds = 2 s dL/dd);
+    (inf, 0) where the evidence cannot be evaluated (e.g. Sigma numerically singular), so the
+    line search backs off; such points are counted in ``counters["failed"]``."""
+
+    def fg(zz, tol):
+        mu, W, d = from_z(zz, G, k)
+        try:
+            e = ev(mu, W, d, gtol=tol)
+        except (np.linalg.LinAlgError, ValueError, FloatingPointError):
+            counters["failed"] += 1
+            return math.inf, np.zeros_like(zz)
+        if not np.isfinite(e.value):
+            return math.inf, np.zeros_like(zz)
+        s = zz[G + G * k:]
+        g = np.concatenate([e.grad["mu"], e.grad["W"].ravel(), 2.0 * s * e.grad["d"]])
+        return -e.value, -g
+
+    return fg
+
+
+def _record_best(st: LaplaceFitState, z: np.ndarray, F: float, G: int, k: int) -> None:
+    """Keep the globals at z as the state's best if L = -F beats it."""
+    if -F > st.best_value:
+        st.best_value = -F
+        mu, W, d = from_z(z, G, k)
+        st.best = {"mu": mu.copy(), "W": W.copy(), "rho": np.log(d)}
+
+
+def _push_pair(S: list, Y: list, s_vec: np.ndarray, y_vec: np.ndarray, memory: int) -> None:
+    """Append the curvature pair (s, y) if s^T y > 0 (relative 1e-10), keeping the last ``memory``."""
+    if float(np.dot(s_vec, y_vec)) > 1e-10 * np.linalg.norm(s_vec) * np.linalg.norm(y_vec):
+        S.append(s_vec)
+        Y.append(y_vec)
+        if len(S) > memory:
+            S.pop(0)
+            Y.pop(0)
+
+
+def _accept(st: LaplaceFitState, ev: Evaluator, z: np.ndarray, F: float, S: list, Y: list,
+            G: int, k: int) -> None:
+    """One accepted step: the state's globals, MAPs, history and L-BFGS pairs."""
+    st.step += 1
+    mu, W, d = from_z(z, G, k)
+    st.mu, st.W, st.rho = mu.copy(), W.copy(), np.log(d)
+    st.x_map, st.eta_map = ev.x_map, ev.eta_map
+    st.history.append((st.step, -F, -F))
+    st.lbfgs_s, st.lbfgs_y = np.array(S), np.array(Y)
