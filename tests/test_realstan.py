@@ -35,6 +35,8 @@ from pln_ref.params import Capture, PLNParams
 from pln_ref.simulation import random_params, simulate
 from pln_ref.validation.engines import bridgestan_model, sample_nuts, stan_program
 from pln_ref.validation.standata import pln_cell_data, pln_cell_unconstrain, pln_joint_data, pln_joint_inits
+from strategies import draw_latents
+from strategies import floats as _floats
 
 pytestmark = pytest.mark.realstan
 
@@ -76,10 +78,6 @@ def _rel(a, b) -> float:
     return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1.0))
 
 
-def _floats(lo, hi):
-    return st.floats(lo, hi, allow_nan=False, allow_infinity=False)
-
-
 def _compiled(program: str, data: dict):
     """The compiled BridgeStan model (asserting that it is not stanli's)."""
     model = bridgestan_model(program, data)
@@ -93,15 +91,8 @@ def _compiled(program: str, data: dict):
 @st.composite
 def cases(draw):
     """A data set with the capture prior's m / sigma_M anywhere in [-40, 40] (L_c up to e^20 M0)."""
-    G = draw(st.integers(3, 10))
-    k = draw(st.integers(1, min(3, G - 1)))
-    N = draw(st.integers(1, 3))
-    mu = draw(hnp.arrays(float, G, elements=_floats(-3.0, 8.0)))
-    W = draw(hnp.arrays(float, (G, k), elements=_floats(-2.0, 2.0)))
-    d = draw(hnp.arrays(float, G, elements=_floats(0.05, 3.0)))
-    x = draw(hnp.arrays(float, (N, G), elements=_floats(-5.0, 10.0)))
-    eta = draw(hnp.arrays(float, N, elements=_floats(0.01, 8.0)))
-    u = draw(hnp.arrays(np.int64, (N, G), elements=st.integers(0, 10_000)))
+    u, x, eta, mu, W, d = draw_latents(draw, G_max=10)
+    N = u.shape[0]
     sigma_M = draw(_floats(0.1, 2.0))
     M0 = draw(_floats(1e3, 1e6))
     m_over_sigma = draw(hnp.arrays(float, N, elements=_floats(-40.0, 40.0)))

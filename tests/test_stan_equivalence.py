@@ -21,6 +21,8 @@ from pln_ref.validation.engines import bridgestan_model
 from pln_ref.validation.standata import pln_cell_data, pln_cell_unconstrain, pln_joint_data
 from pln_ref.model import grad_log_joint, log_joint
 from pln_ref.params import Capture, PLNParams
+from strategies import draw_latents
+from strategies import floats as _floats
 
 REL_TOL = 1e-9
 MAX_ERR = {"cell_value": 0.0, "cell_grad": 0.0, "joint_value": 0.0, "joint_grad_latent": 0.0}
@@ -37,21 +39,10 @@ def _rel(a, b) -> float:
     return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1.0))
 
 
-def _floats(lo, hi):
-    return st.floats(lo, hi, allow_nan=False, allow_infinity=False)
-
-
 @st.composite
 def cells(draw):
-    G = draw(st.integers(3, 12))
-    k = draw(st.integers(1, min(3, G - 1)))
-    N = draw(st.integers(1, 3))
-    mu = draw(hnp.arrays(float, G, elements=_floats(-3.0, 8.0)))
-    W = draw(hnp.arrays(float, (G, k), elements=_floats(-2.0, 2.0)))
-    d = draw(hnp.arrays(float, G, elements=_floats(0.05, 3.0)))
-    x = draw(hnp.arrays(float, (N, G), elements=_floats(-5.0, 10.0)))
-    eta = draw(hnp.arrays(float, N, elements=_floats(0.01, 8.0)))
-    u = draw(hnp.arrays(np.int64, (N, G), elements=st.integers(0, 10_000)))
+    u, x, eta, mu, W, d = draw_latents(draw, G_max=12)
+    N = u.shape[0]
     L = draw(hnp.arrays(float, N, elements=_floats(100.0, 5000.0)))
     M0 = draw(_floats(1e3, 1e6))
     sigma_M = draw(_floats(0.1, 2.0))
