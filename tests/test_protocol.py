@@ -176,7 +176,7 @@ def test_save_load_atomic_roundtrip(res, tmp_path):
 
 
 def test_ppc_through_the_posterior(res, sim):
-    reps = posterior_predictive(res, 2, mode="posterior", seed=1)
+    reps = posterior_predictive(res, 2, mode="posterior", seed=1, counts=sim.counts)
     assert reps.shape == (2, N, G)
     for mode in ("map", "laplace"):
         s = ppc_summary(sim.counts, res, n_samples=20, mode=mode)

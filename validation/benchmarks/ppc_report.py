@@ -32,7 +32,7 @@ import numpy as np
 for _v in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
     os.environ.setdefault(_v, "1")
 
-MODES = ("map", "fixed_eta", "joint", "joint_is", "predictive")
+MODES = ("map", "fixed_eta", "joint_gaussian", "joint", "joint_is", "predictive")
 
 
 def coverage_rows(label, counts, obj, args, outdir: Path, plots: bool) -> list[dict]:
@@ -50,7 +50,7 @@ def coverage_rows(label, counts, obj, args, outdir: Path, plots: bool) -> list[d
         rows.append(row)
         print(f"{label:34s} {mode:10s} mean {row['mean']:.3f} var {row['var']:.3f} zero {row['zero_frac']:.3f} "
               f"total {row['total_counts']:.3f}  ({cpu:.1f} s CPU)", flush=True)
-        if plots and mode in ("joint", "joint_is", "predictive"):
+        if plots and mode in ("joint_gaussian", "joint", "joint_is", "predictive"):
             tag = label.replace(" ", "_").replace(",", "").replace("=", "")
             plt.close(plot_zero_fraction(s, outdir / f"zero_fraction_{tag}_{mode}.png"))
             plt.close(plot_ppc(s, outdir / f"ppc_{tag}_{mode}.png"))
