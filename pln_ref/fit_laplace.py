@@ -22,6 +22,7 @@ import time
 import numpy as np
 
 from .constants import D_FLOOR
+from .counts import CountMatrix
 from .outer.adam import run_adam
 from .outer.evaluate import Evaluator, laplace_objective, laplace_terms
 from .outer.lbfgs import run_lbfgs
@@ -33,8 +34,14 @@ __all__ = ["laplace_objective", "laplace_terms", "LaplaceFitState", "optimize_gl
            "data_fingerprint"]
 
 
+def evaluation_block_cells(G: int) -> int:
+    """Cells per block of a blocked full-batch evaluation: two of ``newton_map``'s default blocks
+    (max(16, 2^18 // G) cells), so each block's N x G work arrays hold about 2^19 entries (4 MB)."""
+    return 2 * max(16, (1 << 18) // int(G))
+
+
 def optimize_globals(
-    counts: np.ndarray,
+    counts,
     init: PLNParams,
     log_anchor: np.ndarray | None,
     *,
@@ -71,8 +78,8 @@ def optimize_globals(
     """
     if optimizer not in ("adam", "lbfgs"):
         raise ValueError(f'optimizer must be "adam" or "lbfgs", got {optimizer!r}')
-    u = np.asarray(counts, dtype=float)
-    N = u.shape[0]
+    u = CountMatrix(counts)  # kept in its storage: no dense float64 copy of the counts
+    N, G = u.shape
     if optimizer == "lbfgs" and batch_size is not None and batch_size < N:
         raise ValueError("batch_size needs optimizer='adam' (L-BFGS is full batch)")
     if resume is not None:
@@ -86,8 +93,11 @@ def optimize_globals(
         st.fingerprint = fingerprint
     st.optimizer = optimizer
     w0, c0 = time.perf_counter(), time.process_time()
+    # full-batch evaluations by blocks of cells (memory bounded by a block beyond the warm start);
+    # the EM needs every cell's posterior at once, so it evaluates unblocked
     ev = Evaluator(u, log_anchor, init.capture, ift=ift, truncation=truncation,
-                   x_map=st.x_map, eta_map=st.eta_map)
+                   x_map=st.x_map, eta_map=st.eta_map,
+                   block_cells=None if em_cycles else evaluation_block_cells(G))
     try:
         if em_cycles and resume is None and optimizer == "lbfgs":
             from .outer.em import squarem

@@ -84,7 +84,7 @@ def run_adam(ev: Evaluator, st: LaplaceFitState, *, n_steps: int, gtol: float, b
             setattr(st, k, getattr(st, k) + st.lr * mh / (np.sqrt(vh) + eps))
         st.x_map, st.eta_map = ev.x_map, ev.eta_map
         bar.update(1)
-        bar.set_postfix(objective=f"{track:.4f}", cells_on_bound=int(e.post.on_bound.sum()))
+        bar.set_postfix(objective=f"{track:.4f}", cells_on_bound=e.n_on_bound)
         if len(st.history) > patience:
             past = max(h[2] for h in st.history[:-patience])
             if st.best_value - past < rtol * (1 + abs(st.best_value)):

@@ -195,13 +195,28 @@ def laplace_objective(
 
 class Evaluation(NamedTuple):
     """L = mean_c l_c at given globals, its gradient (mean over cells; None if not asked), the
-    posteriors (MAPs) it was computed from, the Newton tolerance used and the adjoint pieces."""
+    posteriors (MAPs) it was computed from, the Newton tolerance used and the adjoint pieces.
+
+    A blocked evaluation (``Evaluator(block_cells=...)``, all cells) keeps no N x G posterior:
+    ``post`` is None and ``terms`` holds l, the summed gradient and info_mu only (wx, kappa None).
+    ``n_on_bound``: cells whose eta MAP sits on its bound."""
 
     value: float
     grad: dict | None
-    post: CellPosteriors
+    post: CellPosteriors | None
     gtol: float
     terms: LaplaceTerms
+    n_on_bound: int = 0
+
+
+def _sum_terms(parts: list[LaplaceTerms]) -> LaplaceTerms:
+    """Join the ``laplace_terms`` of disjoint blocks of cells: l concatenated, the gradient and
+    info_mu summed (both are sums over cells, so the block sums are exact)."""
+    l = np.concatenate([t.l for t in parts])
+    if parts[0].grad is None:
+        return LaplaceTerms(l, None, None, None)
+    grad = {k: sum(t.grad[k] for t in parts) for k in parts[0].grad}
+    return LaplaceTerms(l, grad, None, None, sum(t.info_mu for t in parts))
 
 
 class Evaluator:
@@ -212,19 +227,31 @@ class Evaluator:
     evaluates ``laplace_terms``. The last evaluation is cached: asking again at the same globals
     with a tolerance no tighter (and no gradient where it had one) returns it without a re-solve.
     ``cells`` (indices) evaluates on a subset (minibatch); its MAPs are updated in place.
+    ``counts``: an array, scipy.sparse matrix or ``pln_ref.counts.CountMatrix`` (kept in its
+    storage; dense float64 rows are read one block or minibatch at a time).
+    ``block_cells``: when set, a full-batch evaluation runs Newton and ``laplace_terms`` on blocks
+    of that many cells and keeps only l (N,), the summed gradient and the MAPs (x_map (N, G),
+    eta_map (N,)): memory beyond the warm start is bounded by one block (``Evaluation.post`` is
+    then None). None: one unblocked evaluation holding every cell's posterior (needed by the EM).
     Counters: ``n_evals``, ``n_cached``, ``newton_iters`` (sum over cells), ``cpu_newton``,
     ``cpu_objective`` (process CPU seconds).
     """
 
-    def __init__(self, counts: np.ndarray, log_anchor: np.ndarray | None, capture, *, ift: bool = True,
+    def __init__(self, counts, log_anchor: np.ndarray | None, capture, *, ift: bool = True,
                  truncation: bool = True, x_map: np.ndarray | None = None,
-                 eta_map: np.ndarray | None = None) -> None:
-        self.u = np.asarray(counts, dtype=float)
+                 eta_map: np.ndarray | None = None, block_cells: int | None = None) -> None:
+        from ..counts import CountMatrix
+
+        self.u = CountMatrix(counts)
+        self.N = self.u.shape[0]
         self.log_anchor = log_anchor
         self.capture = capture
         self.ift, self.truncation = ift, truncation
-        self.lgam = gammaln(self.u + 1.0).sum(axis=1)  # sum_g log u_g!, constant
+        self.lgam = self.u.lgamma_sums()  # sum_g log u_g!, constant
         self.x_map, self.eta_map = x_map, eta_map
+        if block_cells is not None and (isinstance(block_cells, bool) or int(block_cells) < 1):
+            raise ValueError(f"block_cells must be a positive integer or None, got {block_cells!r}")
+        self.block_cells = None if block_cells is None else int(block_cells)
         self._last: tuple | None = None
         self.n_evals = self.n_cached = self.newton_iters = 0
         self.cpu_newton = self.cpu_objective = 0.0
@@ -234,6 +261,15 @@ class Evaluator:
         parts = [np.ascontiguousarray(a).tobytes() for a in (mu, W, d)]
         parts.append(b"all" if cells is None else np.asarray(cells).tobytes())
         return b"|".join(parts)
+
+    def _solve(self, u, params, cov, la, x0, e0, gtol, with_grad, lgam):
+        """Newton then ``laplace_terms`` on one set of cells: (post, terms, cpu newton, cpu terms)."""
+        c0 = time.process_time()
+        post = _laplace.newton_map(u, params, la, x0=x0, eta0=e0, gtol=gtol, cov=cov)
+        c1 = time.process_time()
+        terms = laplace_terms(u, params, la, post, ift=self.ift, with_grad=with_grad,
+                              lgamma_sum=lgam, truncation=self.truncation)
+        return post, terms, c1 - c0, time.process_time() - c1
 
     def __call__(self, mu: np.ndarray, W: np.ndarray, d: np.ndarray, *, gtol: float = 1e-6,
                  with_grad: bool = True, cells: np.ndarray | None = None) -> Evaluation:
@@ -245,29 +281,57 @@ class Evaluator:
                 return ev
         params = PLNParams(mu, W, d, self.capture)
         cov = LowRankCov.from_params(params)
-        u = self.u if cells is None else self.u[cells]
+        if cells is None and self.block_cells is not None:
+            return self._blocked(key, params, cov, gtol, with_grad)
+        u = self.u.toarray() if cells is None else self.u.rows(cells)
         la = self.log_anchor if self.log_anchor is None or cells is None else self.log_anchor[cells]
         x0 = None if self.x_map is None else (self.x_map if cells is None else self.x_map[cells])
         e0 = None if self.eta_map is None else (self.eta_map if cells is None else self.eta_map[cells])
-        c0 = time.process_time()
-        post = _laplace.newton_map(u, params, la, x0=x0, eta0=e0, gtol=gtol, cov=cov)
-        c1 = time.process_time()
-        terms = laplace_terms(u, params, la, post, ift=self.ift, with_grad=with_grad,
-                              lgamma_sum=self.lgam if cells is None else self.lgam[cells],
-                              truncation=self.truncation)
-        self.cpu_newton += c1 - c0
-        self.cpu_objective += time.process_time() - c1
+        post, terms, cn, co = self._solve(u, params, cov, la, x0, e0, gtol, with_grad,
+                                          self.lgam if cells is None else self.lgam[cells])
+        self.cpu_newton += cn
+        self.cpu_objective += co
         self.n_evals += 1
         self.newton_iters += int(post.n_iter.sum())
         n = u.shape[0]
         value = float(np.mean(terms.l))
         grad = None if terms.grad is None else {k: v / n for k, v in terms.grad.items()}
-        ev = Evaluation(value, grad, post, gtol, terms)
+        ev = Evaluation(value, grad, post, gtol, terms, int(post.on_bound.sum()))
         if np.isfinite(value):
             if cells is None:
                 self.x_map, self.eta_map = post.x_map, post.eta_map
             elif self.x_map is not None:
                 self.x_map[cells], self.eta_map[cells] = post.x_map, post.eta_map
+            self._last = (key, ev)
+        return ev
+
+    def _blocked(self, key, params, cov, gtol, with_grad) -> Evaluation:
+        """All cells, block by block: the MAPs go into new (N, G) / (N,) arrays (the warm start is
+        replaced only if the evaluation is finite), l and the gradient sums are kept."""
+        N, G = self.u.shape
+        x_new, e_new = np.empty((N, G)), np.empty(N)
+        parts, n_bound = [], 0
+        for lo in range(0, N, self.block_cells):
+            hi = min(N, lo + self.block_cells)
+            sl = slice(lo, hi)
+            pick = lambda a: None if a is None else a[sl]  # noqa: E731
+            post, terms, cn, co = self._solve(self.u.block(lo, hi), params, cov, pick(self.log_anchor),
+                                              pick(self.x_map), pick(self.eta_map), gtol, with_grad,
+                                              self.lgam[sl])
+            self.cpu_newton += cn
+            self.cpu_objective += co
+            self.newton_iters += int(post.n_iter.sum())
+            x_new[sl], e_new[sl] = post.x_map, post.eta_map
+            n_bound += int(post.on_bound.sum())
+            parts.append(terms)
+            del post, terms
+        self.n_evals += 1
+        terms = _sum_terms(parts)
+        value = float(np.mean(terms.l))
+        grad = None if terms.grad is None else {k: v / N for k, v in terms.grad.items()}
+        ev = Evaluation(value, grad, None, gtol, terms, n_bound)
+        if np.isfinite(value):
+            self.x_map, self.eta_map = x_new, e_new
             self._last = (key, ev)
         return ev
 
