@@ -43,7 +43,7 @@ def data_fingerprint(counts, log_anchor, capture, k: int, options: dict | None =
     ``options``: settings that change the objective or the optimiser's path (e.g. optimizer, ift,
     truncation, batch_size); values must be JSON-serialisable. The step cap is not part of it
     (resuming with a larger cap is the point of a checkpoint)."""
-    u = np.asarray(counts)
+    u = counts if hasattr(counts, "blocks") else np.asarray(counts)  # a CountMatrix stays as it is
     fp = {"shape": list(u.shape), "counts": _digest(u), "log_anchor": _digest(log_anchor),
           "capture": None if capture is None else [float(capture.M0), float(capture.sigma_M)],
           "k": int(k)}
