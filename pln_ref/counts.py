@@ -47,6 +47,15 @@ def _resolve_source(data, layer: str | None):
     return data.layers[layer], f"counts (AnnData layer {layer!r})"
 
 
+def _row_sums(u, f) -> np.ndarray:
+    """sum_g f(u_cg) per row of a dense or CSR block, for an elementwise f with f(0) = 0 (CSR: on
+    the stored values only)."""
+    if sp.issparse(u):
+        rows = np.repeat(np.arange(u.shape[0]), np.diff(u.indptr))
+        return np.bincount(rows, weights=f(np.asarray(u.data, dtype=np.float64)), minlength=u.shape[0])
+    return f(u).sum(axis=1)
+
+
 class CountMatrix:
     """Counts u (N, G) in dense, CSR or on-disk (backed AnnData / zarr) storage.
 
@@ -86,11 +95,7 @@ class CountMatrix:
         try:
             for sl, u in self._raw_blocks():
                 self._total[sl] = u.sum(axis=1)
-                if sp.issparse(u):
-                    rows = np.repeat(np.arange(u.shape[0]), np.diff(u.indptr))
-                    self._lgamma[sl] = np.bincount(rows, weights=gammaln(u.data + 1.0), minlength=u.shape[0])
-                else:
-                    self._lgamma[sl] = gammaln(u + 1.0).sum(axis=1)
+                self._lgamma[sl] = _row_sums(u, lambda v: gammaln(v + 1.0))
         except ValueError as e:
             if self.what == "counts (AnnData .X)" and ("non-integer" in str(e) or "negative" in str(e)):
                 raise ValueError(f"{e}; .X looks normalised: {_raw_counts_hint(sorted(data.layers.keys()))}") from None
@@ -156,14 +161,12 @@ class CountMatrix:
         of the saturated fit (rate = count), by blocks (on the nonzeros for CSR storage)."""
         from scipy.special import xlogy
 
-        if self.storage == "csr":
-            u = self._src
-            rows = np.repeat(np.arange(self.shape[0]), np.diff(u.indptr))
-            v = np.asarray(u.data, dtype=np.float64)
-            return np.bincount(rows, weights=xlogy(v, v) - v - gammaln(v + 1.0), minlength=self.shape[0])
-        out = np.empty(self.shape[0])
-        for sl, u in self.blocks():
-            out[sl] = (xlogy(u, u) - u - gammaln(u + 1.0)).sum(axis=1)
+        N, out = self.shape[0], np.empty(self.shape[0])
+        for lo in range(0, N, self.block_size):
+            hi = min(N, lo + self.block_size)
+            u = self._src[lo:hi]
+            u = sp.csr_array(u, dtype=np.float64) if sp.issparse(u) else np.asarray(u, dtype=np.float64)
+            out[lo:hi] = _row_sums(u, lambda v: xlogy(v, v) - v - gammaln(v + 1.0))
         return out
 
     def column_moments(self) -> tuple[np.ndarray, np.ndarray]:
