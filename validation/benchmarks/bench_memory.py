@@ -9,8 +9,8 @@ Usage (one BLAS thread; one case at a time on the shared machine)::
 Cases: ``<storage><N>`` with storage ``dense`` (int64 numpy) or ``csr`` (scipy CSR of the same
 counts), N in ``5k`` / ``10k`` / ``20k`` cells, G = 2000 genes. Counts are simulated with
 ``random_params(2000, 5, seed=0, capture=True)`` and ``simulate(params, N, seed=1)`` in a separate
-process and cached under ``validation/out/bench_memory_data/`` (so the simulation's own arrays do
-not count in the fit's high-water mark); the fit is ``pln_ref.fit(counts, k=5, n_steps=3,
+process and cached under ``validation/out/bench_memory_data/`` (CSR .npz and dense int64 .npy, so
+the simulation's own arrays do not count in the fit's high-water mark); the fit is ``pln_ref.fit(counts, k=5, n_steps=3,
 progress=False)`` (``--converged``: no step cap, the default stopping rule). Each case runs in a
 fresh Python process (``subprocess``) that loads the counts and reports the kernel's high-water
 mark ``resource.getrusage(RUSAGE_SELF).ru_maxrss`` after loading (``rss_data``) and after the fit
@@ -47,6 +47,7 @@ import pln_ref
 N, G, K, path = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
 p = pln_ref.random_params(G, K, seed=0, capture=True)
 u = pln_ref.simulate(p, N, seed=1).counts
+np.save(path + ".dense.npy", np.asarray(u, dtype=np.int64))
 sp.save_npz(path, sp.csr_matrix(u))
 """
 
@@ -56,9 +57,7 @@ import numpy as np
 import scipy.sparse as sp
 import pln_ref
 storage, path, K, converged = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4] == "1"
-u = sp.load_npz(path).tocsr()
-if storage == "dense":
-    u = u.toarray().astype(np.int64)
+u = np.load(path + ".dense.npy") if storage == "dense" else sp.load_npz(path).tocsr()
 rss_data = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 c0, w0 = time.process_time(), time.time()
 opts = {} if converged else {"n_steps": 3}
@@ -74,10 +73,11 @@ print(json.dumps({"rss_data": rss_data, "rss_peak": rss_peak, "cpu_s": cpu, "wal
 def _data(N: int, env: dict) -> Path:
     """The cached simulated counts of N cells (CSR .npz), simulated in a separate process."""
     path = DATA / f"sim_N{N}_G{G}_k{K}.npz"
-    if not path.exists():
+    if not (path.exists() and Path(str(path) + ".dense.npy").exists()):
         DATA.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(path.stem + ".tmp.npz")
         subprocess.run([sys.executable, "-c", SIMULATE, str(N), str(G), str(K), str(tmp)], env=env, check=True)
+        Path(str(tmp) + ".dense.npy").replace(str(path) + ".dense.npy")
         tmp.replace(path)
     return path
 
