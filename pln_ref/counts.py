@@ -4,6 +4,8 @@ Every phase of a fit touches the counts u (N cells x G genes) only through
 
     a block of rows       u[lo:hi]                        (dense float64, one block at a time)
     per-cell sums         sum_g u_cg  and  sum_g log u_cg!  (log 0! = 0, so nonzeros only)
+    per-gene reductions   means, variances, the centred Gram u_c^T u_c (G x G), products u V, u^T Y
+                          (the method of moments), summed over blocks of cells
 
 so the counts never need a dense N x G copy: ``CountMatrix`` keeps a dense array as it is, a
 scipy.sparse matrix as CSR, and an AnnData opened backed (``anndata.read_h5ad(path, backed="r")``)
