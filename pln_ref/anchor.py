@@ -23,7 +23,8 @@ def resolve_log_anchor(counts, log_anchor=None, *, library_size=None) -> np.ndar
 
     ``library_size`` (N,) or scalar: the anchor L_c (positive, finite); ``log_anchor``: its log
     (finite); give at most one. Neither: L_c = sum_g u_cg, the realised total counts, which must
-    be positive for every cell. ``counts``: (N, G) array or scipy.sparse matrix (only its row sums
+    be positive for every cell. ``counts``: (N, G) array, scipy.sparse matrix or
+    ``pln_ref.counts.CountMatrix`` (only its row sums
     and its number of rows are used), or the number of cells N when an anchor is given.
     """
     N = int(counts) if isinstance(counts, (int, np.integer)) else counts.shape[0]
@@ -45,7 +46,10 @@ def resolve_log_anchor(counts, log_anchor=None, *, library_size=None) -> np.ndar
         return la
     if isinstance(counts, (int, np.integer)):
         raise ValueError("no counts to take the default anchor from: pass library_size")
-    L = np.asarray(counts.sum(axis=1), dtype=float).reshape(-1)
+    if hasattr(counts, "total_counts"):  # a pln_ref.counts.CountMatrix
+        L = counts.total_counts()
+    else:
+        L = np.asarray(counts.sum(axis=1), dtype=float).reshape(-1)
     if np.any(L <= 0):
         bad = np.flatnonzero(L <= 0)
         raise ValueError(

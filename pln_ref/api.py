@@ -24,14 +24,15 @@ import numpy as np
 
 from .config import LaplaceConfig, VAEConfig, method_config
 from .anchor import resolve_log_anchor
-from .data import as_counts, check_genes_cells
+from .counts import CountMatrix
+from .data import check_genes_cells
 from .params import Capture
 
 __all__ = ["fit", "resolve_capture"]
 
 
 def resolve_capture(
-    counts: np.ndarray,
+    counts: np.ndarray | CountMatrix,
     capture="auto",
     *,
     M0: float | None = None,
@@ -52,7 +53,8 @@ def resolve_capture(
     if M0 is None:
         if not (0 < capture_efficiency <= 1):
             raise ValueError(f"capture_efficiency must be in (0, 1], got {capture_efficiency}")
-        M0 = float(np.median(counts.sum(axis=1))) / capture_efficiency
+        totals = counts.total_counts() if isinstance(counts, CountMatrix) else np.asarray(counts.sum(axis=1))
+        M0 = float(np.median(totals)) / capture_efficiency
     return Capture(M0=M0, sigma_M=0.5 if sigma_M is None else sigma_M)
 
 
@@ -108,7 +110,7 @@ def fit(
     if inference_method == "vae":
         from .vae import fit_vae
 
-        res = fit_vae(u, k, capture=cap, log_anchor=log_anchor, progress=progress, config=cfg, **names)
+        res = fit_vae(u.toarray(), k, capture=cap, log_anchor=log_anchor, progress=progress, config=cfg, **names)
         res.settings["anchor"] = anchor
         return res
     return _fit_laplace(u, k, cap, log_anchor, cfg, anchor=anchor, progress=progress, **names)
@@ -126,9 +128,10 @@ def _names(data) -> dict:
 
 
 def _prepare(data, k, layer, capture, M0, sigma_M, capture_efficiency, library_size):
-    """Checked counts, the capture setting, log anchors and the names of the input."""
+    """Checked counts (a ``CountMatrix``: dense input stays as given, sparse input stays CSR, values
+    checked block by block), the capture setting, log anchors and the names of the input."""
     names = _names(data)
-    u = as_counts(data, layer=layer)
+    u = CountMatrix(data, layer=layer)
     N, G = u.shape
     if not (isinstance(k, (int, np.integer)) and 1 <= k < G):
         raise ValueError(f"k must be an integer with 1 <= k < G = {G} genes, got {k!r}")
@@ -156,8 +159,8 @@ def _fit_laplace(u, k, cap, log_anchor, cfg: LaplaceConfig, *, anchor, progress,
 
     A resumed fit keeps the wall and CPU time of its earlier runs (``wall_time_s``, ``cpu_time_s``
     count every run of the fit) and is refused if its checkpoint's data fingerprint differs."""
-    from .fit_laplace import LaplaceFitState, data_fingerprint, laplace_objective, optimize_globals
-    from .laplace import newton_map
+    from .fit_laplace import LaplaceFitState, data_fingerprint, evaluation_block_cells, optimize_globals
+    from .outer.final import final_posteriors
     from .outer.start import initial_globals
     from .results import LaplaceResult, evidence_outliers
 
@@ -182,9 +185,13 @@ def _fit_laplace(u, k, cap, log_anchor, cfg: LaplaceConfig, *, anchor, progress,
         resume=state, progress=progress, optimizer=cfg.optimizer, gap_tol=cfg.gap_tol,
         fingerprint=fingerprint, em_cycles=cfg.em_cycles,
     )
-    cells = newton_map(u, params, log_anchor, x0=st.x_map, eta0=st.eta_map, gtol=cfg.gtol)
+    # final posteriors and evidence by blocks of cells; the MAPs overwrite the warm start's array
+    x0 = st.x_map
+    reuse = x0 is not None and x0.dtype == np.float64 and x0.flags.writeable
+    cells, evidence = final_posteriors(u, params, log_anchor, x0=x0, eta0=st.eta_map, gtol=cfg.gtol,
+                                       block_cells=evaluation_block_cells(u.shape[1]), reuse_x0=reuse)
+    st.x_map = None  # shared with the result's x_map now
     history = np.asarray(st.history, dtype=float).reshape(-1, 3)
-    evidence = laplace_objective(u, params, log_anchor, cells, with_grad=False)[0]
     objective = float(np.mean(evidence))
     outliers = evidence_outliers(evidence, u, cell_names, warn=True)
     settings = {

@@ -4,6 +4,8 @@ Every phase of a fit touches the counts u (N cells x G genes) only through
 
     a block of rows       u[lo:hi]                        (dense float64, one block at a time)
     per-cell sums         sum_g u_cg  and  sum_g log u_cg!  (log 0! = 0, so nonzeros only)
+    per-gene reductions   means, variances, the centred Gram u_c^T u_c (G x G), products u V, u^T Y
+                          (the method of moments), summed over blocks of cells
 
 so the counts never need a dense N x G copy: ``CountMatrix`` keeps a dense array as it is, a
 scipy.sparse matrix as CSR, and an AnnData opened backed (``anndata.read_h5ad(path, backed="r")``)
@@ -19,7 +21,7 @@ import numpy as np
 import scipy.sparse as sp
 from scipy.special import gammaln
 
-from .data import _check_values, _numeric
+from .data import _check_values, _numeric, _raw_counts_hint
 
 __all__ = ["CountMatrix", "DEFAULT_BLOCK_ENTRIES"]
 
@@ -45,6 +47,15 @@ def _resolve_source(data, layer: str | None):
     if layer not in data.layers:
         raise ValueError(f"unknown layer {layer!r}; available layers: {sorted(data.layers.keys())}")
     return data.layers[layer], f"counts (AnnData layer {layer!r})"
+
+
+def _row_sums(u, f) -> np.ndarray:
+    """sum_g f(u_cg) per row of a dense or CSR block, for an elementwise f with f(0) = 0 (CSR: on
+    the stored values only)."""
+    if sp.issparse(u):
+        rows = np.repeat(np.arange(u.shape[0]), np.diff(u.indptr))
+        return np.bincount(rows, weights=f(np.asarray(u.data, dtype=np.float64)), minlength=u.shape[0])
+    return f(u).sum(axis=1)
 
 
 class CountMatrix:
@@ -83,13 +94,14 @@ class CountMatrix:
         self._total = np.empty(self.shape[0])
         self._lgamma = np.empty(self.shape[0])
         # one pass: check the values and keep the two per-cell sums the fit needs
-        for sl, u in self._raw_blocks():
-            self._total[sl] = u.sum(axis=1)
-            if sp.issparse(u):
-                rows = np.repeat(np.arange(u.shape[0]), np.diff(u.indptr))
-                self._lgamma[sl] = np.bincount(rows, weights=gammaln(u.data + 1.0), minlength=u.shape[0])
-            else:
-                self._lgamma[sl] = gammaln(u + 1.0).sum(axis=1)
+        try:
+            for sl, u in self._raw_blocks():
+                self._total[sl] = u.sum(axis=1)
+                self._lgamma[sl] = _row_sums(u, lambda v: gammaln(v + 1.0))
+        except ValueError as e:
+            if self.what == "counts (AnnData .X)" and ("non-integer" in str(e) or "negative" in str(e)):
+                raise ValueError(f"{e}; .X looks normalised: {_raw_counts_hint(sorted(data.layers.keys()))}") from None
+            raise
 
     # ------------------------------------------------------------------ reading
     def _raw_blocks(self) -> Iterator[tuple[slice, np.ndarray | sp.csr_array]]:
@@ -145,6 +157,63 @@ class CountMatrix:
     def lgamma_sums(self) -> np.ndarray:
         """sum_g log(u_cg!) per cell, shape (N,): the constant of the Poisson log-likelihood."""
         return self._lgamma.copy()
+
+    def saturated_loglik(self) -> np.ndarray:
+        """sum_g (u_cg log u_cg - u_cg - log u_cg!) per cell, shape (N,): the Poisson log-likelihood
+        of the saturated fit (rate = count), by blocks (on the nonzeros for CSR storage)."""
+        from scipy.special import xlogy
+
+        N, out = self.shape[0], np.empty(self.shape[0])
+        for lo in range(0, N, self.block_size):
+            hi = min(N, lo + self.block_size)
+            u = self._src[lo:hi]
+            u = sp.csr_array(u, dtype=np.float64) if sp.issparse(u) else np.asarray(u, dtype=np.float64)
+            out[lo:hi] = _row_sums(u, lambda v: xlogy(v, v) - v - gammaln(v + 1.0))
+        return out
+
+    def column_moments(self) -> tuple[np.ndarray, np.ndarray]:
+        """Per-gene sample mean and variance (ddof=1; 0 for a single cell), shapes (G,), by blocks
+        of cells (shifted by the first block's means, so no cancellation for large counts)."""
+        N = self.shape[0]
+        shift = self.block(0, min(N, self.block_size)).mean(axis=0)
+        s1, s2 = np.zeros(self.shape[1]), np.zeros(self.shape[1])
+        for _, u in self.blocks():
+            u -= shift
+            s1 += u.sum(axis=0)
+            s2 += np.einsum("cg,cg->g", u, u)
+        mean = s1 / N
+        var = (s2 - N * mean * mean) / (N - 1) if N > 1 else np.zeros(self.shape[1])
+        return mean + shift, var
+
+    def centred_gram(self, mean: np.ndarray) -> np.ndarray:
+        """(u - 1 mean^T)^T (u - 1 mean^T), shape (G, G), summed over dense blocks of cells (each
+        block's product is one BLAS call; only one block of cells is dense at a time)."""
+        G = self.shape[1]
+        out = np.zeros((G, G))
+        for _, u in self.blocks():
+            u -= mean
+            out += u.T @ u
+        return out
+
+    def matmul(self, V: np.ndarray) -> np.ndarray:
+        """u @ V for V (G, r) -> (N, r), without a dense copy of u (CSR product, or by blocks)."""
+        V = np.asarray(V, dtype=np.float64)
+        if self.storage == "csr":
+            return np.asarray(self._src @ V)
+        out = np.empty((self.shape[0],) + V.shape[1:])
+        for sl, u in self.blocks():
+            out[sl] = u @ V
+        return out
+
+    def rmatmul(self, Y: np.ndarray) -> np.ndarray:
+        """u^T @ Y for Y (N, r) -> (G, r), without a dense copy of u (CSR product, or by blocks)."""
+        Y = np.asarray(Y, dtype=np.float64)
+        if self.storage == "csr":
+            return np.asarray(self._src.T @ Y)
+        out = np.zeros((self.shape[1],) + Y.shape[1:])
+        for sl, u in self.blocks():
+            out += u.T @ Y[sl]
+        return out
 
     def toarray(self) -> np.ndarray:
         """The whole matrix dense (N x G float64): for small data and tests only."""

@@ -51,6 +51,12 @@ def as_counts(data, layer: str | None = None) -> np.ndarray:
     (no cells or no genes), non-numeric dtype, NaN, inf, negative or non-integer values.
     """
     what = "counts"
+    from .counts import CountMatrix
+
+    if isinstance(data, CountMatrix):  # already checked
+        if layer is not None:
+            raise ValueError("layer is only meaningful for AnnData input")
+        return data.toarray()
     try:
         import anndata as ad
 
@@ -121,7 +127,9 @@ def _dense_counts(data, what: str) -> np.ndarray:
 def total_counts(counts) -> np.ndarray:
     """Realised total counts sum_g u_cg of each cell, shape (N,), float64 (input validated by
     ``as_counts``). The default anchor of the capture prior (``pln_ref.anchor``), not a synonym of it."""
-    return as_counts(counts).sum(axis=1)
+    from .counts import CountMatrix
+
+    return CountMatrix(counts).total_counts()
 
 
 @dataclass(frozen=True)
@@ -159,8 +167,11 @@ def check_genes_cells(counts, *, raise_on_zero: bool = False) -> GeneCellReport:
 
     With ``raise_on_zero=True`` a ValueError lists how many and which indices are all zero.
     """
-    u = as_counts(counts)
-    rep = GeneCellReport(zero_genes=~np.any(u > 0, axis=0), zero_cells=~np.any(u > 0, axis=1))
+    from .counts import CountMatrix
+
+    u = CountMatrix(counts)  # checked by blocks; no dense copy of sparse counts
+    # counts are non-negative: a row / column is all zero iff its sum is 0
+    rep = GeneCellReport(zero_genes=u.column_moments()[0] <= 0, zero_cells=u.total_counts() <= 0)
     if raise_on_zero and not rep.ok:
         raise ValueError(rep.message())
     return rep

@@ -37,6 +37,7 @@ from typing import NamedTuple
 import numpy as np
 from . import truncnorm
 from .anchor import resolve_log_anchor
+from .counts import CountMatrix
 from .data import as_counts
 from .params import Capture, PLNParams
 
@@ -288,8 +289,9 @@ def _principal_axis_fa(apply, s_diag, k, *, d_floor, n_iter, tol, rng, exact_den
 class MomentsFit(NamedTuple):
     """Result of ``moments_fit``: the globals and how they were obtained.
 
-    info: path ("dense" | "streamed"), e1, e2, n_zero_genes, n_var_clamped, n_cov_clamped,
-    fa_iterations, fa_converged, sigma_diag_hat (G,)."""
+    info: path ("dense" | "streamed"), e1, e2, n_zero_genes, mean_count (G,) (the sample mean
+    count of each gene), n_var_clamped, n_cov_clamped, fa_iterations, fa_converged,
+    sigma_diag_hat (G,)."""
 
     params: PLNParams
     info: dict
@@ -309,11 +311,9 @@ def _moment_capture_factors(u, capture, log_anchor) -> tuple[float, float]:
     return mixture_capture_factors(capture, la)
 
 
-def _invert_diagonal(u, e1, e2, sigma_floor):
-    """Per-gene inversion: (E_emp, a, s_diag, mu, var_clamped, n_zero)."""
-    N = u.shape[0]
-    E_emp = u.mean(0)
-    V = u.var(0, ddof=1)
+def _invert_diagonal(E_emp, V, N, e1, e2, sigma_floor):
+    """Per-gene inversion of the sample means ``E_emp`` and variances ``V`` (ddof=1) of N cells:
+    (a, s_diag, mu, var_clamped, n_zero)."""
     n_zero = int(np.sum(E_emp <= 0))
     E = np.maximum(E_emp, 0.5 / N)  # all-zero genes: half a count in the whole data set
     a = E / e1
@@ -323,7 +323,7 @@ def _invert_diagonal(u, e1, e2, sigma_floor):
     var_clamped = s_raw < sigma_floor
     s_diag = np.where(var_clamped, sigma_floor, s_raw)
     mu = np.log(a) - 0.5 * s_diag
-    return E_emp, a, s_diag, mu, var_clamped, n_zero
+    return a, s_diag, mu, var_clamped, n_zero
 
 
 def _offdiag_inverter(s_diag, c0, c1, max_corr):
@@ -344,9 +344,11 @@ def _offdiag_inverter(s_diag, c0, c1, max_corr):
     return invert_block
 
 
-def _fa_dense(Z, invert_block, s_diag, k, *, d_floor, n_iter, tol, rng):
-    G = Z.shape[1]
-    S, n_cov_clamped = invert_block(Z.T @ Z, np.arange(G))
+def _fa_dense(R, invert_block, s_diag, k, *, d_floor, n_iter, tol, rng):
+    """Dense path: ``R`` = Z^T Z (G x G)."""
+    G = R.shape[1]
+    S, n_cov_clamped = invert_block(R, np.arange(G))
+    del R
     S = 0.5 * (S + S.T)
     exact = S if G <= 300 else None
     n_it = n_iter if n_iter is not None else (500 if exact is not None else 100)
@@ -358,7 +360,7 @@ def _fa_dense(Z, invert_block, s_diag, k, *, d_floor, n_iter, tol, rng):
 def _fa_streamed(Z, invert_block, s_diag, k, *, d_floor, n_iter, tol, rng, oversample, seed):
     from scipy.sparse.linalg import svds
 
-    N, G = Z.shape
+    N, G = Z.shape  # Z: an (N x G) array or scipy LinearOperator
     r = min(k + oversample, min(N, G) - 1)
     _, sv, vt = svds(Z, k=r, random_state=seed)
     Qr = vt.T * sv  # R ~= Qr Qr^T
@@ -380,6 +382,25 @@ def _fa_streamed(Z, invert_block, s_diag, k, *, d_floor, n_iter, tol, rng, overs
     n_it = n_iter if n_iter is not None else 30
     W, d, it, conv = _principal_axis_fa(apply, s_diag, k, d_floor=d_floor, n_iter=n_it, tol=tol, rng=rng)
     return W, d, it, conv, int(counted["n"] or 0)
+
+
+def _centred_scaled_operator(u, mean: np.ndarray, scale: np.ndarray):
+    """Z = (u - 1 mean^T) diag(1 / scale) as a scipy LinearOperator on a ``CountMatrix`` u:
+    products with the counts in their storage, no dense N x G array."""
+    from scipy.sparse.linalg import LinearOperator
+
+    N, G = u.shape
+
+    def mat(V):
+        V = V.reshape(G, -1) / scale[:, None]
+        return u.matmul(V) - mean @ V
+
+    def rmat(Y):
+        Y = Y.reshape(N, -1)
+        return (u.rmatmul(Y) - np.outer(mean, Y.sum(axis=0))) / scale[:, None]
+
+    return LinearOperator((N, G), matvec=lambda v: mat(v).ravel(), rmatvec=lambda y: rmat(y).ravel(),
+                          matmat=mat, rmatmat=rmat, dtype=np.float64)
 
 
 def moments_fit(
@@ -425,7 +446,7 @@ def moments_fit(
     log of each cell's realised total counts; an all-zero cell is then an error).
     Returns ``MomentsFit(params, info)``.
     """
-    u = as_counts(counts)
+    u = CountMatrix(counts)  # kept in its storage (CSR stays CSR); read by blocks of cells
     N, G = u.shape
     k = int(k)
     if not (1 <= k < G):
@@ -434,20 +455,26 @@ def moments_fit(
         raise ValueError("method_of_moments needs at least 2 cells")
     e1, e2 = _moment_capture_factors(u, capture, log_anchor)
     rng = np.random.default_rng(seed)
-    E_emp, a, s_diag, mu, var_clamped, n_zero = _invert_diagonal(u, e1, e2, sigma_floor)
-    # Z^T Z = C / (a a^T), C the sample covariance (ddof=1); exp(Sigma_gh) = c0 + c1 (Z^T Z)_gh
-    Z = (u - E_emp) / (a * np.sqrt(N - 1))
+    E_emp, V = u.column_moments()
+    a, s_diag, mu, var_clamped, n_zero = _invert_diagonal(E_emp, V, N, e1, e2, sigma_floor)
+    # Z = (u - 1 E^T) diag(1/a) / sqrt(N-1): Z^T Z = C / (a a^T), C the sample covariance (ddof=1);
+    # exp(Sigma_gh) = c0 + c1 (Z^T Z)_gh. Z is never formed: Z^T Z by blocks of cells (dense path)
+    # or Z as an operator on the counts (streamed path)
+    scale = a * np.sqrt(N - 1)
     invert_block = _offdiag_inverter(s_diag, e1 * e1 / e2, 1.0 / e2, max_corr)
     fa = dict(d_floor=d_floor, n_iter=n_iter, tol=tol, rng=rng)
     if G <= dense_max_genes:
         path = "dense"
-        W, d, it, conv, n_cov_clamped = _fa_dense(Z, invert_block, s_diag, k, **fa)
+        R = u.centred_gram(E_emp)
+        R /= np.outer(scale, scale)
+        W, d, it, conv, n_cov_clamped = _fa_dense(R, invert_block, s_diag, k, **fa)
     else:
         path = "streamed"
-        W, d, it, conv, n_cov_clamped = _fa_streamed(Z, invert_block, s_diag, k, oversample=oversample,
+        W, d, it, conv, n_cov_clamped = _fa_streamed(_centred_scaled_operator(u, E_emp, scale),
+                                                     invert_block, s_diag, k, oversample=oversample,
                                                      seed=seed, **fa)
     info = {
-        "path": path, "e1": e1, "e2": e2, "n_zero_genes": n_zero,
+        "path": path, "e1": e1, "e2": e2, "n_zero_genes": n_zero, "mean_count": E_emp,
         "n_var_clamped": int(var_clamped.sum()), "n_cov_clamped": int(n_cov_clamped),
         "fa_iterations": int(it), "fa_converged": bool(conv), "sigma_diag_hat": s_diag,
     }

@@ -23,7 +23,7 @@ EVIDENCE_Z_THRESHOLD = 5.0
 _MAX_LISTED = 20
 
 
-def evidence_outliers(evidence: np.ndarray, counts: np.ndarray, cell_names: list | None = None, *,
+def evidence_outliers(evidence: np.ndarray, counts, cell_names: list | None = None, *,
                       threshold: float = EVIDENCE_Z_THRESHOLD, warn: bool = False) -> dict:
     """Cells whose per-cell Laplace evidence is an outlier among the cells'.
 
@@ -36,14 +36,15 @@ def evidence_outliers(evidence: np.ndarray, counts: np.ndarray, cell_names: list
     200 x 30 simulation give z = -7.7 / -7.9 (mean log-rate 3); clean simulations (200 x 30 and the
     demo's 1500 x 100) have max |z| < 3.
 
+    ``counts``: (N, G) array, scipy.sparse matrix or ``pln_ref.counts.CountMatrix`` (read by blocks).
+
     Returns {"threshold", "statistic", "n_cells", "cells" (indices, by |z|, at most 20),
     "cell_names", "robust_z" (theirs), "max_abs_robust_z"}; ``warn=True`` also issues a
     ``pln_ref.exceptions.OutlierCellsWarning`` naming the cells when there are any.
     """
-    from scipy.special import gammaln, xlogy
+    from .counts import CountMatrix
 
-    u = np.asarray(counts, dtype=float)
-    e = np.asarray(evidence, dtype=float) - (xlogy(u, u) - u - gammaln(u + 1.0)).sum(axis=1)
+    e = np.asarray(evidence, dtype=float) - CountMatrix(counts).saturated_loglik()
     med = np.median(e)
     mad = 1.4826 * np.median(np.abs(e - med))
     z = (e - med) / mad if mad > 0 else np.zeros_like(e)

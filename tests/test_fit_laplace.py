@@ -1,7 +1,10 @@
 """Outer optimisation: exact gradient vs finite differences, recovery, resume."""
 
+import warnings
+
 import numpy as np
 import pytest
+import scipy.sparse as sp
 
 import pln_ref
 from pln_ref import Capture, PLNParams
@@ -199,3 +202,46 @@ def test_lbfgs_heywood_case_stops_at_the_d_floor():
     assert q.d.min() >= D_FLOOR * (1 - 1e-12)
     assert "Heywood" in st.stopped
     assert np.sum(q.d > 0.01) >= 8  # the floor touches only the degenerate genes
+
+
+def test_final_posteriors_by_blocks_equal_one_pass():
+    """pln_ref.outer.final: Newton + evidence by blocks of cells equal newton_map + laplace_objective
+    on all cells at once; the lazily recomputed precision equals the stored one."""
+    import pln_ref
+    from pln_ref.fit_laplace import laplace_objective
+    from pln_ref.laplace import newton_map
+    from pln_ref.outer.final import final_posteriors
+
+    p = pln_ref.random_params(30, 2, seed=3, capture=True)
+    sim = pln_ref.simulate(p, 70, seed=4)
+    la = sim.log_anchor
+    ref = newton_map(sim.counts, p, la)
+    ev_ref = laplace_objective(sim.counts, p, la, ref, with_grad=False)[0]
+    x0 = ref.x_map + 0.0
+    out = final_posteriors(sp.csr_matrix(sim.counts), p, la, x0=x0, eta0=ref.eta_map, block_cells=16,
+                           reuse_x0=True)
+    assert out.cells.x_map is x0  # written into the warm start's array
+    np.testing.assert_allclose(out.evidence, ev_ref, rtol=1e-9, atol=1e-8)
+    np.testing.assert_allclose(out.cells.x_map, ref.x_map, atol=1e-7)
+    np.testing.assert_allclose(out.cells.precision.lam, ref.precision.lam, rtol=1e-6)
+    np.testing.assert_allclose(out.cells.precision.inv_diag(), ref.precision.inv_diag(), rtol=1e-6)
+    np.testing.assert_allclose(out.cells.log_det_neg_H(), ref.log_det_neg_H(), rtol=1e-8)
+    np.testing.assert_allclose(out.cells.bbar, ref.bbar, atol=1e-7)
+    with pytest.raises(ValueError, match="block_cells"):
+        final_posteriors(sim.counts, p, la, block_cells=0)
+
+
+def test_fit_sparse_equals_dense_input():
+    """fit on CSR counts (kept sparse end to end) gives the dense input's fit."""
+    import pln_ref
+
+    p = pln_ref.random_params(25, 2, seed=5, capture=True)
+    u = pln_ref.simulate(p, 120, seed=6).counts
+    u = u[u.sum(1) > 0][:, u.sum(0) > 0]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        a = pln_ref.fit(u, k=2, n_steps=4, progress=False)
+        b = pln_ref.fit(sp.csr_matrix(u), k=2, n_steps=4, progress=False)
+    np.testing.assert_allclose(b.mu, a.mu, rtol=1e-9, atol=1e-10)
+    np.testing.assert_allclose(b.x_map, a.x_map, rtol=1e-9, atol=1e-9)
+    assert b.diagnostics["objective"] == pytest.approx(a.diagnostics["objective"], rel=1e-12)

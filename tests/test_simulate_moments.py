@@ -336,3 +336,22 @@ def test_method_of_moments_bad_input():
 
 def test_all_pairs():
     assert all_pairs(4).tolist() == [[0, 1], [0, 2], [0, 3], [1, 2], [1, 3], [2, 3]]
+
+
+@pytest.mark.parametrize("dense_max_genes", [2000, 10])
+def test_moments_fit_sparse_input_equals_dense(dense_max_genes):
+    """moments_fit reads the counts by blocks (dense path: blocked Gram; streamed path: the centred
+    scaled counts as an operator): CSR input gives the dense input's estimate."""
+    import scipy.sparse as sp
+
+    from pln_ref.moments import moments_fit
+
+    p = random_params(40, 2, seed=7, capture=True)
+    sim = simulate(p, 300, seed=8)
+    a = moments_fit(sim.counts, 2, capture=p.capture, log_anchor=sim.log_anchor, dense_max_genes=dense_max_genes)
+    b = moments_fit(sp.csr_matrix(sim.counts), 2, capture=p.capture, log_anchor=sim.log_anchor,
+                    dense_max_genes=dense_max_genes)
+    assert a.info["path"] == ("dense" if dense_max_genes >= 40 else "streamed")
+    for x, y in ((a.params.mu, b.params.mu), (a.params.d, b.params.d), (a.params.W @ a.params.W.T, b.params.W @ b.params.W.T)):
+        np.testing.assert_allclose(y, x, rtol=1e-9, atol=1e-11)
+    np.testing.assert_allclose(a.info["mean_count"], sim.counts.mean(0))

@@ -323,7 +323,7 @@ class Evaluator:
             self.newton_iters += int(post.n_iter.sum())
             x_new[sl], e_new[sl] = post.x_map, post.eta_map
             n_bound += int(post.on_bound.sum())
-            parts.append(terms)
+            parts.append(terms._replace(wx=None, kappa=None))  # the blocks' adjoints are not kept
             del post, terms
         self.n_evals += 1
         terms = _sum_terms(parts)

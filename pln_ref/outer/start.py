@@ -47,14 +47,16 @@ def raise_d(params: PLNParams, mean_count: np.ndarray, *, c: float = 1.0, d_max:
 
 def initial_globals(counts, k: int, capture, log_anchor, *, raise_d_start: bool = True,
                     seed: int = 0) -> Start:
-    """Method of moments (``moments_fit``), then ``raise_d`` unless ``raise_d_start`` is False."""
-    u = np.asarray(counts, dtype=float)
-    mf = moments_fit(u, k, capture=capture, log_anchor=log_anchor, seed=seed)
+    """Method of moments (``moments_fit``), then ``raise_d`` unless ``raise_d_start`` is False.
+
+    ``counts``: an array, scipy.sparse matrix or ``pln_ref.counts.CountMatrix`` (read by blocks of
+    cells; no dense copy)."""
+    mf = moments_fit(counts, k, capture=capture, log_anchor=log_anchor, seed=seed)
     p = mf.params
     info = {"n_var_clamped": mf.info["n_var_clamped"], "n_cov_clamped": mf.info["n_cov_clamped"],
             "n_d_at_moment_floor": int(np.sum(p.d <= 1e-3 * (1 + 1e-9)))}
     if raise_d_start:
-        q = raise_d(p, u.mean(axis=0))
+        q = raise_d(p, mf.info["mean_count"])
         info["n_d_raised"] = int(np.sum(q.d > p.d))
         p = q
     return Start(p, mf.params, info)

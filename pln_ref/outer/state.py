@@ -25,8 +25,13 @@ __all__ = ["LaplaceFitState", "data_fingerprint", "check_fingerprint"]
 def _digest(a) -> str:
     if a is None:
         return "none"
-    arr = np.ascontiguousarray(np.asarray(a, dtype=float))
     h = hashlib.blake2b(digest_size=16)
+    if hasattr(a, "blocks"):  # a pln_ref.counts.CountMatrix: the same bytes, one dense block at a time
+        h.update(str(tuple(a.shape)).encode())
+        for _, block in a.blocks():
+            h.update(block.tobytes())
+        return h.hexdigest()
+    arr = np.ascontiguousarray(np.asarray(a, dtype=float))
     h.update(str(arr.shape).encode())
     h.update(arr.tobytes())
     return h.hexdigest()
@@ -38,7 +43,7 @@ def data_fingerprint(counts, log_anchor, capture, k: int, options: dict | None =
     ``options``: settings that change the objective or the optimiser's path (e.g. optimizer, ift,
     truncation, batch_size); values must be JSON-serialisable. The step cap is not part of it
     (resuming with a larger cap is the point of a checkpoint)."""
-    u = np.asarray(counts)
+    u = counts if hasattr(counts, "blocks") else np.asarray(counts)  # a CountMatrix stays as it is
     fp = {"shape": list(u.shape), "counts": _digest(u), "log_anchor": _digest(log_anchor),
           "capture": None if capture is None else [float(capture.M0), float(capture.sigma_M)],
           "k": int(k)}

@@ -1,0 +1,114 @@
+"""The posteriors and the per-cell evidence at the fitted globals, by blocks of cells.
+
+After the outer optimisation every cell's MAP is solved once more at the final globals (warm
+started from the optimiser's MAPs) and its Laplace evidence l_c is evaluated. Done for all cells at
+once this holds every N x G work array of Newton and of ``laplace_terms`` together (issue 13: the
+largest peak of a fit). ``final_posteriors`` runs Newton and the evidence one block of cells at a
+time and keeps, per cell x gene, only what the result holds: the MAP x* (written into the warm
+start's array when it is given) and bbar = A^{-1} Sigma^{-1} 1 (capture only). The precision A_c =
+diag(lambda_c) + Sigma^{-1} is kept as its k x k factor; lambda = exp(x* - eta*) and the derived
+diagonals are recomputed on access (``MapPrecision``).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import numpy as np
+
+from ..counts import CountMatrix
+from ..laplace import CellPosteriors, newton_map
+from ..lowrank import LowRankCov, PosteriorPrecision
+from ..params import PLNParams
+from .evaluate import laplace_objective
+
+__all__ = ["MapPrecision", "FinalPosteriors", "final_posteriors"]
+
+
+class MapPrecision(PosteriorPrecision):
+    """``PosteriorPrecision`` at the MAPs that stores no N x G array of its own: lambda =
+    exp(x_map - eta_map), r = 1 / (1 + lambda d) and m = lambda + 1/d are recomputed from the
+    (shared) MAP arrays on access; S_c and its Cholesky factor (N x k x k) are stored."""
+
+    def __init__(self, cov: LowRankCov, x_map: np.ndarray, eta_map: np.ndarray, S: np.ndarray,
+                 L_S: np.ndarray) -> None:
+        self.cov, self.S, self.L_S = cov, S, L_S
+        self._x, self._eta = x_map, eta_map
+
+    @property
+    def lam(self) -> np.ndarray:
+        """lambda_c = exp(x_c - eta_c), (N, G), computed on access."""
+        return np.exp(self._x - self._eta[:, None])
+
+    @property
+    def r(self) -> np.ndarray:
+        """1 / (1 + lambda d), (N, G), computed on access."""
+        return 1.0 / (1.0 + self.lam * self.cov.d)
+
+    @property
+    def m(self) -> np.ndarray:
+        """lambda + 1/d, (N, G), computed on access."""
+        return self.lam + self.cov.dinv
+
+
+class FinalPosteriors(NamedTuple):
+    """``cells``: the posteriors of all cells (precision a ``MapPrecision``); ``evidence``: l_c (N,)."""
+
+    cells: CellPosteriors
+    evidence: np.ndarray
+
+
+def final_posteriors(counts, params: PLNParams, log_anchor: np.ndarray | None, *,
+                     x0: np.ndarray | None = None, eta0: np.ndarray | None = None,
+                     gtol: float = 1e-6, block_cells: int, reuse_x0: bool = False) -> FinalPosteriors:
+    """Every cell's Laplace posterior (``laplace.newton_map`` from the warm start ``x0``/``eta0``)
+    and Laplace evidence (``laplace_objective``) at ``params``, ``block_cells`` cells at a time.
+
+    ``counts``: an array, scipy.sparse matrix or ``CountMatrix`` (read one dense block at a time).
+    ``reuse_x0=True`` writes the MAPs into ``x0`` (float64, (N, G)) instead of a new array: the
+    warm start is then overwritten, and the fit holds one N x G MAP array instead of two.
+    Memory: the kept arrays (x_map, bbar with capture, per-cell vectors and k x k factors) plus the
+    work arrays of one block."""
+    u = CountMatrix(counts)
+    N, G = u.shape
+    if isinstance(block_cells, bool) or int(block_cells) < 1:
+        raise ValueError(f"block_cells must be a positive integer, got {block_cells!r}")
+    bc = int(block_cells)
+    cov = LowRankCov.from_params(params)
+    lgam = u.lgamma_sums()
+    capture = params.capture is not None
+    if reuse_x0:
+        if x0 is None or x0.dtype != np.float64 or x0.shape != (N, G) or not x0.flags.writeable:
+            raise ValueError("reuse_x0 needs x0 as a writeable float64 (N, G) array")
+        x_map = x0
+    else:
+        x_map = np.empty((N, G))
+    bbar = np.empty((N, G)) if capture else None
+    k = cov.k
+    S, L_S = np.empty((N, k, k)), np.empty((N, k, k))
+    per_cell = {name: None for name in ("eta_map", "on_bound", "converged", "grad_norm", "n_iter",
+                                        "objective", "s", "delta", "converged_by", "log_anchor")}
+    evidence = np.empty(N)
+    for lo in range(0, N, bc):
+        hi = min(N, lo + bc)
+        sl = slice(lo, hi)
+        pick = lambda a: None if a is None else a[sl]  # noqa: E731
+        ub = u.block(lo, hi)
+        post = newton_map(ub, params, pick(log_anchor), x0=pick(x0), eta0=pick(eta0), gtol=gtol, cov=cov)
+        evidence[sl] = laplace_objective(ub, params, pick(log_anchor), post, with_grad=False,
+                                         lgamma_sum=lgam[sl])[0]
+        x_map[sl] = post.x_map
+        if capture:
+            bbar[sl] = post.bbar
+        S[sl], L_S[sl] = post.precision.S, post.precision.L_S
+        for name in per_cell:
+            val = getattr(post, name)
+            if val is None:
+                continue
+            if per_cell[name] is None:
+                per_cell[name] = np.empty(N, dtype=val.dtype)
+            per_cell[name][sl] = val
+        del post, ub
+    cells = CellPosteriors(params=params, x_map=x_map, bbar=bbar,
+                           precision=MapPrecision(cov, x_map, per_cell["eta_map"], S, L_S), **per_cell)
+    return FinalPosteriors(cells, evidence)
