@@ -55,7 +55,7 @@ class LaplaceConfig:
     checkpoint: str | None = None
     checkpoint_every: int = 50
     resume: str | None = None
-    gap_tol: float = 1e-4
+    gap_tol: float = 3e-4
     raise_d: bool = True
     em_cycles: int = 0
 

@@ -59,7 +59,7 @@ def optimize_globals(
     progress: bool = True,
     optimizer: str = "lbfgs",
     truncation: bool = True,
-    gap_tol: float = 1e-4,
+    gap_tol: float = 3e-4,
     fingerprint: dict | None = None,
     em_cycles: int = 0,
 ) -> tuple[LaplaceFitState, PLNParams]:

@@ -335,7 +335,7 @@ def newton_map(
         log_anchor = resolve_log_anchor(u, log_anchor)
     if block_size is None:
         block_size = max(16, (1 << 18) // G)
-    ls = line_search or backtracking_line_search
+    ls = line_search
     blocks = []
     for lo in range(0, N, block_size):
         sl = slice(lo, min(N, lo + block_size))
@@ -383,11 +383,12 @@ def _block_start(u, params, log_anchor, x0, eta0):
     return x, eta, m_all, sigma_M
 
 
-def _newton_direction(ua, xa, ea, ma, mu, cov, sigma_M, grad_fn, active) -> _Direction:
+def _newton_direction(ua, xa, ea, ma, mu, cov, sigma_M, grad_fn, active, point=None) -> _Direction:
     """Gradient at (xa, ea), one factorisation of A, and the projected joint Newton step:
     a = A^{-1} g_x, b = A^{-1} lambda, delta_eta = (g_eta + lambda^T a)/s, delta_x = a + b delta_eta;
-    cells on the bound whose free step points outward take the x-only step a (active set)."""
-    gx, ge, lam = cell_gradient(ua, xa, ea, mu, cov, ma, sigma_M)
+    cells on the bound whose free step points outward take the x-only step a (active set).
+    ``point``: the (g_x, g_eta, lambda) already computed at (xa, ea) by ``_point`` (else computed)."""
+    gx, ge, lam = point if point is not None else cell_gradient(ua, xa, ea, mu, cov, ma, sigma_M)
     if grad_fn is not None:
         gx, ge = grad_fn(active, xa, ea)
     A = PosteriorPrecision(cov, lam)
@@ -395,7 +396,7 @@ def _newton_direction(ua, xa, ea, ma, mu, cov, sigma_M, grad_fn, active) -> _Dir
         b, bbar, s, a = eta_schur(A, 1.0 / sigma_M**2, gx)
         deta_free = _eta_numerator(ua, lam, b, bbar, gx, ea, ma, sigma_M) / s
         bound = (ea <= _EPS_BOUND) & (deta_free <= 0)
-        dx = np.where(bound[:, None], a, a + b * deta_free[:, None])
+        dx = a + b * np.where(bound, 0.0, deta_free)[:, None]
         deta = np.where(bound, -ea, deta_free)
         g_eta_proj = np.where((ea <= _EPS_BOUND) & (ge <= 0), 0.0, ge)
     else:
@@ -405,6 +406,66 @@ def _newton_direction(ua, xa, ea, ma, mu, cov, sigma_M, grad_fn, active) -> _Dir
         g_eta_proj = np.zeros(len(ea))
     gnorm = np.maximum(np.max(np.abs(gx), axis=1), np.abs(g_eta_proj))
     return _Direction(gx, ge, lam, A, bbar, s, dx, deta, gnorm)
+
+
+def _point(u, usum, x, eta, mu, cov, m, sigma_M):
+    """f, g_x, g_eta and lambda at (x, eta) from one exponential and one Sigma^{-1} product
+    (``cell_objective`` and ``model.cell_gradient`` share them)::
+
+        lambda = e^{x - eta},  alpha = Sigma^{-1}(x - mu)
+        f      = u^T x - eta sum(u) - 1^T lambda - 1/2 (x - mu)^T alpha - (eta - m)^2 / (2 sigma_M^2)
+        g_x    = u - lambda - alpha,   g_eta = 1^T lambda - sum(u) - (eta - m) / sigma_M^2
+    """
+    r = x - mu
+    with np.errstate(over="ignore", invalid="ignore"):
+        lam = np.exp(x - eta[:, None])
+        alpha = cov.inv_mv(r)
+        lsum = lam.sum(axis=1)
+        f = np.einsum("ng,ng->n", u, x) - eta * usum - lsum - 0.5 * np.einsum("ng,ng->n", r, alpha)
+        gx = u - lam
+        gx -= alpha
+    if m is None:
+        ge = np.zeros(len(eta))
+    else:
+        pe = (eta - m) / sigma_M**2
+        f = f - 0.5 * (eta - m) * pe
+        ge = lsum - usum - pe
+    return np.where(np.isfinite(f), f, -np.inf), gx, ge, lam
+
+
+def _fused_line_search(p: LineSearchProblem, usum):
+    """``backtracking_line_search`` that also returns (g_x, g_eta, lambda) at the accepted points
+    (``_point`` evaluates f and the gradient together, so the next Newton direction needs no new
+    exponential or Sigma^{-1} product). Same acceptance rule: full steps in the quadratic region
+    (decrement^2 <= 1e-8), else Armijo backtracking t = 1, 1/2, ..."""
+    n, G = p.x.shape
+    t = np.ones(n)
+    x_new, e_new = p.x.copy(), p.eta.copy()
+    f_new = p.f0.copy()
+    gx_new, lam_new, ge_new = np.empty((n, G)), np.empty((n, G)), np.zeros(n)
+    quad = p.dec2 <= 1e-8
+    pending = np.ones(n, dtype=bool)
+    tol_round = 16 * np.finfo(float).eps * np.maximum(1.0, np.abs(p.f0))
+    for _ in range(60):
+        q = np.flatnonzero(pending)
+        if q.size == 0:
+            break
+        xt = p.x[q] + t[q, None] * p.dx[q]
+        et = np.maximum(p.eta[q] + t[q] * p.deta[q], 0.0)
+        ft, gxt, get, lamt = _point(p.u[q], usum[q], xt, et, p.mu, p.cov,
+                                    None if p.m is None else p.m[q], p.sigma_M)
+        gain = np.einsum("ng,ng->n", p.gx[q], xt - p.x[q]) + p.ge[q] * (et - p.eta[q])
+        ok = quad[q] | (ft >= p.f0[q] + p.armijo * gain - tol_round[q])
+        acc = q[ok]
+        x_new[acc], e_new[acc], f_new[acc] = xt[ok], et[ok], ft[ok]
+        gx_new[acc], ge_new[acc], lam_new[acc] = gxt[ok], get[ok], lamt[ok]
+        pending[acc] = False
+        t[q[~ok]] *= 0.5
+    if pending.any():  # never accepted: the cell stays put (its old f); its gradient is recomputed
+        q = np.flatnonzero(pending)
+        _, gx_new[q], ge_new[q], lam_new[q] = _point(
+            p.u[q], usum[q], x_new[q], e_new[q], p.mu, p.cov, None if p.m is None else p.m[q], p.sigma_M)
+    return x_new, e_new, f_new, (gx_new, ge_new, lam_new)
 
 
 class _BlockStore:
@@ -426,7 +487,7 @@ class _BlockStore:
 
 
 def _newton_block(u, params, log_anchor, x0, eta0, gtol, max_iter, grad_fn, armijo, progress, cov,
-                  line_search=backtracking_line_search):
+                  line_search=None):
     """``newton_map`` on one block of cells (the algorithm of the module docstring);
     ``log_anchor`` already resolved, ``grad_fn`` None (NumPy) or a block-local gradient callback."""
     N, G = u.shape
@@ -439,13 +500,21 @@ def _newton_block(u, params, log_anchor, x0, eta0, gtol, max_iter, grad_fn, armi
     conv_by = np.full(N, "max_iter", dtype="<U9")
     gnorm_all = np.full(N, np.inf)
     active = np.arange(N)
+    # default line search: fused with the next gradient (``_fused_line_search``); an injected one
+    # returns (x, eta, f) only and the gradient is recomputed
+    fused = line_search is None
+    line_search = line_search or backtracking_line_search
+    usum = u.sum(axis=1)
+    point = None  # (g_x, g_eta, lambda) at the active iterates, when already known
     bar = tqdm(total=N, desc="Newton", disable=not progress, leave=False)
     for it in range(max_iter + 1):
         if active.size == 0:
             break
         ua, xa, ea = u[active], x[active], eta[active]
         ma = None if m_all is None else m_all[active]
-        dr = _newton_direction(ua, xa, ea, ma, mu, cov, sigma_M, grad_fn, active)
+        if fused and point is None:  # first iteration: f and the gradient pieces together
+            f_all[active], *point = _point(ua, usum[active], xa, ea, mu, cov, ma, sigma_M)
+        dr = _newton_direction(ua, xa, ea, ma, mu, cov, sigma_M, grad_fn, active, point)
         f0 = f_all[active]
         need = np.isnan(f0)
         if need.any():
@@ -475,7 +544,10 @@ def _newton_block(u, params, log_anchor, x0, eta0, gtol, max_iter, grad_fn, armi
             u=ua[keep], x=xa[keep], eta=ea[keep], dx=dr.dx[keep], deta=dr.deta[keep],
             gx=dr.gx[keep], ge=dr.ge[keep], lam=dr.lam[keep], f0=f0[keep], dec2=dec2[keep], mu=mu,
             cov=cov, m=None if ma is None else ma[keep], sigma_M=sigma_M, armijo=armijo)
-        x[active], eta[active], f_all[active] = line_search(prob)
+        if fused:
+            x[active], eta[active], f_all[active], point = _fused_line_search(prob, usum[active])
+        else:
+            x[active], eta[active], f_all[active] = line_search(prob)
         n_iter[active] += 1
     bar.close()
     return _final_posterior(u, params, log_anchor, cov, x, eta, m_all, sigma_M, store, f_all, done,

@@ -32,16 +32,6 @@ def _pair_index(k: int) -> tuple[np.ndarray, np.ndarray]:
     return np.triu_indices(k)
 
 
-def _batched_cho_solve(L: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Solve (L L^T) y = b for batched lower Cholesky factors L (N,k,k), b (N,k) or (N,k,r)."""
-    vec = b.ndim == L.ndim - 1
-    B = b[..., None] if vec else b
-    # two triangular solves through the batched generic solver (k is small)
-    y = np.linalg.solve(L, B)
-    y = np.linalg.solve(np.swapaxes(L, -1, -2), y)
-    return y[..., 0] if vec else y
-
-
 class LowRankCov:
     """Sigma = W W^T + diag(d) with O(Gk) products, solves and log-determinant."""
 
@@ -166,12 +156,19 @@ class PosteriorPrecision:
         return self.lam * v + self.cov.inv_mv(v)
 
     def solve(self, b: np.ndarray) -> np.ndarray:
-        """A^{-1} b = b/m + r * W S^{-1} W^T (r * b); b of shape (N, G) or (N, G, n_rhs)."""
+        """A^{-1} b = b/m + r * W S^{-1} W^T (r * b); b of shape (N, G), (N, G, n_rhs) or (G,) (the
+        same right-hand side for every cell)."""
         b = np.asarray(b, dtype=float)
+        if b.ndim == 1 and b.shape[0] == self.cov.G:  # one vector shared by every cell (broadcast)
+            b = b[None, :]
         if b.ndim == 2:
+            # 1/m = r d, so A^{-1} b = r * (d b + W S^{-1} W^T (r b))
             t = (self.r * b) @ self.cov.W  # (N, k)
             s = np.einsum("nab,nb->na", self.S_inv(), t)  # S^{-1} cached: one inversion per factorisation
-            return b / self.m + self.r * (s @ self.cov.W.T)
+            out = s @ self.cov.W.T
+            out += self.cov.d * b
+            out *= self.r
+            return out
         if b.ndim == 3:
             # one (N x G) @ (G x k) GEMM per right-hand side beats batched tiny GEMMs
             out = np.empty_like(b)
@@ -189,9 +186,8 @@ class PosteriorPrecision:
         """S_c^{-1} (N, k, k), computed once per object and cached (``inv_diag``, the outer
         gradient and the EM step all need it; do not modify the returned array)."""
         cached = getattr(self, "_S_inv", None)
-        if cached is None:
-            eye = np.broadcast_to(np.eye(self.cov.k), self.S.shape)
-            cached = self._S_inv = _batched_cho_solve(self.L_S, eye.copy())
+        if cached is None:  # S >= I_k is well conditioned: one batched LU inverse
+            cached = self._S_inv = np.linalg.inv(self.S)
         return cached
 
     def inv_diag(self) -> np.ndarray:

@@ -158,12 +158,8 @@ def eta_schur(A: PosteriorPrecision, prec_eta: float, rhs: np.ndarray | None = N
     right-hand sides).
     """
     ones = A.cov.inv_mv(np.ones(A.cov.G))
-    if rhs is None:
-        bbar = A.solve(np.broadcast_to(ones, A.lam.shape))
-        sol = None
-    else:
-        both = A.solve(np.stack([rhs, np.broadcast_to(ones, A.lam.shape)], axis=-1))
-        sol, bbar = both[..., 0], both[..., 1]
+    bbar = A.solve(ones)  # Sigma^{-1} 1 is the same for every cell: broadcast, no (N, G) copy
+    sol = None if rhs is None else A.solve(rhs)
     s = prec_eta + np.einsum("ng,ng->n", A.lam, bbar)
     return EtaSchur(1.0 - bbar, bbar, s, sol)
 

@@ -26,16 +26,20 @@ def _sim(G=10, k=2, N=600, seed=5, mean_log_rate=2.0):
 
 def test_certificate_refuses_a_slow_linear_creep_and_accepts_a_converging_tail():
     """Gains of ~8e-5 per step with a small quasi-Newton gap (measured: such a fit was still 4e-3
-    nats/cell short) are not certified; gains shrinking 10x per step are."""
+    nats/cell short) are not certified; gains shrinking 10x per step are; the window estimate of a
+    geometric tail is its exact remaining sum."""
     rule = StopRule(gap_tol=1e-4)
-    creep = [4e-4, 8e-5, 7e-5, 7.5e-5, 8e-5, 7.9e-5]
+    creep = [4e-4] + [8e-5, 7e-5, 7.5e-5, 8e-5, 7.9e-5] * 4
     assert all(rule.check(5e-5, creep[:i], 1e-3) is None for i in range(1, len(creep) + 1))
     assert rule.estimate(5e-5, creep) > 1e-3
     rule = StopRule(gap_tol=1e-4)
-    fast = [1e-2, 1e-3, 1e-4, 1e-5, 1e-6, 1e-7]
+    fast = [10.0 ** -j for j in range(2, 12)]
     out = [rule.check(1e-7, fast[:i], 1e-3) for i in range(1, len(fast) + 1)]
     assert out[-1] is not None and out[-1][0] == "certificate"
-    assert out[2] is None  # not before the gains are below the tolerance
+    assert all(o is None for o in out[:7])  # not before 2 min_window gains exist
+    q = 0.9
+    geo = [q**j for j in range(40)]
+    assert rule.tail(geo) == pytest.approx(sum(q**j for j in range(40, 4000)), rel=1e-9)
     assert StopRule(grad_tol=1e-9).check(1.0, [], 1e-10)[0] == "gradient"
 
 

@@ -125,54 +125,62 @@ def laplace_terms(
     # (1) partial of log p(u, xi | theta):  G_Sigma = 1/2 (alpha alpha^T - Sigma^{-1})
     # (2) partial of -1/2 log det(-H):      G_Sigma = 1/2 Sigma^{-1} C Sigma^{-1}
     #     = 1/2 (Sigma^{-1} - Lambda + Lambda A^{-1} Lambda + q q^T/s); the Sigma^{-1} terms cancel.
-    g_mu = alpha.sum(axis=0)
-    g_W = alpha.T @ aW  # sum_c alpha_c (alpha_c^T W)
-    g_W += -lam.sum(axis=0)[:, None] * W
-    g_W += (lam**2 / m).sum(axis=0)[:, None] * W  # Lambda A^{-1} Lambda W, diagonal part
+    # Column sums weighted per cell are GEMVs: sum_c w_c X_cg = (w @ X)_g.
+    lam_inv = lam * inv_diag  # lambda diag(A^{-1})
+    g_W = (lam * lam / m - lam).sum(axis=0)[:, None] * W  # (-Lambda + Lambda M^{-1} Lambda) W
     T = ((lam * r).T @ (eye - Sinv).reshape(N, -1)).reshape(G, params.k, params.k)
     g_W += np.einsum("ga,gab->gb", W, T)  # ... low-rank part: sum_c (lam r)_c W (I - S_c^{-1})
-    diag2 = -lam + lam**2 * inv_diag
+    diag2_sum = (lam_inv * lam - lam).sum(axis=0)  # sum_c (-lambda + lambda^2 diag A^{-1})
+    g_d_acc = diag2_sum.copy()  # becomes sum_c [alpha^2 + diag2 (+ truncation)] below
+    info_mu = -diag2_sum
     if cap:
         q = lam * post.bbar  # Sigma^{-1} b = lambda (1 - b)
-        g_W += (q / post.s[:, None]).T @ (q @ W)
-        diag2 = diag2 + q**2 / post.s[:, None]
-    g_d = 0.5 * (alpha**2 + diag2).sum(axis=0)
+        q2 = q * q
+        inv_s = 1.0 / post.s
+        info_mu -= inv_s @ q2
     if trunc:
-        # (4) truncation term c(t, s, delta): dc = kappa ds + (direct terms), mills = phi(t)/Phi(t)
+        # (4) truncation term c(t, s, delta): dc = kappa ds + (direct terms), mills = phi(t)/Phi(t);
+        # partial ds at fixed xi: -q^T dSigma q with dSigma = dW W^T + W dW^T + diag(dd)
         mills = truncnorm.inv_mills(-t)  # phi(t) / Phi(t)
         kappa = mills * t / (2.0 * s_)
         kappa = np.where(ob, -(kappa + 0.5 * post.delta**2), kappa)
-        # partial ds at fixed xi: -q^T dSigma q with dSigma = dW W^T + W dW^T + diag(dd)
-        g_W -= 2.0 * (kappa[:, None] * q).T @ (q @ W)
-        g_d -= (kappa[:, None] * q**2).sum(axis=0)
-        lam_bbar2 = lam * post.bbar**2  # d s / d x
-        rx_tr = kappa[:, None] * lam_bbar2 + np.where(ob, mills / sq + post.delta, 0.0)[:, None] * lam
-        reta_tr = np.where(ob, 0.0, mills * sq - kappa * lam_bbar2.sum(axis=1))
+        coef = inv_s - 2.0 * kappa  # q q^T / s from (2) and -2 kappa q q^T from (4)
+    elif cap:
+        coef = inv_s
+    if cap:
+        g_W += (coef[:, None] * q).T @ (q @ W)
+        g_d_acc += coef @ q2
 
     if ift:
         # (3) implicit term: r = d log det(-H) / d xi, adjoint w = (-H)^{-1} r; the truncation
-        # term's r_tr enters as r - 2 r_tr (the result is scaled by -1/2 below)
+        # term's r_tr = kappa lambda bbar^2 + [on bound] (mills / sqrt s + delta) lambda enters as
+        # r - 2 r_tr (the result is scaled by -1/2 below)
         if cap:
-            rx = lam * (inv_diag + post.bbar**2 / post.s[:, None])
-            r_eta = -rx.sum(axis=1)
+            lb2 = lam * post.bbar**2  # d s / d x
+            lb2_sum = lb2.sum(axis=1)
+            rx = lam_inv + lb2 * coef[:, None]
+            r_eta = -lam_inv.sum(axis=1) - lb2_sum * inv_s
             if trunc:
-                rx = rx - 2.0 * rx_tr
-                r_eta = r_eta - 2.0 * reta_tr
+                rx -= (2.0 * np.where(ob, mills / sq + post.delta, 0.0))[:, None] * lam
+                r_eta -= 2.0 * np.where(ob, 0.0, mills * sq - kappa * lb2_sum)
             a2 = A.solve(rx)
             w_eta = (r_eta + np.einsum("ng,ng->n", lam, a2)) / post.s
             w_eta = np.where(post.on_bound, 0.0, w_eta)  # eta held at its bound
             wx = a2 + post.b * w_eta[:, None]
         else:
-            rx = lam * inv_diag
-            wx = A.solve(rx)
+            wx = A.solve(lam_inv)
         beta = cov.inv_mv(wx)  # Sigma^{-1} w_x
-        g_mu -= 0.5 * beta.sum(axis=0)
-        g_W -= 0.5 * (beta.T @ aW + alpha.T @ (beta @ W))
-        g_d -= 0.5 * (alpha * beta).sum(axis=0)
+        ab = alpha - 0.5 * beta
+        g_mu = ab.sum(axis=0)
+        g_W += ab.T @ aW - 0.5 * (alpha.T @ (beta @ W))
+        g_d_acc += np.einsum("ng,ng->g", alpha, alpha - beta)
     else:
         wx = None
-    return LaplaceTerms(l, {"mu": g_mu, "W": g_W, "d": g_d}, wx, kappa if trunc else None,
-                        -diag2.sum(axis=0))
+        g_mu = alpha.sum(axis=0)
+        g_W += alpha.T @ aW  # sum_c alpha_c (alpha_c^T W)
+        g_d_acc += np.einsum("ng,ng->g", alpha, alpha)
+    g_d = 0.5 * g_d_acc
+    return LaplaceTerms(l, {"mu": g_mu, "W": g_W, "d": g_d}, wx, kappa if trunc else None, info_mu)
 
 
 def laplace_objective(

@@ -5,8 +5,10 @@ a gene whose likelihood rises as d -> 0 (a Heywood case) converges to s = 0, d =
 objective is F(z) = -L(theta(z)), L = mean_c l_c (``evaluate.Evaluator``), with the exact IFT
 gradient dF/ds = -2 s dL/dd.
 
-Iteration: p = -H g by the two-loop recursion over the last ``memory`` pairs (H0 = gamma I,
-gamma = s^T y / y^T y); a line search for the weak Wolfe conditions (Armijo c1 = 1e-4, curvature
+Iteration: p = -H g by the two-loop recursion over the last ``memory`` pairs (default 50; H0 =
+gamma D, gamma = s^T y / y^T D y, D the diagonal preconditioner; measured on real 2000 x 1000
+counts, k = 10: within 1e-3 nats/cell of the optimum after 186 steps with 20 pairs, 158 with 50,
+147 with 100); a line search for the weak Wolfe conditions (Armijo c1 = 1e-4, curvature
 c2 = 0.9; backtracking by safeguarded quadratic interpolation, doubling while the slope is still
 steep at t = 1); the pair is kept when s^T y > 1e-10 |s| |y|.
 
@@ -133,7 +135,7 @@ def _line_search(fg, z, F0, g0, p, t0=1.0, c1=1e-4, c2=0.9, max_evals=30):
 
 
 def run_lbfgs(ev: Evaluator, st: LaplaceFitState, *, n_steps: int, gtol: float, rule: StopRule,
-              memory: int = 20, checkpoint: str | None = None, checkpoint_every: int = 50,
+              memory: int = 50, checkpoint: str | None = None, checkpoint_every: int = 50,
               progress: bool = True, precondition: bool = True, max_step: float = 1.0) -> LaplaceFitState:
     """L-BFGS from the state's globals (module docstring) until ``rule`` or ``n_steps``; updates
     and returns ``st`` (globals, pairs, MAPs, history, best, stop rule and message)."""

@@ -7,15 +7,22 @@ gap L* - L(z) equals 1/2 g^T (nabla^2 F)^{-1} g. Two estimates of it, both free 
 
     gap_qn   = 1/2 g^T H g       (H the L-BFGS inverse-Hessian approximation: the quasi-Newton
                                   decrement of the step the optimiser is about to take)
-    gap_tail = gain_k q / (1 - q)   (the geometric tail of the gains gain_k = L(z_k) - L(z_{k-1}):
-                                  q the largest of the last two ratios gain_k / gain_{k-1}, capped
-                                  at 0.99, so a fit still creeping linearly along a badly
-                                  conditioned direction, where gap_qn underestimates, is not
-                                  certified; measured: a fit at N=800, G=10 with gains ~8e-5 per
-                                  step and gap_qn 8e-5 was still 4e-3 nats/cell short)
+    gap_tail = G1 r / (1 - r)    (the geometric tail of the gains gain_k = L(z_k) - L(z_{k-1}):
+                                  G1 the sum of the last m gains, G0 of the m before, r = G1 / G0
+                                  (capped at 0.999), m = min(10, n/2); the remaining sum of a
+                                  geometric sequence of windows. Summing windows averages out the
+                                  step-to-step noise of the gains, so a fit still creeping linearly
+                                  along a badly conditioned direction (r near 1) is not certified
+                                  and a converging one is certified early. Measured on real
+                                  2000 x 1000 counts, k = 10: gap_tail between 0.6 and 4 times
+                                  the true gap from 1e-2 down to 1e-6 nats/cell, while gap_qn was
+                                  10-50 times too small; with the previous estimate (the largest of
+                                  the last two ratios of single gains) the fit ran 28% of its steps
+                                  after it was already within 1e-3)
 
-The **certificate** stops the fit when max(gap_qn, gap_tail, gain_k) <= ``gap_tol`` (default 1e-4
-nats/cell, ten times below the 1e-3 nats/cell the project asks for) on two consecutive steps. The
+The **certificate** stops the fit when max(gap_qn, gap_tail, gain_k) <= ``gap_tol`` (default 3e-4
+nats/cell, a factor 3 below the 1e-3 nats/cell the project asks for, which covers the measured
+underestimation of gap_tail) on two consecutive steps; it needs at least 2 ``min_window`` (8) gains. The
 **gradient** rule stops when ||g||_inf <= ``grad_tol``. The **step cap** stops with a
 ``ConvergenceWarning``. "stalled": the line search found no decrease (the objective is flat to
 round-off along the search direction); the message then reports the last gap estimate.
@@ -49,23 +56,34 @@ class StopRule:
     gap_tol : bound on the estimated evidence gap (nats/cell); grad_tol : gradient infinity norm;
     n_confirm : consecutive steps the certificate must hold."""
 
-    gap_tol: float = 1e-4
+    gap_tol: float = 3e-4
     grad_tol: float = 1e-9
     n_confirm: int = 2
+    window: int = 10
+    min_window: int = 4
     _streak: int = 0
 
     def reset(self) -> None:
         self._streak = 0
 
     def estimate(self, gap_qn: float, gains) -> float:
-        """max(gap_qn, gap_tail, last gain) (module docstring); inf with fewer than 3 gains."""
-        g = [x for x in gains[-3:]]
-        if len(g) < 3 or not all(np.isfinite(g)):
+        """max(gap_qn, gap_tail, last gain) (module docstring); inf with fewer than
+        2 ``min_window`` gains."""
+        return max(gap_qn, self.tail(gains))
+
+    def tail(self, gains) -> float:
+        """gap_tail = max(G1 r / (1 - r), last gain): G1 the sum of the last m gains, G0 of the m
+        before, r = min(G1 / G0, 0.999), m = min(window, n // 2); inf with n < 2 min_window."""
+        g = np.maximum(np.asarray(gains[-2 * self.window:], dtype=float), 0.0)
+        n = len(g)
+        if n < 2 * self.min_window or not np.all(np.isfinite(g)):
             return math.inf
-        g = [max(x, 0.0) for x in g]
-        ratios = [g[i + 1] / g[i] if g[i] > 0 else (0.0 if g[i + 1] == 0 else 1.0) for i in range(2)]
-        q = min(max(ratios), 0.99)
-        return max(gap_qn, g[-1] * q / (1.0 - q), g[-1])
+        m = min(self.window, n // 2)
+        g1, g0 = float(g[n - m:].sum()), float(g[n - 2 * m:n - m].sum())
+        if g1 == 0.0:
+            return 0.0
+        r = min(g1 / g0, 0.999) if g0 > 0 else 0.999
+        return max(g1 * r / (1.0 - r), float(g[-1]))
 
     def check(self, gap_qn: float, gains, grad_inf: float) -> tuple[str, str] | None:
         """(rule, message) when the fit should stop, else None; call once per step with the
