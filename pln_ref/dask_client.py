@@ -17,10 +17,11 @@ class SchedulerUnreachableError(ValueError):
     as one line with exit status 2)."""
 
 
-def connect(scheduler, *, timeout: float = 10.0):
+def connect(scheduler, *, timeout: float | None = None):
     """(client, owned): ``scheduler`` a ``distributed.Client`` (owned False) or a scheduler address
     (a new Client, owned True: close it when done). ``timeout``: seconds to wait for the
-    connection before ``SchedulerUnreachableError``."""
+    connection before ``SchedulerUnreachableError`` (default: Dask's configured
+    ``distributed.comm.timeouts.connect``, 30 s unless set)."""
     from dask.distributed import Client
 
     if isinstance(scheduler, Client):
@@ -28,11 +29,12 @@ def connect(scheduler, *, timeout: float = 10.0):
     if not isinstance(scheduler, str) or not scheduler.strip():
         raise ValueError(f"scheduler must be a dask.distributed.Client or an address string, got {scheduler!r}")
     try:
-        client = Client(scheduler, timeout=timeout, set_as_default=False)
+        kw = {} if timeout is None else {"timeout": timeout}
+        client = Client(scheduler, set_as_default=False, **kw)
     except (OSError, TimeoutError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise SchedulerUnreachableError(
-            f"cannot reach the Dask scheduler at {scheduler} within {timeout:g} s ({first}); start one "
+            f"cannot reach the Dask scheduler at {scheduler} ({first}); start one "
             f"(dask scheduler) with workers (dask worker ADDRESS) or leave out the scheduler address "
             f"to run in this process") from None
     return client, True
