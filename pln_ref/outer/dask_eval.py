@@ -94,6 +94,10 @@ class DaskEvaluator(Evaluator):
             la = None if log_anchor is None else np.array(log_anchor[lo:hi], dtype=float)
             blocks.append((u, la, self.lgam[lo:hi].copy()))
         self._data = client.scatter(blocks, hash=False)
+        # each block's tasks are pinned (loosely) to the worker holding its counts: the MAPs they
+        # produce stay there, so an evaluation moves only the globals and the small results
+        who = client.who_has(self._data)
+        self._homes = [list(who.get(f.key, ())) or None for f in self._data]
         self._maps = [None] * len(self.bounds)
 
     # ------------------------------------------------------------------ the MAPs on the workers
@@ -138,8 +142,9 @@ class DaskEvaluator(Evaluator):
             self._maps = [None] * len(self.bounds)
             return
         x, e = np.asarray(x, dtype=float), np.asarray(e, dtype=float)
-        maps = [(x[lo:hi].copy(), e[lo:hi].copy()) for lo, hi in self.bounds]
-        self._maps = self.client.scatter(maps, hash=False)
+        self._maps = [self.client.scatter([(x[lo:hi].copy(), e[lo:hi].copy())], hash=False,
+                                          workers=home)[0]
+                      for (lo, hi), home in zip(self.bounds, self._homes)]
 
     # ------------------------------------------------------------------ evaluation
     def __call__(self, mu: np.ndarray, W: np.ndarray, d: np.ndarray, *, gtol: float = 1e-6,
@@ -156,8 +161,8 @@ class DaskEvaluator(Evaluator):
         glob = c.scatter([(np.asarray(params.mu), np.asarray(params.W), np.asarray(params.d))],
                          broadcast=True, hash=False)[0]
         futs = [c.submit(_block_task, data, maps, glob, self.capture, gtol, with_grad, self.ift,
-                         self.truncation, pure=False)
-                for data, maps in zip(self._data, self._maps)]
+                         self.truncation, pure=False, workers=home, allow_other_workers=True)
+                for data, maps, home in zip(self._data, self._maps, self._homes)]
         new_maps = [c.submit(operator.getitem, f, 0, pure=False) for f in futs]
         smalls = [c.submit(operator.getitem, f, 1, pure=False) for f in futs]
         del futs
