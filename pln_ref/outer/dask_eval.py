@@ -20,6 +20,11 @@ cells, so the block sums are exact; identical blocks give the same numbers as in
 ``lbfgs.run_lbfgs`` to read them at checkpoints and at the end, not at every accepted step).
 Assigning them (e.g. a resumed fit's MAPs, or None for a cold start) scatters them before the
 next evaluation.
+
+Workers started by a Dask nanny (``dask worker`` without ``--no-nanny``, ``LocalCluster``) run with
+``MALLOC_TRIM_THRESHOLD_=65536``, which disables glibc's dynamic mmap threshold: every large NumPy
+temporary of ``newton_map`` is then a fresh mmap, measured 3x slower per block
+(``validation/benchmarks/results/README.md``). Prefer ``dask worker ADDRESS --no-nanny``.
 """
 
 from __future__ import annotations
