@@ -30,7 +30,7 @@ def connect(scheduler, *, timeout: float | None = None):
         raise ValueError(f"scheduler must be a dask.distributed.Client or an address string, got {scheduler!r}")
     try:
         kw = {} if timeout is None else {"timeout": timeout}
-        client = Client(scheduler, set_as_default=False, **kw)
+        client = Client(scheduler, **kw)
     except (OSError, TimeoutError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise SchedulerUnreachableError(
