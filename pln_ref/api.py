@@ -74,6 +74,7 @@ def fit(
     progress: bool = True,
     config: LaplaceConfig | VAEConfig | None = None,
     vae_latent_dim: int | None = None,
+    scheduler_address=None,
     **options,
 ):
     """Fit the PLN with capture to a count matrix.
@@ -94,6 +95,11 @@ def fit(
         continue from; refused if written for other data), ``gap_tol``, ``raise_d``; VAE
         ``hidden``, ``patience``, ... An option the method does not have raises ValueError;
         None means the method's default.
+    scheduler_address : Laplace with L-BFGS only: the address of a running Dask scheduler (a
+        ``distributed.Client`` is accepted too). The full-batch evaluations then run as one task per
+        block of cells on its workers, which hold the blocks of counts and their MAPs
+        (``pln_ref.outer.dask_eval``); the result equals the in-process fit. An address that cannot
+        be reached raises ``pln_ref.dask_client.SchedulerUnreachableError`` (a ValueError).
 
     Returns a ``LaplaceResult`` or a ``VAEResult``; both follow ``pln_ref.PLNResult``.
     """
@@ -102,6 +108,10 @@ def fit(
     if inference_method not in ("laplace", "vae"):
         raise ValueError(f"inference_method must be 'laplace' or 'vae', got {inference_method!r}")
     cfg = method_config(inference_method, config, seed=seed, **options)
+    if scheduler_address is not None and (inference_method != "laplace" or cfg.optimizer != "lbfgs"
+                                          or cfg.em_cycles):
+        raise ValueError("scheduler_address needs inference_method='laplace' with optimizer='lbfgs' "
+                         "and no em_cycles (the blocked full-batch evaluation)")
     if vae_latent_dim is not None:
         k = vae_latent_dim
     u, cap, log_anchor, names = _prepare(data, k, layer, capture, M0, sigma_M, capture_efficiency,
@@ -113,7 +123,17 @@ def fit(
         res = fit_vae(u.toarray(), k, capture=cap, log_anchor=log_anchor, progress=progress, config=cfg, **names)
         res.settings["anchor"] = anchor
         return res
-    return _fit_laplace(u, k, cap, log_anchor, cfg, anchor=anchor, progress=progress, **names)
+    if scheduler_address is None:
+        return _fit_laplace(u, k, cap, log_anchor, cfg, anchor=anchor, progress=progress, **names)
+    from .dask_client import connect
+
+    client, owned = connect(scheduler_address)  # before any work: an unreachable address fails fast
+    try:
+        return _fit_laplace(u, k, cap, log_anchor, cfg, anchor=anchor, progress=progress, client=client,
+                            **names)
+    finally:
+        if owned:
+            client.close()
 
 
 def _names(data) -> dict:
@@ -154,7 +174,8 @@ def _prepare(data, k, layer, capture, M0, sigma_M, capture_efficiency, library_s
     return u, cap, log_anchor, names
 
 
-def _fit_laplace(u, k, cap, log_anchor, cfg: LaplaceConfig, *, anchor, progress, gene_names, cell_names):
+def _fit_laplace(u, k, cap, log_anchor, cfg: LaplaceConfig, *, anchor, progress, gene_names, cell_names,
+                 client=None):
     """Start (``pln_ref.outer.start``), outer optimisation (``optimize_globals``), final posteriors.
 
     A resumed fit keeps the wall and CPU time of its earlier runs (``wall_time_s``, ``cpu_time_s``
@@ -183,7 +204,7 @@ def _fit_laplace(u, k, cap, log_anchor, cfg: LaplaceConfig, *, anchor, progress,
         u, init, log_anchor, n_steps=cfg.n_steps, lr=cfg.lr, batch_size=cfg.batch_size, ift=cfg.ift,
         seed=cfg.seed, gtol=cfg.gtol, checkpoint=cfg.checkpoint, checkpoint_every=cfg.checkpoint_every,
         resume=state, progress=progress, optimizer=cfg.optimizer, gap_tol=cfg.gap_tol,
-        fingerprint=fingerprint, em_cycles=cfg.em_cycles,
+        fingerprint=fingerprint, em_cycles=cfg.em_cycles, client=client,
     )
     # final posteriors and evidence by blocks of cells; the MAPs overwrite the warm start's array
     x0 = st.x_map
@@ -210,6 +231,8 @@ def _fit_laplace(u, k, cap, log_anchor, cfg: LaplaceConfig, *, anchor, progress,
         "evidence_outliers": outliers,
         "start": start.info,
     }
+    if client is not None:
+        diagnostics["scheduler_address"] = str(client.scheduler.address)
     return LaplaceResult(params=params, cells=cells, history=history, settings=settings,
                          diagnostics=diagnostics, init=start.moments, gene_names=gene_names,
                          cell_names=cell_names)

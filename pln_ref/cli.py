@@ -152,7 +152,7 @@ def _cmd_fit(args) -> int:
                "checkpoint_every": args.checkpoint_every}
     res = fit(adata, inference_method=args.method, k=args.k, layer=args.layer, capture=capture,
               M0=args.M0, sigma_M=args.sigma_M, library_size=library_size, seed=args.seed,
-              progress=not args.quiet, **options)
+              progress=not args.quiet, scheduler_address=args.scheduler_address, **options)
     if not args.quiet:
         print(stop_line(res))
     print(res.summary())
@@ -265,6 +265,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sigma-M", dest="sigma_M", type=float, default=None,
                    help="capture prior log-scale SD (default: 0.5)")
     p.add_argument("--no-capture", action="store_true", help="fit without capture (eta = 0)")
+    p.add_argument("--scheduler-address", default=None, metavar="ADDR",
+                   help="address of a running Dask scheduler (e.g. tcp://host:8786): the Laplace "
+                        "L-BFGS evaluations run block by block on its workers")
     p.add_argument("--n-steps", type=int, default=2000, help="step cap of the optimiser (it stops earlier "
                    "when converged)")
     p.add_argument("--batch-size", type=int, default=None,

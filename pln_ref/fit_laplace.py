@@ -62,6 +62,7 @@ def optimize_globals(
     gap_tol: float = 3e-4,
     fingerprint: dict | None = None,
     em_cycles: int = 0,
+    client=None,
 ) -> tuple[LaplaceFitState, PLNParams]:
     """Maximise L(theta) = mean_c l_c(theta) from ``init`` (or ``resume``); returns the final state
     and the best globals.
@@ -75,6 +76,9 @@ def optimize_globals(
     naming what differs). Wall and CPU time accumulate over resumes (``state.elapsed_s``,
     ``state.elapsed_cpu_s``). ``em_cycles``: SQUAREM cycles of the corrected EM
     (``pln_ref.outer.em``) before L-BFGS on a fresh fit (each cycle costs about three evaluations).
+    ``client``: a ``distributed.Client`` or a Dask scheduler address: the full-batch evaluations run
+    as one task per block of cells on its workers, which keep the blocks of counts and their MAPs
+    (``pln_ref.outer.dask_eval``; L-BFGS without EM cycles only). None: in this process.
     """
     if optimizer not in ("adam", "lbfgs"):
         raise ValueError(f'optimizer must be "adam" or "lbfgs", got {optimizer!r}')
@@ -92,12 +96,31 @@ def optimize_globals(
     if fingerprint is not None:
         st.fingerprint = fingerprint
     st.optimizer = optimizer
+    if client is not None and (optimizer != "lbfgs" or em_cycles):
+        raise ValueError("a Dask client / scheduler address needs optimizer='lbfgs' without EM cycles "
+                         "(the blocked full-batch evaluation)")
     w0, c0 = time.perf_counter(), time.process_time()
-    # full-batch evaluations by blocks of cells (memory bounded by a block beyond the warm start);
-    # the EM needs every cell's posterior at once, so it evaluates unblocked
-    ev = Evaluator(u, log_anchor, init.capture, ift=ift, truncation=truncation,
-                   x_map=st.x_map, eta_map=st.eta_map,
-                   block_cells=None if em_cycles else evaluation_block_cells(G))
+    own_client = None
+    if client is None:
+        # full-batch evaluations by blocks of cells (memory bounded by a block beyond the warm
+        # start); the EM needs every cell's posterior at once, so it evaluates unblocked
+        ev = Evaluator(u, log_anchor, init.capture, ift=ift, truncation=truncation,
+                       x_map=st.x_map, eta_map=st.eta_map,
+                       block_cells=None if em_cycles else evaluation_block_cells(G))
+    else:
+        from .dask_client import connect
+        from .outer.dask_eval import DaskEvaluator
+
+        client, owned = connect(client)
+        own_client = client if owned else None
+        try:
+            ev = DaskEvaluator(u, log_anchor, init.capture, client=client, ift=ift,
+                               truncation=truncation, x_map=st.x_map, eta_map=st.eta_map,
+                               block_cells=evaluation_block_cells(G))
+        except BaseException:
+            if own_client is not None:
+                own_client.close()
+            raise
     try:
         if em_cycles and resume is None and optimizer == "lbfgs":
             from .outer.em import squarem
@@ -114,6 +137,10 @@ def optimize_globals(
     finally:
         st.elapsed_s += time.perf_counter() - w0
         st.elapsed_cpu_s += time.process_time() - c0
+        if client is not None:
+            ev.close()
+            if own_client is not None:
+                own_client.close()
     if checkpoint:  # the current iterate (with the optimiser's memory): a resume continues exactly
         st.save(checkpoint)
     return st, st.best_params(init.capture)

@@ -201,14 +201,14 @@ def _run(tasks: list[dict], scheduler) -> list[dict]:
         return []
     if scheduler is None:
         return [_fit_and_score(t) for t in tasks]
-    from dask.distributed import Client
+    from .dask_client import connect
 
-    client = scheduler if isinstance(scheduler, Client) else Client(scheduler)
+    client, owned = connect(scheduler)
     try:
         futures = client.map(_fit_and_score, tasks, pure=False)
         return client.gather(futures)
     finally:
-        if client is not scheduler:
+        if owned:
             client.close()
 
 

@@ -202,6 +202,8 @@ def run_lbfgs(ev: Evaluator, st: LaplaceFitState, *, n_steps: int, gtol: float, 
         bar.update(1)
         bar.set_postfix(objective=f"{-F:.5f}", gap=f"{st.gap_estimate:.1e}", newton_gtol=f"{tol:.0e}")
         if checkpoint and st.step % checkpoint_every == 0:
+            if getattr(ev, "remote_maps", False):  # MAPs on Dask workers: gathered for the file only
+                st.x_map, st.eta_map = ev.x_map, ev.eta_map
             st.save(checkpoint)
     bar.close()
     _record_best(st, z, F, G, k)
@@ -259,6 +261,7 @@ def _accept(st: LaplaceFitState, ev: Evaluator, z: np.ndarray, F: float, S: list
     st.step += 1
     mu, W, d = from_z(z, G, k)
     st.mu, st.W, st.rho = mu.copy(), W.copy(), np.log(d)
-    st.x_map, st.eta_map = ev.x_map, ev.eta_map
+    if not getattr(ev, "remote_maps", False):  # MAPs on Dask workers: read at checkpoints and the end
+        st.x_map, st.eta_map = ev.x_map, ev.eta_map
     st.history.append((st.step, -F, -F))
     st.lbfgs_s, st.lbfgs_y = np.array(S), np.array(Y)

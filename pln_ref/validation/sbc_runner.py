@@ -237,7 +237,9 @@ def _run_distributed(task: Callable, batches: list[list[int]], base_seed: int, o
     own_cluster = own_client = None
     if client is None:
         if scheduler_address:
-            client = own_client = Client(scheduler_address)
+            from ..dask_client import connect
+
+            client = own_client = connect(scheduler_address)[0]
         else:
             own_cluster = LocalCluster(n_workers=n_workers, threads_per_worker=threads_per_worker,
                                        processes=True, dashboard_address=":0")

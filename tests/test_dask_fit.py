@@ -1,0 +1,100 @@
+"""The Laplace L-BFGS fit with its full-batch evaluations on a Dask cluster (``outer.dask_eval``)
+equals the in-process fit; an unreachable scheduler address fails with one line."""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+import scipy.sparse as sp
+
+distributed = pytest.importorskip("dask.distributed")
+
+import pln_ref  # noqa: E402
+from pln_ref import fit_laplace  # noqa: E402
+from pln_ref.dask_client import SchedulerUnreachableError, connect  # noqa: E402
+from pln_ref.fit_laplace import optimize_globals  # noqa: E402
+from pln_ref.outer.dask_eval import DaskEvaluator  # noqa: E402
+from pln_ref.outer.evaluate import Evaluator  # noqa: E402
+from pln_ref.outer.start import initial_globals  # noqa: E402
+
+BLOCK = 150  # 600 cells -> 4 blocks
+UNREACHABLE = "tcp://127.0.0.1:9"  # the discard port: nothing listens there
+
+
+@pytest.fixture(scope="module")
+def data():
+    p = pln_ref.random_params(30, 2, seed=3, capture=True)
+    sim = pln_ref.simulate(p, 600, seed=4)
+    init = initial_globals(sim.counts, 2, p.capture, sim.log_anchor, seed=0).params
+    return sim.counts, sim.log_anchor, init
+
+
+@pytest.fixture(scope="module")
+def client():
+    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
+                                  dashboard_address=":0") as cluster, distributed.Client(cluster) as c:
+        yield c
+
+
+def _rel(a, b):
+    return float(np.max(np.abs(a - b) / np.maximum(np.abs(b), 1e-12)))
+
+
+@pytest.mark.parametrize("sparse", [False, True])
+def test_dask_fit_equals_in_process(data, client, monkeypatch, sparse):
+    u, la, init = data
+    counts = sp.csr_matrix(u) if sparse else u
+    monkeypatch.setattr(fit_laplace, "evaluation_block_cells", lambda G: BLOCK)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the step cap's ConvergenceWarning
+        st0, p0 = optimize_globals(counts, init, la, n_steps=12, progress=False)
+        st1, p1 = optimize_globals(counts, init, la, n_steps=12, progress=False, client=client)
+    assert st0.step == st1.step == 12
+    for a, b in ((p1.mu, p0.mu), (p1.W, p0.W), (p1.d, p0.d), (st1.x_map, st0.x_map),
+                 (st1.eta_map, st0.eta_map)):
+        assert _rel(a, b) < 1e-8
+    assert st1.best_value == pytest.approx(st0.best_value, rel=1e-12)
+
+
+def test_dask_evaluator_matches_blocked_and_keeps_maps_on_failure(data, client):
+    u, la, init = data
+    ev0 = Evaluator(u, la, init.capture, block_cells=BLOCK)
+    ev1 = DaskEvaluator(u, la, init.capture, client=client, block_cells=BLOCK)
+    assert len(ev1.bounds) == 4 and ev1.x_map is None
+    e0 = ev0(init.mu, init.W, init.d, gtol=1e-6)
+    e1 = ev1(init.mu, init.W, init.d, gtol=1e-6)
+    assert e1.value == pytest.approx(e0.value, rel=1e-12)
+    for key in ("mu", "W", "d"):
+        assert _rel(e1.grad[key], e0.grad[key]) < 1e-10
+    assert ev1.newton_iters == ev0.newton_iters and e1.n_on_bound == e0.n_on_bound
+    np.testing.assert_allclose(ev1.x_map, ev0.x_map, rtol=1e-12)
+    x_before = ev1.x_map.copy()
+    with pytest.raises(Exception):  # a non-finite / singular trial point raises on the client
+        ev1(init.mu, init.W, -np.ones_like(init.d), gtol=1e-6)
+    np.testing.assert_array_equal(ev1.x_map, x_before)  # warm start kept
+    assert ev1(init.mu, init.W, init.d, gtol=1e-6) is e1  # cached
+    with pytest.raises(ValueError, match="full batch"):
+        ev1(init.mu, init.W, init.d, cells=np.arange(10))
+    ev1.close()
+
+
+def test_unreachable_scheduler_is_one_line(data, capsys, tmp_path):
+    with pytest.raises(SchedulerUnreachableError, match="cannot reach the Dask scheduler at tcp://127.0.0.1:9"):
+        connect(UNREACHABLE, timeout=1)
+    import dask
+
+    u, la, init = data
+    import anndata as ad
+
+    path = tmp_path / "d.h5ad"
+    ad.AnnData(u.astype(np.float32)).write_h5ad(path)
+    from pln_ref.cli import main
+
+    with dask.config.set({"distributed.comm.timeouts.connect": "1s"}):
+        rc = main(["fit", str(path), "--k", "2", "--out", str(tmp_path / "o.h5ad"), "--quiet", "--no-capture",
+                   "--scheduler-address", UNREACHABLE])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1
+    assert err[0].startswith("error: cannot reach the Dask scheduler at tcp://127.0.0.1:9")

@@ -1,0 +1,159 @@
+"""The Laplace L-BFGS fit in process and on a Dask cluster started from the command line (issue 13).
+
+Usage (one BLAS thread everywhere)::
+
+    python validation/benchmarks/bench_dask.py --cells 5000 --genes 1000 --k 5 --steps 10
+
+Counts: ``random_params(genes, k, seed=0, capture=True)``, ``simulate(params, cells, seed=1)``
+(dense int64). Both fits are ``pln_ref.fit(counts, k=k, n_steps=steps, progress=False)`` (L-BFGS,
+default block size ``fit_laplace.evaluation_block_cells(G)``); the second passes
+``scheduler_address`` of a cluster started here as a user would, one process per command::
+
+    dask scheduler --port 0 --dashboard-address :0 --scheduler-file F
+    dask worker ADDR --nthreads 1 --nworkers 1 --no-nanny      (twice, OMP_NUM_THREADS=1)
+
+Reported per fit: wall seconds, the client's process CPU seconds, the CPU seconds of the worker
+and scheduler processes over the fit (psutil), steps, the objective; and the largest relative
+difference of mu, W, d between the two fits. Both fits include the final in-process ``newton_map``
+of ``pln_ref.fit`` (every cell's posterior at the fitted globals). The 1/5/15-min load averages
+are recorded before and after (the machine is shared). Output: JSON (``--out``).
+"""
+
+from __future__ import annotations
+
+import os
+
+for _v in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS", "NUMEXPR_NUM_THREADS"):
+    os.environ[_v] = "1"
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+import warnings  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import numpy as np  # noqa: E402
+import psutil  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+
+import pln_ref  # noqa: E402
+
+
+def _cpu(procs: list) -> float:
+    """User + system CPU seconds of processes (and their children)."""
+    tot = 0.0
+    for p in procs:
+        for q in [p] + p.children(recursive=True):
+            try:
+                t = q.cpu_times()
+                tot += t.user + t.system
+            except psutil.NoSuchProcess:
+                pass
+    return tot
+
+
+def start_cluster(n_workers: int, tmp: Path) -> tuple[str, list[subprocess.Popen]]:
+    """``dask scheduler`` + ``n_workers`` ``dask worker`` processes; (address, processes)."""
+    env = dict(os.environ, PYTHONPATH=f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+    sfile = tmp / "scheduler.json"
+    log = open(tmp / "cluster.log", "w")  # noqa: SIM115 - closed with the processes
+    procs = [subprocess.Popen(["dask", "scheduler", "--port", "0", "--dashboard-address", ":0",
+                               "--scheduler-file", str(sfile)], env=env, stdout=log, stderr=log)]
+    t0 = time.time()
+    while not sfile.exists():
+        if time.time() - t0 > 60:
+            raise RuntimeError(f"dask scheduler did not start; see {tmp / 'cluster.log'}")
+        time.sleep(0.2)
+    time.sleep(0.5)
+    addr = json.loads(sfile.read_text())["address"]
+    for _ in range(n_workers):
+        procs.append(subprocess.Popen(["dask", "worker", addr, "--nthreads", "1", "--nworkers", "1",
+                                       "--no-nanny", "--dashboard-address", ":0"],
+                                      env=env, stdout=log, stderr=log))
+    from dask.distributed import Client
+
+    with Client(addr) as c:
+        c.wait_for_workers(n_workers, timeout=120)
+    return addr, procs
+
+
+def timed_fit(u, k: int, steps: int, scheduler_address: str | None, procs: list) -> tuple[dict, object]:
+    ps = [psutil.Process(p.pid) for p in procs]
+    c_other = _cpu(ps)
+    w0, c0 = time.perf_counter(), time.process_time()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the step cap's ConvergenceWarning
+        res = pln_ref.fit(u, k=k, n_steps=steps, progress=False, scheduler_address=scheduler_address)
+    wall, cpu = time.perf_counter() - w0, time.process_time() - c0
+    rec = {"wall_s": wall, "client_cpu_s": cpu, "cluster_cpu_s": _cpu(ps) - c_other,
+           "steps": int(res.diagnostics["steps"]), "objective": float(res.diagnostics["objective"])}
+    rec["total_cpu_s"] = rec["client_cpu_s"] + rec["cluster_cpu_s"]
+    return rec, res
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--cells", type=int, default=5000)
+    ap.add_argument("--genes", type=int, default=1000)
+    ap.add_argument("--k", type=int, default=5)
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--out", default=None, help="JSON file (default: print only)")
+    args = ap.parse_args(argv)
+
+    p = pln_ref.random_params(args.genes, args.k, seed=0, capture=True)
+    u = pln_ref.simulate(p, args.cells, seed=1).counts
+    from pln_ref.fit_laplace import evaluation_block_cells
+
+    out = {"cells": args.cells, "genes": args.genes, "k": args.k, "n_steps": args.steps,
+           "workers": args.workers, "block_cells": evaluation_block_cells(args.genes),
+           "n_blocks": -(-args.cells // evaluation_block_cells(args.genes)),
+           "nproc": os.cpu_count(), "loadavg_before": list(os.getloadavg()),
+           "started_utc": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime())}
+    try:
+        import subprocess as sp_
+
+        out["commit"] = sp_.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"],
+                                capture_output=True, text=True).stdout.strip()
+    except OSError:
+        pass
+    print(f"in-process fit: {args.cells} x {args.genes}, k={args.k}, {args.steps} steps ...", flush=True)
+    out["in_process"], r0 = timed_fit(u, args.k, args.steps, None, [])
+    print(json.dumps(out["in_process"]), flush=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        addr, procs = start_cluster(args.workers, Path(tmp))
+        try:
+            out["loadavg_before_dask"] = list(os.getloadavg())
+            print(f"Dask fit on {addr} ({args.workers} workers) ...", flush=True)
+            out["dask"], r1 = timed_fit(u, args.k, args.steps, addr, procs)
+            print(json.dumps(out["dask"]), flush=True)
+        finally:
+            for pr in reversed(procs):
+                pr.terminate()
+            for pr in procs:
+                try:
+                    pr.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    pr.kill()
+    rel = {}
+    for name in ("mu", "W", "d"):
+        a, b = getattr(r1.params, name), getattr(r0.params, name)
+        rel[name] = float(np.max(np.abs(a - b) / np.maximum(np.abs(b), 1e-12)))
+    out["max_rel_diff"] = rel
+    out["loadavg_after"] = list(os.getloadavg())
+    out["speedup_wall"] = out["in_process"]["wall_s"] / out["dask"]["wall_s"]
+    print(json.dumps(out, indent=1))
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(out, indent=1) + "\n")
+        print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
