@@ -225,6 +225,7 @@ def _fit_laplace(u, k, cap, log_anchor, cfg: LaplaceConfig, *, anchor, progress,
         "gap_estimate": float(st.gap_estimate),
         "wall_time_s": earlier_wall + (time.time() - w0),
         "cpu_time_s": earlier_cpu + (time.process_time() - c0),
+        "optimizer_cpu_s": float(st.elapsed_cpu_s),  # the outer optimisation alone (all runs)
         "cells_converged": int(cells.converged.sum()), "max_grad_norm": float(cells.grad_norm.max()),
         "max_newton_iter": int(cells.n_iter.max()), "cells_on_bound": int(cells.on_bound.sum()),
         "resumed_from_step": resumed_at,
