@@ -44,6 +44,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from . import truncnorm
+from .allocator import tune_allocator
 from .constants import LOG_2PI
 from .lowrank import LowRankCov, PosteriorPrecision
 from .anchor import resolve_log_anchor
@@ -317,6 +318,7 @@ def newton_map(
     line_search : a callable ``line_search(LineSearchProblem) -> (x_new, eta_new, f_new)``
         (default ``backtracking_line_search``), e.g. a benchmark variant.
     """
+    tune_allocator()  # reuse freed work arrays instead of page-faulting them in again
     u = np.asarray(counts, dtype=float)
     if u.ndim != 2 or u.shape[1] != params.G:
         raise ValueError(f"counts must have shape (N, {params.G}), got {u.shape}")
