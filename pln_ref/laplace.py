@@ -258,30 +258,9 @@ def backtracking_line_search(p: LineSearchProblem) -> tuple[np.ndarray, np.ndarr
 
     Accept t when f(t) >= f0 + armijo * (g_x^T (x_t - x) + g_eta (eta_t - eta)) - 16 eps max(1, |f0|).
     In the quadratic region (decrement^2 <= 1e-8 nats: the step is tiny in the Hessian norm) the
-    full step is taken directly, since there the Armijo test compares changes below round-off."""
-    n = p.x.shape[0]
-    t = np.ones(n)
-    x_new, e_new = p.x.copy(), p.eta.copy()
-    quad = p.dec2 <= 1e-8
-    x_new[quad] = p.x[quad] + p.dx[quad]
-    e_new[quad] = np.maximum(p.eta[quad] + p.deta[quad], 0.0)
-    f_new = np.where(quad, np.nan, p.f0)
-    pending = ~quad
-    tol_round = 16 * np.finfo(float).eps * np.maximum(1.0, np.abs(p.f0))
-    for _ in range(60):
-        q = np.flatnonzero(pending)
-        if q.size == 0:
-            break
-        xt = p.x[q] + t[q, None] * p.dx[q]
-        et = np.maximum(p.eta[q] + t[q] * p.deta[q], 0.0)
-        ft = cell_objective(p.u[q], xt, et, p.mu, p.cov, None if p.m is None else p.m[q], p.sigma_M)
-        gain = np.einsum("ng,ng->n", p.gx[q], xt - p.x[q]) + p.ge[q] * (et - p.eta[q])
-        ok = ft >= p.f0[q] + p.armijo * gain - tol_round[q]
-        acc = q[ok]
-        x_new[acc], e_new[acc], f_new[acc] = xt[ok], et[ok], ft[ok]
-        pending[acc] = False
-        t[q[~ok]] *= 0.5
-    return x_new, e_new, f_new
+    full step is taken directly, since there the Armijo test compares changes below round-off.
+    Returns (x_new, eta_new, f_new): ``_fused_line_search`` without the gradient pieces."""
+    return _fused_line_search(p, p.u.sum(axis=1))[:3]
 
 
 def newton_map(

@@ -37,7 +37,7 @@ import scipy.sparse as sp
 
 from ..lowrank import LowRankCov
 from ..params import PLNParams
-from .evaluate import Evaluation, Evaluator, LaplaceTerms, _sum_terms
+from .evaluate import Evaluation, Evaluator, LaplaceTerms, _blocked_evaluation
 
 __all__ = ["DaskEvaluator"]
 
@@ -181,12 +181,8 @@ class DaskEvaluator(Evaluator):
             n_bound += nb
             parts.append(terms)
         self.n_evals += 1
-        terms = _sum_terms(parts)
-        N = self.N
-        value = float(np.mean(terms.l))
-        grad = None if terms.grad is None else {k: v / N for k, v in terms.grad.items()}
-        ev = Evaluation(value, grad, None, gtol, terms, n_bound)
-        if np.isfinite(value):
+        ev = _blocked_evaluation(parts, self.N, gtol, n_bound)
+        if np.isfinite(ev.value):
             self._maps, self._gathered = new_maps, None
             self._last = (key, ev)
         return ev

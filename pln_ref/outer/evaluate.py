@@ -227,6 +227,15 @@ def _sum_terms(parts: list[LaplaceTerms]) -> LaplaceTerms:
     return LaplaceTerms(l, grad, None, None, sum(t.info_mu for t in parts))
 
 
+def _blocked_evaluation(parts: list[LaplaceTerms], N: int, gtol: float, n_bound: int) -> Evaluation:
+    """The ``Evaluation`` of all N cells from the terms of its blocks (``_sum_terms``): L = mean_c l_c
+    and the gradient divided by N; no per-cell posterior is kept."""
+    terms = _sum_terms(parts)
+    value = float(np.mean(terms.l))
+    grad = None if terms.grad is None else {k: v / N for k, v in terms.grad.items()}
+    return Evaluation(value, grad, None, gtol, terms, n_bound)
+
+
 class Evaluator:
     """The Laplace evidence and its exact gradient at given globals, by warm-started Newton.
 
@@ -334,11 +343,8 @@ class Evaluator:
             parts.append(terms._replace(wx=None, kappa=None))  # the blocks' adjoints are not kept
             del post, terms
         self.n_evals += 1
-        terms = _sum_terms(parts)
-        value = float(np.mean(terms.l))
-        grad = None if terms.grad is None else {k: v / N for k, v in terms.grad.items()}
-        ev = Evaluation(value, grad, None, gtol, terms, n_bound)
-        if np.isfinite(value):
+        ev = _blocked_evaluation(parts, N, gtol, n_bound)
+        if np.isfinite(ev.value):
             self.x_map, self.eta_map = x_new, e_new
             self._last = (key, ev)
         return ev
