@@ -84,6 +84,43 @@ def _x_objective(u, x, eta, mu, cov) -> np.ndarray:
     return np.where(np.isfinite(f), f, -np.inf)
 
 
+def _x_value_and_gradient(u, x, eta, mu, cov):
+    """The objective of ``_x_objective`` and its gradient in x from one Sigma^{-1} product, per row:
+    z = x - eta, lambda = e^z, s = Sigma^{-1} (x - mu),
+    f = sum_g (u_g z_g - lambda_g) - 1/2 (x - mu)^T s,  g_x = u - lambda - s (``model.cell_gradient``).
+    Returns (f (n,) with -inf where not finite, g_x (n, G), lambda (n, G))."""
+    r = x - mu
+    s = cov.inv_mv(r)
+    z = x - eta[:, None]
+    with np.errstate(over="ignore", invalid="ignore"):
+        lam = np.exp(z)
+        f = np.einsum("ng,ng->n", u, z) - lam.sum(axis=1) - 0.5 * np.einsum("ng,ng->n", r, s)
+        g = u - lam - s
+    return np.where(np.isfinite(f), f, -np.inf), g, lam
+
+
+class _NodePrecision(PosteriorPrecision):
+    """``PosteriorPrecision`` of many (cell, node) rows: S^{-1} (used by every solve and by
+    ``inv_diag``) is one batched ``np.linalg.inv`` of the k x k blocks S (half the cost of the two
+    batched triangular solves of the base class for small k), and a factorisation can be rebuilt
+    from stored (lambda, S, L_S, S^{-1}) without recomputing any of them (``from_arrays``)."""
+
+    def S_inv(self) -> np.ndarray:
+        """S^{-1} (n, k, k), computed once per object (do not modify the returned array)."""
+        S_inv = getattr(self, "_node_S_inv", None)
+        if S_inv is None:
+            S_inv = self._node_S_inv = np.linalg.inv(self.S)
+        return S_inv
+
+    @classmethod
+    def from_arrays(cls, cov: LowRankCov, lam: np.ndarray, S: np.ndarray, L_S: np.ndarray,
+                    S_inv: np.ndarray) -> "_NodePrecision":
+        """A = diag(lam) + Sigma^{-1} from a stored factorisation (S, its Cholesky factor L_S, S^{-1})."""
+        self = cls.from_factor(cov, lam, S, L_S)
+        self._node_S_inv = S_inv
+        return self
+
+
 def x_newton_fixed_eta(u: np.ndarray, x0: np.ndarray, eta: np.ndarray, mu: np.ndarray, cov: LowRankCov,
                        *, tol: float = 1e-10, max_iter: int = 50, armijo: float = 1e-4):
     """x*(eta) = argmax_x [u^T (x - eta) - 1^T e^{x - eta} - 1/2 (x - mu)^T Sigma^{-1} (x - mu)] for n rows
@@ -91,6 +128,9 @@ def x_newton_fixed_eta(u: np.ndarray, x0: np.ndarray, eta: np.ndarray, mu: np.nd
     g_x = u - lambda - Sigma^{-1} (x - mu) (``model.cell_gradient``), A = diag(lambda) + Sigma^{-1}
     (``PosteriorPrecision``) and a backtracking (Armijo) line search; full steps once the squared
     Newton decrement g_x^T A^{-1} g_x is <= 1e-6. Stops per row when the decrement is <= ``tol``.
+    Each iteration costs one factorisation of A; the objective and gradient at a full step come
+    from one evaluation (``_x_value_and_gradient``), so an accepted full step needs no separate
+    objective pass, and the factorisation at the returned x is the one of the last decrement test.
 
     Returns (x (n, G), f (n,) objective at x, A PosteriorPrecision at x, n_iter (n,), converged (n,)).
     """
@@ -99,46 +139,55 @@ def x_newton_fixed_eta(u: np.ndarray, x0: np.ndarray, eta: np.ndarray, mu: np.nd
     eta = np.asarray(eta, dtype=float)
     n, G = u.shape
     k = cov.k
-    lam_all, S_all, LS_all = np.empty((n, G)), np.empty((n, k, k)), np.empty((n, k, k))
-    f_all = _x_objective(u, x, eta, mu, cov)
+    lam_all, S_all, LS_all, Si_all = np.empty((n, G)), np.empty((n, k, k)), np.empty((n, k, k)), np.empty((n, k, k))
+    f_all, g, lam = _x_value_and_gradient(u, x, eta, mu, cov)
     n_iter = np.zeros(n, dtype=int)
     conv = np.zeros(n, dtype=bool)
     active = np.arange(n)
     for it in range(max_iter + 1):
-        ua, xa, ea = u[active], x[active], eta[active]
-        gx, _, lam = cell_gradient(ua, xa, ea, mu, cov, None, None)
-        A = PosteriorPrecision(cov, lam)
-        dx = A.solve(gx)
-        dec2 = np.einsum("ng,ng->n", gx, dx)
+        A = _NodePrecision(cov, lam)
+        dx = A.solve(g)
+        dec2 = np.einsum("ng,ng->n", g, dx)
         fin = dec2 <= tol
         store = fin if it < max_iter else np.ones(active.size, dtype=bool)
-        cells = active[store]
-        lam_all[cells], S_all[cells], LS_all[cells] = lam[store], A.S[store], A.L_S[store]
+        rows = active[store]
+        lam_all[rows], S_all[rows], LS_all[rows], Si_all[rows] = lam[store], A.S[store], A.L_S[store], A.S_inv()[store]
         conv[active[fin]] = True
         keep = ~store
         if not keep.any():
             break
-        active, ua, xa, ea, dx, dec2 = active[keep], ua[keep], xa[keep], ea[keep], dx[keep], dec2[keep]
-        f0 = f_all[active]
-        t = np.ones(active.size)
+        active, dx, dec2 = active[keep], dx[keep], dec2[keep]
+        ua, xa, ea, f0 = u[active], x[active], eta[active], f_all[active]
         x_new = xa + dx
-        f_new = _x_objective(ua, x_new, ea, mu, cov)
+        f_new, g, lam = _x_value_and_gradient(ua, x_new, ea, mu, cov)
         pending = (dec2 > 1e-6) & ~(f_new >= f0 + armijo * dec2)
-        tol_round = 16 * np.finfo(float).eps * np.maximum(1.0, np.abs(f0))
-        for _ in range(60):
+        if pending.any():
+            _backtrack(ua, xa, ea, mu, cov, dx, dec2, f0, x_new, f_new, pending, armijo)
             p = np.flatnonzero(pending)
-            if p.size == 0:
-                break
-            t[p] *= 0.5
-            xt = xa[p] + t[p, None] * dx[p]
-            ft = _x_objective(ua[p], xt, ea[p], mu, cov)
-            ok = ft >= f0[p] + armijo * t[p] * dec2[p] - tol_round[p]
-            x_new[p[ok]], f_new[p[ok]] = xt[ok], ft[ok]
-            pending[p[ok]] = False
+            f_new[p], g[p], lam[p] = _x_value_and_gradient(ua[p], x_new[p], ea[p], mu, cov)
         x[active], f_all[active] = x_new, f_new
         n_iter[active] += 1
-    A = PosteriorPrecision.from_factor(cov, lam_all, S_all, LS_all)
+    A = _NodePrecision.from_arrays(cov, lam_all, S_all, LS_all, Si_all)
     return x, f_all, A, n_iter, conv
+
+
+def _backtrack(ua, xa, ea, mu, cov, dx, dec2, f0, x_new, f_new, pending, armijo, max_halvings=60):
+    """Armijo backtracking of the rows ``pending`` (bool, not modified): step t = 1/2, 1/4, ... until
+    f(x + t dx) >= f(x) + armijo t dec2 (up to a round-off allowance); writes accepted points into
+    x_new, f_new in place (rows that never pass keep the full step)."""
+    todo = pending.copy()
+    t = np.ones(todo.size)
+    tol_round = 16 * np.finfo(float).eps * np.maximum(1.0, np.abs(f0))
+    for _ in range(max_halvings):
+        p = np.flatnonzero(todo)
+        if p.size == 0:
+            break
+        t[p] *= 0.5
+        xt = xa[p] + t[p, None] * dx[p]
+        ft = _x_objective(ua[p], xt, ea[p], mu, cov)
+        ok = ft >= f0[p] + armijo * t[p] * dec2[p] - tol_round[p]
+        x_new[p[ok]], f_new[p[ok]] = xt[ok], ft[ok]
+        todo[p[ok]] = False
 
 
 def _piecewise_exp_cdf(grid: np.ndarray, logd: np.ndarray):
