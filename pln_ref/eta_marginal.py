@@ -104,8 +104,9 @@ def _x_value_and_gradient(u, x, eta, mu, cov):
 class _NodePrecision(PosteriorPrecision):
     """``PosteriorPrecision`` of many (cell, node) rows: S^{-1} (used by every solve and by
     ``inv_diag``) is one batched ``np.linalg.inv`` of the k x k blocks S (half the cost of the two
-    batched triangular solves of the base class for small k), and a factorisation can be rebuilt
-    from stored (lambda, S, L_S, S^{-1}) without recomputing any of them (``from_arrays``)."""
+    batched triangular solves of the base class for small k), and rows can be overwritten by those
+    of a later factorisation (``set_rows``), so the Newton solver below returns the factorisation
+    at its final iterates without recomputing or copying the rows that converged first."""
 
     def S_inv(self) -> np.ndarray:
         """S^{-1} (n, k, k), computed once per object (do not modify the returned array)."""
@@ -114,13 +115,11 @@ class _NodePrecision(PosteriorPrecision):
             S_inv = self._node_S_inv = np.linalg.inv(self.S)
         return S_inv
 
-    @classmethod
-    def from_arrays(cls, cov: LowRankCov, lam: np.ndarray, S: np.ndarray, L_S: np.ndarray,
-                    S_inv: np.ndarray) -> "_NodePrecision":
-        """A = diag(lam) + Sigma^{-1} from a stored factorisation (S, its Cholesky factor L_S, S^{-1})."""
-        self = cls.from_factor(cov, lam, S, L_S)
-        self._node_S_inv = S_inv
-        return self
+    def set_rows(self, rows: np.ndarray, other: "_NodePrecision", sel: np.ndarray) -> None:
+        """Overwrite rows ``rows`` of this factorisation by rows ``sel`` of ``other`` (same cov)."""
+        for name in ("lam", "r", "m", "S", "L_S"):
+            getattr(self, name)[rows] = getattr(other, name)[sel]
+        self.S_inv()[rows] = other.S_inv()[sel]
 
 
 def x_newton_fixed_eta(u: np.ndarray, x0: np.ndarray, eta: np.ndarray, mu: np.ndarray, cov: LowRankCov,
@@ -139,10 +138,9 @@ def x_newton_fixed_eta(u: np.ndarray, x0: np.ndarray, eta: np.ndarray, mu: np.nd
     u = np.asarray(u, dtype=float)
     x = np.array(x0, dtype=float, copy=True)
     eta = np.asarray(eta, dtype=float)
-    n, G = u.shape
-    k = cov.k
-    lam_all, S_all, LS_all, Si_all = np.empty((n, G)), np.empty((n, k, k)), np.empty((n, k, k)), np.empty((n, k, k))
+    n = u.shape[0]
     f_all, g, lam = _x_value_and_gradient(u, x, eta, mu, cov)
+    A_all = None  # the factorisation at the returned x: the first one, rows replaced as they converge later
     n_iter = np.zeros(n, dtype=int)
     conv = np.zeros(n, dtype=bool)
     active = np.arange(n)
@@ -152,8 +150,10 @@ def x_newton_fixed_eta(u: np.ndarray, x0: np.ndarray, eta: np.ndarray, mu: np.nd
         dec2 = np.einsum("ng,ng->n", g, dx)
         fin = dec2 <= tol
         store = fin if it < max_iter else np.ones(active.size, dtype=bool)
-        rows = active[store]
-        lam_all[rows], S_all[rows], LS_all[rows], Si_all[rows] = lam[store], A.S[store], A.L_S[store], A.S_inv()[store]
+        if A_all is None:
+            A_all = A
+        elif store.any():
+            A_all.set_rows(active[store], A, store)
         conv[active[fin]] = True
         keep = ~store
         if not keep.any():
@@ -169,8 +169,7 @@ def x_newton_fixed_eta(u: np.ndarray, x0: np.ndarray, eta: np.ndarray, mu: np.nd
             f_new[p], g[p], lam[p] = _x_value_and_gradient(ua[p], x_new[p], ea[p], mu, cov)
         x[active], f_all[active] = x_new, f_new
         n_iter[active] += 1
-    A = _NodePrecision.from_arrays(cov, lam_all, S_all, LS_all, Si_all)
-    return x, f_all, A, n_iter, conv
+    return x, f_all, A_all, n_iter, conv
 
 
 def _backtrack(ua, xa, ea, mu, cov, dx, dec2, f0, x_new, f_new, pending, armijo, max_halvings=60):
@@ -596,27 +595,28 @@ def _evaluate_nodes(terms: _CellTerms, gaussian: CellPosteriors, derivs: np.ndar
 
 def _nodes_with_widening(terms: _CellTerms, gaussian: CellPosteriors, derivs: np.ndarray, J: int,
                          width: tuple[float, float], tail_tol: float, max_widen: int, tol: float,
-                         max_iter: int, mean_correction: bool) -> tuple[dict, np.ndarray]:
-    """Node quantities (``_evaluate_nodes``) of all N cells on J nodes over [lo, hi] =
+                         max_iter: int, mean_correction: bool, out: dict, offset: int) -> np.ndarray:
+    """Node quantities (``_evaluate_nodes``) of the n cells of a block on J nodes over [lo, hi] =
     [max(0, c - width_0 sd), c + width_1 sd] (``_node_window``); a side whose end node has
     log p~ > max_j log p~ - tail_tol is widened by 1.6 (the lower one only while lo > 0) and the
-    cells concerned are evaluated again, at most ``max_widen`` times. Returns (arrays (N, J, ...),
-    n_widen (N,))."""
+    cells concerned are evaluated again, at most ``max_widen`` times. The (n, J, ...) arrays are
+    written into rows offset..offset+n of the arrays ``out`` (allocated there with N = out["N"]
+    rows on first use). Returns n_widen (n,)."""
     centre, sd = _node_window(gaussian)
-    N = centre.size
-    below = np.full(N, width[0])
-    above = np.full(N, width[1])
-    out: dict = {}
-    n_widen = np.zeros(N, dtype=int)
-    todo = np.arange(N)
+    n = centre.size
+    below = np.full(n, width[0])
+    above = np.full(n, width[1])
+    n_widen = np.zeros(n, dtype=int)
+    todo = np.arange(n)
     for rnd in range(max_widen + 1):
         lo = np.maximum(centre[todo] - below[todo] * sd[todo], 0.0)
         hi = centre[todo] + above[todo] * sd[todo]
         res = _evaluate_nodes(terms, gaussian, derivs, todo, _nodes_for(lo, hi, J), tol, max_iter, mean_correction)
+        rows = slice(offset, offset + n) if rnd == 0 else offset + todo
         for name, val in res.items():
             if name not in out:
-                out[name] = np.empty((N,) + val.shape[1:], dtype=val.dtype)
-            out[name][todo] = val
+                out[name] = np.empty((out["N"],) + val.shape[1:], dtype=val.dtype)
+            out[name][rows] = val
         logp = res["logp"]
         top = logp.max(axis=1)
         wide_hi = logp[:, -1] > top - tail_tol
@@ -628,7 +628,7 @@ def _nodes_with_widening(terms: _CellTerms, gaussian: CellPosteriors, derivs: np
         below[todo[wide_lo]] *= 1.6
         todo = todo[widen]
         n_widen[todo] += 1
-    return out, n_widen
+    return n_widen
 
 
 @functools.lru_cache(maxsize=16)
@@ -709,26 +709,20 @@ def eta_marginal(
     la = resolve_log_anchor(u, log_anchor)
     if block_size is None:
         block_size = max(8, (1 << 18) // (G * n_nodes))
-    if N > block_size:
-        parts = [eta_marginal(u[lo:lo + block_size], gaussian.subset(slice(lo, lo + block_size)),
-                              la[lo:lo + block_size], n_nodes=n_nodes, width=width, tail_tol=tail_tol,
-                              max_widen=max_widen, n_fine=n_fine, tol=tol, max_iter=max_iter,
-                              mean_correction=mean_correction, block_size=block_size, warm_order=warm_order)
-                 for lo in range(0, N, block_size)]
-        return _concatenate(gaussian, parts)
-    terms = _CellTerms(u=u, lgam=gammaln(u + 1.0).sum(axis=1), m=params.capture.prior_mean(la),
-                       sigma_M=params.capture.sigma_M, mu=params.mu, cov=gaussian.precision.cov)
-    derivs = _x_star_derivatives(gaussian, warm_order)
-    out, n_widen = _nodes_with_widening(terms, gaussian, derivs, n_nodes, width, tail_tol, max_widen, tol,
-                                        max_iter, mean_correction)
+    m = params.capture.prior_mean(la)
+    lgam = gammaln(u + 1.0).sum(axis=1)
+    out: dict = {"N": N}
+    n_widen = np.empty(N, dtype=int)
+    for lo in range(0, N, block_size):
+        blk = slice(lo, min(lo + block_size, N))
+        g_blk = gaussian if (blk.start, blk.stop) == (0, N) else gaussian.subset(blk)
+        terms = _CellTerms(u=u[blk], lgam=lgam[blk], m=m[blk], sigma_M=params.capture.sigma_M, mu=params.mu,
+                           cov=gaussian.precision.cov)
+        n_widen[blk] = _nodes_with_widening(terms, g_blk, _x_star_derivatives(g_blk, warm_order), n_nodes, width,
+                                            tail_tol, max_widen, tol, max_iter, mean_correction, out, lo)
     grid, log_q, cdf, logZ = _fine_density(out["nodes"], out["logp"], n_fine)
     return EtaMarginalPosterior(
         gaussian=gaussian, nodes=out["nodes"], log_p_nodes=out["logp"], x_nodes=out["x"], b_nodes=out["b"],
         lam_nodes=out["lam"], S_nodes=out["S"], L_S_nodes=out["LS"], grid=grid, log_q_grid=log_q, cdf=cdf,
         log_evidence=logZ, node_iter=out["it"], node_converged=out["conv"], n_widen=n_widen,
         v_nodes=out["v"], shift_nodes=out["shift"])
-
-
-def _concatenate(gaussian: CellPosteriors, parts: list[EtaMarginalPosterior]) -> EtaMarginalPosterior:
-    return EtaMarginalPosterior(gaussian=gaussian,
-                                **{k: np.concatenate([getattr(p, k) for p in parts]) for k in _ARRAYS})
