@@ -163,11 +163,12 @@ class PosteriorPrecision:
             b = b[None, :]
         if b.ndim == 2:
             # 1/m = r d, so A^{-1} b = r * (d b + W S^{-1} W^T (r b))
-            t = (self.r * b) @ self.cov.W  # (N, k)
+            r = self.r  # read once: ``outer.final.MapPrecision`` derives it from the MAPs on access
+            t = (r * b) @ self.cov.W  # (N, k)
             s = np.einsum("nab,nb->na", self.S_inv(), t)  # S^{-1} cached: one inversion per factorisation
             out = s @ self.cov.W.T
             out += self.cov.d * b
-            out *= self.r
+            out *= r
             return out
         if b.ndim == 3:
             # one (N x G) @ (G x k) GEMM per right-hand side beats batched tiny GEMMs
@@ -193,7 +194,8 @@ class PosteriorPrecision:
     def inv_diag(self) -> np.ndarray:
         """diag(A_c^{-1})_g = 1/m_g + r_g^2 W_g S_c^{-1} W_g^T, shape (N, G), O(N G k^2)."""
         packed = self.cov.pack_pairs_weighted(self.S_inv())
-        return 1.0 / self.m + self.r**2 * (packed @ self.cov.pair_table.T)
+        r = self.r  # 1/m = r d: one derived (N, G) array, not two
+        return r * self.cov.d + r**2 * (packed @ self.cov.pair_table.T)
 
     def sample(self, rng: np.random.Generator, n_draws: int) -> np.ndarray:
         """Zero-mean draws with covariance A_c^{-1}, shape (n_draws, N, G).
