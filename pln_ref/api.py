@@ -206,7 +206,8 @@ def _fit_laplace(u, k, cap, log_anchor, cfg: LaplaceConfig, *, anchor, progress,
         resume=state, progress=progress, optimizer=cfg.optimizer, gap_tol=cfg.gap_tol,
         fingerprint=fingerprint, em_cycles=cfg.em_cycles, client=client,
     )
-    # final posteriors and evidence by blocks of cells; the MAPs overwrite the warm start's array
+    # final posteriors and evidence by blocks of cells, warm-started from the optimiser's MAPs (a
+    # float64 warm start is overwritten in place; the blocked fit's float32 one is read by blocks)
     x0 = st.x_map
     reuse = x0 is not None and x0.dtype == np.float64 and x0.flags.writeable
     cells, evidence = final_posteriors(u, params, log_anchor, x0=x0, eta0=st.eta_map, gtol=cfg.gtol,

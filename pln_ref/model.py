@@ -41,6 +41,7 @@ __all__ = [
     "neg_hessian",
     "NegHessian",
     "eta_schur",
+    "eta_bbar",
     "EtaSchur",
     "cell_gradient",
     "poisson_loglik",
@@ -147,6 +148,12 @@ class EtaSchur(NamedTuple):
     sol: np.ndarray | None  # (N, G) A^{-1} rhs when rhs is given
 
 
+def eta_bbar(A: PosteriorPrecision) -> np.ndarray:
+    """bbar = A^{-1} Sigma^{-1} 1 = 1 - b (N, G): the x-part of the eta column of (-H)^{-1} per unit
+    of eta (``eta_schur``). Sigma^{-1} 1 is the same for every cell: one broadcast solve."""
+    return A.solve(A.cov.inv_mv(np.ones(A.cov.G)))
+
+
 def eta_schur(A: PosteriorPrecision, prec_eta: float, rhs: np.ndarray | None = None) -> EtaSchur:
     """The eta Schur complement of -H without cancellation, from one factorisation of A.
 
@@ -157,8 +164,7 @@ def eta_schur(A: PosteriorPrecision, prec_eta: float, rhs: np.ndarray | None = N
     ``prec_eta`` = 1/sigma_M^2; with ``rhs`` (N, G) also A^{-1} rhs (one factorisation, two
     right-hand sides).
     """
-    ones = A.cov.inv_mv(np.ones(A.cov.G))
-    bbar = A.solve(ones)  # Sigma^{-1} 1 is the same for every cell: broadcast, no (N, G) copy
+    bbar = eta_bbar(A)
     sol = None if rhs is None else A.solve(rhs)
     s = prec_eta + np.einsum("ng,ng->n", A.lam, bbar)
     return EtaSchur(1.0 - bbar, bbar, s, sol)

@@ -13,7 +13,6 @@ import numpy as np
 
 from .eta_marginal import EtaMarginalPosterior, eta_marginal
 from .laplace import CellPosteriors
-from .model import eta_schur, neg_hessian
 from .params import PLNParams
 from .protocol import CellPosterior, PLNResult
 
@@ -183,16 +182,15 @@ class LaplaceResult(PLNResult):
 
     @classmethod
     def _from_state(cls, z, meta: dict, params: PLNParams, common: dict) -> "LaplaceResult":
-        cap = params.capture
-        H = neg_hessian(z["x_map"], z["eta_map"] if cap else None, params)
-        bbar = s = None
-        if cap is not None:
-            _, bbar, s, _ = eta_schur(H.A, H.prec_eta)
-        cells = CellPosteriors(
-            params=params, x_map=z["x_map"], eta_map=z["eta_map"], on_bound=z["on_bound"],
+        from .fit_laplace import evaluation_block_cells
+        from .outer.final import map_posteriors
+
+        x_map = z["x_map"]
+        cells = map_posteriors(  # built by blocks of cells: no all-cell N x G temporaries
+            params, x_map, z["eta_map"] if params.capture is not None else None,
+            block_cells=evaluation_block_cells(x_map.shape[1]), on_bound=z["on_bound"],
             converged=z["converged"], grad_norm=z["grad_norm"], n_iter=z["n_iter"],
-            objective=z["objective"], precision=H.A, bbar=bbar, s=s,
-            delta=z["delta"] if "delta" in z.files else None,
+            objective=z["objective"], delta=z["delta"] if "delta" in z.files else None,
             log_anchor=z["log_anchor"] if "log_anchor" in z.files else None,
         )
         init = None

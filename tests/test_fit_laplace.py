@@ -227,8 +227,42 @@ def test_final_posteriors_by_blocks_equal_one_pass():
     np.testing.assert_allclose(out.cells.precision.inv_diag(), ref.precision.inv_diag(), rtol=1e-6)
     np.testing.assert_allclose(out.cells.log_det_neg_H(), ref.log_det_neg_H(), rtol=1e-8)
     np.testing.assert_allclose(out.cells.bbar, ref.bbar, atol=1e-7)
+    assert "bbar" not in vars(out.cells)  # recomputed from the MAPs, not stored
     with pytest.raises(ValueError, match="block_cells"):
         final_posteriors(sim.counts, p, la, block_cells=0)
+
+
+def test_map_posteriors_from_stored_maps_and_a_float32_warm_start():
+    """pln_ref.outer.final.map_posteriors (a saved result's posteriors, by blocks) equals the
+    posteriors newton_map returns at those MAPs; final_posteriors from a float32 warm start (the
+    blocked fit's) reaches the float64 start's MAPs and evidence."""
+    import pln_ref
+    from pln_ref.fit_laplace import laplace_objective
+    from pln_ref.laplace import newton_map
+    from pln_ref.outer.final import final_posteriors, map_posteriors
+
+    for cap in (True, False):
+        p = pln_ref.random_params(25, 3, seed=5, capture=cap)
+        sim = pln_ref.simulate(p, 60, seed=6)
+        la = sim.log_anchor if cap else None
+        ref = newton_map(sim.counts, p, la, gtol=1e-10)
+        got = map_posteriors(p, ref.x_map, ref.eta_map if cap else None, block_cells=17,
+                             on_bound=ref.on_bound, converged=ref.converged, grad_norm=ref.grad_norm,
+                             n_iter=ref.n_iter, objective=ref.objective, delta=ref.delta, log_anchor=la)
+        np.testing.assert_allclose(got.precision.S, ref.precision.S, rtol=1e-12)
+        np.testing.assert_allclose(got.log_det_neg_H(), ref.log_det_neg_H(), rtol=1e-12)
+        if cap:
+            np.testing.assert_allclose(got.s, ref.s, rtol=1e-12)
+            np.testing.assert_allclose(got.bbar, ref.bbar, rtol=1e-10, atol=1e-14)
+        else:
+            assert got.bbar is None and got.s is None
+        x32 = ref.x_map.astype(np.float32)
+        out = final_posteriors(sim.counts, p, la, x0=x32, eta0=ref.eta_map if cap else None,
+                               block_cells=16, gtol=1e-10)
+        assert out.cells.x_map.dtype == np.float64 and out.cells.x_map is not x32
+        np.testing.assert_allclose(out.cells.x_map, ref.x_map, atol=1e-8)
+        ev_ref = laplace_objective(sim.counts, p, la, ref, with_grad=False)[0]
+        np.testing.assert_allclose(out.evidence, ev_ref, rtol=1e-12)
 
 
 def test_fit_sparse_equals_dense_input():

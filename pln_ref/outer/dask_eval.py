@@ -37,7 +37,7 @@ import scipy.sparse as sp
 
 from ..lowrank import LowRankCov
 from ..params import PLNParams
-from .evaluate import Evaluation, Evaluator, LaplaceTerms, _blocked_evaluation
+from .evaluate import WARM_START_DTYPE, Evaluation, Evaluator, LaplaceTerms, _blocked_evaluation
 
 __all__ = ["DaskEvaluator"]
 
@@ -57,7 +57,7 @@ def _block_task(data: tuple, maps: tuple | None, glob: tuple, capture, gtol: flo
     post, terms, cn, co = Evaluator._solve(SimpleNamespace(ift=ift, truncation=truncation), u, params,
                                            cov, la, x0, e0, gtol, with_grad, lgam)
     small = LaplaceTerms(terms.l, terms.grad, None, None, terms.info_mu)
-    return (post.x_map, post.eta_map), (small, cn, co, int(post.n_iter.sum()), int(post.on_bound.sum()))
+    return (post.x_map.astype(WARM_START_DTYPE), post.eta_map), (small, cn, co, int(post.n_iter.sum()), int(post.on_bound.sum()))
 
 
 class DaskEvaluator(Evaluator):
@@ -146,7 +146,8 @@ class DaskEvaluator(Evaluator):
         if x is None or e is None:
             self._maps = [None] * len(self.bounds)
             return
-        x, e = np.asarray(x, dtype=float), np.asarray(e, dtype=float)
+        # keep a float32 warm start float32 (the in-process evaluator reads it as given)
+        x, e = np.asarray(x, dtype=np.result_type(x, WARM_START_DTYPE)), np.asarray(e, dtype=float)
         self._maps = [self.client.scatter([(x[lo:hi].copy(), e[lo:hi].copy())], hash=False,
                                           workers=home)[0]
                       for (lo, hi), home in zip(self.bounds, self._homes)]

@@ -54,7 +54,14 @@ from ..laplace import CellPosteriors, newton_map
 from ..lowrank import LowRankCov
 from ..params import PLNParams
 
-__all__ = ["laplace_objective", "laplace_terms", "LaplaceTerms", "Evaluator", "Evaluation"]
+__all__ = ["laplace_objective", "laplace_terms", "LaplaceTerms", "Evaluator", "Evaluation",
+           "WARM_START_DTYPE"]
+
+#: dtype of the warm-start MAPs a blocked (full-batch) evaluation keeps between calls, the only N x G
+#: array that persists through a fit: float32 halves it. Newton copies its start into float64, and
+#: the rounding (relative 6e-8) is far below the move of the MAPs between outer steps; the MAPs
+#: returned and the evidence are float64.
+WARM_START_DTYPE = np.float32
 
 
 class LaplaceTerms(NamedTuple):
@@ -247,9 +254,9 @@ class Evaluator:
     ``counts``: an array, scipy.sparse matrix or ``pln_ref.counts.CountMatrix`` (kept in its
     storage; dense float64 rows are read one block or minibatch at a time).
     ``block_cells``: when set, a full-batch evaluation runs Newton and ``laplace_terms`` on blocks
-    of that many cells and keeps only l (N,), the summed gradient and the MAPs (x_map (N, G),
-    eta_map (N,)): memory beyond the warm start is bounded by one block (``Evaluation.post`` is
-    then None). None: one unblocked evaluation holding every cell's posterior (needed by the EM).
+    of that many cells and keeps only l (N,), the summed gradient and the MAPs (x_map (N, G) in
+    ``WARM_START_DTYPE``, eta_map (N,)): memory beyond the warm start is bounded by one block
+    (``Evaluation.post`` is then None). None: one unblocked evaluation holding every cell's posterior (needed by the EM).
     Counters: ``n_evals``, ``n_cached``, ``newton_iters`` (sum over cells), ``cpu_newton``,
     ``cpu_objective`` (process CPU seconds).
     """
@@ -326,7 +333,7 @@ class Evaluator:
         """All cells, block by block: the MAPs go into new (N, G) / (N,) arrays (the warm start is
         replaced only if the evaluation is finite), l and the gradient sums are kept."""
         N, G = self.u.shape
-        x_new, e_new = np.empty((N, G)), np.empty(N)
+        x_new, e_new = np.empty((N, G), dtype=WARM_START_DTYPE), np.empty(N)
         parts, n_bound = [], 0
         for lo in range(0, N, self.block_cells):
             hi = min(N, lo + self.block_cells)

@@ -4,10 +4,11 @@ After the outer optimisation every cell's MAP is solved once more at the final g
 started from the optimiser's MAPs) and its Laplace evidence l_c is evaluated. Done for all cells at
 once this holds every N x G work array of Newton and of ``laplace_terms`` together (issue 13: the
 largest peak of a fit). ``final_posteriors`` runs Newton and the evidence one block of cells at a
-time and keeps, per cell x gene, only what the result holds: the MAP x* (written into the warm
-start's array when it is given) and bbar = A^{-1} Sigma^{-1} 1 (capture only). The precision A_c =
-diag(lambda_c) + Sigma^{-1} is kept as its k x k factor; lambda = exp(x* - eta*) and the derived
-diagonals are recomputed on access (``MapPrecision``).
+time and keeps, per cell x gene, only the MAP x* (written into the warm start's array when it is
+given). The precision A_c = diag(lambda_c) + Sigma^{-1} is kept as its k x k factor; lambda =
+exp(x* - eta*), the derived diagonals (``MapPrecision``) and bbar = A^{-1} Sigma^{-1} 1
+(``MapCellPosteriors``) are recomputed on access. ``map_posteriors`` builds the same objects from
+stored MAPs (a saved result), block by block.
 """
 
 from __future__ import annotations
@@ -19,10 +20,11 @@ import numpy as np
 from ..counts import CountMatrix
 from ..laplace import CellPosteriors, newton_map
 from ..lowrank import LowRankCov, PosteriorPrecision
+from ..model import eta_bbar, eta_schur
 from ..params import PLNParams
 from .evaluate import laplace_objective
 
-__all__ = ["MapPrecision", "FinalPosteriors", "final_posteriors"]
+__all__ = ["MapPrecision", "MapCellPosteriors", "FinalPosteriors", "final_posteriors", "map_posteriors"]
 
 
 class MapPrecision(PosteriorPrecision):
@@ -51,6 +53,21 @@ class MapPrecision(PosteriorPrecision):
         return self.lam + self.cov.dinv
 
 
+class MapCellPosteriors(CellPosteriors):
+    """``CellPosteriors`` (precision a ``MapPrecision``) that stores no N x G array beyond x_map:
+    bbar = A^{-1} Sigma^{-1} 1 (capture only) is recomputed on access (``model.eta_bbar``, one
+    O(N G k) solve); construct with ``bbar=None``."""
+
+    @property
+    def bbar(self) -> np.ndarray | None:
+        return None if self.params.capture is None else eta_bbar(self.precision)
+
+    @bbar.setter
+    def bbar(self, value) -> None:
+        if value is not None:
+            raise AttributeError("MapCellPosteriors.bbar is derived from the MAPs; pass bbar=None")
+
+
 class FinalPosteriors(NamedTuple):
     """``cells``: the posteriors of all cells (precision a ``MapPrecision``); ``evidence``: l_c (N,)."""
 
@@ -67,8 +84,9 @@ def final_posteriors(counts, params: PLNParams, log_anchor: np.ndarray | None, *
     ``counts``: an array, scipy.sparse matrix or ``CountMatrix`` (read one dense block at a time).
     ``reuse_x0=True`` writes the MAPs into ``x0`` (float64, (N, G)) instead of a new array: the
     warm start is then overwritten, and the fit holds one N x G MAP array instead of two.
-    Memory: the kept arrays (x_map, bbar with capture, per-cell vectors and k x k factors) plus the
-    work arrays of one block."""
+    Memory: the kept arrays (x_map, per-cell vectors and k x k factors) plus the work arrays of one
+    block; a float32 warm start (``WARM_START_DTYPE`` of the blocked evaluation) is read block by
+    block into float64."""
     u = CountMatrix(counts)
     N, G = u.shape
     if isinstance(block_cells, bool) or int(block_cells) < 1:
@@ -83,7 +101,6 @@ def final_posteriors(counts, params: PLNParams, log_anchor: np.ndarray | None, *
         x_map = x0
     else:
         x_map = np.empty((N, G))
-    bbar = np.empty((N, G)) if capture else None
     k = cov.k
     S, L_S = np.empty((N, k, k)), np.empty((N, k, k))
     per_cell = {name: None for name in ("eta_map", "on_bound", "converged", "grad_norm", "n_iter",
@@ -98,8 +115,6 @@ def final_posteriors(counts, params: PLNParams, log_anchor: np.ndarray | None, *
         evidence[sl] = laplace_objective(ub, params, pick(log_anchor), post, with_grad=False,
                                          lgamma_sum=lgam[sl])[0]
         x_map[sl] = post.x_map
-        if capture:
-            bbar[sl] = post.bbar
         S[sl], L_S[sl] = post.precision.S, post.precision.L_S
         for name in per_cell:
             val = getattr(post, name)
@@ -109,6 +124,38 @@ def final_posteriors(counts, params: PLNParams, log_anchor: np.ndarray | None, *
                 per_cell[name] = np.empty(N, dtype=val.dtype)
             per_cell[name][sl] = val
         del post, ub
-    cells = CellPosteriors(params=params, x_map=x_map, bbar=bbar,
-                           precision=MapPrecision(cov, x_map, per_cell["eta_map"], S, L_S), **per_cell)
+    cells = MapCellPosteriors(params=params, x_map=x_map, bbar=None,
+                              precision=MapPrecision(cov, x_map, per_cell["eta_map"], S, L_S), **per_cell)
     return FinalPosteriors(cells, evidence)
+
+
+def map_posteriors(params: PLNParams, x_map: np.ndarray, eta_map: np.ndarray, *, block_cells: int,
+                   **per_cell) -> MapCellPosteriors:
+    """The Laplace posteriors at given MAPs (e.g. a saved result's), built block by block: per cell
+    S_c = I + W^T diag(lambda r) W and its Cholesky factor, and with capture the eta Schur
+    complement s = 1/sigma_M^2 + lambda^T bbar (``model.eta_schur``); nothing N x G is kept beyond
+    ``x_map`` itself. ``per_cell``: the other (N,) fields of ``CellPosteriors`` (on_bound, converged,
+    grad_norm, n_iter, objective, delta, log_anchor, converged_by); ``eta_map`` is used only with
+    capture (None: zeros)."""
+    N, G = x_map.shape
+    eta_map = np.zeros(N) if eta_map is None else eta_map
+    if isinstance(block_cells, bool) or int(block_cells) < 1:
+        raise ValueError(f"block_cells must be a positive integer, got {block_cells!r}")
+    bc = int(block_cells)
+    cov = LowRankCov.from_params(params)
+    k = cov.k
+    S, L_S = np.empty((N, k, k)), np.empty((N, k, k))
+    s = np.empty(N) if params.capture is not None else None
+    for lo in range(0, N, bc):
+        sl = slice(lo, min(N, lo + bc))
+        with np.errstate(over="ignore"):
+            lam = np.exp(x_map[sl] - eta_map[sl, None])
+        A = PosteriorPrecision(cov, lam)
+        S[sl], L_S[sl] = A.S, A.L_S
+        if s is not None:
+            s[sl] = eta_schur(A, 1.0 / params.capture.sigma_M**2).s
+        del A, lam
+    per_cell.setdefault("s", s)
+    per_cell.setdefault("converged_by", None)
+    return MapCellPosteriors(params=params, x_map=x_map, eta_map=eta_map, bbar=None,
+                             precision=MapPrecision(cov, x_map, eta_map, S, L_S), **per_cell)
