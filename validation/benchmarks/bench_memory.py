@@ -5,16 +5,25 @@ Usage (one BLAS thread; one case at a time on the shared machine)::
     python validation/benchmarks/bench_memory.py --cases dense5k,csr5k
     python validation/benchmarks/bench_memory.py --cases dense20k,csr20k --out bench_memory_scale2.json
     python validation/benchmarks/bench_memory.py --cases csr20k --converged --out bench_memory_scale2.json
+    python validation/benchmarks/bench_memory.py --cases csr5kx1k,csr5k,csr5kx4k,csr10k,csr20k --steps 5
+    python validation/benchmarks/bench_memory.py --cases h5ad100k --converged
 
-Cases: ``<storage><N>`` with storage ``dense`` (int64 numpy) or ``csr`` (scipy CSR of the same
-counts), N in ``5k`` / ``10k`` / ``20k`` cells, G = 2000 genes. Counts are simulated with
-``random_params(2000, 5, seed=0, capture=True)`` and ``simulate(params, N, seed=1)`` in a separate
-process and cached under ``validation/out/bench_memory_data/`` (CSR .npz and dense int64 .npy, so
-the simulation's own arrays do not count in the fit's high-water mark); the fit is ``pln_ref.fit(counts, k=5, n_steps=3,
-progress=False)`` (``--converged``: no step cap, the default stopping rule). Each case runs in a
-fresh Python process (``subprocess``) that loads the counts and reports the kernel's high-water
-mark ``resource.getrusage(RUSAGE_SELF).ru_maxrss`` after loading (``rss_data``) and after the fit
-(``rss_peak``), and the fit's process CPU time (``time.process_time``). ``B/cell/gene`` is
+Cases: ``<storage><N>[x<G>]`` with storage ``dense`` (int64 numpy), ``csr`` (scipy CSR of the same
+counts) or ``h5ad`` (the same CSR counts in an .h5ad file opened backed,
+``anndata.read_h5ad(path, backed="r")``: the counts are read by blocks of cells and never held in
+memory), N and G in cells and genes with a ``k`` suffix for thousands (``csr20k`` = 20,000 x 2,000,
+the default G; ``csr20kx14k`` = 20,000 x 14,000; ``h5ad100k``). Counts are simulated with
+``random_params(G, 5, seed=0, capture=True)`` and ``simulate(params, N, seed=1)`` (in blocks of
+max(1000, 4e7 / G) cells with seeds 1, 2, ...; one block up to 20,000 x 2,000) in a separate process and cached under
+``validation/out/bench_memory_data/`` (CSR .npz and, up to 5e7 entries, dense int64 .npy; an .h5ad
+for ``h5ad`` cases), so the simulation's own arrays do not count in the fit's high-water mark. With
+G = 2000 this gives mean count ~1.1 and 59% zeros. The fit is ``pln_ref.fit(counts, k=5,
+n_steps=3, progress=False)`` (``--steps S``: S steps; ``--converged``: no step cap, the default
+stopping rule). Each case runs in a fresh Python process (``subprocess``) that loads the counts and
+reports the kernel's high-water mark ``resource.getrusage(RUSAGE_SELF).ru_maxrss`` after loading
+(``rss_data``) and after the fit (``rss_peak``), the fit's process CPU time (``time.process_time``)
+and the outer optimisation's CPU per step (``optimizer_cpu_s / steps``; it includes the cold start
+of the first evaluation, so compare sizes at the same ``--steps``). ``B/cell/gene`` is
 ``rss_peak / (N * G)``; ``fit B/cell/gene`` is ``(rss_peak - rss_data) / (N * G)``, the fit's own
 part. Load average printed before each case. Results appended to ``results/<--out>`` (default
 ``bench_memory.json``, rewritten atomically).
@@ -34,21 +43,34 @@ import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
-G = 2000
+G_DEFAULT = 2000
 K = 5
-SIZES = {"5k": 5000, "10k": 10000, "20k": 20000}
 DATA = ROOT / "validation" / "out" / "bench_memory_data"
+DENSE_MAX = 50_000_000  # entries: larger cases are cached as CSR only
 
 SIMULATE = r"""
 import sys
 import numpy as np
 import scipy.sparse as sp
 import pln_ref
-N, G, K, path = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+N, G, K, path, dense_max = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], int(sys.argv[5])
 p = pln_ref.random_params(G, K, seed=0, capture=True)
-u = pln_ref.simulate(p, N, seed=1).counts
-np.save(path + ".dense.npy", np.asarray(u, dtype=np.int64))
-sp.save_npz(path, sp.csr_matrix(u))
+B = max(1000, 40_000_000 // G)  # cells per simulated block (bounded memory); G = 2000, N <= 20000: one block
+blocks = []
+for i, lo in enumerate(range(0, N, B)):
+    blocks.append(sp.csr_matrix(pln_ref.simulate(p, min(N, lo + B) - lo, seed=1 + i).counts))
+u = sp.vstack(blocks, format="csr")
+if N * G <= dense_max:
+    np.save(path + ".dense.npy", np.asarray(u.toarray(), dtype=np.int64))
+sp.save_npz(path, u)
+"""
+
+TO_H5AD = r"""
+import sys
+import anndata as ad
+import scipy.sparse as sp
+src, dst = sys.argv[1], sys.argv[2]
+ad.AnnData(X=sp.load_npz(src).tocsr().astype("float32")).write_h5ad(dst)
 """
 
 CHILD = r"""
@@ -56,50 +78,96 @@ import json, resource, sys, time
 import numpy as np
 import scipy.sparse as sp
 import pln_ref
-storage, path, K, converged = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4] == "1"
-u = np.load(path + ".dense.npy") if storage == "dense" else sp.load_npz(path).tocsr()
+storage, path, K, steps = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+if storage == "dense":
+    u = np.load(path + ".dense.npy")
+elif storage == "csr":
+    u = sp.load_npz(path).tocsr()
+else:
+    from pln_ref.readers import read_anndata
+    u = read_anndata(path, backed=True)
+N, G = u.shape
 rss_data = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 c0, w0 = time.process_time(), time.time()
-opts = {} if converged else {"n_steps": 3}
+opts = {} if steps <= 0 else {"n_steps": steps}
 res = pln_ref.fit(u, k=K, progress=False, **opts)
 cpu, wall = time.process_time() - c0, time.time() - w0
 rss_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+dg = res.diagnostics
 print(json.dumps({"rss_data": rss_data, "rss_peak": rss_peak, "cpu_s": cpu, "wall_s": wall,
-                  "objective": res.diagnostics["objective"], "steps": res.diagnostics["steps"],
-                  "stop_rule": res.diagnostics["stop_rule"], "nnz_fraction": float(np.mean(u != 0)) if storage == "dense" else u.nnz / (u.shape[0] * u.shape[1])}))
+                  "objective": dg["objective"], "steps": dg["steps"], "stop_rule": dg["stop_rule"],
+                  "gap_estimate": dg["gap_estimate"], "optimizer_cpu_s": dg["optimizer_cpu_s"],
+                  "cpu_per_step_s": dg["optimizer_cpu_s"] / max(dg["steps"], 1)}))
 """
 
 
-def _data(N: int, env: dict) -> Path:
-    """The cached simulated counts of N cells (CSR .npz), simulated in a separate process."""
+def _size(text: str) -> int:
+    """'20k' -> 20000, '500' -> 500."""
+    return int(text[:-1]) * 1000 if text.endswith("k") else int(text)
+
+
+def parse_case(name: str) -> tuple[str, int, int]:
+    """``<dense|csr|h5ad><N>[x<G>]`` -> (storage, N, G)."""
+    for storage in ("dense", "csr", "h5ad"):
+        if name.startswith(storage):
+            rest = name[len(storage):]
+            try:
+                n_txt, _, g_txt = rest.partition("x")
+                return storage, _size(n_txt), _size(g_txt) if g_txt else G_DEFAULT
+            except ValueError:
+                break
+    raise ValueError(f"unknown case {name!r}: expected <dense|csr|h5ad><N>[x<G>], e.g. csr20k or h5ad100kx2k")
+
+
+def _data(N: int, G: int, storage: str, env: dict) -> Path:
+    """The cached simulated counts (CSR .npz, dense .npy up to ``DENSE_MAX`` entries, .h5ad when
+    asked), simulated in a separate process; the path to pass to the fit's process."""
     path = DATA / f"sim_N{N}_G{G}_k{K}.npz"
-    if not (path.exists() and Path(str(path) + ".dense.npy").exists()):
+    dense = Path(str(path) + ".dense.npy")
+    if not path.exists() or (storage == "dense" and not dense.exists()):
+        if storage == "dense" and N * G > DENSE_MAX:
+            raise ValueError(f"dense case with {N} x {G} > {DENSE_MAX} entries: use csr or h5ad")
         DATA.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(path.stem + ".tmp.npz")
-        subprocess.run([sys.executable, "-c", SIMULATE, str(N), str(G), str(K), str(tmp)], env=env, check=True)
-        Path(str(tmp) + ".dense.npy").replace(str(path) + ".dense.npy")
+        subprocess.run([sys.executable, "-c", SIMULATE, str(N), str(G), str(K), str(tmp), str(DENSE_MAX)],
+                       env=env, check=True)
+        if Path(str(tmp) + ".dense.npy").exists():
+            Path(str(tmp) + ".dense.npy").replace(dense)
         tmp.replace(path)
-    return path
+    if storage != "h5ad":
+        return path
+    h5 = path.with_suffix(".h5ad")
+    if not h5.exists():
+        tmp = h5.with_name(h5.stem + ".tmp.h5ad")
+        subprocess.run([sys.executable, "-c", TO_H5AD, str(path), str(tmp)], env=env, check=True)
+        tmp.replace(h5)
+    return h5
 
 
-def run_case(name: str, converged: bool = False) -> dict:
-    """Run one case (``<dense|csr><5k|10k|20k>``) in a fresh process; the measured dict."""
-    storage, size = name[:-len(name.lstrip("densecr"))], name.lstrip("densecr")
-    if storage not in ("dense", "csr") or size not in SIZES:
-        raise ValueError(f"unknown case {name!r}: expected <dense|csr><{'|'.join(SIZES)}>")
-    N = SIZES[size]
+def run_case(name: str, steps: int = 3) -> dict:
+    """Run one case (``parse_case``) in a fresh process with ``steps`` outer steps (<= 0: the
+    default stopping rule); the measured dict."""
+    storage, N, G = parse_case(name)
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    path = _data(N, env)
+    path = _data(N, G, storage, env)
     load = os.getloadavg()
-    out = subprocess.run([sys.executable, "-c", CHILD, storage, str(path), str(K), "1" if converged else "0"],
+    out = subprocess.run([sys.executable, "-c", CHILD, storage, str(path), str(K), str(steps)],
                          env=env, capture_output=True, text=True)
     if out.returncode:
         raise RuntimeError(f"case {name} failed:\n{out.stderr[-3000:]}")
     r = json.loads(out.stdout.strip().splitlines()[-1])
-    r.update(case=name, N=N, G=G, k=K, loadavg=load, converged_run=converged,
+    r.update(case=name, N=N, G=G, k=K, loadavg=load, converged_run=steps <= 0, n_steps=steps,
              bytes_per_cell_gene=r["rss_peak"] / (N * G),
-             fit_bytes_per_cell_gene=(r["rss_peak"] - r["rss_data"]) / (N * G))
+             fit_bytes_per_cell_gene=(r["rss_peak"] - r["rss_data"]) / (N * G),
+             nnz_fraction=_nnz_fraction(path))
     return r
+
+
+def _nnz_fraction(path: Path) -> float:
+    import scipy.sparse as sp
+
+    u = sp.load_npz(path.with_suffix(".npz"))
+    return u.nnz / (u.shape[0] * u.shape[1])
 
 
 def main() -> None:
@@ -107,21 +175,24 @@ def main() -> None:
     ap.add_argument("--cases", default="dense5k,csr5k")
     ap.add_argument("--label", default="", help="a tag stored with the results (e.g. a commit)")
     ap.add_argument("--out", default="bench_memory.json", help="results file name under results/")
+    ap.add_argument("--steps", type=int, default=3, help="outer steps per fit (default 3)")
     ap.add_argument("--converged", action="store_true", help="no step cap: the default stopping rule")
     args = ap.parse_args()
+    steps = 0 if args.converged else args.steps
     from pln_ref.io import atomic_write_json
 
     path = ROOT / "validation" / "benchmarks" / "results" / args.out
     rows = json.loads(path.read_text()) if path.exists() else []
-    print(f"{'case':>9} {'peak GB':>8} {'B/cell/gene':>11} {'fit B/c/g':>9} {'CPU s':>7} "
-          f"{'steps':>5} {'objective':>12}  load avg")
+    print(f"{'case':>11} {'peak GB':>8} {'B/cell/gene':>11} {'fit B/c/g':>9} {'CPU s':>7} {'wall s':>7} "
+          f"{'steps':>5} {'CPU/step':>8} {'objective':>12} {'stop':>12}  load avg", flush=True)
     for name in args.cases.split(","):
-        r = run_case(name.strip(), converged=args.converged)
+        r = run_case(name.strip(), steps=steps)
         r["label"] = args.label
         rows.append(r)
         atomic_write_json(path, rows)
-        print(f"{r['case']:>9} {r['rss_peak'] / 1e9:8.2f} {r['bytes_per_cell_gene']:11.1f} "
-              f"{r['fit_bytes_per_cell_gene']:9.1f} {r['cpu_s']:7.1f} {r['steps']:5d} {r['objective']:12.6f}  "
+        print(f"{r['case']:>11} {r['rss_peak'] / 1e9:8.2f} {r['bytes_per_cell_gene']:11.1f} "
+              f"{r['fit_bytes_per_cell_gene']:9.1f} {r['cpu_s']:7.1f} {r['wall_s']:7.1f} {r['steps']:5d} "
+              f"{r['cpu_per_step_s']:8.2f} {r['objective']:12.6f} {r['stop_rule']:>12}  "
               f"{' '.join(f'{x:.2f}' for x in r['loadavg'])}", flush=True)
 
 
