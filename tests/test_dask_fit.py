@@ -58,6 +58,29 @@ def test_dask_fit_equals_in_process(data, client, monkeypatch, sparse):
     assert st1.best_value == pytest.approx(st0.best_value, rel=1e-12)
 
 
+def test_dask_checkpoint_resumes_like_the_in_process_fit(data, client, monkeypatch, tmp_path):
+    """A Dask fit checkpointed at step 6 (its MAPs gathered from the workers into the file, float32)
+    and resumed on the cluster to step 12 equals the in-process resume of the same checkpoint."""
+    from pln_ref.fit_laplace import LaplaceFitState
+    from pln_ref.outer.evaluate import WARM_START_DTYPE
+
+    u, la, init = data
+    monkeypatch.setattr(fit_laplace, "evaluation_block_cells", lambda G: BLOCK)
+    ck = tmp_path / "ck.npz"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the step cap's ConvergenceWarning
+        optimize_globals(u, init, la, n_steps=6, progress=False, client=client, checkpoint=str(ck),
+                         checkpoint_every=3)
+        st = LaplaceFitState.load(ck)
+        assert st.step == 6 and st.x_map.dtype == WARM_START_DTYPE and st.x_map.shape == u.shape
+        st0, p0 = optimize_globals(u, init, la, n_steps=12, progress=False, resume=LaplaceFitState.load(ck))
+        st1, p1 = optimize_globals(u, init, la, n_steps=12, progress=False, client=client, resume=st)
+    assert st0.step == st1.step == 12
+    for a, b in ((p1.mu, p0.mu), (p1.W, p0.W), (p1.d, p0.d)):
+        assert _rel(a, b) < 1e-8
+    assert st1.best_value == pytest.approx(st0.best_value, rel=1e-12)
+
+
 def test_dask_evaluator_matches_blocked_and_keeps_maps_on_failure(data, client):
     u, la, init = data
     ev0 = Evaluator(u, la, init.capture, block_cells=BLOCK)
