@@ -363,6 +363,75 @@ def test_few_simulations_print_a_power_caveat_not_a_bare_failed(tmp_path, capsys
     assert rc == 0
     assert "[pln-ref sbc] laplace: 4 simulations, " in out and "caveat: only 4 simulations" in out
     report = (tmp_path / "report.md").read_text()
-    failed_line = next(ln for ln in report.splitlines() if ln.startswith("Failed:"))
-    assert "Caveat: only 4 simulations" in failed_line
+    failed_line = next(ln for ln in report.splitlines() if ln.startswith("Per quantity"))
+    assert "Caveat: only 4 simulations" in failed_line and "outside their band:" in failed_line
+    assert "Family-wise verdict (Holm" in report
     assert power_caveat(100, 10) is None and "expected to fail by chance" in power_caveat(8, 44)
+
+
+def test_holm_on_constructed_p_values():
+    from pln_ref.validation.sbc_stats import holm
+
+    # m = 4: thresholds 0.05/4, 0.05/3, 0.05/2, 0.05; step-down stops at the first p above its threshold
+    v = holm({"a": 0.010, "b": 0.016, "c": 0.03, "d": 0.5}, 0.05)
+    assert v["rejected"] == ["a", "b"] and not v["passed"]
+    np.testing.assert_allclose([v["adjusted_p"][k] for k in "abcd"], [0.04, 0.048, 0.06, 0.5])
+    # 0.013 > 0.05/4: nothing is rejected, although a per-quantity test at 0.05 fails three
+    v = holm({"a": 0.013, "b": 0.014, "c": 0.02, "d": 0.9}, 0.05)
+    assert v["passed"] and v["rejected"] == [] and abs(v["min_adjusted_p"] - 0.052) < 1e-12
+    # adjusted p-values are monotone in the order of the raw ones and capped at 1
+    v = holm({"a": 0.3, "b": 0.001, "c": 0.4}, 0.05)
+    assert v["rejected"] == ["b"] and v["adjusted_p"]["a"] == v["adjusted_p"]["c"] == 0.6  # max(2 x 0.3, 1 x 0.4)
+    with pytest.raises(ValueError):
+        holm({"a": 1.5})
+
+
+def test_holm_controls_family_wise_error_where_per_quantity_tests_do_not():
+    """22 independent uniform p-values: per-quantity tests at 0.05 fail some quantity in
+    1 - 0.95^22 = 68% of families, Holm in <= 5%."""
+    from pln_ref.validation.sbc_stats import holm
+
+    rng = np.random.default_rng(5)
+    P = rng.uniform(size=(4000, 22))
+    any_fail = np.mean((P <= 0.05).any(axis=1))
+    holm_fail = np.mean([not holm({str(i): p for i, p in enumerate(row)})["passed"] for row in P])
+    assert abs(any_fail - (1 - 0.95 ** 22)) < 0.03
+    assert 0.03 <= holm_fail <= 0.06
+
+
+def test_sbc_verdict_families_and_table_columns():
+    """The verdict groups the posterior's own quantities and the PSIS ones separately; a strong
+    miscalibration of one quantity is rejected family-wise, uniform ranks are not."""
+    from pln_ref.validation.sbc_stats import sbc_verdict
+
+    rng = np.random.default_rng(8)
+    L, n = 99, 2000
+    sims = {"rank_x": rng.integers(0, L + 1, (n, 5)), "rank_psis_x": rng.integers(0, L + 1, (n, 5))}
+    sims["rank_x"][:, 2] = np.minimum(L, (L + 1) * rng.beta(1.25, 1.0, n)).astype(int)
+    tab = sbc_table(sims, L)
+    fam = {r["quantity"]: r["family"] for r in tab}
+    assert fam["x[0]"] == "draws" and fam["psis_x[0]"] == "psis"
+    v = sbc_verdict(tab)
+    assert set(v) == {"draws", "psis"} and v["draws"]["m"] == v["psis"]["m"] == 5
+    assert v["draws"]["rejected"] == ["x[2]"] and v["psis"]["passed"]
+    rows = {r["quantity"]: r for r in tab}
+    assert rows["x[2]"]["rejected_holm"] and not rows["x[0]"]["rejected_holm"]
+    assert rows["x[2]"]["p_value"] <= rows["x[2]"]["p_holm"] <= 5 * rows["x[2]"]["p_value"] + 1e-12
+    assert rows["x[2]"]["p_floor"] < 0.05 / 5 / 10  # p-values resolved well below the Holm thresholds
+
+
+def test_null_band_from_multinomial_histograms_matches_rank_simulation():
+    """The null statistics drawn as multinomial histograms have the distribution of those of
+    simulated uniform rank sets (two-sample KS on 3000 + 3000 statistics)."""
+    from scipy import stats as st
+
+    from pln_ref.validation.sbc_stats import _eval_points, _gamma_stat
+
+    L, n = 49, 300
+    band = ecdf_band(n, L, 0.05, n_sim=3000, seed=1)
+    rng = np.random.default_rng(2)
+    t = _eval_points(L, 100)
+    r = np.sort(rng.integers(0, L + 1, (3000, n)), axis=1)
+    counts = np.stack([np.searchsorted(row, t, side="left") for row in r])
+    direct = _gamma_stat(counts, n, t / (L + 1))
+    assert st.ks_2samp(band.gamma_null, direct).pvalue > 0.01

@@ -157,13 +157,25 @@ def _cell_section(m: dict) -> list[str]:
     return s
 
 
+def _family_wise_line(r: dict) -> str:
+    """The family-wise (Holm) verdict of an SBC result, one clause per family."""
+    fw = r.get("family_wise")
+    if not fw:
+        return ""
+    lab = {"draws": "posterior draws", "psis": "PSIS-reweighted draws"}
+    return "Family-wise verdict (Holm over the quantities of each family, level {:.2f}): ".format(r["alpha"]) + "; ".join(
+        f"{lab.get(f, f)} {'PASS' if v['passed'] else 'FAIL'} ({v['m']} quantities, smallest Holm-adjusted "
+        f"p {v['min_adjusted_p']:.3g}" + (f", rejected: {', '.join(v['rejected'])}" if v["rejected"] else "") + ")"
+        for f, v in fw.items()) + "."
+
+
 def _sbc_section(title: str, r: dict) -> list[str]:
     s = [f"## {title}", "",
-         f"{r['n_sims']} simulations, L={r['L']} draws per rank; ECDF-difference test with simultaneous "
-         f"{100 * (1 - r['alpha']):.0f}% bands per quantity: {r['n_quantities'] - r['n_failed']}/{r['n_quantities']} pass "
-         f"(expected false failures under calibration: {r['expected_false_failures']:.1f}); with a Bonferroni "
-         f"family-wise band {r['n_quantities'] - r['n_failed_bonferroni']}/{r['n_quantities']} pass.",
-         f"Failed: {', '.join(r['failed']) or 'none'}."
+         f"{r['n_sims']} simulations, L={r['L']} draws per rank. " + _family_wise_line(r),
+         f"Per quantity (each its own simultaneous {100 * (1 - r['alpha']):.0f}% ECDF band, not a decision "
+         f"about the posterior): {r['n_quantities'] - r['n_failed']}/{r['n_quantities']} pass "
+         f"(expected false failures under calibration: {r['expected_false_failures']:.1f}); "
+         f"outside their band: {', '.join(r['failed']) or 'none'}."
          + (f" **Caveat: {r['power_caveat']}.**" if r.get("power_caveat") else ""), ""]
     for k in ("gate_pass_share", "ess_ok_share", "divergent_share", "seconds_per_sim", "converged"):
         if k in r:
@@ -177,12 +189,14 @@ def _sbc_section(title: str, r: dict) -> list[str]:
         for name, lab in (("laplace", "Laplace draws"), ("psis", "PSIS-reweighted (resampled) draws")):
             s.append(f"- {lab}: failed {', '.join(r[f'{name}_failed']) or 'none'} "
                      f"of {r[f'{name}_n_quantities']}")
-    s += ["", "| quantity | pass | p-value | p-value 1st / 2nd half of sims | max abs ECDF diff |",
-          "|---|---|---|---|---|"]
+    s += ["", "| quantity | in own band | p-value | Holm-adjusted p | p-value 1st / 2nd half of sims | max abs ECDF diff |",
+          "|---|---|---|---|---|---|"]
     for row in r["table"]:
         ph = row.get("p_value_halves")
-        s.append(f"| {row['quantity']} | {'yes' if row['passed'] else 'NO'} | {row['p_value']:.3f} | "
-                 f"{f'{ph[0]:.3f} / {ph[1]:.3f}' if ph else '-'} | {row['max_abs_ecdf_diff']:.3f} |")
+        ph_txt = f"{ph[0]:.3f} / {ph[1]:.3f}" if ph else "-"
+        holm_txt = (f"{row['p_holm']:.4f}" + (" **rejected**" if row["rejected_holm"] else "")) if "p_holm" in row else "-"
+        s.append(f"| {row['quantity']} | {'yes' if row['passed'] else 'NO'} | {row['p_value']:.4f} | "
+                 f"{holm_txt} | {ph_txt} | {row['max_abs_ecdf_diff']:.3f} |")
     s += [""] + [f"![{f}]({f})" for f in r["figures"]] + [""]
     return s
 
@@ -247,7 +261,16 @@ def _headline(metrics: dict) -> list[str]:
         if r:
             add(f"{label}: simulations", str(r["n_sims"]), ">= 200" if key == "sbc_joint" else ">= 2000",
                 r["n_sims"] >= (200 if key == "sbc_joint" else 2000))
-            if "psis_n_quantities" in r:  # Laplace draws and PSIS-reweighted draws, separately
+            fw = r.get("family_wise")
+            if fw:  # the family-wise (Holm) decision, per family of quantities (sbc_stats.sbc_verdict)
+                for fam, lab in (("draws", "posterior draws"), ("psis", "PSIS-reweighted draws")):
+                    if fam in fw:
+                        v = fw[fam]
+                        add(f"{label}, {lab}: family-wise (Holm) verdict over {v['m']} quantities",
+                            f"{'pass' if v['passed'] else 'FAIL'} (smallest adjusted p {v['min_adjusted_p']:.3g}"
+                            + (f"; rejected: {', '.join(v['rejected'])}" if v["rejected"] else "") + ")",
+                            "pass at 0.05", v["passed"])
+            elif "psis_n_quantities" in r:  # results stored before the family-wise verdict existed
                 for name, lab in (("laplace", "Laplace draws"), ("psis", "PSIS-reweighted draws")):
                     n, f = r[f"{name}_n_quantities"], r[f"{name}_failed"]
                     add(f"{label}, {lab}: quantities passing the ECDF test",

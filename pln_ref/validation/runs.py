@@ -124,13 +124,14 @@ def _fit_method(name: str, u, la, idx, params, k: int, *, vae_steps: int, seed: 
 
         method = newton_map(u[idx], params, la[idx])
         return method, {"converged": int(np.sum(method.converged)), "on_bound": int(np.sum(method.on_bound))}
-    if name == "laplace_eta_marginal":
+    if name in ("laplace_eta_marginal", "laplace_eta_marginal_skew"):
         # the same Gaussian Laplace posterior, with eta integrated by quadrature and x by
-        # Laplace at each eta node (pln_ref.eta_marginal)
+        # Laplace at each eta node (pln_ref.eta_marginal); "_skew": x | eta with the skew transform
         from ..eta_marginal import eta_marginal
         from ..laplace import newton_map
 
-        method = eta_marginal(u[idx], newton_map(u[idx], params, la[idx]), la[idx])
+        method = eta_marginal(u[idx], newton_map(u[idx], params, la[idx]), la[idx],
+                              skew=name == "laplace_eta_marginal_skew")
         return method, {"converged": int(np.sum(method.converged)),
                         "node_newton_iterations_mean": float(np.mean(method.node_iter)),
                         "cells_widened": int(np.sum(method.n_widen > 0))}

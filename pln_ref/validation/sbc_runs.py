@@ -11,7 +11,7 @@ import numpy as np
 from ..io import atomic_write_json
 from .design import simulate_cells
 from .sbc_runner import load_sims, run_sbc
-from .sbc_stats import rank_columns, sbc_table
+from .sbc_stats import rank_columns, sbc_table, sbc_verdict
 from .sbc_tasks import joint_nuts_task, laplace_conditional_task
 
 __all__ = ["run_sbc_laplace", "run_sbc_joint", "power_caveat", "MIN_SIMS_FOR_POWER"]
@@ -39,9 +39,10 @@ def _sbc_outputs(out: Path, sims: dict, L: int, title: str, alpha: float = 0.05)
     tab = sbc_table(sims, L, alpha)
     figs = sbc_figures(rank_columns(sims), L, alpha, out, title)
     n_fail = sum(not r["passed"] for r in tab)
+    verdict = sbc_verdict(tab, alpha)
     return {"n_sims": int(len(sims["_index"])), "L": L, "alpha": alpha, "n_quantities": len(tab),
             "n_failed": n_fail, "failed": [r["quantity"] for r in tab if not r["passed"]],
-            "n_failed_bonferroni": sum(not r["passed_bonferroni"] for r in tab),
+            "family_wise": verdict, "passed_family_wise": {f: v["passed"] for f, v in verdict.items()},
             "expected_false_failures": alpha * len(tab), "table": tab, "figures": figs,
             "power_caveat": power_caveat(int(len(sims["_index"])), len(tab), alpha)}
 
@@ -65,7 +66,8 @@ def run_sbc_laplace(out_dir, *, n_sims: int = 2000, G: int = 20, k: int = 3, L: 
                     posterior: str = "gaussian") -> dict:
     """Conditional SBC of the Laplace approximation at fixed globals (one simulation = one cell),
     resumable in out_dir/sbc_laplace. ``posterior="eta_marginal"`` ranks the eta-marginal
-    posterior (``pln_ref.eta_marginal``) instead of the Gaussian one. With ``psis_draws`` > 0 the same simulations also rank the
+    posterior (``pln_ref.eta_marginal``) instead of the Gaussian one, ``"eta_marginal_skew"`` the
+    eta-marginal posterior with the skew transform of x | eta. With ``psis_draws`` > 0 the same simulations also rank the
     PSIS-reweighted posterior (``psis_*`` quantities; see
     :func:`pln_ref.validation.sbc_tasks.laplace_conditional_task`)."""
     out = Path(out_dir)

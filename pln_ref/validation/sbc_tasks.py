@@ -90,7 +90,8 @@ def laplace_conditional_task(indices: list[int], seeds: list[np.random.SeedSeque
     log p(u | x, eta) = sum_g Poisson(u_g | exp(x_g - eta)).
 
     ``config["posterior"] = "eta_marginal"`` ranks the draws of ``pln_ref.eta_marginal`` (eta
-    integrated by quadrature, x by Laplace at each eta) instead of the Gaussian Laplace posterior.
+    integrated by quadrature, x by Laplace at each eta) instead of the Gaussian Laplace posterior;
+    ``"eta_marginal_skew"`` the same with the skew transform of x | eta (``eta_marginal(skew=True)``).
 
     ``config["psis_draws"] = M > 0`` adds the PSIS-reweighted posterior: M Laplace draws per cell,
     Pareto-smoothed importance weights against the exact ``pln_cell`` density, L draws resampled
@@ -107,10 +108,13 @@ def laplace_conditional_task(indices: list[int], seeds: list[np.random.SeedSeque
     eta = np.array([r[2] for r in rows])
     log_L = np.array([r[3] for r in rows])
     post = newton_map(u, params, log_L)
-    if config.get("posterior", "gaussian") == "eta_marginal":  # issue 16: eta integrated by quadrature
+    kind = config.get("posterior", "gaussian")
+    if kind in ("eta_marginal", "eta_marginal_skew"):  # issue 16: eta integrated by quadrature
         from ..eta_marginal import eta_marginal
 
-        post = eta_marginal(u, post, log_L)
+        post = eta_marginal(u, post, log_L, skew=kind == "eta_marginal_skew")
+    elif kind != "gaussian":
+        raise ValueError(f"unknown posterior {kind!r}: gaussian, eta_marginal or eta_marginal_skew")
     # the batch's posterior draws use a seed derived from its first index (fixed chunking)
     rng = np.random.default_rng(np.random.SeedSequence(seeds[0].entropy,
                                                        spawn_key=tuple(seeds[0].spawn_key) + (1,)))

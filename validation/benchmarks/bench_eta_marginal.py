@@ -13,6 +13,7 @@ import json
 import os
 import resource
 import time
+from dataclasses import replace
 
 import numpy as np
 
@@ -39,10 +40,20 @@ def bench(G, k, N, reps, seed=0):
     t_se, _ = _cpu(lambda: em.sample(np.random.default_rng(0), 100), reps)
     t_mg, _ = _cpu(lambda: (g.sd_x(), g.mean_x(), g.eta_mean_var()), reps)
     t_me, _ = _cpu(lambda: (em.sd_x(), em.mean_x(), em.eta_mean_var()), reps)
+    # skew=True (x | eta with the skew transform): the construction is the same computation (the skew
+    # terms are computed on first use), so its cost shows in draws, moments and logpdf
+    t_ses, xs = _cpu(lambda: replace(em, skew=True).sample(np.random.default_rng(0), 100), reps)
+    t_mes, _ = _cpu(lambda: (lambda e: (e.sd_x(), e.mean_x(), e.eta_mean_var()))(replace(em, skew=True)), reps)
+    t_lg, _ = _cpu(lambda: em.logpdf(*xs), reps)
+    t_ls, _ = _cpu(lambda: replace(em, skew=True).logpdf(*xs), reps)
     return {"G": G, "k": k, "N": N, "reps": reps,
             "gaussian_ms_per_cell": 1e3 * t_g / N, "eta_marginal_ms_per_cell": 1e3 * t_e / N,
             "ratio_posterior": t_e / t_g,
             "draws100_ratio": t_se / t_sg, "moments_ratio": t_me / t_mg,
+            "skew_draws100_ratio": t_ses / t_sg, "skew_moments_ratio": t_mes / t_mg,
+            "skew_construction_plus_moments_ratio": (t_e + t_mes) / (t_g + t_mg),
+            "no_skew_construction_plus_moments_ratio": (t_e + t_me) / (t_g + t_mg),
+            "logpdf100_skew_over_no_skew": t_ls / t_lg,
             "gaussian_newton_iter_mean": float(g.n_iter.mean()),
             "node_newton_iter_mean": float(em.node_iter.mean()), "n_nodes": em.J,
             "cells_widened": int(np.sum(em.n_widen > 0)), "loadavg": os.getloadavg()}
