@@ -120,3 +120,23 @@ def test_bad_combinations_are_one_line_errors(data, options, match):
     with pytest.raises(ValueError, match=match) as e:
         pln_ref.fit(u, k=2, progress=False, **options)
     assert "\n" not in str(e.value)
+
+
+def test_cli_fit_with_batch_size_runs_the_sampled_path(data, tmp_path, capsys):
+    """`pln-ref fit --batch-size n0` (default optimizer) is the sampled L-BFGS; its phases and epochs
+    reach uns["pln"] of the written .h5ad."""
+    import anndata as ad
+
+    from pln_ref.cli import main
+
+    p, u, la, *_ = data
+    a = ad.AnnData(u.astype(np.float32))
+    a.obs["lib"] = np.exp(la)
+    a.write_h5ad(tmp_path / "in.h5ad")
+    rc = main(["fit", str(tmp_path / "in.h5ad"), "--k", "2", "--batch-size", "200", "--quiet",
+               "--library-size", "lib",
+               "--out", str(tmp_path / "out.h5ad")])
+    assert rc == 0, capsys.readouterr().err
+    diag = ad.read_h5ad(tmp_path / "out.h5ad").uns["pln"]["diagnostics"]
+    assert diag["stop_rule"] == "certificate" and diag["epochs"] > 0
+    assert [int(diag["phases"][i]["cells"]) for i in sorted(diag["phases"])] == [200, 400, 800]
