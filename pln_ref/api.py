@@ -109,9 +109,9 @@ def fit(
         raise ValueError(f"inference_method must be 'laplace' or 'vae', got {inference_method!r}")
     cfg = method_config(inference_method, config, seed=seed, **options)
     if scheduler_address is not None and (inference_method != "laplace" or cfg.optimizer != "lbfgs"
-                                          or cfg.em_cycles):
+                                          or cfg.em_cycles or cfg.batch_size is not None):
         raise ValueError("scheduler_address needs inference_method='laplace' with optimizer='lbfgs' "
-                         "and no em_cycles (the blocked full-batch evaluation)")
+                         "and no em_cycles or batch_size (the blocked full-batch evaluation)")
     if vae_latent_dim is not None:
         k = vae_latent_dim
     u, cap, log_anchor, names = _prepare(data, k, layer, capture, M0, sigma_M, capture_efficiency,
@@ -190,6 +190,8 @@ def _fit_laplace(u, k, cap, log_anchor, cfg: LaplaceConfig, *, anchor, progress,
     init = start.params
     options = {"optimizer": cfg.optimizer, "ift": cfg.ift, "batch_size": cfg.batch_size,
                "raise_d": cfg.raise_d, "em_cycles": cfg.em_cycles}
+    if cfg.batch_size is not None:
+        options["seed"] = cfg.seed  # the minibatches / samples of cells
     fingerprint = data_fingerprint(u, log_anchor, cap, k, options)
     state = None
     if cfg.resume is not None:
@@ -204,7 +206,7 @@ def _fit_laplace(u, k, cap, log_anchor, cfg: LaplaceConfig, *, anchor, progress,
         u, init, log_anchor, n_steps=cfg.n_steps, lr=cfg.lr, batch_size=cfg.batch_size, ift=cfg.ift,
         seed=cfg.seed, gtol=cfg.gtol, checkpoint=cfg.checkpoint, checkpoint_every=cfg.checkpoint_every,
         resume=state, progress=progress, optimizer=cfg.optimizer, gap_tol=cfg.gap_tol,
-        fingerprint=fingerprint, em_cycles=cfg.em_cycles, client=client,
+        fingerprint=fingerprint, em_cycles=cfg.em_cycles, client=client, max_epochs=cfg.max_epochs,
     )
     # final posteriors and evidence by blocks of cells, warm-started from the optimiser's MAPs (a
     # float64 warm start is overwritten in place; the blocked fit's float32 one is read by blocks)
@@ -223,6 +225,8 @@ def _fit_laplace(u, k, cap, log_anchor, cfg: LaplaceConfig, *, anchor, progress,
     }
     diagnostics = {
         "objective": objective, "steps": st.step, "stopped": st.stopped, "stop_rule": st.stop_rule,
+        "epochs": float(st.epochs),  # L-BFGS: cells solved / N over all evaluations
+        "phases": list(st.phases),  # sampled L-BFGS: cells, steps, epochs, rule of each phase
         "gap_estimate": float(st.gap_estimate),
         "wall_time_s": earlier_wall + (time.time() - w0),
         "cpu_time_s": earlier_cpu + (time.process_time() - c0),

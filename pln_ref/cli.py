@@ -149,7 +149,7 @@ def _cmd_fit(args) -> int:
     capture = None if args.no_capture else "auto"
     options = {"n_steps": args.n_steps, "batch_size": args.batch_size, "optimizer": args.optimizer,
                "lr": args.lr, "checkpoint": args.checkpoint, "resume": args.resume,
-               "checkpoint_every": args.checkpoint_every}
+               "checkpoint_every": args.checkpoint_every, "max_epochs": args.max_epochs}
     res = fit(adata, inference_method=args.method, k=args.k, layer=args.layer, capture=capture,
               M0=args.M0, sigma_M=args.sigma_M, library_size=library_size, seed=args.seed,
               progress=not args.quiet, scheduler_address=args.scheduler_address, **options)
@@ -271,11 +271,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n-steps", type=int, default=2000, help="step cap of the optimiser (it stops earlier "
                    "when converged)")
     p.add_argument("--batch-size", type=int, default=None,
-                   help="cells per step (default: laplace full batch, vae 256)")
+                   help="laplace: the first sample of the sampled L-BFGS for large N (samples of cells "
+                        "doubling to all cells, the last phase the full-batch fit), with --optimizer "
+                        "adam the cells per step (default: full batch); vae: cells per step (256)")
+    p.add_argument("--max-epochs", type=float, default=None,
+                   help="laplace L-BFGS: stop after this many epochs (cells solved / cells) with a "
+                        "warning (default: no cap)")
     p.add_argument("--lr", type=float, default=None,
                    help="learning rate (default: laplace 0.05, vae 0.003)")
     p.add_argument("--optimizer", choices=["adam", "lbfgs"], default=None,
-                   help="Laplace outer optimiser (default: adam)")
+                   help="Laplace outer optimiser (default: lbfgs)")
     p.add_argument("--seed", type=int, default=0, help="random seed of the method")
     p.add_argument("--checkpoint", default=None, metavar="PATH.npz",
                    help="Laplace: write the optimiser state to this .npz during the fit (atomically)")

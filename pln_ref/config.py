@@ -33,11 +33,15 @@ def _positive_float(cfg, name: str) -> None:
 class LaplaceConfig:
     """Options of the Laplace fit (outer optimisation of mu, W, d; see ``pln_ref.fit_laplace``).
 
-    n_steps : step cap of the outer optimiser; batch_size : cells per Adam step (None = full batch;
-    minibatches need optimizer="adam"); lr : Adam step size; optimizer : "lbfgs" (default,
+    n_steps : step cap of the outer optimiser (steps of all phases); batch_size : None = full batch;
+    with optimizer="lbfgs" the first sample size n0 of the sampled L-BFGS (nested random samples of
+    cells doubling to all N, the last phase the full-batch fit with its certificate:
+    ``pln_ref.outer.sampled``; full batch when n0 > N / 2); with optimizer="adam" the cells per Adam
+    step; max_epochs : L-BFGS cap on cells solved / N (None = no cap; a ConvergenceWarning when it
+    stops the fit); lr : Adam step size; optimizer : "lbfgs" (default,
     stopped by a certificate on the evidence gap) | "adam"; ift : exact implicit-function gradient
     (False = stop-gradient); gtol : final per-cell Newton tolerance on the projected-gradient norm;
-    seed : minibatch order; checkpoint : .npz written atomically during the fit; checkpoint_every :
+    seed : minibatch order / the sampled L-BFGS's samples; checkpoint : .npz written atomically during the fit; checkpoint_every :
     write it every that many steps (and at the end); resume : such a checkpoint to continue from
     (refused if it was written for other data or options); gap_tol : L-BFGS certificate on the
     estimated evidence gap, nats/cell; raise_d : start from the method of moments with d raised
@@ -58,6 +62,7 @@ class LaplaceConfig:
     gap_tol: float = 3e-4
     raise_d: bool = True
     em_cycles: int = 0
+    max_epochs: float | None = None
 
     def __post_init__(self) -> None:
         _positive_int(self, "n_steps")
@@ -71,8 +76,13 @@ class LaplaceConfig:
         _positive_float(self, "gtol")
         if self.optimizer not in ("adam", "lbfgs"):
             raise ValueError(f"optimizer must be 'adam' or 'lbfgs', got {self.optimizer!r}")
-        if self.optimizer == "lbfgs" and self.batch_size is not None:
-            raise ValueError("batch_size (minibatches) needs optimizer='adam'; L-BFGS is full batch")
+        if self.max_epochs is not None:
+            _positive_float(self, "max_epochs")
+            if self.optimizer != "lbfgs":
+                raise ValueError("max_epochs needs optimizer='lbfgs' (Adam stops on its step cap n_steps)")
+        if self.batch_size is not None and self.em_cycles and self.optimizer == "lbfgs":
+            raise ValueError("batch_size (the sampled L-BFGS) cannot be combined with em_cycles "
+                             "(the EM needs every cell at once)")
 
     def to_dict(self) -> dict:
         return asdict(self)

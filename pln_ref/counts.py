@@ -58,6 +58,30 @@ def _row_sums(u, f) -> np.ndarray:
     return f(u).sum(axis=1)
 
 
+class _Rows:
+    """Rows ``idx`` of a row-sliceable source (array, CSR, on-disk dataset), read on demand:
+    ``rows[lo:hi]`` and ``rows[index_array]`` index the source at ``idx[...]`` (still increasing,
+    as on-disk datasets require); no copy of the source."""
+
+    def __init__(self, src, idx: np.ndarray) -> None:
+        self.src, self.idx = src, idx
+        self.shape = (int(idx.size), int(src.shape[1]))
+
+    def __getitem__(self, key):
+        return self.src[self.idx[key]]
+
+    @property
+    def nnz(self) -> int:  # CSR storage: the nonzeros of these rows
+        return int(np.diff(self.src.indptr)[self.idx].sum())
+
+    @property
+    def T(self):  # CSR storage: the transposed rows (for rmatmul)
+        return self.src[self.idx].T
+
+    def __matmul__(self, V):  # CSR storage: (rows) @ V
+        return self.src[self.idx] @ V
+
+
 class CountMatrix:
     """Counts u (N, G) in dense, CSR or on-disk (backed AnnData / zarr) storage.
 
@@ -139,6 +163,22 @@ class CountMatrix:
             return out
         u = self._src[idx]
         return np.asarray(u.toarray() if sp.issparse(u) else u, dtype=np.float64)
+
+    def subset(self, idx: np.ndarray) -> "CountMatrix":
+        """The rows ``idx`` (increasing cell indices) as a CountMatrix in the same storage, without a
+        copy of the counts: its blocks and rows are read from this matrix on demand (a sample of
+        cells for ``pln_ref.outer.sampled``). The per-cell sums are taken from this matrix."""
+        idx = np.asarray(idx, dtype=np.intp)
+        if idx.ndim != 1 or idx.size == 0 or (idx.size > 1 and np.any(np.diff(idx) <= 0)) \
+                or idx[0] < 0 or idx[-1] >= self.shape[0]:
+            raise ValueError(f"subset needs increasing cell indices in [0, {self.shape[0]}), "
+                             f"got {idx.size} indices")
+        sub = object.__new__(CountMatrix)
+        sub.__dict__.update(self.__dict__)
+        sub._src = _Rows(self._src, idx)
+        sub.shape = (int(idx.size), self.shape[1])
+        sub._total, sub._lgamma = self._total[idx], self._lgamma[idx]
+        return sub
 
     def blocks(self, block_size: int | None = None) -> Iterator[tuple[slice, np.ndarray]]:
         """(slice, dense block) over all cells in order; ``block_size`` cells each (default:

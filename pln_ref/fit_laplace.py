@@ -8,8 +8,12 @@ dispatches:
 - ``optimizer="lbfgs"`` (default): full-batch L-BFGS with a Newton tolerance scheduled by the
   outer progress, stopped by a certificate on the evidence gap (``pln_ref.outer.lbfgs``,
   ``pln_ref.outer.stopping``);
+- ``optimizer="lbfgs"`` with ``batch_size=n0`` < N / 2: the stochastic path for large N, L-BFGS on
+  nested random samples of cells doubling from n0 to N, each sample's phase stopped at its
+  statistical resolution and the last phase the full-batch L-BFGS with its certificate, so the
+  optimum is the full-batch one (``pln_ref.outer.sampled``; cost and cap in epochs);
 - ``optimizer="adam"``: Adam on (mu, W, log d), full batch or minibatches of ``batch_size`` cells,
-  stopped by its patience rule (``pln_ref.outer.adam``).
+  stopped by its patience rule (``pln_ref.outer.adam``; it does not certify convergence).
 
 Both stop with a ``pln_ref.exceptions.ConvergenceWarning`` when the step cap stops them, and report
 which rule stopped the fit in ``state.stop_rule`` / ``state.stopped``.
@@ -26,6 +30,7 @@ from .counts import CountMatrix
 from .outer.adam import run_adam
 from .outer.evaluate import Evaluator, laplace_objective, laplace_terms
 from .outer.lbfgs import run_lbfgs
+from .outer.sampled import run_sampled, sample_sizes
 from .outer.state import LaplaceFitState, check_fingerprint, data_fingerprint
 from .outer.stopping import StopRule
 from .params import PLNParams
@@ -63,12 +68,16 @@ def optimize_globals(
     fingerprint: dict | None = None,
     em_cycles: int = 0,
     client=None,
+    max_epochs: float | None = None,
 ) -> tuple[LaplaceFitState, PLNParams]:
     """Maximise L(theta) = mean_c l_c(theta) from ``init`` (or ``resume``); returns the final state
     and the best globals.
 
-    ``optimizer``: "lbfgs" (full batch; ``gap_tol`` nats/cell for its certificate) or "adam"
-    (``lr``, ``batch_size``, ``patience``, ``rtol``, ``seed``). Minibatches need Adam.
+    ``optimizer``: "lbfgs" (``gap_tol`` nats/cell for its certificate; with ``batch_size`` = n0 the
+    sampled L-BFGS from n0 cells, its samples drawn with ``seed``, full batch when n0 > N / 2) or
+    "adam" (``lr``, ``batch_size`` cells per step, ``patience``, ``rtol``, ``seed``).
+    ``max_epochs``: L-BFGS only, cap on the cells solved / N (``state.epochs``, every run), a
+    ``ConvergenceWarning`` when it stops the fit; None: no cap.
     ``gtol``: final per-cell Newton tolerance. ``truncation``: include the eta >= 0 truncation
     term. ``checkpoint``: written atomically every ``checkpoint_every`` steps and at the end;
     ``resume=LaplaceFitState.load(path)`` continues it. ``fingerprint`` (``data_fingerprint``): stored
@@ -84,8 +93,12 @@ def optimize_globals(
         raise ValueError(f'optimizer must be "adam" or "lbfgs", got {optimizer!r}')
     u = CountMatrix(counts)  # kept in its storage: no dense float64 copy of the counts
     N, G = u.shape
-    if optimizer == "lbfgs" and batch_size is not None and batch_size < N:
-        raise ValueError("batch_size needs optimizer='adam' (L-BFGS is full batch)")
+    sampled = optimizer == "lbfgs" and batch_size is not None and len(sample_sizes(N, batch_size)) > 1
+    if sampled and (client is not None or em_cycles):
+        raise ValueError("batch_size with optimizer='lbfgs' (the sampled L-BFGS) runs in this process "
+                         "without EM cycles: drop batch_size, em_cycles or the Dask client")
+    if max_epochs is not None and optimizer != "lbfgs":
+        raise ValueError("max_epochs needs optimizer='lbfgs' (Adam stops on its step cap n_steps)")
     if resume is not None:
         if fingerprint is not None:
             check_fingerprint(resume.fingerprint, fingerprint)
@@ -105,7 +118,7 @@ def optimize_globals(
         # full-batch evaluations by blocks of cells (memory bounded by a block beyond the warm
         # start); the EM needs every cell's posterior at once, so it evaluates unblocked
         ev = Evaluator(u, log_anchor, init.capture, ift=ift, truncation=truncation,
-                       x_map=st.x_map, eta_map=st.eta_map,
+                       x_map=None if sampled else st.x_map, eta_map=None if sampled else st.eta_map,
                        block_cells=None if em_cycles else evaluation_block_cells(G))
     else:
         from .dask_client import connect
@@ -127,9 +140,14 @@ def optimize_globals(
 
             mu, W, d, _, _ = squarem(ev, st.mu, st.W, np.exp(st.rho), n_cycles=em_cycles)
             st.mu, st.W, st.rho = mu, W, np.log(d)
-        if optimizer == "lbfgs":
+        if sampled:
+            run_sampled(ev, st, n0=batch_size, seed=seed, n_steps=n_steps, gtol=gtol, gap_tol=gap_tol,
+                        max_epochs=max_epochs, checkpoint=checkpoint,
+                        checkpoint_every=checkpoint_every, progress=progress)
+        elif optimizer == "lbfgs":
             run_lbfgs(ev, st, n_steps=n_steps, gtol=gtol, rule=StopRule(gap_tol=gap_tol),
-                      checkpoint=checkpoint, checkpoint_every=checkpoint_every, progress=progress)
+                      checkpoint=checkpoint, checkpoint_every=checkpoint_every, progress=progress,
+                      max_epochs=max_epochs)
         else:
             run_adam(ev, st, n_steps=n_steps, gtol=gtol, batch_size=batch_size, patience=patience,
                      rtol=rtol, seed=seed, checkpoint=checkpoint, checkpoint_every=checkpoint_every,
@@ -143,4 +161,6 @@ def optimize_globals(
                 own_client.close()
     if checkpoint:  # the current iterate (with the optimiser's memory): a resume continues exactly
         st.save(checkpoint)
+    if st.x_map is not None and st.x_map.shape[0] != N:  # stopped by a cap in a sampled phase: the
+        st.x_map = st.eta_map = None  # MAPs are the sample's; the final posteriors start cold
     return st, st.best_params(init.capture)

@@ -2,6 +2,8 @@
 
 - ``evaluate``: the evidence and its exact IFT gradient at given globals (warm-started Newton);
 - ``lbfgs``: full-batch L-BFGS on (mu, W, sqrt(d - D_FLOOR)), the certified default;
+- ``sampled``: the stochastic path for large N, L-BFGS on nested random samples of cells doubling to
+  all N (dynamic sample size), the last phase the full-batch L-BFGS;
 - ``adam``: Adam on (mu, W, log d), full batch or minibatches;
 - ``stopping``: stopping rules that certify convergence and report which rule stopped a fit;
 - ``start``: the start (method of moments with d raised where lambda d << 1);

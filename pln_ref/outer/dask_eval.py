@@ -182,6 +182,7 @@ class DaskEvaluator(Evaluator):
             n_bound += nb
             parts.append(terms)
         self.n_evals += 1
+        self.cells_solved += self.N
         ev = _blocked_evaluation(parts, self.N, gtol, n_bound)
         if np.isfinite(ev.value):
             self._maps, self._gathered = new_maps, None

@@ -256,8 +256,10 @@ class Evaluator:
     ``block_cells``: when set, a full-batch evaluation runs Newton and ``laplace_terms`` on blocks
     of that many cells and keeps only l (N,), the summed gradient and the MAPs (x_map (N, G) in
     ``WARM_START_DTYPE``, eta_map (N,)): memory beyond the warm start is bounded by one block
-    (``Evaluation.post`` is then None). None: one unblocked evaluation holding every cell's posterior (needed by the EM).
-    Counters: ``n_evals``, ``n_cached``, ``newton_iters`` (sum over cells), ``cpu_newton``,
+    (``Evaluation.post`` is then None). None: one unblocked evaluation holding every cell's
+    posterior (needed by the EM).
+    Counters: ``n_evals``, ``n_cached``, ``newton_iters`` (sum over cells), ``cells_solved`` (cells
+    whose MAP was solved, summed over evaluations: epochs = cells_solved / N), ``cpu_newton``,
     ``cpu_objective`` (process CPU seconds).
     """
 
@@ -277,7 +279,7 @@ class Evaluator:
             raise ValueError(f"block_cells must be a positive integer or None, got {block_cells!r}")
         self.block_cells = None if block_cells is None else int(block_cells)
         self._last: tuple | None = None
-        self.n_evals = self.n_cached = self.newton_iters = 0
+        self.n_evals = self.n_cached = self.newton_iters = self.cells_solved = 0
         self.cpu_newton = self.cpu_objective = 0.0
 
     @staticmethod
@@ -318,6 +320,7 @@ class Evaluator:
         self.n_evals += 1
         self.newton_iters += int(post.n_iter.sum())
         n = u.shape[0]
+        self.cells_solved += n
         value = float(np.mean(terms.l))
         grad = None if terms.grad is None else {k: v / n for k, v in terms.grad.items()}
         ev = Evaluation(value, grad, post, gtol, terms, int(post.on_bound.sum()))
@@ -350,6 +353,7 @@ class Evaluator:
             parts.append(terms._replace(wx=None, kappa=None))  # the blocks' adjoints are not kept
             del post, terms
         self.n_evals += 1
+        self.cells_solved += N
         ev = _blocked_evaluation(parts, N, gtol, n_bound)
         if np.isfinite(ev.value):
             self.x_map, self.eta_map = x_new, e_new

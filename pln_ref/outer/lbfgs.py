@@ -136,11 +136,24 @@ def _line_search(fg, z, F0, g0, p, t0=1.0, c1=1e-4, c2=0.9, max_evals=30):
 
 def run_lbfgs(ev: Evaluator, st: LaplaceFitState, *, n_steps: int, gtol: float, rule: StopRule,
               memory: int = 50, checkpoint: str | None = None, checkpoint_every: int = 50,
-              progress: bool = True, precondition: bool = True, max_step: float = 1.0) -> LaplaceFitState:
-    """L-BFGS from the state's globals (module docstring) until ``rule`` or ``n_steps``; updates
-    and returns ``st`` (globals, pairs, MAPs, history, best, stop rule and message)."""
+              progress: bool = True, precondition: bool = True, max_step: float = 1.0,
+              max_epochs: float | None = None, n_total: int | None = None,
+              desc: str = "Laplace fit (L-BFGS)") -> LaplaceFitState:
+    """L-BFGS from the state's globals (module docstring) until ``rule``, ``n_steps`` (total steps
+    of the state) or ``max_epochs`` (total epochs of the state); updates and returns ``st``
+    (globals, pairs, MAPs, history, best, epochs, stop rule and message).
+
+    Epochs: ``st.epochs`` grows by the cells each evaluation solves over ``n_total`` (default: the
+    evaluator's cells; a sampled phase passes the whole data set's N)."""
     G, k = st.W.shape
     final = gtol
+    n_total = ev.N if n_total is None else int(n_total)
+    solved0, epochs0 = ev.cells_solved, st.epochs
+
+    def count_epochs() -> float:
+        st.epochs = epochs0 + (ev.cells_solved - solved0) / n_total
+        return st.epochs
+
     z = to_z(st.mu, st.W, np.exp(st.rho))
     S = [] if st.lbfgs_s is None else list(st.lbfgs_s)
     Y = [] if st.lbfgs_y is None else list(st.lbfgs_y)
@@ -151,7 +164,7 @@ def run_lbfgs(ev: Evaluator, st: LaplaceFitState, *, n_steps: int, gtol: float, 
     F, g = fg(z, tol)
     if not np.isfinite(F):
         raise FloatingPointError("Laplace objective is not finite at the initial point")
-    bar = tqdm(total=n_steps, initial=min(st.step, n_steps), desc="Laplace fit (L-BFGS)",
+    bar = tqdm(total=n_steps, initial=min(st.step, n_steps), desc=desc,
                disable=not progress)
     gains: list = []
     while True:
@@ -178,6 +191,12 @@ def run_lbfgs(ev: Evaluator, st: LaplaceFitState, *, n_steps: int, gtol: float, 
                 continue
             st.stop_rule, st.stopped = stop
             break
+        if max_epochs is not None and count_epochs() >= max_epochs:
+            st.stop_rule = "epoch_cap"
+            st.stopped = (f"max_epochs={max_epochs:g} reached before the stopping rule "
+                          f"(estimated evidence gap {st.gap_estimate:.1e} nats/cell)")
+            warn_step_cap(f"Laplace fit: {st.stopped}")
+            break
         if st.step >= n_steps:
             st.stop_rule = "step_cap"
             st.stopped = (f"n_steps={n_steps} reached before the stopping rule "
@@ -199,6 +218,7 @@ def run_lbfgs(ev: Evaluator, st: LaplaceFitState, *, n_steps: int, gtol: float, 
         gains.append(F - F_new)
         z, F, g = z + t * p, F_new, g_new
         _accept(st, ev, z, F, S, Y, G, k)
+        count_epochs()
         bar.update(1)
         bar.set_postfix(objective=f"{-F:.5f}", gap=f"{st.gap_estimate:.1e}", newton_gtol=f"{tol:.0e}")
         if checkpoint and st.step % checkpoint_every == 0:
@@ -206,6 +226,7 @@ def run_lbfgs(ev: Evaluator, st: LaplaceFitState, *, n_steps: int, gtol: float, 
                 st.x_map, st.eta_map = ev.x_map, ev.eta_map
             st.save(checkpoint)
     bar.close()
+    count_epochs()
     _record_best(st, z, F, G, k)
     st.x_map, st.eta_map = ev.x_map, ev.eta_map
     n_floor = int(np.sum(np.exp(st.best["rho"]) <= 10 * D_FLOOR))

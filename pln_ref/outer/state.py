@@ -79,9 +79,13 @@ class LaplaceFitState:
     (rows, oldest first) in the optimiser's coordinates; step; lr; x_map, eta_map: every cell's MAP;
     history: rows (step, objective, tracked objective); best / best_value: the best globals seen;
     stopped: the stop message; stop_rule: "certificate" | "gradient" | "patience" | "step_cap" |
-    "stalled" | ""; gap_estimate: the last certified bound on the evidence gap (nats/cell);
+    "epoch_cap" | "stalled" | ""; gap_estimate: the last certified bound on the evidence gap (nats/cell);
     elapsed_s / elapsed_cpu_s: wall / process CPU seconds over every run of this fit (resumes
-    included); fingerprint: ``data_fingerprint`` of the data it belongs to; optimizer.
+    included); fingerprint: ``data_fingerprint`` of the data it belongs to; optimizer; epochs: cells
+    whose MAP was solved over all evaluations / N (every run); phase_cells: the sample size of the
+    current phase of the sampled L-BFGS (``pln_ref.outer.sampled``; 0 for a full-batch fit), whose
+    cells' MAPs (in increasing cell order) x_map / eta_map then hold; phases: one dict per finished
+    phase of the sampled L-BFGS (cells, steps, epochs, rule, objective).
     """
 
     mu: np.ndarray
@@ -105,6 +109,9 @@ class LaplaceFitState:
     optimizer: str = ""
     lbfgs_s: np.ndarray | None = None
     lbfgs_y: np.ndarray | None = None
+    epochs: float = 0.0
+    phase_cells: int = 0
+    phases: list = field(default_factory=list)
 
     def params(self, capture) -> PLNParams:
         return PLNParams(self.mu, self.W, np.exp(self.rho), capture)
@@ -135,7 +142,8 @@ class LaplaceFitState:
                 "stopped": self.stopped, "stop_rule": self.stop_rule,
                 "gap_estimate": self.gap_estimate, "elapsed_s": self.elapsed_s,
                 "elapsed_cpu_s": self.elapsed_cpu_s, "fingerprint": self.fingerprint,
-                "optimizer": self.optimizer}
+                "optimizer": self.optimizer, "epochs": self.epochs, "phase_cells": self.phase_cells,
+                "phases": self.phases}
         arrays["meta"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
         atomic_savez(path, arrays)
 
@@ -147,7 +155,9 @@ class LaplaceFitState:
                  best_value=meta["best_value"], stopped=meta["stopped"],
                  stop_rule=meta.get("stop_rule", ""), gap_estimate=meta.get("gap_estimate", float("nan")),
                  elapsed_s=meta.get("elapsed_s", 0.0), elapsed_cpu_s=meta.get("elapsed_cpu_s", 0.0),
-                 fingerprint=meta.get("fingerprint", {}), optimizer=meta.get("optimizer", ""))
+                 fingerprint=meta.get("fingerprint", {}), optimizer=meta.get("optimizer", ""),
+                 epochs=meta.get("epochs", 0.0), phase_cells=meta.get("phase_cells", 0),
+                 phases=meta.get("phases", []))
         st.m1 = {k[3:]: z[k] for k in z.files if k.startswith("m1_")}
         st.m2 = {k[3:]: z[k] for k in z.files if k.startswith("m2_")}
         st.history = [tuple(r) for r in z["history"]]

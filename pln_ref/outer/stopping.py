@@ -26,6 +26,16 @@ underestimation of gap_tail) on two consecutive steps; it needs at least 2 ``min
 **gradient** rule stops when ||g||_inf <= ``grad_tol``. The **step cap** stops with a
 ``ConvergenceWarning``. "stalled": the line search found no decrease (the objective is flat to
 round-off along the search direction); the message then reports the last gap estimate.
+**Sampled phases** (``sampled.py``, L-BFGS on a nested random sample of n of the N cells): a phase
+is stopped by the same certificate with the tolerance raised to the sample's statistical resolution,
+
+    tol_n = max(gap_tol, fraction P / (2 n))      (``resolution_tol``; P = G (k + 2) globals)
+
+P / (2 n) is the expected excess loss of the optimum of n cells on the population (the asymptotic
+excess risk of an M-estimator with P parameters): optimising a sample beyond a fraction of it is
+spent on its sampling noise, which the next, doubled sample moves away from anyway (its own optimum
+differs by about P / (4 n)). Reported as rule "resolution" in the phase log. The whole data set's
+phase uses the certificate with ``gap_tol``.
 Adam (``adam.py``) keeps its patience rule (no gain > rtol (1 + |L|) in ``patience`` steps),
 reported as "patience".
 """
@@ -40,7 +50,7 @@ import numpy as np
 
 from ..exceptions import ConvergenceWarning
 
-__all__ = ["StopRule", "quasi_newton_gap", "warn_step_cap"]
+__all__ = ["StopRule", "quasi_newton_gap", "warn_step_cap", "resolution_tol"]
 
 
 def quasi_newton_gap(g: np.ndarray, p: np.ndarray) -> float:
@@ -101,3 +111,9 @@ class StopRule:
 def warn_step_cap(message: str) -> None:
     """ConvergenceWarning for a fit stopped by its step cap."""
     warnings.warn(message, ConvergenceWarning, stacklevel=3)
+
+
+def resolution_tol(n_cells: int, n_params: int, gap_tol: float, fraction: float = 0.01) -> float:
+    """tol_n = max(gap_tol, fraction P / (2 n)): the stopping tolerance (nats/cell) of an L-BFGS phase
+    on a sample of n cells with P globals (module docstring, "Sampled phases")."""
+    return max(float(gap_tol), float(fraction) * n_params / (2.0 * n_cells))

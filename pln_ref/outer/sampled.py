@@ -1,0 +1,129 @@
+"""Sampled L-BFGS: the stochastic path for large N, a dynamic sample size (Byrd, Chin, Nocedal & Wu
+2012, "Sample size selection in optimization methods for machine learning").
+
+The evidence is a mean over cells, L(theta) = (1/N) sum_c l_c(theta), so the mean over a random
+sample of n cells, L_n, is an unbiased estimate of it whose optimum is within about P / (2 n)
+nats/cell of the full optimum (P = G (k + 2) globals). The fit runs full L-BFGS (``lbfgs.run_lbfgs``,
+exact IFT gradient, Newton tolerance schedule) on a nested sequence of random samples
+
+    n_j = ceil(N / 2^(m - j)),  j = 0 .. m,  m = floor(log2(N / n0))     (n_0 in [n0, 2 n0), n_m = N)
+
+(each sample the first n_j cells of one random permutation, fixed by ``seed``; ``sample_sizes``).
+Phase j stops when its certified evidence gap on its own sample is below the sample's statistical
+resolution ``stopping.resolution_tol`` (rule "resolution": tol_n = max(gap_tol, fraction P / (2 n_j)));
+the next phase warm-starts from
+
+- the globals of the last phase,
+- its L-BFGS curvature pairs (the per-cell mean curvature of a sample estimates the full one), and
+- the MAPs of the cells already seen (the new cells are cold-solved once at the current globals).
+
+The last phase is the whole data set: the full-batch L-BFGS with its certificate (``gap_tol``), so
+the optimum is exactly the full-batch one; only the path to it is cheaper, because the early,
+large steps are taken on samples of 1/2^m .. 1/2 of the cells.
+
+Cost in **epochs** (cells whose MAP was solved, summed over evaluations, divided by N; cold
+solves of new cells count too): ``state.epochs``; the cap ``max_epochs`` stops the fit with a
+``ConvergenceWarning`` (rule "epoch_cap"), as does the step cap ``n_steps`` (rule "step_cap",
+steps of all phases). ``state.phases`` records each finished phase (cells, steps, epochs, rule,
+objective on its sample); ``state.phase_cells`` the current phase's sample size, whose MAPs (in
+increasing cell order) ``state.x_map`` holds, so a checkpoint written in any phase resumes in it.
+
+Memory: the MAPs of the current sample (at most N x G, the warm start of the full-batch fit) plus
+the evaluator's blocks; the counts of a sample are read from the data on demand
+(``CountMatrix.subset``), never copied.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from .evaluate import Evaluator
+from .lbfgs import run_lbfgs
+from .state import LaplaceFitState
+from .stopping import StopRule, resolution_tol
+
+__all__ = ["run_sampled", "sample_sizes", "nested_sample"]
+
+
+def sample_sizes(N: int, n0: int) -> list[int]:
+    """[ceil(N / 2^m), ..., ceil(N / 2), N] with m = floor(log2(N / n0)) (>= 0): doubling sample
+    sizes from between n0 and 2 n0 cells up to all N ([N] when n0 > N / 2)."""
+    if n0 > N / 2:
+        return [N]
+    m = int(math.floor(math.log2(N / n0)))
+    return [int(math.ceil(N / 2**j)) for j in range(m, 0, -1)] + [N]
+
+
+def nested_sample(N: int, n: int, seed: int) -> np.ndarray:
+    """The first n cells of the random permutation of range(N) fixed by ``seed``, increasing: the
+    samples of increasing n are nested."""
+    return np.sort(np.random.default_rng(seed).permutation(N)[:n])
+
+
+def _pick(a: np.ndarray | None, idx: np.ndarray) -> np.ndarray | None:
+    return None if a is None else a[idx]
+
+
+def run_sampled(ev_full: Evaluator, st: LaplaceFitState, *, n0: int, seed: int, n_steps: int, gtol: float,
+                gap_tol: float, fraction: float = 0.01, max_epochs: float | None = None,
+                checkpoint: str | None = None, checkpoint_every: int = 50,
+                progress: bool = True) -> LaplaceFitState:
+    """Sampled L-BFGS (module docstring) from the state (fresh, or resumed in any phase) until the
+    full-batch certificate, the step cap or the epoch cap; ``ev_full`` evaluates all cells (its
+    warm start is set from the last sample's MAPs). Updates and returns ``st``."""
+    u = ev_full.u
+    N, G = u.shape
+    k = st.W.shape[1]
+    n_params = G * (k + 2)
+    sizes = sample_sizes(N, n0)
+    if st.phase_cells == 0:  # a fresh fit: the first sample, cold MAPs
+        st.phase_cells = sizes[0]
+        st.x_map = st.eta_map = None
+    if st.phase_cells not in sizes:
+        raise ValueError(f"the checkpoint is in a phase of {st.phase_cells} cells, not one of the "
+                         f"sample sizes {sizes} of this fit")
+    perm = np.random.default_rng(seed).permutation(N)
+    la = ev_full.log_anchor
+    while True:
+        n = st.phase_cells
+        idx = np.sort(perm[:n])
+        if n == N:
+            ev = ev_full
+            ev.x_map, ev.eta_map = st.x_map, st.eta_map
+            rule, desc = StopRule(gap_tol=gap_tol), "Laplace fit (L-BFGS, all cells)"
+        else:
+            ev = Evaluator(u.subset(idx), _pick(la, idx), ev_full.capture, ift=ev_full.ift,
+                           truncation=ev_full.truncation, x_map=st.x_map, eta_map=st.eta_map,
+                           block_cells=ev_full.block_cells)
+            rule = StopRule(gap_tol=resolution_tol(n, n_params, gap_tol, fraction), min_window=2)
+            desc = f"Laplace fit (L-BFGS, {n} of {N} cells)"
+        # objectives of different samples are not comparable: the best is tracked per phase
+        st.best, st.best_value = None, -np.inf
+        steps0, epochs0 = st.step, st.epochs
+        run_lbfgs(ev, st, n_steps=n_steps, gtol=gtol, rule=rule, checkpoint=checkpoint,
+                  checkpoint_every=checkpoint_every, progress=progress, max_epochs=max_epochs,
+                  n_total=N, desc=desc)
+        last = n == N or st.stop_rule in ("step_cap", "epoch_cap")
+        st.phases.append({"cells": n, "steps": st.step - steps0, "epochs": st.epochs - epochs0,
+                          "rule": st.stop_rule if (last or st.stop_rule != "certificate") else "resolution",
+                          "tol": rule.gap_tol, "objective": float(st.best_value)})
+        if last:
+            return st
+        # next sample: the cells seen keep their MAPs, the new ones are cold-solved at the globals
+        n_next = sizes[sizes.index(n) + 1]
+        idx_next, new = np.sort(perm[:n_next]), np.sort(perm[n:n_next])
+        cold = Evaluator(u.subset(new), _pick(la, new), ev_full.capture, ift=ev_full.ift,
+                         truncation=ev_full.truncation, block_cells=ev_full.block_cells)
+        cold(st.mu, st.W, np.exp(st.rho), gtol=1e-3, with_grad=False)
+        st.epochs += new.size / N
+        x, e = np.empty((n_next, G)), np.empty(n_next)
+        old_at, new_at = np.searchsorted(idx_next, idx), np.searchsorted(idx_next, new)
+        x[old_at], e[old_at] = st.x_map, st.eta_map
+        x[new_at], e[new_at] = cold.x_map, cold.eta_map
+        del cold, ev
+        st.x_map, st.eta_map, st.phase_cells = x, e, n_next
+        st.stopped = st.stop_rule = ""
+        if checkpoint:
+            st.save(checkpoint)

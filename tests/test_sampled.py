@@ -1,0 +1,142 @@
+"""pln_ref.outer.sampled: the sampled (dynamic-sample-size) L-BFGS reaches the full-batch optimum,
+records its phases and epochs, resumes from a checkpoint in a sampled phase, and refuses bad
+combinations; CountMatrix.subset reads rows without a copy."""
+
+import warnings
+
+import numpy as np
+import pytest
+import scipy.sparse as sp
+
+import pln_ref
+from pln_ref.counts import CountMatrix
+from pln_ref.exceptions import ConvergenceWarning
+from pln_ref.fit_laplace import LaplaceFitState, optimize_globals
+from pln_ref.outer.evaluate import Evaluator
+from pln_ref.outer.sampled import nested_sample, sample_sizes
+from pln_ref.outer.start import initial_globals
+from pln_ref.outer.stopping import resolution_tol
+
+
+@pytest.fixture(scope="module")
+def data():
+    p = pln_ref.random_params(12, 2, seed=11, capture=True, mean_log_rate=2.0)
+    sim = pln_ref.simulate(p, 800, seed=12)
+    u = sp.csr_matrix(sim.counts)
+    init = initial_globals(u, 2, p.capture, sim.log_anchor).params
+    full, q_full = optimize_globals(u, init, sim.log_anchor, progress=False)
+    return p, u, sim.log_anchor, init, full, q_full
+
+
+def _evidence(u, la, q):
+    """Mean Laplace evidence of globals q on all cells, solved tight (the same evaluator for all)."""
+    return Evaluator(u, la, q.capture)(q.mu, q.W, q.d, gtol=1e-8, with_grad=False).value
+
+
+def test_sample_sizes_double_to_all_cells_and_samples_are_nested():
+    assert sample_sizes(20000, 1000) == [1250, 2500, 5000, 10000, 20000]
+    assert sample_sizes(1000, 300) == [500, 1000]
+    assert sample_sizes(1000, 501) == [1000] and sample_sizes(1000, 5000) == [1000]
+    a, b = nested_sample(1000, 250, seed=3), nested_sample(1000, 500, seed=3)
+    assert np.all(np.diff(a) > 0) and set(a) <= set(b) and len(set(b)) == 500
+    assert not np.array_equal(a, nested_sample(1000, 250, seed=4))
+    assert resolution_tol(1000, 14000, 3e-4, 0.25) == pytest.approx(1.75)
+    assert resolution_tol(1000, 14000, 3e-4) == pytest.approx(0.07)
+    assert resolution_tol(10**9, 14000, 3e-4) == 3e-4
+
+
+def test_count_matrix_subset_reads_the_rows():
+    rng = np.random.default_rng(0)
+    dense = rng.poisson(1.0, (50, 7))
+    idx = np.array([1, 4, 5, 20, 49])
+    for m in (CountMatrix(dense), CountMatrix(sp.csr_matrix(dense))):
+        s = m.subset(idx)
+        assert s.shape == (5, 7) and s.storage == m.storage
+        np.testing.assert_array_equal(s.toarray(), dense[idx])
+        np.testing.assert_array_equal(s.rows(np.array([3, 0])), dense[idx[[3, 0]]])
+        np.testing.assert_allclose(s.lgamma_sums(), m.lgamma_sums()[idx])
+        np.testing.assert_allclose(s.rmatmul(np.ones((5, 2))), dense[idx].T @ np.ones((5, 2)))
+    with pytest.raises(ValueError, match="increasing cell indices"):
+        CountMatrix(dense).subset(np.array([4, 1]))
+
+
+def test_sampled_lbfgs_reaches_the_full_batch_optimum(data):
+    p, u, la, init, full, q_full = data
+    st, q = optimize_globals(u, init, la, batch_size=100, seed=1, progress=False)
+    assert st.stop_rule == "certificate"
+    assert [ph["cells"] for ph in st.phases] == [100, 200, 400, 800]
+    assert [ph["rule"] for ph in st.phases[:-1]] == ["resolution"] * 3
+    assert sum(ph["steps"] for ph in st.phases) == st.step
+    assert st.epochs == pytest.approx(sum(ph["epochs"] for ph in st.phases) + (800 - 100) / 800)
+    assert st.x_map.shape == (800, 12)  # the last phase is all cells, in their order
+    gap = _evidence(u, la, q_full) - _evidence(u, la, q)
+    print(f"sampled: {st.step} steps, {st.epochs:.1f} epochs (full batch {full.step} steps, "
+          f"{full.epochs:.1f} epochs); evidence gap to the full batch {gap:.2e} nats/cell")
+    assert abs(gap) < 1e-3
+    assert np.abs(q.correlation_dense() - q_full.correlation_dense()).max() < 0.02
+
+
+def test_sampled_resume_from_a_sampled_phase_ends_at_the_same_fit(data, tmp_path):
+    p, u, la, init, full, q_full = data
+    fp = {"shape": [800, 12], "optimizer": "lbfgs", "batch_size": 100, "seed": 1}
+    ck = tmp_path / "ck.npz"
+    with pytest.warns(ConvergenceWarning, match="n_steps=6 reached"):
+        st1, _ = optimize_globals(u, init, la, batch_size=100, seed=1, n_steps=6, checkpoint=str(ck),
+                                  checkpoint_every=2, progress=False, fingerprint=fp)
+    saved = LaplaceFitState.load(ck)
+    assert saved.step == 6 and saved.stop_rule == "step_cap" and saved.phase_cells < 800
+    assert saved.x_map.shape == (saved.phase_cells, 12) and saved.epochs > 0
+    epochs_before = saved.epochs  # the resumed fit continues this state in place
+    st2, q2 = optimize_globals(u, init, la, batch_size=100, seed=1, resume=saved, progress=False,
+                               fingerprint=fp)
+    assert st2.stop_rule == "certificate" and st2.phases[-1]["cells"] == 800
+    assert st2.epochs > epochs_before
+    assert abs(_evidence(u, la, q2) - _evidence(u, la, q_full)) < 1e-3
+    with pytest.raises(ValueError, match="seed"):  # another sample of cells: refused
+        optimize_globals(u, init, la, batch_size=100, seed=2, resume=LaplaceFitState.load(ck),
+                         progress=False, fingerprint={**fp, "seed": 2})
+
+
+def test_epoch_cap_warns_and_final_posteriors_start_cold(data):
+    p, u, la, *_ = data
+    with pytest.warns(ConvergenceWarning, match="max_epochs=0.5 reached"):
+        res = pln_ref.fit(u, k=2, library_size=np.exp(la), batch_size=100, max_epochs=0.5,
+                          progress=False)
+    d = res.diagnostics
+    assert d["stop_rule"] == "epoch_cap" and 0.5 <= d["epochs"] < 1.5
+    assert d["phases"][-1]["rule"] == "epoch_cap" and d["phases"][-1]["cells"] < 800
+    assert res.x_map.shape == (800, 12) and np.isfinite(d["objective"])
+
+
+@pytest.mark.parametrize("options,match", [
+    ({"batch_size": 100, "em_cycles": 2}, "cannot be combined with em_cycles"),
+    ({"optimizer": "adam", "max_epochs": 5.0}, "max_epochs needs optimizer='lbfgs'"),
+    ({"max_epochs": 0.0}, "max_epochs must be a positive finite number"),
+    ({"batch_size": 0}, "batch_size must be an integer >= 1"),
+    ({"batch_size": 100, "scheduler_address": "tcp://127.0.0.1:1"}, "no em_cycles or batch_size"),
+])
+def test_bad_combinations_are_one_line_errors(data, options, match):
+    p, u, la, *_ = data
+    with pytest.raises(ValueError, match=match) as e:
+        pln_ref.fit(u, k=2, progress=False, **options)
+    assert "\n" not in str(e.value)
+
+
+def test_cli_fit_with_batch_size_runs_the_sampled_path(data, tmp_path, capsys):
+    """`pln-ref fit --batch-size n0` (default optimizer) is the sampled L-BFGS; its phases and epochs
+    reach uns["pln"] of the written .h5ad."""
+    import anndata as ad
+
+    from pln_ref.cli import main
+
+    p, u, la, *_ = data
+    a = ad.AnnData(u.astype(np.float32))
+    a.obs["lib"] = np.exp(la)
+    a.write_h5ad(tmp_path / "in.h5ad")
+    rc = main(["fit", str(tmp_path / "in.h5ad"), "--k", "2", "--batch-size", "200", "--quiet",
+               "--library-size", "lib",
+               "--out", str(tmp_path / "out.h5ad")])
+    assert rc == 0, capsys.readouterr().err
+    diag = ad.read_h5ad(tmp_path / "out.h5ad").uns["pln"]["diagnostics"]
+    assert diag["stop_rule"] == "certificate" and diag["epochs"] > 0
+    assert [int(diag["phases"][i]["cells"]) for i in sorted(diag["phases"])] == [200, 400, 800]
