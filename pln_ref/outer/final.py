@@ -94,7 +94,6 @@ def final_posteriors(counts, params: PLNParams, log_anchor: np.ndarray | None, *
     bc = int(block_cells)
     cov = LowRankCov.from_params(params)
     lgam = u.lgamma_sums()
-    capture = params.capture is not None
     if reuse_x0:
         if x0 is None or x0.dtype != np.float64 or x0.shape != (N, G) or not x0.flags.writeable:
             raise ValueError("reuse_x0 needs x0 as a writeable float64 (N, G) array")
