@@ -39,7 +39,7 @@ import math
 
 import numpy as np
 
-from .evaluate import Evaluator
+from .evaluate import WARM_START_DTYPE, Evaluator
 from .lbfgs import run_lbfgs
 from .state import LaplaceFitState
 from .stopping import StopRule, resolution_tol
@@ -84,11 +84,10 @@ def run_sampled(ev_full: Evaluator, st: LaplaceFitState, *, n0: int, seed: int, 
     if st.phase_cells not in sizes:
         raise ValueError(f"the checkpoint is in a phase of {st.phase_cells} cells, not one of the "
                          f"sample sizes {sizes} of this fit")
-    perm = np.random.default_rng(seed).permutation(N)
     la = ev_full.log_anchor
     while True:
         n = st.phase_cells
-        idx = np.sort(perm[:n])
+        idx = nested_sample(N, n, seed)
         if n == N:
             ev = ev_full
             ev.x_map, ev.eta_map = st.x_map, st.eta_map
@@ -113,12 +112,13 @@ def run_sampled(ev_full: Evaluator, st: LaplaceFitState, *, n0: int, seed: int, 
             return st
         # next sample: the cells seen keep their MAPs, the new ones are cold-solved at the globals
         n_next = sizes[sizes.index(n) + 1]
-        idx_next, new = np.sort(perm[:n_next]), np.sort(perm[n:n_next])
+        idx_next = nested_sample(N, n_next, seed)
+        new = np.setdiff1d(idx_next, idx, assume_unique=True)
         cold = Evaluator(u.subset(new), _pick(la, new), ev_full.capture, ift=ev_full.ift,
                          truncation=ev_full.truncation, block_cells=ev_full.block_cells)
         cold(st.mu, st.W, np.exp(st.rho), gtol=1e-3, with_grad=False)
         st.epochs += new.size / N
-        x, e = np.empty((n_next, G)), np.empty(n_next)
+        x, e = np.empty((n_next, G), dtype=WARM_START_DTYPE), np.empty(n_next)  # as the evaluator keeps them
         old_at, new_at = np.searchsorted(idx_next, idx), np.searchsorted(idx_next, new)
         x[old_at], e[old_at] = st.x_map, st.eta_map
         x[new_at], e[new_at] = cold.x_map, cold.eta_map
