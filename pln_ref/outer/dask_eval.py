@@ -8,8 +8,8 @@ slice of the log anchors and its sums sum_g log u_cg!. Each evaluation scatters 
 (``Evaluator._solve``: ``laplace.newton_map`` warm-started from the block's MAPs, then
 ``laplace_terms``) and returns
 
-- a small result to the client: l of the block's cells, the block's gradient sums and info_mu,
-  Newton iterations, cells on the bound and the worker's CPU seconds;
+- a small result to the client: l of the block's cells, the block's gradient sums, info_mu and
+  lambda_sum, Newton iterations, cells on the bound and the worker's CPU seconds;
 - the block's new MAPs (x*, eta*), which stay on the worker as a future: the warm start of the next
   evaluation of that block. As in process, the warm start is replaced only when the evaluation
   is finite (an evaluation that fails keeps the previous MAPs).
@@ -56,7 +56,7 @@ def _block_task(data: tuple, maps: tuple | None, glob: tuple, capture, gtol: flo
     # the in-process code path: Evaluator._solve reads only ift and truncation from its instance
     post, terms, cn, co = Evaluator._solve(SimpleNamespace(ift=ift, truncation=truncation), u, params,
                                            cov, la, x0, e0, gtol, with_grad, lgam)
-    small = LaplaceTerms(terms.l, terms.grad, None, None, terms.info_mu)
+    small = LaplaceTerms(terms.l, terms.grad, None, None, terms.info_mu, terms.lambda_sum)
     return (post.x_map.astype(WARM_START_DTYPE), post.eta_map), (small, cn, co, int(post.n_iter.sum()), int(post.on_bound.sum()))
 
 

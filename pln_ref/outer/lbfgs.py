@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 
 from ..constants import D_FLOOR
 from .evaluate import Evaluator
+from .precondition import eta_prior_variance, preconditioner
 from .state import LaplaceFitState
 from .stopping import StopRule, quasi_newton_gap, warn_step_cap
 
@@ -58,45 +59,27 @@ def from_z(z: np.ndarray, G: int, k: int):
 
 def _two_loop(g, S, Y, D=None):
     """p = -H g, H the L-BFGS inverse-Hessian approximation from pairs (S, Y) (oldest first),
-    with initial matrix H0 = gamma D (D a diagonal preconditioner, default I;
+    with initial matrix H0 = gamma D (D a diagonal preconditioner given as an array, or a
+    symmetric positive definite operator given as a callable, ``precondition``; default I;
     gamma = s^T y / y^T D y of the newest pair)."""
     q = g.copy()
     if D is None:
         D = np.ones_like(g)
+    apply = D if callable(D) else (lambda v: D * v)
     if not S:
-        return -D * q
+        return -apply(q)
     rho = [1.0 / float(np.dot(y, s)) for s, y in zip(S, Y)]
     alpha = []
     for s, y, r in zip(reversed(S), reversed(Y), reversed(rho)):
         a = r * float(np.dot(s, q))
         alpha.append(a)
         q -= a * y
-    gamma = float(np.dot(S[-1], Y[-1]) / np.dot(Y[-1], D * Y[-1]))
-    q *= gamma * D
+    gamma = float(np.dot(S[-1], Y[-1]) / np.dot(Y[-1], apply(Y[-1])))
+    q = gamma * apply(q)
     for (s, y, r), a in zip(zip(S, Y, rho), reversed(alpha)):
         b = r * float(np.dot(y, q))
         q += (a - b) * s
     return -q
-
-
-def _preconditioner(ev: Evaluator, z, G, k):
-    """Diagonal inverse-curvature estimate D of F at z from the last evaluation (at z): with
-    h_g = mean_c (lambda - lambda^2 diag A^{-1} - q^2/s)_g the observed information of mu_g,
-    curvature h_g for mu_g and for each W_ga, and 2 s_g^2 h_g^2 + max(-2 dL/dd_g, 0) for s_g (the
-    Fisher information 1/(2 d^2) of a variance times (dd/ds)^2 = 4 s^2, plus the 2 F_d term of
-    F_ss that dominates for genes pressing on the floor). D = 1 / max(curvature, 1e-3 median) (the floor keeps coordinates
-    with almost no information, e.g. s of a weakly expressed gene, from taking huge trial steps)."""
-    last = ev._last
-    if last is None or last[1].terms.info_mu is None:
-        return None
-    h = np.maximum(last[1].terms.info_mu / ev.u.shape[0], 0.0)
-    s = z[G + G * k:]
-    g_d = last[1].grad["d"]
-    # F_ss = 4 s^2 F_dd + 2 F_d: near s = 0 (a gene pressing on the floor, dL/dd < 0) the second
-    # term dominates; without it those genes creep to the floor geometrically
-    curv = np.concatenate([h, np.repeat(h, k), 2.0 * s * s * h * h + np.maximum(-2.0 * g_d, 0.0)])
-    curv = np.maximum(curv, 1e-3 * max(float(np.median(curv)), 1e-300))
-    return 1.0 / curv
 
 
 def _line_search(fg, z, F0, g0, p, t0=1.0, c1=1e-4, c2=0.9, max_evals=30):
@@ -136,7 +119,7 @@ def _line_search(fg, z, F0, g0, p, t0=1.0, c1=1e-4, c2=0.9, max_evals=30):
 
 def run_lbfgs(ev: Evaluator, st: LaplaceFitState, *, n_steps: int, gtol: float, rule: StopRule,
               memory: int = 50, checkpoint: str | None = None, checkpoint_every: int = 50,
-              progress: bool = True, precondition: bool = True, max_step: float = 1.0,
+              progress: bool = True, precondition: str | None = "fisher", max_step: float = 1.0,
               max_epochs: float | None = None, n_total: int | None = None,
               desc: str = "Laplace fit (L-BFGS)") -> LaplaceFitState:
     """L-BFGS from the state's globals (module docstring) until ``rule``, ``n_steps`` (total steps
@@ -144,7 +127,12 @@ def run_lbfgs(ev: Evaluator, st: LaplaceFitState, *, n_steps: int, gtol: float, 
     (globals, pairs, MAPs, history, best, epochs, stop rule and message).
 
     Epochs: ``st.epochs`` grows by the cells each evaluation solves over ``n_total`` (default: the
-    evaluator's cells; a sampled phase passes the whole data set's N)."""
+    evaluator's cells; a sampled phase passes the whole data set's N).
+
+    ``precondition``: H0 of the two-loop recursion, "fisher" (``precondition.FisherPreconditioner``,
+    the default), "diagonal" (``precondition.diagonal_curvature``) or None (identity)."""
+    if precondition not in ("fisher", "diagonal", None):
+        raise ValueError(f"precondition must be 'fisher', 'diagonal' or None, got {precondition!r}")
     G, k = st.W.shape
     final = gtol
     n_total = ev.N if n_total is None else int(n_total)
@@ -155,6 +143,7 @@ def run_lbfgs(ev: Evaluator, st: LaplaceFitState, *, n_steps: int, gtol: float, 
         return st.epochs
 
     z = to_z(st.mu, st.W, np.exp(st.rho))
+    eta_var = eta_prior_variance(ev.capture, ev.log_anchor) if precondition == "fisher" else 0.0
     S = [] if st.lbfgs_s is None else list(st.lbfgs_s)
     Y = [] if st.lbfgs_y is None else list(st.lbfgs_y)
     counters = {"failed": 0}
@@ -174,7 +163,7 @@ def run_lbfgs(ev: Evaluator, st: LaplaceFitState, *, n_steps: int, gtol: float, 
             tol = new_tol
             F, g = fg(z, tol)
         _record_best(st, z, F, G, k)
-        D = _preconditioner(ev, z, G, k) if precondition else None
+        D = preconditioner(ev, z, G, k, from_z, eta_var, precondition) if precondition else None
         p = _two_loop(g, S, Y, D)
         # first step: at most 0.1 per coordinate; later at most max_step (trial points far from
         # the iterate cost many Newton iterations and are mostly rejected)

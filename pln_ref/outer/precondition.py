@@ -1,0 +1,118 @@
+"""The initial inverse Hessian H0 of the outer L-BFGS: a Gaussian (Fisher) model of the curvature
+of the Laplace evidence in (mu, W), diagonal in s.
+
+Model. Near the optimum, what a cell's counts tell about the globals is approximately a Gaussian
+observation of its log rates x_c - eta_c 1 with Poisson noise diag(1 / lambda_c). With eta_c drawn
+from its prior (variance v_c, the TruncNormal(m_c, sigma_M, low = 0) variance) and
+x_c ~ N(mu, Sigma)::
+
+    y_c ~ N(mu - E[eta_c] 1, C),   C = W W^T + v 1 1^T + diag(d + e),
+    e_g = 1 / lambdabar_g,  lambdabar_g = mean_c lambda_cg,  v = mean_c v_c.
+
+The Fisher information of that Gaussian per cell is, for mu, C^{-1}, and for W (a G x k direction
+V), F(V) = C^{-1} V K + B V^T B with B = C^{-1} W and K = W^T C^{-1} W; the mu-W cross terms
+vanish. H0 drops the second term of F (it carries the rotation null space W -> W A, A skew, which
+makes F singular) and damps K::
+
+    H0 q_mu = C q_mu,    H0 Q_W = C Q_W (K + delta tr(K)/k I)^{-1}    (delta = 1e-3),
+
+both O(G k^2) through the low-rank C (never G x G). The s block (d = D_FLOOR + s^2) keeps the
+diagonal curvature of ``diagonal_curvature``.
+
+Why the v 1 1^T term: the counts pin x - eta, so a shift of every mu_g by the same amount is
+opposed only by eta's prior; without the term H0 takes that direction (and its coupling with W)
+as stiff as the per-gene noise says, and L-BFGS crawls along it.
+
+Measured on real scRNA counts, 2000 cells x 200 genes, k = 5, with the exact Hessian of the
+evidence at the optimum (finite differences of the exact gradient): the generalised condition
+number of the Hessian against H0^{-1} (rotation null space excluded) is 905 for the diagonal
+preconditioner, 265 for C without v, 57 with v, 31 for the exact block-diagonal (mu | W | s)
+Hessian. Full L-BFGS fits (``validation/benchmarks/bench_speed.py``): see the module docstring of
+``lbfgs``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .. import truncnorm
+from ..lowrank import LowRankCov
+
+__all__ = ["diagonal_curvature", "FisherPreconditioner", "eta_prior_variance", "preconditioner"]
+
+#: damping delta of K in the W block, relative to its mean eigenvalue tr(K)/k
+DAMPING = 1e-3
+
+
+def diagonal_curvature(info_mu: np.ndarray, N: int, s: np.ndarray, grad_d: np.ndarray, k: int) -> np.ndarray:
+    """Diagonal curvature estimate of F = -L on z = (mu, vec W, s) (length G (k + 2)): with
+    h_g = info_mu_g / N = mean_c (lambda - lambda^2 diag A^{-1} - q^2/s)_g the observed information
+    of mu_g, curvature h_g for mu_g and for each W_ga, and 2 s_g^2 h_g^2 + max(-2 dL/dd_g, 0) for
+    s_g (the Fisher information 1/(2 d^2) of a variance times (dd/ds)^2 = 4 s^2, plus the 2 F_d term
+    of F_ss that dominates for genes pressing on the floor). Floored at 1e-3 x its median (keeps
+    coordinates with almost no information from taking huge trial steps)."""
+    h = np.maximum(np.asarray(info_mu, dtype=float) / N, 0.0)
+    # F_ss = 4 s^2 F_dd + 2 F_d: near s = 0 (a gene pressing on the floor, dL/dd < 0) the second
+    # term dominates; without it those genes creep to the floor geometrically
+    curv = np.concatenate([h, np.repeat(h, k), 2.0 * s * s * h * h + np.maximum(-2.0 * grad_d, 0.0)])
+    return np.maximum(curv, 1e-3 * max(float(np.median(curv)), 1e-300))
+
+
+class FisherPreconditioner:
+    """H0 of the module docstring as a callable on z-vectors (mu, vec W, s) of length G (k + 2).
+
+    ``lambda_mean`` (G,): mean_c lambda_cg at the current MAPs; ``eta_var``: v, the mean prior
+    variance of eta (0 without capture); ``s_inv_curv`` (G,): the inverse curvature of the s block."""
+
+    def __init__(self, W: np.ndarray, d: np.ndarray, lambda_mean: np.ndarray, eta_var: float,
+                 s_inv_curv: np.ndarray, damping: float = DAMPING) -> None:
+        G, k = W.shape
+        self.G, self.k = G, k
+        diag = d + 1.0 / np.maximum(np.asarray(lambda_mean, dtype=float), 1e-12)
+        # C = U U^T + diag(d + e), U = [W, sqrt(v) 1]
+        self.U = W if eta_var <= 0 else np.column_stack([W, np.full(G, np.sqrt(eta_var))])
+        self.diag = diag
+        B = LowRankCov(self.U, diag).inv_mv(W.T).T  # C^{-1} W (G, k)
+        K = W.T @ B
+        K = 0.5 * (K + K.T)
+        self.K_inv = np.linalg.inv(K + damping * max(float(np.trace(K)) / k, 1e-300) * np.eye(k))
+        self.s_inv_curv = np.asarray(s_inv_curv, dtype=float)
+
+    def _C(self, X: np.ndarray) -> np.ndarray:
+        """C X for X (G,) or (G, m)."""
+        if X.ndim == 1:
+            return self.U @ (self.U.T @ X) + self.diag * X
+        return self.U @ (self.U.T @ X) + self.diag[:, None] * X
+
+    def __call__(self, q: np.ndarray) -> np.ndarray:
+        G, k = self.G, self.k
+        out = np.empty_like(q)
+        out[:G] = self._C(q[:G])
+        out[G:G + G * k] = (self._C(q[G:G + G * k].reshape(G, k)) @ self.K_inv).ravel()
+        out[G + G * k:] = self.s_inv_curv * q[G + G * k:]
+        return out
+
+
+def eta_prior_variance(capture, log_anchor: np.ndarray | None) -> float:
+    """v = mean_c Var(eta_c), eta_c ~ TruncNormal(log M0 - log L_c, sigma_M, low = 0); 0 without
+    capture."""
+    if capture is None or log_anchor is None:
+        return 0.0
+    return float(np.mean(truncnorm.variance(capture.prior_mean(log_anchor), capture.sigma_M)))
+
+
+def preconditioner(ev, z: np.ndarray, G: int, k: int, from_z, eta_var: float, kind: str = "fisher"):
+    """H0 at z from the evaluator's last evaluation (at z): a ``FisherPreconditioner`` (``kind``
+    "fisher", when the evaluation carries lambda sums; ``eta_var`` from ``eta_prior_variance``),
+    else the diagonal 1 / ``diagonal_curvature`` as an array; None before any evaluation with
+    gradient. ``from_z`` maps z to (mu, W, d)."""
+    last = ev._last
+    if last is None or last[1].terms.info_mu is None:
+        return None
+    terms, grad = last[1].terms, last[1].grad
+    s = z[G + G * k:]
+    D = 1.0 / diagonal_curvature(terms.info_mu, ev.N, s, grad["d"], k)
+    if kind != "fisher" or terms.lambda_sum is None:
+        return D
+    _, W, d = from_z(z, G, k)
+    return FisherPreconditioner(W, d, terms.lambda_sum / ev.N, eta_var, D[G + G * k:])
