@@ -49,9 +49,9 @@ def test_dask_fit_equals_in_process(data, client, monkeypatch, sparse):
     monkeypatch.setattr(fit_laplace, "evaluation_block_cells", lambda G: BLOCK)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the step cap's ConvergenceWarning
-        st0, p0 = optimize_globals(counts, init, la, n_steps=12, progress=False)
-        st1, p1 = optimize_globals(counts, init, la, n_steps=12, progress=False, client=client)
-    assert st0.step == st1.step == 12
+        st0, p0 = optimize_globals(counts, init, la, n_steps=8, progress=False)
+        st1, p1 = optimize_globals(counts, init, la, n_steps=8, progress=False, client=client)
+    assert st0.step == st1.step == 8  # (the fit converges in 10 steps: 8 keeps the cap binding)
     for a, b in ((p1.mu, p0.mu), (p1.W, p0.W), (p1.d, p0.d), (st1.x_map, st0.x_map),
                  (st1.eta_map, st0.eta_map)):
         assert _rel(a, b) < 1e-8
