@@ -120,7 +120,7 @@ def fit(
     if inference_method == "vae":
         from .vae import fit_vae
 
-        res = fit_vae(u.toarray(), k, capture=cap, log_anchor=log_anchor, progress=progress, config=cfg, **names)
+        res = fit_vae(u, k, capture=cap, log_anchor=log_anchor, progress=progress, config=cfg, **names)
         res.settings["anchor"] = anchor
         return res
     if scheduler_address is None:
