@@ -69,21 +69,24 @@ class MapCellPosteriors(CellPosteriors):
 
 
 class FinalPosteriors(NamedTuple):
-    """``cells``: the posteriors of all cells (precision a ``MapPrecision``); ``evidence``: l_c (N,)."""
+    """``cells``: the posteriors of all cells (precision a ``MapPrecision``); ``evidence``: l_c (N,)
+    (None when not asked for)."""
 
     cells: CellPosteriors
-    evidence: np.ndarray
+    evidence: np.ndarray | None
 
 
 def final_posteriors(counts, params: PLNParams, log_anchor: np.ndarray | None, *,
                      x0: np.ndarray | None = None, eta0: np.ndarray | None = None,
-                     gtol: float = 1e-6, block_cells: int, reuse_x0: bool = False) -> FinalPosteriors:
+                     gtol: float = 1e-6, block_cells: int, reuse_x0: bool = False,
+                     with_evidence: bool = True) -> FinalPosteriors:
     """Every cell's Laplace posterior (``laplace.newton_map`` from the warm start ``x0``/``eta0``)
     and Laplace evidence (``laplace_objective``) at ``params``, ``block_cells`` cells at a time.
 
     ``counts``: an array, scipy.sparse matrix or ``CountMatrix`` (read one dense block at a time).
     ``reuse_x0=True`` writes the MAPs into ``x0`` (float64, (N, G)) instead of a new array: the
     warm start is then overwritten, and the fit holds one N x G MAP array instead of two.
+    ``with_evidence=False``: the posteriors only (``evidence`` None; e.g. ``transform`` of new cells).
     Memory: the kept arrays (x_map, per-cell vectors and k x k factors) plus the work arrays of one
     block; a float32 warm start (``WARM_START_DTYPE`` of the blocked evaluation) is read block by
     block into float64."""
@@ -104,15 +107,16 @@ def final_posteriors(counts, params: PLNParams, log_anchor: np.ndarray | None, *
     S, L_S = np.empty((N, k, k)), np.empty((N, k, k))
     per_cell = {name: None for name in ("eta_map", "on_bound", "converged", "grad_norm", "n_iter",
                                         "objective", "s", "delta", "converged_by", "log_anchor")}
-    evidence = np.empty(N)
+    evidence = np.empty(N) if with_evidence else None
     for lo in range(0, N, bc):
         hi = min(N, lo + bc)
         sl = slice(lo, hi)
         pick = lambda a: None if a is None else a[sl]  # noqa: E731
         ub = u.block(lo, hi)
         post = newton_map(ub, params, pick(log_anchor), x0=pick(x0), eta0=pick(eta0), gtol=gtol, cov=cov)
-        evidence[sl] = laplace_objective(ub, params, pick(log_anchor), post, with_grad=False,
-                                         lgamma_sum=lgam[sl])[0]
+        if with_evidence:
+            evidence[sl] = laplace_objective(ub, params, pick(log_anchor), post, with_grad=False,
+                                             lgamma_sum=lgam[sl])[0]
         x_map[sl] = post.x_map
         S[sl], L_S[sl] = post.precision.S, post.precision.L_S
         for name in per_cell:
