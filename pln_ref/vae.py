@@ -603,12 +603,21 @@ def _encode(model, u: CountMatrix, la, params: PLNParams, batch_size: int, refin
     torch = _torch()
     cap = params.capture
     keys = ("m", "s2", "r", "v", "a", "b", "xs", "zs")
-    out = {k: [] for k in keys}
+    N = u.shape[0]
+    out: dict = {k: None for k in keys}  # (N, ...) arrays, allocated at the first batch
+
+    def put(key, sl, val) -> None:  # copied: a batch's tensors (and what they view) are not kept
+        arr = val.numpy()
+        if out[key] is None:
+            out[key] = np.empty((N,) + arr.shape[1:], dtype=arr.dtype)
+        out[key][sl] = arr
+
     coupled = cap is not None and model.family == "structured"
     with torch.no_grad():
-        for i in range(0, u.shape[0], batch_size):
-            ub = torch.from_numpy(u.block(i, min(u.shape[0], i + batch_size)))
-            pm = None if cap is None else _prior_m(cap, la[i:i + batch_size], torch)
+        for i in range(0, N, batch_size):
+            sl = slice(i, min(N, i + batch_size))
+            ub = torch.from_numpy(u.block(sl.start, sl.stop))
+            pm = None if cap is None else _prior_m(cap, la[sl], torch)
             st = _local_state(model, ub, pm, refine_steps)
             m, r = st.m, st.r
             if coupled:
@@ -616,13 +625,17 @@ def _encode(model, u: CountMatrix, la, params: PLNParams, batch_size: int, refin
                 mu_d = (mean - st.eta_r)[:, None]
                 m = m + st.c_z * mu_d
                 r = r + (st.beta - st.c_z @ model.W.T) * mu_d
-                out["xs"].append(st.beta.numpy()); out["zs"].append(st.c_z.numpy())  # noqa: E702
-            out["m"].append(m.numpy()); out["s2"].append(torch.exp(st.logvar).numpy())  # noqa: E702
-            out["r"].append(r.numpy()); out["v"].append(st.v.numpy())  # noqa: E702
+                put("xs", sl, st.beta)
+                put("zs", sl, st.c_z)
+            put("m", sl, m)
+            put("s2", sl, torch.exp(st.logvar))
+            put("r", sl, r)
+            put("v", sl, st.v)
             if cap is not None:
-                out["a"].append(st.a.numpy()); out["b"].append(st.b.numpy())  # noqa: E702
-    cat = lambda key: np.concatenate(out[key]) if out[key] else None  # noqa: E731
-    return VAEPosterior(params, *(cat(k) for k in keys))
+                put("a", sl, st.a)
+                put("b", sl, st.b)
+            del st, ub, m, r
+    return VAEPosterior(params, *(out[k] for k in keys))
 
 
 def _new_model(G: int, k: int, capture, cfg: VAEConfig):
