@@ -72,6 +72,20 @@ class MapCellPosteriors(CellPosteriors):
         if value is not None:
             raise AttributeError("MapCellPosteriors.bbar is derived from the MAPs; pass bbar=None")
 
+    def subset(self, idx) -> "MapCellPosteriors":
+        """The posteriors of a subset of cells (index, slice or boolean mask), again a
+        ``MapCellPosteriors``: only the subset's rows are read (no all-cell lambda or bbar is
+        derived, so a block of cells costs a block)."""
+        P = self.precision
+        pick = lambda a: None if a is None else a[idx]  # noqa: E731
+        x_map, eta_map = self.x_map[idx], self.eta_map[idx]
+        return MapCellPosteriors(
+            params=self.params, x_map=x_map, eta_map=eta_map, on_bound=self.on_bound[idx],
+            converged=self.converged[idx], grad_norm=self.grad_norm[idx], n_iter=self.n_iter[idx],
+            objective=self.objective[idx], bbar=None, s=pick(self.s), delta=pick(self.delta),
+            log_anchor=pick(self.log_anchor), converged_by=pick(self.converged_by),
+            precision=MapPrecision(P.cov, x_map, eta_map, P.S[idx], P.L_S[idx]))
+
 
 class FinalPosteriors(NamedTuple):
     """``cells``: the posteriors of all cells (precision a ``MapPrecision``); ``evidence``: l_c (N,)
