@@ -120,7 +120,7 @@ def fit(
     if inference_method == "vae":
         from .vae import fit_vae
 
-        res = fit_vae(u.toarray(), k, capture=cap, log_anchor=log_anchor, progress=progress, config=cfg, **names)
+        res = fit_vae(u, k, capture=cap, log_anchor=log_anchor, progress=progress, config=cfg, **names)
         res.settings["anchor"] = anchor
         return res
     if scheduler_address is None:
@@ -180,8 +180,7 @@ def _fit_laplace(u, k, cap, log_anchor, cfg: LaplaceConfig, *, anchor, progress,
 
     A resumed fit keeps the wall and CPU time of its earlier runs (``wall_time_s``, ``cpu_time_s``
     count every run of the fit) and is refused if its checkpoint's data fingerprint differs."""
-    from .fit_laplace import LaplaceFitState, data_fingerprint, evaluation_block_cells, optimize_globals
-    from .outer.final import final_posteriors
+    from .fit_laplace import LaplaceFitState, data_fingerprint, optimize_globals
     from .outer.start import initial_globals
     from .results import LaplaceResult, evidence_outliers
 
@@ -202,19 +201,15 @@ def _fit_laplace(u, k, cap, log_anchor, cfg: LaplaceConfig, *, anchor, progress,
     resumed_at = None if state is None else int(state.step)
     earlier_wall = 0.0 if state is None else state.elapsed_s
     earlier_cpu = 0.0 if state is None else state.elapsed_cpu_s
-    st, params = optimize_globals(
+    # with final=True: the final posteriors and evidence by blocks of cells, warm-started from the
+    # optimiser's MAPs (in process, or on the Dask workers that hold them)
+    st, params, (cells, evidence) = optimize_globals(
         u, init, log_anchor, n_steps=cfg.n_steps, lr=cfg.lr, batch_size=cfg.batch_size, ift=cfg.ift,
         seed=cfg.seed, gtol=cfg.gtol, checkpoint=cfg.checkpoint, checkpoint_every=cfg.checkpoint_every,
         resume=state, progress=progress, optimizer=cfg.optimizer, gap_tol=cfg.gap_tol,
         fingerprint=fingerprint, em_cycles=cfg.em_cycles, client=client, max_epochs=cfg.max_epochs,
+        final=True,
     )
-    # final posteriors and evidence by blocks of cells, warm-started from the optimiser's MAPs (a
-    # float64 warm start is overwritten in place; the blocked fit's float32 one is read by blocks)
-    x0 = st.x_map
-    reuse = x0 is not None and x0.dtype == np.float64 and x0.flags.writeable
-    cells, evidence = final_posteriors(u, params, log_anchor, x0=x0, eta0=st.eta_map, gtol=cfg.gtol,
-                                       block_cells=evaluation_block_cells(u.shape[1]), reuse_x0=reuse)
-    st.x_map = None  # shared with the result's x_map now
     history = np.asarray(st.history, dtype=float).reshape(-1, 3)
     objective = float(np.mean(evidence))
     outliers = evidence_outliers(evidence, u, cell_names, warn=True)

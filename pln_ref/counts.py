@@ -164,6 +164,22 @@ class CountMatrix:
         u = self._src[idx]
         return np.asarray(u.toarray() if sp.issparse(u) else u, dtype=np.float64)
 
+    def take(self, idx: np.ndarray) -> np.ndarray | sp.csr_array:
+        """Rows ``idx`` (increasing cell indices) as a standalone matrix in storage form: a CSR
+        array (float64 values) for CSR storage or sparse on-disk storage, a dense float64 array
+        otherwise (e.g. a fold's cells shipped to a worker; only these rows are read)."""
+        idx = np.asarray(idx, dtype=np.intp)
+        if idx.ndim != 1 or (idx.size > 1 and np.any(np.diff(idx) <= 0)) \
+                or (idx.size and (idx[0] < 0 or idx[-1] >= self.shape[0])):
+            raise ValueError(f"take needs increasing cell indices in [0, {self.shape[0]}), got {idx.size} indices")
+        if self.storage == "dense":
+            return self.rows(idx)
+        u = self._src[idx]
+        if sp.issparse(u):
+            u = sp.csr_array(u)
+            return sp.csr_array((np.asarray(u.data, dtype=np.float64), u.indices, u.indptr), shape=u.shape)
+        return np.asarray(u, dtype=np.float64)
+
     def subset(self, idx: np.ndarray) -> "CountMatrix":
         """The rows ``idx`` (increasing cell indices) as a CountMatrix in the same storage, without a
         copy of the counts: its blocks and rows are read from this matrix on demand (a sample of

@@ -80,13 +80,13 @@ from dataclasses import dataclass
 
 import numpy as np
 from scipy.interpolate import CubicSpline
-from scipy.special import gammaln
 
 from . import truncnorm
 from .constants import LOG_2PI
+from .counts import CountMatrix
 from .anchor import resolve_log_anchor
 from .laplace import CellPosteriors
-from .lowrank import LowRankCov, PosteriorPrecision
+from .lowrank import LowRankCov, PosteriorPrecision, lowrank_solve
 from .model import cell_gradient
 
 __all__ = ["EtaMarginalPosterior", "eta_marginal", "x_newton_fixed_eta"]
@@ -261,13 +261,6 @@ def _hermite(t, h, x0, x1, m0, m1):
             + (-2 * t3 + 3 * t2) * x1 + (t3 - t2) * h * m1)
 
 
-def _lowrank_solve(cov: LowRankCov, r: np.ndarray, C: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """A^{-1} b = r * (d b + W C W^T (r b)) (``PosteriorPrecision.solve``) for rows with their own
-    r = 1/(1 + lambda d) (..., G) and C = S^{-1} (..., k, k), b (..., G) (all broadcast)."""
-    t = (r * b) @ cov.W
-    return r * (cov.d * b + np.einsum("...ab,...b->...a", C, t) @ cov.W.T)
-
-
 def _skew_moments(cov: LowRankCov, lam: np.ndarray, C: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(kappa3, var_q) per row (n, G) of the skew transform of ``_skew_transform`` at a node
     factorisation lam (n, G), C = S^{-1} (n, k, k), without G x G arrays (O(n G k^3)).
@@ -306,7 +299,7 @@ def _skew_transform(cov: LowRankCov, lam: np.ndarray, r: np.ndarray, C: np.ndarr
     of any leading shape with their own lam, r, C, v): E y = 0, Cov y = A^{-1} + Var(q) (second
     order) and the third cumulants of y are -sum_a lambda_a (A^{-1})_ga (A^{-1})_ha (A^{-1})_ka, those
     of the log density's third derivatives (module docstring, "Skew")."""
-    return e - _lowrank_solve(cov, r, C, lam * (e * e - v)) / 6.0
+    return e - lowrank_solve(cov, r, C, lam * (e * e - v)) / 6.0
 
 
 def _skew_inverse_logjac(cov: LowRankCov, lam: np.ndarray, r: np.ndarray, C: np.ndarray, v: np.ndarray,
@@ -324,7 +317,7 @@ def _skew_inverse_logjac(cov: LowRankCov, lam: np.ndarray, r: np.ndarray, C: np.
     e = y.copy()
     with np.errstate(all="ignore"):
         for _ in range(max_iter):
-            e_new = y + _lowrank_solve(cov, r, C, lam * (e * e - v)) / 6.0
+            e_new = y + lowrank_solve(cov, r, C, lam * (e * e - v)) / 6.0
             step = np.max(np.abs(e_new - e), axis=-1)
             e = e_new
             if np.all((step <= tol) | ~np.isfinite(step)):
@@ -800,7 +793,7 @@ def _fine_density(nodes: np.ndarray, logp: np.ndarray, n_fine: int, rows: int = 
 
 
 def eta_marginal(
-    counts: np.ndarray,
+    counts,
     gaussian: CellPosteriors,
     log_anchor: np.ndarray | None = None,
     *,
@@ -819,7 +812,8 @@ def eta_marginal(
     """The eta-marginal Laplace posterior of N cells (module docstring) from their Gaussian
     Laplace posterior ``gaussian`` (``laplace.newton_map`` of the same counts and params).
 
-    counts : (N, G) counts u; log_anchor : log L_c of the capture prior (default: the one stored
+    counts : (N, G) counts u (array, scipy.sparse matrix, AnnData or ``CountMatrix``; read one
+    dense block of ``block_size`` cells at a time, never densified whole); log_anchor : log L_c of the capture prior (default: the one stored
     in ``gaussian``, else the realised library size, ``anchor.resolve_log_anchor``).
     n_nodes : J nodes per cell; width : (below, above) the mode in Gaussian SDs of the first
     window; tail_tol : log density drop at the window ends (nats) below which the tail is
@@ -835,7 +829,7 @@ def eta_marginal(
     params = gaussian.params
     if params.capture is None:
         raise ValueError("the eta-marginal posterior needs capture (params.capture is None: eta is fixed at 0)")
-    u = np.asarray(counts, dtype=float)
+    u = CountMatrix(counts)  # kept in its storage (CSR stays CSR), read one block of cells at a time
     if u.shape != gaussian.x_map.shape:
         raise ValueError(f"counts have shape {u.shape} but the Gaussian posterior has {gaussian.x_map.shape}")
     if n_nodes < 4:
@@ -849,13 +843,13 @@ def eta_marginal(
     if block_size is None:
         block_size = max(8, (1 << 18) // (G * n_nodes))
     m = params.capture.prior_mean(la)
-    lgam = gammaln(u + 1.0).sum(axis=1)
+    lgam = u.lgamma_sums()
     out: dict = {"N": N}
     n_widen = np.empty(N, dtype=int)
     for lo in range(0, N, block_size):
         blk = slice(lo, min(lo + block_size, N))
         g_blk = gaussian if (blk.start, blk.stop) == (0, N) else gaussian.subset(blk)
-        terms = _CellTerms(u=u[blk], lgam=lgam[blk], m=m[blk], sigma_M=params.capture.sigma_M, mu=params.mu,
+        terms = _CellTerms(u=u.block(blk.start, blk.stop), lgam=lgam[blk], m=m[blk], sigma_M=params.capture.sigma_M, mu=params.mu,
                            cov=gaussian.precision.cov)
         n_widen[blk] = _nodes_with_widening(terms, g_blk, _x_star_derivatives(g_blk, warm_order), n_nodes, width,
                                             tail_tol, max_widen, tol, max_iter, mean_correction, out, lo)

@@ -29,6 +29,7 @@ from .constants import D_FLOOR
 from .counts import CountMatrix
 from .outer.adam import run_adam
 from .outer.evaluate import Evaluator, laplace_objective, laplace_terms
+from .outer.final import FinalPosteriors, final_posteriors
 from .outer.lbfgs import run_lbfgs
 from .outer.sampled import run_sampled, sample_sizes
 from .outer.state import LaplaceFitState, check_fingerprint, data_fingerprint
@@ -69,9 +70,13 @@ def optimize_globals(
     em_cycles: int = 0,
     client=None,
     max_epochs: float | None = None,
-) -> tuple[LaplaceFitState, PLNParams]:
+    final: bool = False,
+) -> tuple[LaplaceFitState, PLNParams] | tuple[LaplaceFitState, PLNParams, FinalPosteriors]:
     """Maximise L(theta) = mean_c l_c(theta) from ``init`` (or ``resume``); returns the final state
-    and the best globals.
+    and the best globals, and with ``final=True`` also every cell's final posterior and Laplace
+    evidence at those globals (``outer.final.FinalPosteriors``, by blocks of cells warm-started from
+    the optimiser's MAPs; with a Dask client on the workers that hold the blocks and their MAPs,
+    ``DaskEvaluator.final_posteriors``). The state's MAPs are then consumed (``state.x_map`` None).
 
     ``optimizer``: "lbfgs" (``gap_tol`` nats/cell for its certificate; with ``batch_size`` = n0 the
     sampled L-BFGS from n0 cells, its samples drawn with ``seed``, full batch when n0 > N / 2) or
@@ -87,7 +92,9 @@ def optimize_globals(
     (``pln_ref.outer.em``) before L-BFGS on a fresh fit (each cycle costs about three evaluations).
     ``client``: a ``distributed.Client`` or a Dask scheduler address: the full-batch evaluations run
     as one task per block of cells on its workers, which keep the blocks of counts and their MAPs
-    (``pln_ref.outer.dask_eval``; L-BFGS without EM cycles only). None: in this process.
+    (``pln_ref.outer.dask_eval``; L-BFGS without EM cycles only). None: in this process. The MAPs
+    held on the workers are gathered into ``state.x_map`` only for a checkpoint or when
+    ``final=False``.
     """
     if optimizer not in ("adam", "lbfgs"):
         raise ValueError(f'optimizer must be "adam" or "lbfgs", got {optimizer!r}')
@@ -134,6 +141,7 @@ def optimize_globals(
             if own_client is not None:
                 own_client.close()
             raise
+    keep_client = False  # True: the Dask evaluator stays open for the final pass on the workers
     try:
         if em_cycles and resume is None and optimizer == "lbfgs":
             from .outer.em import squarem
@@ -152,15 +160,38 @@ def optimize_globals(
             run_adam(ev, st, n_steps=n_steps, gtol=gtol, batch_size=batch_size, patience=patience,
                      rtol=rtol, seed=seed, checkpoint=checkpoint, checkpoint_every=checkpoint_every,
                      progress=progress)
+        if client is not None and (checkpoint or not final):  # gathered from the workers
+            st.x_map, st.eta_map = ev.x_map, ev.eta_map
+        keep_client = client is not None and final
     finally:
         st.elapsed_s += time.perf_counter() - w0
         st.elapsed_cpu_s += time.process_time() - c0
-        if client is not None:
-            ev.close()
-            if own_client is not None:
-                own_client.close()
+        if client is not None and not keep_client:
+            _close(ev, own_client)
     if checkpoint:  # the current iterate (with the optimiser's memory): a resume continues exactly
         st.save(checkpoint)
     if st.x_map is not None and st.x_map.shape[0] != N:  # stopped by a cap in a sampled phase: the
         st.x_map = st.eta_map = None  # MAPs are the sample's; the final posteriors start cold
-    return st, st.best_params(init.capture)
+    params = st.best_params(init.capture)
+    if not final:
+        return st, params
+    if client is not None:
+        try:
+            fin = ev.final_posteriors(params, gtol=gtol)
+        finally:
+            _close(ev, own_client)
+    else:
+        # a float64 warm start is overwritten in place; the blocked fit's float32 one is read by blocks
+        x0 = st.x_map
+        reuse = x0 is not None and x0.dtype == np.float64 and x0.flags.writeable
+        fin = final_posteriors(u, params, log_anchor, x0=x0, eta0=st.eta_map, gtol=gtol,
+                               block_cells=evaluation_block_cells(G), reuse_x0=reuse)
+    st.x_map = st.eta_map = None  # consumed: the result's x_map holds the final MAPs
+    return st, params, fin
+
+
+def _close(ev, own_client) -> None:
+    """Release the blocks held on the cluster, and the client if this fit opened it."""
+    ev.close()
+    if own_client is not None:
+        own_client.close()

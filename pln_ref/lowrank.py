@@ -25,7 +25,24 @@ import numpy as np
 
 from .constants import LOG_2PI
 
-__all__ = ["LowRankCov", "PosteriorPrecision"]
+__all__ = ["LowRankCov", "PosteriorPrecision", "lowrank_solve"]
+
+
+def lowrank_solve(cov: "LowRankCov", r: np.ndarray, S_inv: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """A^{-1} b for A = diag(lambda) + Sigma^{-1} given r = 1 / (1 + lambda d) (..., G) and
+    S^{-1} (..., k, k) of each row (``PosteriorPrecision``): since 1/m = r d,
+
+        A^{-1} b = r * (d b + W S^{-1} W^T (r b)),
+
+    O(G k) per row. Leading batch dimensions of r, S^{-1} and b (..., G) broadcast against each
+    other (e.g. draws (S, n, G) against per-row factors (n, G), (n, k, k)); returns the broadcast
+    shape (..., G)."""
+    t = (r * b) @ cov.W  # (..., k)
+    s = np.einsum("...ab,...b->...a", S_inv, t)
+    out = s @ cov.W.T
+    out += cov.d * b
+    out *= r
+    return out
 
 
 def _pair_index(k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -162,14 +179,9 @@ class PosteriorPrecision:
         if b.ndim == 1 and b.shape[0] == self.cov.G:  # one vector shared by every cell (broadcast)
             b = b[None, :]
         if b.ndim == 2:
-            # 1/m = r d, so A^{-1} b = r * (d b + W S^{-1} W^T (r b))
-            r = self.r  # read once: ``outer.final.MapPrecision`` derives it from the MAPs on access
-            t = (r * b) @ self.cov.W  # (N, k)
-            s = np.einsum("nab,nb->na", self.S_inv(), t)  # S^{-1} cached: one inversion per factorisation
-            out = s @ self.cov.W.T
-            out += self.cov.d * b
-            out *= r
-            return out
+            # r read once: ``outer.final.MapPrecision`` derives it from the MAPs on access;
+            # S^{-1} cached: one inversion per factorisation
+            return lowrank_solve(self.cov, self.r, self.S_inv(), b)
         if b.ndim == 3:
             # one (N x G) @ (G x k) GEMM per right-hand side beats batched tiny GEMMs
             out = np.empty_like(b)

@@ -33,6 +33,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .anchor import resolve_log_anchor
+from .counts import CountMatrix
 from .exceptions import ConvergenceWarning
 from .importance import KHAT_THRESHOLD, exact_log_joint_draws, is_log_evidence, psis
 from .protocol import CellPosterior
@@ -85,55 +86,53 @@ class CellScores:
         return out
 
 
-def _counts_for(result, counts) -> np.ndarray:
-    from .data import as_counts
-
-    u = as_counts(counts)
+def _counts_for(result, counts) -> CountMatrix:
+    """The new counts as a ``CountMatrix`` (checked; kept in their storage, CSR stays CSR)."""
+    u = CountMatrix(counts)
     G = result.params.G
     if u.shape[1] != G:
         raise ValueError(f"new counts have {u.shape[1]} genes but the model was fitted on G={G} genes")
     return u
 
 
-def _log_anchor(result, u: np.ndarray, library_size, log_anchor) -> np.ndarray | None:
+def _log_anchor(result, u: CountMatrix, library_size, log_anchor) -> np.ndarray | None:
     """log L_c of the new cells (``anchor.resolve_log_anchor``); None without capture."""
     if result.params.capture is None:
         return None
     return resolve_log_anchor(u, log_anchor, library_size=library_size)
 
 
-def _laplace_posteriors(result, u, la, gtol=None):
-    from .laplace import newton_map
+def _laplace_posteriors(result, u: CountMatrix, la, gtol=None, *, with_evidence: bool = False):
+    """(posteriors, evidence or None) of the cells u at the result's globals, by blocks of cells
+    (``outer.final.final_posteriors``: per cell x gene only the MAPs are kept)."""
+    from .fit_laplace import evaluation_block_cells
+    from .outer.final import final_posteriors
 
     gtol = float(gtol if gtol is not None else (result.settings or {}).get("gtol") or 1e-6)
-    post = newton_map(u, result.params, la, gtol=gtol)
+    post, evidence = final_posteriors(u, result.params, la, gtol=gtol, with_evidence=with_evidence,
+                                      block_cells=evaluation_block_cells(u.shape[1]))
     if not post.converged.all():
         warnings.warn(f"{int((~post.converged).sum())} of {post.N} new cells did not reach the Newton "
                       f"tolerance gtol={gtol:g}", ConvergenceWarning, stacklevel=3)
-    return post
+    return post, evidence
 
 
 def transform(result, counts, library_size=None, *, log_anchor=None) -> CellPosterior:
     """Per-cell posteriors of new cells under the fitted globals of ``result``.
 
-    counts (N, G) (array, sparse or AnnData, the fit's genes in the fit's order); library_size
+    counts (N, G) (array, sparse or AnnData, the fit's genes in the fit's order; read by blocks of
+    cells, CSR stays CSR); library_size
     (N,) or scalar: the anchors L_c (default: each cell's total counts), or ``log_anchor``.
     Returns the method's posterior object, the same type as ``result.posterior``: Laplace
-    ``CellPosteriors`` (per-cell Newton MAP of (x, eta) and its Laplace approximation) or the
+    ``CellPosteriors`` (per-cell Newton MAP of (x, eta) and its Laplace approximation, solved by
+    blocks of cells; per cell x gene only the MAP is stored, ``outer.final.MapCellPosteriors``) or the
     VAE's ``VAEPosterior`` (one encoder pass).
     """
     u = _counts_for(result, counts)
     la = _log_anchor(result, u, library_size, log_anchor)
     if result.inference_method == "vae":
         return result.encode(u, la)
-    return _laplace_posteriors(result, u, la)
-
-
-def _laplace_evidence(result, u, la) -> np.ndarray:
-    from .fit_laplace import laplace_objective
-
-    post = _laplace_posteriors(result, u, la)
-    return np.asarray(laplace_objective(u, result.params, la, post, with_grad=False)[0], dtype=float)
+    return _laplace_posteriors(result, u, la)[0]
 
 
 def _importance(post: CellPosterior, u, params, la, n_draws: int, rng) -> tuple[np.ndarray, ...]:
@@ -146,7 +145,7 @@ def _importance(post: CellPosterior, u, params, la, n_draws: int, rng) -> tuple[
         q = post.subset(idx)
         x, eta = q.sample(rng, n_draws)
         log_q = np.asarray(q.logpdf(x, eta), dtype=float)
-        log_p = exact_log_joint_draws(u[idx], x, eta, params, None if la is None else la[idx])
+        log_p = exact_log_joint_draws(u.block(lo, lo + idx.size), x, eta, params, None if la is None else la[idx])
         lr = log_p - log_q
         est[idx], se[idx] = is_log_evidence(lr)
         khat[idx] = psis(lr).khat
@@ -172,7 +171,7 @@ def score_samples(result, counts, method: str | None = None, *, n_draws: int = 2
     la = _log_anchor(result, u, library_size, log_anchor)
     N = u.shape[0]
     if method == "laplace":
-        est = _laplace_evidence(result, u, la)
+        est = _laplace_posteriors(result, u, la, with_evidence=True)[1]
         return CellScores("laplace", est, np.zeros(N), np.full(N, np.nan))
     if method == "elbo":
         est = np.asarray(result.elbo(u, la), dtype=float)
@@ -180,6 +179,6 @@ def score_samples(result, counts, method: str | None = None, *, n_draws: int = 2
     n_draws = int(n_draws)
     if n_draws < 10:
         raise ValueError(f"n_draws must be >= 10 for importance sampling, got {n_draws}")
-    post = result.encode(u, la) if result.inference_method == "vae" else _laplace_posteriors(result, u, la)
+    post = result.encode(u, la) if result.inference_method == "vae" else _laplace_posteriors(result, u, la)[0]
     est, se, khat = _importance(post, u, result.params, la, n_draws, np.random.default_rng(seed))
     return CellScores("is", est, se, khat, n_draws=n_draws)

@@ -53,6 +53,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .counts import CountMatrix
 from .protocol import CellPosterior
 
 __all__ = ["posterior_predictive", "PPCSummary", "ppc_summary", "plot_ppc", "plot_zero_fraction",
@@ -97,6 +98,8 @@ def _log_anchor(result, post, counts) -> np.ndarray | None:
         la = getattr(obj, "log_anchor", None)
         if la is not None:
             return np.asarray(la, dtype=float)
+    if counts is None:
+        raise ValueError("this mode needs the cells' anchors: pass the observed counts (counts=...)")
     from .anchor import resolve_log_anchor
 
     return resolve_log_anchor(counts)
@@ -110,7 +113,7 @@ def _needs_eta_marginal(post) -> bool:
     return isinstance(post, CellPosteriors) and post.params.capture is not None
 
 
-def _eta_marginal_block(q, u, la):
+def _eta_marginal_block(q, u: np.ndarray, la):
     """The eta-marginal posterior of a block of cells whose posterior ``q`` is Gaussian Laplace
     (the same as ``LaplaceResult.with_eta_marginal(counts).posterior`` on those cells); any other
     posterior (VAE, already eta-marginal, no capture) unchanged."""
@@ -118,11 +121,12 @@ def _eta_marginal_block(q, u, la):
         return q
     from .eta_marginal import eta_marginal
 
-    return eta_marginal(np.asarray(u, dtype=float), q, la)
+    return eta_marginal(u, q, la)
 
 
-def _block_log_rates(mode, post, idx, u, la, rng, R, n_proposals) -> np.ndarray:
-    """log rates x - eta of R replicates for the cells ``idx``: (R, len(idx), G)."""
+def _block_log_rates(mode, post, idx, ub, la, rng, R, n_proposals) -> np.ndarray:
+    """log rates x - eta of R replicates for the cells ``idx`` (consecutive), whose dense counts
+    are ``ub`` (None where the mode does not read them): (R, len(idx), G)."""
     p = post.params
     n = idx.size
     if mode == "map":
@@ -139,7 +143,7 @@ def _block_log_rates(mode, post, idx, u, la, rng, R, n_proposals) -> np.ndarray:
         return x - eta[..., None]
     q = post.subset(idx)
     if mode == "joint":
-        q = _eta_marginal_block(q, u[idx], None if la is None else la[idx])
+        q = _eta_marginal_block(q, ub, None if la is None else la[idx])
     if mode in ("joint", "joint_gaussian", "fixed_eta"):
         mode = "joint" if mode == "joint_gaussian" else mode
         x, eta = q.sample(rng, R, eta="free" if mode == "joint" else "map")
@@ -148,7 +152,7 @@ def _block_log_rates(mode, post, idx, u, la, rng, R, n_proposals) -> np.ndarray:
     from .importance import exact_log_joint_draws, psis
 
     x, eta = q.sample(rng, n_proposals)
-    lr = exact_log_joint_draws(u[idx], x, eta, p, None if la is None else la[idx]) - q.logpdf(x, eta)
+    lr = exact_log_joint_draws(ub, x, eta, p, None if la is None else la[idx]) - q.logpdf(x, eta)
     w = np.exp(psis(lr).lw)  # (M, n), normalised per cell
     cdf = np.cumsum(w, axis=0)
     target = (cdf[-1][None, :] * rng.random((R, n)))[..., None]  # (R, n, 1)
@@ -158,20 +162,24 @@ def _block_log_rates(mode, post, idx, u, la, rng, R, n_proposals) -> np.ndarray:
 
 
 def _replicate_blocks(result, counts, n_samples, mode, seed, n_proposals):
-    """Yield (idx, u_rep (R, n, G)) over blocks of cells."""
+    """Yield (idx, u_rep (R, n, G)) over blocks of cells; ``counts`` (a ``CountMatrix`` or anything
+    it accepts, or None for the modes that do not read them) are read one block at a time."""
     post = _posterior(result)
-    u = np.asarray(counts)
-    if u.shape != post.x_map.shape:
-        raise ValueError(f"counts have shape {u.shape} but the fit has {post.x_map.shape}")
     mode = _mode(mode)
+    u = None if counts is None else CountMatrix(counts)
+    if u is not None and u.shape != post.x_map.shape:
+        raise ValueError(f"counts have shape {u.shape} but the fit has {post.x_map.shape}")
     rng = np.random.default_rng(seed)
     la = _log_anchor(result, post, u) if mode in ("predictive", "joint_is", "joint") else None
-    N, G = u.shape
+    reads = mode == "joint_is" or (mode == "joint" and _needs_eta_marginal(post))
+    N, G = post.x_map.shape
     per_cell = max(n_samples, n_proposals if mode == "joint_is" else 0) * G
     block = max(1, _BLOCK_ENTRIES // max(per_cell, 1))
     for lo in range(0, N, block):
-        idx = np.arange(lo, min(N, lo + block))
-        z = _block_log_rates(mode, post, idx, u, la, rng, n_samples, n_proposals)
+        hi = min(N, lo + block)
+        idx = np.arange(lo, hi)
+        ub = u.block(lo, hi) if reads else None
+        z = _block_log_rates(mode, post, idx, ub, la, rng, n_samples, n_proposals)
         with np.errstate(over="ignore"):
             yield idx, rng.poisson(np.exp(z))
 
@@ -187,20 +195,37 @@ def posterior_predictive(result, n_samples: int, *, mode: str = "joint", seed=0,
         if m == "joint_is" or (m == "joint" and _needs_eta_marginal(post)):
             raise ValueError(f'mode "{m}" needs the observed counts (counts=...)'
                              + ('; mode "joint_gaussian" draws without them' if m == "joint" else ""))
-        counts = np.zeros(post.x_map.shape)
     out = np.empty((n_samples,) + post.x_map.shape, dtype=np.int64)
     for idx, rep in _replicate_blocks(result, counts, n_samples, mode, seed, n_proposals):
         out[:, idx] = rep
     return out
 
 
-def _stats(u: np.ndarray) -> dict[str, np.ndarray]:
-    return {
-        "mean": u.mean(axis=0),
-        "var": u.var(axis=0, ddof=1),
-        "zero_frac": (u == 0).mean(axis=0),
-        "total_counts": np.sort(u.sum(axis=1)),
-    }
+def _add_rows(acc: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """acc + rows[0] + rows[1] + ... in this order (NumPy's axis-0 reduction adds the rows of a
+    C-contiguous array one after the other), so sums by blocks of cells round exactly as the sum
+    over all cells at once."""
+    return np.add.reduce(np.concatenate([acc[None], rows]), axis=0)
+
+
+def _stats(u) -> dict[str, np.ndarray]:
+    """Per-gene mean, variance (ddof=1) and zero fraction and the sorted total counts of the
+    counts ``u`` (a ``CountMatrix`` or anything it accepts), by blocks of cells (two passes; the
+    same rounding as over all cells at once)."""
+    u = CountMatrix(u)
+    N, G = u.shape
+    s1, zeros = np.zeros(G), np.zeros(G, dtype=np.int64)
+    for _, ub in u.blocks():
+        s1 = _add_rows(s1, ub)
+        zeros += np.count_nonzero(ub == 0, axis=0)
+    mean = s1 / N
+    ss = np.zeros(G)
+    for _, ub in u.blocks():
+        ub -= mean
+        np.multiply(ub, ub, out=ub)
+        ss = _add_rows(ss, ub)
+    return {"mean": mean, "var": ss / max(N - 1, 0), "zero_frac": zeros / N,
+            "total_counts": np.sort(u.total_counts())}
 
 
 @dataclass
@@ -274,9 +299,11 @@ class PPCSummary:
 def ppc_summary(counts, result, *, n_samples: int = 100, mode: str = "joint", seed=0,
                 n_proposals: int = 200) -> PPCSummary:
     """Compare the data with ``n_samples`` replicates in ``mode`` (module docstring), streamed over
-    blocks of cells. ``n_proposals``: importance draws per cell of mode "joint_is"."""
+    blocks of cells (``counts``: array, scipy.sparse matrix, AnnData or ``CountMatrix``, read one
+    block of cells at a time, CSR stays CSR). ``n_proposals``: importance draws per cell of mode
+    "joint_is"."""
     mode = _mode(mode)
-    u = np.asarray(counts)
+    u = CountMatrix(counts)
     N, G = u.shape
     R = int(n_samples)
     s1, s2, nz = np.zeros((R, G)), np.zeros((R, G)), np.zeros((R, G))

@@ -131,10 +131,10 @@ class LaplaceResult(PLNResult):
     def posterior_eta_marginal(self, counts, **options) -> EtaMarginalPosterior:
         """The eta-marginal posterior of the training cells (``pln_ref.eta_marginal.eta_marginal``):
         q(eta) proportional to p(u, x*(eta), eta) |A(eta)|^{-1/2} integrated by quadrature, x | eta
-        Gaussian at each node. ``counts``: the (N, G) training counts (the result does not keep
-        them); ``options``: those of ``eta_marginal`` (n_nodes, tail_tol, ...)."""
-        u = np.asarray(counts.toarray() if hasattr(counts, "toarray") else counts, dtype=float)
-        return eta_marginal(u, self.cells, self.cells.log_anchor, **options)
+        Gaussian at each node. ``counts``: the (N, G) training counts (array, scipy.sparse matrix,
+        AnnData or ``CountMatrix``; the result does not keep them; read by blocks of cells, CSR
+        stays CSR); ``options``: those of ``eta_marginal`` (n_nodes, tail_tol, ...)."""
+        return eta_marginal(counts, self.cells, self.cells.log_anchor, **options)
 
     def with_eta_marginal(self, counts, **options) -> "LaplaceResult":
         """A copy of this result whose ``posterior`` is the eta-marginal posterior

@@ -190,10 +190,20 @@ def _manifest(out: Path, info: dict) -> None:
     atomic_write_json(path, info)
 
 
-def _fingerprint(u: np.ndarray) -> str:
+def _fingerprint(u) -> str:
+    """sha1 of the float64 bytes of an array, or of a ``CountMatrix`` read by blocks of cells in
+    order (the same digest as its dense copy's)."""
     import hashlib
 
-    return hashlib.sha1(np.ascontiguousarray(u, dtype=np.float64).tobytes()).hexdigest()[:16]
+    from .counts import CountMatrix
+
+    h = hashlib.sha1()
+    if isinstance(u, CountMatrix):
+        for _, ub in u.blocks():
+            h.update(ub.tobytes())
+    else:
+        h.update(np.ascontiguousarray(u, dtype=np.float64).tobytes())
+    return h.hexdigest()[:16]
 
 
 def _run(tasks: list[dict], scheduler) -> list[dict]:
@@ -218,7 +228,8 @@ def select_rank(data, ks=(1, 2, 5, 10, 20), *, holdout: float = 0.2, folds: int 
                 progress: bool = True, **fit_options) -> RankSelection:
     """Held-out log-likelihood for every k in ``ks`` and the chosen k (module docstring).
 
-    data : (cells x genes) counts (array, sparse, AnnData with ``layer``).
+    data : (cells x genes) counts (array, sparse, AnnData with ``layer``); kept in its storage (a
+        fold's cells are shipped as CSR for sparse input, never a dense N x G copy).
     holdout : fraction of cells held out (one split); folds : K-fold CV instead (overrides holdout).
     score : "laplace" (Laplace evidence of the held-out cells) or "is" (importance sampling,
         ``n_draws`` draws per cell). seed : the split (and the IS draws).
@@ -227,9 +238,9 @@ def select_rank(data, ks=(1, 2, 5, 10, 20), *, holdout: float = 0.2, folds: int 
     library_size : anchors L_c of all cells (default: total counts); capture : as in ``fit``.
     **fit_options : options of the Laplace fit (``n_steps``, ``optimizer``, ...).
     """
-    from .data import as_counts
+    from .counts import CountMatrix
 
-    u = as_counts(data, layer=layer)
+    u = CountMatrix(data, layer=layer)
     N, G = u.shape
     ks, holdout, folds = _check(ks, holdout, folds, score, G)
     for bad in ("checkpoint", "resume", "k", "library_size"):
@@ -254,10 +265,13 @@ def select_rank(data, ks=(1, 2, 5, 10, 20), *, holdout: float = 0.2, folds: int 
                 records[(k, f)] = _load_record(rec_path)
                 continue
             tr = np.setdiff1d(np.arange(N), te)
-            if np.any(u[tr].sum(axis=0) == 0):
-                raise ValueError(f"fold {f}: {int(np.sum(u[tr].sum(axis=0) == 0))} genes have no counts in "
+            in_train = np.zeros(N)
+            in_train[tr] = 1.0
+            n_empty = int(np.sum(u.rmatmul(in_train) == 0))  # genes without counts in the training cells
+            if n_empty:
+                raise ValueError(f"fold {f}: {n_empty} genes have no counts in "
                                  "the training cells; remove rare genes first")
-            tasks.append({"k": k, "fold": f, "train": u[tr], "test": u[te], "capture": capture,
+            tasks.append({"k": k, "fold": f, "train": u.take(tr), "test": u.take(te), "capture": capture,
                           "library_train": None if lib is None else lib[tr],
                           "library_test": None if lib is None else lib[te],
                           "score": score, "n_draws": int(n_draws), "seed": seed,

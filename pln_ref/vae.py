@@ -85,6 +85,7 @@ from . import truncnorm
 from .anchor import resolve_log_anchor
 from .config import VAEConfig, method_config
 from .constants import LOG_2PI
+from .counts import CountMatrix
 from .exceptions import ConvergenceWarning, TrainingDivergedError
 from .params import Capture, PLNParams
 from .protocol import PLNResult
@@ -102,20 +103,21 @@ def _torch():
 # ------------------------------------------------------------------------------------------------
 # input handling
 # ------------------------------------------------------------------------------------------------
-def _counts(data, layer=None) -> np.ndarray:
-    from .data import as_counts
+def _counts(data, layer=None) -> CountMatrix:
+    """The checked counts as a ``CountMatrix`` (kept in their storage, CSR stays CSR; read by blocks
+    or minibatches of cells, never densified whole)."""
+    return CountMatrix(data, layer=layer)
 
-    return as_counts(data, layer=layer)
 
-
-def _log_anchor(u: np.ndarray, log_anchor, capture) -> np.ndarray | None:
+def _log_anchor(u: CountMatrix, log_anchor, capture) -> np.ndarray | None:
     """log L_c by the one anchor policy (``anchor.resolve_log_anchor``); None without capture."""
     return None if capture is None else resolve_log_anchor(u, log_anchor)
 
 
-def _init_decoder(u: np.ndarray, k: int, capture, log_anchor) -> tuple[PLNParams, str]:
-    """Method of moments when available, else log1p + SVD (mu = column mean, W from the top-k
-    SVD of the centred log1p matrix / sqrt(N), d = residual variance floored at 0.05)."""
+def _init_decoder(u: CountMatrix, k: int, capture, log_anchor) -> tuple[PLNParams, str]:
+    """Method of moments when available (by blocks of cells), else log1p + SVD (mu = column mean,
+    W from the top-k SVD of the centred log1p matrix / sqrt(N), d = residual variance floored at
+    0.05; this fallback needs the whole log1p matrix dense)."""
     try:
         from .moments import method_of_moments
     except ImportError:
@@ -127,7 +129,7 @@ def _init_decoder(u: np.ndarray, k: int, capture, log_anchor) -> tuple[PLNParams
                 return p, "method_of_moments"
         except ValueError:
             pass
-    y = np.log1p(u)
+    y = np.log1p(u.toarray())
     if capture is not None:  # put the mean capture loss back on the log scale
         m = capture.prior_mean(log_anchor)
         y = y + np.maximum(m, 0.0)[:, None]
@@ -409,6 +411,8 @@ class VAEResult(PLNResult):
 
         ``batch_size`` 256 is the measured optimum on CPU (G=2000: 128-512 cells per batch run
         ~1.6-1.9k cells/s on one thread, 4096 only ~0.8k/s: the N x G temporaries leave cache).
+        ``new_counts``: array, scipy.sparse matrix, AnnData or ``CountMatrix``, read one batch of
+        cells at a time (CSR stays CSR).
         """
         u = _counts(new_counts)
         if u.shape[1] != self.params.G:
@@ -418,14 +422,15 @@ class VAEResult(PLNResult):
 
     def elbo(self, counts, log_anchor=None, *, batch_size: int = 256, refine_steps: int = 0) -> np.ndarray:
         """Closed-form ELBO per cell (N,) of (new or training) cells under the encoder's q
-        (after ``refine_steps`` refinement rounds; default 0: the encoder output as is)."""
+        (after ``refine_steps`` refinement rounds; default 0: the encoder output as is). ``counts``
+        are read ``batch_size`` cells at a time (CSR stays CSR)."""
         torch = _torch()
         u = _counts(counts)
         la = _log_anchor(u, log_anchor, self.params.capture)
         out = []
         with torch.no_grad():
             for i in range(0, u.shape[0], batch_size):
-                ub = torch.as_tensor(u[i:i + batch_size], dtype=torch.float64)
+                ub = torch.from_numpy(u.block(i, min(u.shape[0], i + batch_size)))
                 pm = _prior_m(self.params.capture, None if la is None else la[i:i + batch_size], torch)
                 st = _local_state(self.model, ub, pm, int(refine_steps))
                 t = self.model.elbo_terms(ub, st, pm)
@@ -451,7 +456,7 @@ class VAEResult(PLNResult):
         n_ref = self._refine(refine_steps)
         u = _counts(counts)
         la = _log_anchor(u, log_anchor, self.params.capture)
-        U = torch.as_tensor(u, dtype=torch.float64)
+        U = torch.from_numpy(u.toarray())  # every cell's q(z) is optimised jointly: dense on purpose
         pm = _prior_m(self.params.capture, la, torch)
         model = self.model
 
@@ -590,20 +595,29 @@ def _local_state(model, ub, pm, refine_steps: int):
     return st
 
 
-def _encode(model, u: np.ndarray, la, params: PLNParams, batch_size: int, refine_steps: int = 0) -> VAEPosterior:
-    """VAEPosterior of the cells u: marginal means z_mean = m + c_z mu_d, r + c mu_d and the
+def _encode(model, u: CountMatrix, la, params: PLNParams, batch_size: int, refine_steps: int = 0) -> VAEPosterior:
+    """VAEPosterior of the cells u (read ``batch_size`` cells at a time): marginal means z_mean = m + c_z mu_d, r + c mu_d and the
     slopes (structured family with capture), else the mean-field quantities."""
     from .vae_model import eta_moments
 
     torch = _torch()
     cap = params.capture
     keys = ("m", "s2", "r", "v", "a", "b", "xs", "zs")
-    out = {k: [] for k in keys}
+    N = u.shape[0]
+    out: dict = {k: None for k in keys}  # (N, ...) arrays, allocated at the first batch
+
+    def put(key, sl, val) -> None:  # copied: a batch's tensors (and what they view) are not kept
+        arr = val.numpy()
+        if out[key] is None:
+            out[key] = np.empty((N,) + arr.shape[1:], dtype=arr.dtype)
+        out[key][sl] = arr
+
     coupled = cap is not None and model.family == "structured"
     with torch.no_grad():
-        for i in range(0, u.shape[0], batch_size):
-            ub = torch.as_tensor(u[i:i + batch_size], dtype=torch.float64)
-            pm = None if cap is None else _prior_m(cap, la[i:i + batch_size], torch)
+        for i in range(0, N, batch_size):
+            sl = slice(i, min(N, i + batch_size))
+            ub = torch.from_numpy(u.block(sl.start, sl.stop))
+            pm = None if cap is None else _prior_m(cap, la[sl], torch)
             st = _local_state(model, ub, pm, refine_steps)
             m, r = st.m, st.r
             if coupled:
@@ -611,13 +625,17 @@ def _encode(model, u: np.ndarray, la, params: PLNParams, batch_size: int, refine
                 mu_d = (mean - st.eta_r)[:, None]
                 m = m + st.c_z * mu_d
                 r = r + (st.beta - st.c_z @ model.W.T) * mu_d
-                out["xs"].append(st.beta.numpy()); out["zs"].append(st.c_z.numpy())  # noqa: E702
-            out["m"].append(m.numpy()); out["s2"].append(torch.exp(st.logvar).numpy())  # noqa: E702
-            out["r"].append(r.numpy()); out["v"].append(st.v.numpy())  # noqa: E702
+                put("xs", sl, st.beta)
+                put("zs", sl, st.c_z)
+            put("m", sl, m)
+            put("s2", sl, torch.exp(st.logvar))
+            put("r", sl, r)
+            put("v", sl, st.v)
             if cap is not None:
-                out["a"].append(st.a.numpy()); out["b"].append(st.b.numpy())  # noqa: E702
-    cat = lambda key: np.concatenate(out[key]) if out[key] else None  # noqa: E731
-    return VAEPosterior(params, *(cat(k) for k in keys))
+                put("a", sl, st.a)
+                put("b", sl, st.b)
+            del st, ub, m, r
+    return VAEPosterior(params, *(out[k] for k in keys))
 
 
 def _new_model(G: int, k: int, capture, cfg: VAEConfig):
@@ -634,7 +652,7 @@ def _model_params(model, capture) -> PLNParams:
                          d=model.d.numpy().copy(), capture=capture)
 
 
-def _check_inputs(counts, k, capture, log_anchor, layer) -> tuple[np.ndarray, int, np.ndarray | None]:
+def _check_inputs(counts, k, capture, log_anchor, layer) -> tuple[CountMatrix, int, np.ndarray | None]:
     u = _counts(counts, layer=layer)
     G = u.shape[1]
     k = int(k)
@@ -655,21 +673,41 @@ def _deterministic(torch):
         torch.use_deterministic_algorithms(prev)
 
 
-def _setup(u: np.ndarray, la, capture, init: PLNParams, cfg: VAEConfig, gen):
+def _log1p_moments(u: CountMatrix, cells: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-gene mean and standard deviation (ddof=1) of log1p(u) over the rows ``cells``, by blocks
+    of cells (two passes: the mean, then the centred squares), shapes (G,)."""
+    take = np.zeros(u.shape[0], dtype=bool)
+    take[cells] = True
+    n = int(take.sum())
+    s1 = np.zeros(u.shape[1])
+    for sl, ub in u.blocks():
+        s1 += np.log1p(ub[take[sl]]).sum(axis=0)
+    mean = s1 / n
+    s2 = np.zeros(u.shape[1])
+    for sl, ub in u.blocks():
+        y = np.log1p(ub[take[sl]])
+        y -= mean
+        s2 += np.einsum("cg,cg->g", y, y)
+    return mean, np.sqrt(s2 / (n - 1)) if n > 1 else np.full(u.shape[1], np.nan)
+
+
+def _setup(u: CountMatrix, la, capture, init: PLNParams, cfg: VAEConfig, gen):
     """The model (decoder at ``init``, encoder input statistics of the training cells) and the
-    training data with its held-out split (a ``val_fraction`` of the cells when N >= 20)."""
+    training data with its held-out split (a ``val_fraction`` of the cells when N >= 20). The counts
+    stay a ``CountMatrix``: minibatches are read as dense rows when drawn."""
     torch = _torch()
     from .vae_train import TrainData
 
+    u = CountMatrix(u)  # no copy for a CountMatrix
     N, G = u.shape
     model = _new_model(G, init.k, capture, cfg)
     model.set_decoder(init.mu, init.W, init.d)
-    U = torch.as_tensor(u, dtype=torch.float64)
-    loglib = torch.log1p(U.sum(1))
+    loglib = torch.log1p(torch.from_numpy(u.total_counts()))
     perm = torch.randperm(N, generator=gen)
     n_val = int(round(cfg.val_fraction * N)) if N >= 20 else 0
-    data = TrainData(U, loglib, _prior_m(capture, la, torch), tr_idx=perm[n_val:], val_idx=perm[:n_val])
-    model.set_input_stats(torch.log1p(U[data.tr_idx]), loglib[data.tr_idx])
+    data = TrainData(u, loglib, _prior_m(capture, la, torch), tr_idx=perm[n_val:], val_idx=perm[:n_val])
+    mean, sd = _log1p_moments(u, data.tr_idx.numpy())
+    model.set_input_moments(torch.from_numpy(mean), torch.from_numpy(sd), loglib[data.tr_idx])
     if not cfg.train_decoder:
         for p in (model.mu, model.W, model.rho):
             p.requires_grad_(False)
@@ -711,7 +749,8 @@ def fit_vae(
 ) -> VAEResult:
     """Fit the PLN VAE (ELBO and family: module docstrings of ``pln_ref.vae`` / ``vae_model``).
 
-    counts (N, G) (anything ``pln_ref.data.as_counts`` accepts); k = vae_latent_dim (1 <= k < G);
+    counts (N, G) (anything ``pln_ref.data.as_counts`` accepts, or a ``CountMatrix``; kept in its
+    storage and read by minibatches / blocks of cells, CSR stays CSR); k = vae_latent_dim (1 <= k < G);
     capture: ``Capture`` or None (eta = 0); log_anchor (N,) defaults to log of the realised
     library size. ``init``: PLNParams to start the decoder from (default: method of moments /
     log1p+SVD). Training options: a ``VAEConfig`` (``config``) and/or its fields as keywords

@@ -344,9 +344,16 @@ class PLNVAE(nn.Module):
             self.rho.copy_(dd + torch.log(-torch.expm1(-dd)))  # inverse softplus
 
     def set_input_stats(self, log1p_u: torch.Tensor, log_lib: torch.Tensor) -> None:
+        """Encoder input statistics from the training cells' log1p counts (n, G) and log library sizes."""
+        self.set_input_moments(log1p_u.mean(0), log1p_u.std(0), log_lib)
+
+    def set_input_moments(self, gene_mean: torch.Tensor, gene_sd: torch.Tensor, log_lib: torch.Tensor) -> None:
+        """Encoder input statistics from the per-gene mean and sd (ddof=1) of the training cells'
+        log1p counts (G,) (e.g. accumulated by blocks of cells) and their log library sizes (n,);
+        an sd <= 1e-8 (or NaN) is replaced by 1."""
         with torch.no_grad():
-            self.gene_mean.copy_(log1p_u.mean(0))
-            sd = log1p_u.std(0)
+            self.gene_mean.copy_(gene_mean)
+            sd = gene_sd
             self.gene_sd.copy_(torch.where(sd > 1e-8, sd, torch.ones_like(sd)))
             lsd = log_lib.std() if log_lib.numel() > 1 else torch.tensor(1.0, dtype=torch.float64)
             self.ll_stats.copy_(torch.stack([log_lib.mean(), torch.clamp(lsd, min=1e-8)]))

@@ -12,9 +12,11 @@ import copy
 import math
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from .config import VAEConfig
+from .counts import CountMatrix
 from .exceptions import TrainingDivergedError
 
 __all__ = ["TrainData", "EarlyStopping", "TrainLog", "train"]
@@ -24,9 +26,10 @@ _EVAL_BATCH = 256
 
 @dataclass
 class TrainData:
-    """Counts U (N, G), log1p library sizes, capture prior means PM (or None) and the split."""
+    """Counts (N, G) as a ``CountMatrix`` (a minibatch is read as dense rows when drawn: no dense
+    N x G copy), log1p library sizes, capture prior means PM (or None) and the split."""
 
-    U: torch.Tensor
+    counts: CountMatrix
     loglib: torch.Tensor
     PM: torch.Tensor | None
     tr_idx: torch.Tensor
@@ -34,7 +37,8 @@ class TrainData:
 
     def rows(self, j):
         """(counts, log library size, prior mean) of the cells ``j``."""
-        return self.U[j], self.loglib[j], None if self.PM is None else self.PM[j]
+        u = torch.from_numpy(self.counts.rows(np.asarray(j, dtype=np.intp)))
+        return u, self.loglib[j], None if self.PM is None else self.PM[j]
 
     def held_out_elbo(self, model) -> float:
         """Mean ELBO per cell of the validation cells (the training cells when there are none)."""
@@ -137,16 +141,26 @@ def _step(model, opt, data: TrainData, j, beta: float, cache: _LocalCache | None
     return float((terms["rec"] - terms["kl_z"] - terms["kl_e"] + terms["eta"]).mean().detach())
 
 
+def _count_extremes(counts: CountMatrix) -> tuple[float, int, int, float]:
+    """(largest count, its cell, its gene (first in row-major order), median nonzero count), by
+    blocks of cells."""
+    top, c, g, nonzero = -1.0, 0, 0, []
+    for sl, ub in counts.blocks():
+        f = int(np.argmax(ub))
+        if ub.flat[f] > top:
+            top, (c, g) = float(ub.flat[f]), divmod(sl.start * ub.shape[1] + f, ub.shape[1])
+        nonzero.append(ub[ub > 0])
+    vals = np.concatenate(nonzero)
+    return top, c, g, float(np.median(vals)) if vals.size else 0.0
+
+
 def _diverged(step: int, cfg: VAEConfig, data: TrainData, what: str) -> TrainingDivergedError:
     """The error of a training run that became non-finite at ``step`` (1-based): where, the
     largest count of the data (extreme counts are the usual cause) and what to try."""
-    U = data.U
-    flat = int(torch.argmax(U))
-    c, g = divmod(flat, U.shape[1])
-    med = float(torch.quantile(U[U > 0], 0.5)) if bool((U > 0).any()) else 0.0
+    top, c, g, med = _count_extremes(data.counts)
     return TrainingDivergedError(
         f"VAE training diverged at step {step} of n_steps={cfg.n_steps}: {what}. The largest count is "
-        f"{float(U[c, g]):.3g} (cell {c}, gene {g}; median nonzero count {med:.3g}). Try "
+        f"{top:.3g} (cell {c}, gene {g}; median nonzero count {med:.3g}). Try "
         "inference_method='laplace' (CLI --method laplace; its per-cell Newton steps stay finite on "
         "such counts), remove or cap outlier entries, or a smaller learning rate "
         f"(lr={cfg.lr / 10:.2g}, CLI --lr {cfg.lr / 10:.2g}; it may only delay the divergence)")
@@ -163,7 +177,7 @@ def train(model, data: TrainData, cfg: VAEConfig, gen: torch.Generator, *, progr
     as soon as the training ELBO, the held-out ELBO or a parameter becomes NaN or infinite."""
     n_steps = cfg.n_steps
     opt = _optimizer(model, cfg)
-    cache = (_LocalCache(*data.U.shape)
+    cache = (_LocalCache(*data.counts.shape)
              if (cfg.cache_local and model.residual == "laplace" and model.family == "meanfield") else None)
     stopping = EarlyStopping(cfg.tol, cfg.patience)
     batches = _batches(data.tr_idx, min(cfg.batch_size, len(data.tr_idx)), gen)

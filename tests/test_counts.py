@@ -102,3 +102,17 @@ def test_block_reductions_equal_dense(stored):
     np.testing.assert_allclose(cm.rmatmul(Y), u.T @ Y, rtol=1e-12, atol=1e-11)
     sat = (xlogy(u, u) - u - gammaln(u + 1.0)).sum(1)
     np.testing.assert_allclose(cm.saturated_loglik(), sat, rtol=1e-12, atol=1e-12)
+
+
+def test_take_rows_in_storage_form(stored):
+    """take(idx): the rows as a standalone float64 matrix, CSR for sparse storage, dense otherwise."""
+    u, cm = stored
+    idx = np.array([0, 3, 17, 40])
+    got = cm.take(idx)
+    assert got.dtype == np.float64
+    assert sp.issparse(got) == (cm.storage == "csr" or (cm.storage == "disk" and sp.issparse(cm._src[0:1])))
+    np.testing.assert_array_equal(got.toarray() if sp.issparse(got) else got, u[idx])
+    with pytest.raises(ValueError, match="increasing cell indices"):
+        cm.take(np.array([3, 0]))
+    with pytest.raises(ValueError, match="increasing cell indices"):
+        cm.take(np.array([u.shape[0]]))

@@ -121,3 +121,35 @@ def test_unreachable_scheduler_is_one_line(data, capsys, tmp_path):
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1
     assert err[0].startswith("error: cannot reach the Dask scheduler at tcp://127.0.0.1:9")
+
+
+@pytest.mark.parametrize("sparse", [False, True])
+def test_fit_final_posteriors_on_the_workers_equal_in_process(data, client, monkeypatch, sparse):
+    """pln_ref.fit with a scheduler: the final posteriors and evidence are a map over the blocks on
+    the workers (from the MAPs they hold, never gathered to the client) and equal the in-process
+    fit's: globals, MAPs, k x k factors, per-cell fields and evidence."""
+    from pln_ref.outer.final import MapCellPosteriors
+
+    u, la, init = data
+    L = np.exp(la)  # the simulation's anchors (some simulated cells have no counts)
+    counts = sp.csr_matrix(u) if sparse else u
+    monkeypatch.setattr(fit_laplace, "evaluation_block_cells", lambda G: BLOCK)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the step cap's ConvergenceWarning
+        r0 = pln_ref.fit(counts, k=2, n_steps=8, progress=False, library_size=L)
+        monkeypatch.setattr(DaskEvaluator, "_local_maps",
+                            lambda self: pytest.fail("the workers' MAPs were gathered to the client"))
+        calls = []
+        real = DaskEvaluator.final_posteriors
+        monkeypatch.setattr(DaskEvaluator, "final_posteriors", lambda self, *a, **kw: calls.append(1) or real(self, *a, **kw))
+        r1 = pln_ref.fit(counts, k=2, n_steps=8, progress=False, library_size=L, scheduler_address=client)
+    assert calls == [1] and isinstance(r1.cells, MapCellPosteriors)
+    assert r0.diagnostics["steps"] == r1.diagnostics["steps"] == 8
+    for a, b in ((r1.mu, r0.mu), (r1.W, r0.W), (r1.d, r0.d)):
+        assert _rel(a, b) < 1e-8
+    c0, c1 = r0.cells, r1.cells
+    for a, b in ((c1.x_map, c0.x_map), (c1.eta_map, c0.eta_map), (c1.precision.S, c0.precision.S),
+                 (c1.s, c0.s), (c1.grad_norm, c0.grad_norm)):
+        assert _rel(a, b) < 1e-8
+    np.testing.assert_array_equal(c1.converged, c0.converged)
+    assert r1.diagnostics["objective"] == pytest.approx(r0.diagnostics["objective"], rel=1e-10)

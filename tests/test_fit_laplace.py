@@ -265,6 +265,36 @@ def test_map_posteriors_from_stored_maps_and_a_float32_warm_start():
         np.testing.assert_allclose(out.evidence, ev_ref, rtol=1e-12)
 
 
+def test_map_posteriors_subset_reads_only_its_rows(monkeypatch):
+    """MapCellPosteriors.subset (a block of cells in eta_marginal, PPC, importance sampling) is again
+    a MapCellPosteriors that derives lambda and bbar for its own rows only, and equals the rows of
+    the full posterior's derived quantities (the former subset) to 1e-12."""
+    import pln_ref
+    from pln_ref.laplace import newton_map
+    from pln_ref.outer import final as F
+
+    p = pln_ref.random_params(25, 3, seed=5, capture=True)
+    sim = pln_ref.simulate(p, 60, seed=6)
+    ref = newton_map(sim.counts, p, sim.log_anchor, gtol=1e-10)
+    full = F.map_posteriors(p, ref.x_map, ref.eta_map, block_cells=17, on_bound=ref.on_bound,
+                            converged=ref.converged, grad_norm=ref.grad_norm, n_iter=ref.n_iter,
+                            objective=ref.objective, delta=ref.delta, log_anchor=sim.log_anchor)
+    rows = []
+    bbar = F.eta_bbar
+    monkeypatch.setattr(F, "eta_bbar", lambda A: rows.append(A.S.shape[0]) or bbar(A))
+    for idx in (slice(10, 20), np.arange(5, 15), np.arange(60) % 7 == 0):
+        sub = full.subset(idx)
+        n = sub.x_map.shape[0]
+        assert isinstance(sub, F.MapCellPosteriors) and sub.precision.lam.shape == (n, 25)
+        rows.clear()
+        np.testing.assert_allclose(sub.bbar, ref.bbar[idx], rtol=1e-12, atol=1e-14)
+        assert rows == [n]  # only the subset's rows are solved
+        np.testing.assert_allclose(sub.sd_x(), ref.sd_x()[idx], rtol=1e-12)
+        np.testing.assert_allclose(sub.eta_mean_var(), np.asarray(ref.eta_mean_var())[:, idx], rtol=1e-12)
+        np.testing.assert_array_equal(sub.converged, ref.converged[idx])
+        np.testing.assert_array_equal(sub.log_anchor, sim.log_anchor[idx])
+
+
 def test_fit_sparse_equals_dense_input():
     """fit on CSR counts (kept sparse end to end) gives the dense input's fit."""
     import pln_ref

@@ -618,3 +618,34 @@ def test_far_from_bound_shortcut_equals_truncnorm():
     m, v = _tilted_mean_var_np(t, a, b)
     m0, v0 = tn.mean_var(a[:, None] + b[:, None] ** 2 * t, b[:, None])
     assert np.allclose(m, m0, rtol=1e-14, atol=1e-14) and np.allclose(v, v0, rtol=1e-13, atol=1e-16)
+
+
+def test_sparse_counts_train_and_encode_by_minibatches(monkeypatch):
+    """CSR counts are never densified whole: training reads minibatch rows, encode / elbo read
+    blocks, the encoder input statistics are accumulated by blocks (equal to the dense torch
+    formula to 1e-12), and the fit equals the dense input's bit for bit (same init)."""
+    import scipy.sparse as sp
+
+    from pln_ref.counts import CountMatrix
+    from pln_ref.vae import _log1p_moments
+
+    p = random_params(15, 2, seed=3, capture=True)
+    u = np.asarray(simulate(p, 120, seed=4).counts, dtype=float)
+    cells = np.random.default_rng(0).permutation(120)[:100]
+    mean, sd = _log1p_moments(CountMatrix(sp.csr_array(u), block_entries=15 * 17), cells)
+    y = torch.log1p(torch.as_tensor(u)[torch.as_tensor(cells)])  # the former dense formula
+    np.testing.assert_allclose(mean, y.mean(0).numpy(), rtol=1e-12, atol=1e-15)
+    np.testing.assert_allclose(sd, y.std(0).numpy(), rtol=1e-12)
+
+    ref = fit_vae(u, 2, capture=p.capture, init=p, n_steps=30, batch_size=32, progress=False)
+    widest = []
+    rows = CountMatrix.rows
+    monkeypatch.setattr(CountMatrix, "rows", lambda self, idx: widest.append(len(idx)) or rows(self, idx))
+    monkeypatch.setattr(CountMatrix, "toarray", lambda self: pytest.fail("counts densified whole"))
+    res = fit_vae(sp.csr_matrix(u), 2, capture=p.capture, init=p, n_steps=30, batch_size=32, progress=False)
+    assert widest and max(widest) <= 32
+    for name in ("mu", "W", "d"):
+        np.testing.assert_array_equal(getattr(res.params, name), getattr(ref.params, name))
+    np.testing.assert_array_equal(res.x_map, ref.x_map)
+    np.testing.assert_array_equal(res.elbo(sp.csr_matrix(u), batch_size=16), ref.elbo(u))
+    np.testing.assert_array_equal(res.encode(sp.csr_matrix(u[:40])).x_map, ref.encode(u[:40]).x_map)

@@ -21,6 +21,12 @@ cells, so the block sums are exact; identical blocks give the same numbers as in
 Assigning them (e.g. a resumed fit's MAPs, or None for a cold start) scatters them before the
 next evaluation.
 
+The final pass (``DaskEvaluator.final_posteriors``, ``fit_laplace.optimize_globals(final=True)``)
+is a map over the same blocks: each worker solves its blocks' final posteriors at the fitted globals
+from the MAPs it holds (``outer.final.final_block``) and returns only what the result keeps (the
+block's float64 MAPs, k x k factors, per-cell fields and evidence); the client copies the blocks
+into the result one at a time. The warm starts are never gathered to the client.
+
 Workers started by a Dask nanny (``dask worker`` without ``--no-nanny``, ``LocalCluster``) run with
 ``MALLOC_TRIM_THRESHOLD_=65536``, which disables glibc's dynamic mmap threshold: every large NumPy
 temporary of ``newton_map`` is then a fresh mmap, measured 3x slower per block
@@ -58,6 +64,18 @@ def _block_task(data: tuple, maps: tuple | None, glob: tuple, capture, gtol: flo
                                            cov, la, x0, e0, gtol, with_grad, lgam)
     small = LaplaceTerms(terms.l, terms.grad, None, None, terms.info_mu, terms.lambda_sum)
     return (post.x_map.astype(WARM_START_DTYPE), post.eta_map), (small, cn, co, int(post.n_iter.sum()), int(post.on_bound.sum()))
+
+
+def _final_task(data: tuple, maps: tuple | None, glob: tuple, capture, gtol: float, with_evidence: bool) -> dict:
+    """Worker side, one block of the final pass: ``outer.final.final_block`` from the block's warm start."""
+    from .final import final_block
+
+    u, la, lgam = data
+    u = np.asarray(u.toarray(), dtype=np.float64) if sp.issparse(u) else u
+    x0, e0 = (None, None) if maps is None else maps
+    params = PLNParams(*glob, capture)
+    return final_block(u, params, la, x0, e0, gtol=gtol, cov=LowRankCov.from_params(params), lgamma_sum=lgam,
+                       with_evidence=with_evidence)
 
 
 class DaskEvaluator(Evaluator):
@@ -188,6 +206,30 @@ class DaskEvaluator(Evaluator):
             self._maps, self._gathered = new_maps, None
             self._last = (key, ev)
         return ev
+
+    def final_posteriors(self, params: PLNParams, *, gtol: float = 1e-6, with_evidence: bool = True):
+        """Every cell's final posterior and Laplace evidence at ``params`` (``outer.final.FinalPosteriors``,
+        equal to ``outer.final.final_posteriors`` in process from the same warm start and blocks): one
+        task per block on the worker holding its counts and MAPs; the results are fetched and copied
+        into the result one block at a time (the client never holds the warm starts)."""
+        from .final import assemble_final
+
+        self._sync_maps()
+        c = self.client
+        glob = c.scatter([(np.asarray(params.mu), np.asarray(params.W), np.asarray(params.d))],
+                         broadcast=True, hash=False)[0]
+        futs = [c.submit(_final_task, data, maps, glob, params.capture, gtol, with_evidence, pure=False,
+                         workers=home, allow_other_workers=True)
+                for data, maps, home in zip(self._data, self._maps, self._homes)]
+        del glob
+
+        def blocks():
+            for i, (lo, hi) in enumerate(self.bounds):
+                part = futs[i].result()  # re-raises a worker's exception here
+                futs[i] = None  # release the block's result on the cluster
+                yield slice(lo, hi), part
+
+        return assemble_final(params, blocks(), self.N, with_evidence=with_evidence)
 
     def ensure_maps(self, mu, W, d, gtol: float = 1e-6) -> None:
         """Cold-start every cell's MAP at these globals if no warm start exists yet (no gather)."""

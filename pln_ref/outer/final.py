@@ -24,7 +24,12 @@ from ..model import eta_bbar, eta_schur
 from ..params import PLNParams
 from .evaluate import laplace_objective
 
-__all__ = ["MapPrecision", "MapCellPosteriors", "FinalPosteriors", "final_posteriors", "map_posteriors"]
+__all__ = ["MapPrecision", "MapCellPosteriors", "FinalPosteriors", "final_posteriors", "final_block",
+           "assemble_final", "map_posteriors"]
+
+#: the per-cell (N,) fields of ``CellPosteriors`` a final pass keeps
+PER_CELL = ("eta_map", "on_bound", "converged", "grad_norm", "n_iter", "objective", "s", "delta",
+            "converged_by", "log_anchor")
 
 
 class MapPrecision(PosteriorPrecision):
@@ -67,23 +72,85 @@ class MapCellPosteriors(CellPosteriors):
         if value is not None:
             raise AttributeError("MapCellPosteriors.bbar is derived from the MAPs; pass bbar=None")
 
+    def subset(self, idx) -> "MapCellPosteriors":
+        """The posteriors of a subset of cells (index, slice or boolean mask), again a
+        ``MapCellPosteriors``: only the subset's rows are read (no all-cell lambda or bbar is
+        derived, so a block of cells costs a block)."""
+        P = self.precision
+        pick = lambda a: None if a is None else a[idx]  # noqa: E731
+        x_map, eta_map = self.x_map[idx], self.eta_map[idx]
+        return MapCellPosteriors(
+            params=self.params, x_map=x_map, eta_map=eta_map, on_bound=self.on_bound[idx],
+            converged=self.converged[idx], grad_norm=self.grad_norm[idx], n_iter=self.n_iter[idx],
+            objective=self.objective[idx], bbar=None, s=pick(self.s), delta=pick(self.delta),
+            log_anchor=pick(self.log_anchor), converged_by=pick(self.converged_by),
+            precision=MapPrecision(P.cov, x_map, eta_map, P.S[idx], P.L_S[idx]))
+
 
 class FinalPosteriors(NamedTuple):
-    """``cells``: the posteriors of all cells (precision a ``MapPrecision``); ``evidence``: l_c (N,)."""
+    """``cells``: the posteriors of all cells (precision a ``MapPrecision``); ``evidence``: l_c (N,)
+    (None when not asked for)."""
 
     cells: CellPosteriors
-    evidence: np.ndarray
+    evidence: np.ndarray | None
+
+
+def final_block(u: np.ndarray, params: PLNParams, log_anchor: np.ndarray | None, x0: np.ndarray | None,
+                eta0: np.ndarray | None, *, gtol: float, cov: LowRankCov, lgamma_sum: np.ndarray,
+                with_evidence: bool = True) -> dict:
+    """One block of cells of the final pass: ``laplace.newton_map`` of the dense counts ``u`` (n, G)
+    from the warm start x0 / eta0 (any float dtype, or None), then its Laplace evidence. Returns
+    only what the result keeps: {"x_map" (n, G) float64, "S", "L_S" (n, k, k), the ``PER_CELL``
+    fields (None where the posterior has none), "evidence" (n,) or None}."""
+    post = newton_map(u, params, log_anchor, x0=x0, eta0=eta0, gtol=gtol, cov=cov)
+    out = {"x_map": post.x_map, "S": post.precision.S, "L_S": post.precision.L_S,
+           **{name: getattr(post, name) for name in PER_CELL}, "evidence": None}
+    if with_evidence:
+        out["evidence"] = laplace_objective(u, params, log_anchor, post, with_grad=False,
+                                            lgamma_sum=lgamma_sum)[0]
+    return out
+
+
+def assemble_final(params: PLNParams, blocks, N: int, *, x_map: np.ndarray | None = None,
+                   with_evidence: bool = True) -> FinalPosteriors:
+    """The ``FinalPosteriors`` of N cells from ``blocks``, an iterable of (slice of cells, dict of
+    ``final_block``) consumed one block at a time (each block's arrays are copied into the kept
+    arrays and dropped). ``x_map``: a writeable float64 (N, G) array to write the MAPs into (default:
+    a new one)."""
+    cov = LowRankCov.from_params(params)
+    G, k = cov.G, cov.k
+    x_map = np.empty((N, G)) if x_map is None else x_map
+    S, L_S = np.empty((N, k, k)), np.empty((N, k, k))
+    per_cell = {name: None for name in PER_CELL}
+    evidence = np.empty(N) if with_evidence else None
+    for sl, part in blocks:
+        x_map[sl], S[sl], L_S[sl] = part["x_map"], part["S"], part["L_S"]
+        if with_evidence:
+            evidence[sl] = part["evidence"]
+        for name in per_cell:
+            val = part[name]
+            if val is None:
+                continue
+            if per_cell[name] is None:
+                per_cell[name] = np.empty(N, dtype=val.dtype)
+            per_cell[name][sl] = val
+        del part
+    cells = MapCellPosteriors(params=params, x_map=x_map, bbar=None,
+                              precision=MapPrecision(cov, x_map, per_cell["eta_map"], S, L_S), **per_cell)
+    return FinalPosteriors(cells, evidence)
 
 
 def final_posteriors(counts, params: PLNParams, log_anchor: np.ndarray | None, *,
                      x0: np.ndarray | None = None, eta0: np.ndarray | None = None,
-                     gtol: float = 1e-6, block_cells: int, reuse_x0: bool = False) -> FinalPosteriors:
+                     gtol: float = 1e-6, block_cells: int, reuse_x0: bool = False,
+                     with_evidence: bool = True) -> FinalPosteriors:
     """Every cell's Laplace posterior (``laplace.newton_map`` from the warm start ``x0``/``eta0``)
     and Laplace evidence (``laplace_objective``) at ``params``, ``block_cells`` cells at a time.
 
     ``counts``: an array, scipy.sparse matrix or ``CountMatrix`` (read one dense block at a time).
     ``reuse_x0=True`` writes the MAPs into ``x0`` (float64, (N, G)) instead of a new array: the
     warm start is then overwritten, and the fit holds one N x G MAP array instead of two.
+    ``with_evidence=False``: the posteriors only (``evidence`` None; e.g. ``transform`` of new cells).
     Memory: the kept arrays (x_map, per-cell vectors and k x k factors) plus the work arrays of one
     block; a float32 warm start (``WARM_START_DTYPE`` of the blocked evaluation) is read block by
     block into float64."""
@@ -94,38 +161,17 @@ def final_posteriors(counts, params: PLNParams, log_anchor: np.ndarray | None, *
     bc = int(block_cells)
     cov = LowRankCov.from_params(params)
     lgam = u.lgamma_sums()
-    if reuse_x0:
-        if x0 is None or x0.dtype != np.float64 or x0.shape != (N, G) or not x0.flags.writeable:
-            raise ValueError("reuse_x0 needs x0 as a writeable float64 (N, G) array")
-        x_map = x0
-    else:
-        x_map = np.empty((N, G))
-    k = cov.k
-    S, L_S = np.empty((N, k, k)), np.empty((N, k, k))
-    per_cell = {name: None for name in ("eta_map", "on_bound", "converged", "grad_norm", "n_iter",
-                                        "objective", "s", "delta", "converged_by", "log_anchor")}
-    evidence = np.empty(N)
-    for lo in range(0, N, bc):
-        hi = min(N, lo + bc)
-        sl = slice(lo, hi)
-        pick = lambda a: None if a is None else a[sl]  # noqa: E731
-        ub = u.block(lo, hi)
-        post = newton_map(ub, params, pick(log_anchor), x0=pick(x0), eta0=pick(eta0), gtol=gtol, cov=cov)
-        evidence[sl] = laplace_objective(ub, params, pick(log_anchor), post, with_grad=False,
-                                         lgamma_sum=lgam[sl])[0]
-        x_map[sl] = post.x_map
-        S[sl], L_S[sl] = post.precision.S, post.precision.L_S
-        for name in per_cell:
-            val = getattr(post, name)
-            if val is None:
-                continue
-            if per_cell[name] is None:
-                per_cell[name] = np.empty(N, dtype=val.dtype)
-            per_cell[name][sl] = val
-        del post, ub
-    cells = MapCellPosteriors(params=params, x_map=x_map, bbar=None,
-                              precision=MapPrecision(cov, x_map, per_cell["eta_map"], S, L_S), **per_cell)
-    return FinalPosteriors(cells, evidence)
+    if reuse_x0 and (x0 is None or x0.dtype != np.float64 or x0.shape != (N, G) or not x0.flags.writeable):
+        raise ValueError("reuse_x0 needs x0 as a writeable float64 (N, G) array")
+
+    def blocks():
+        for lo in range(0, N, bc):
+            sl = slice(lo, min(N, lo + bc))
+            pick = lambda a: None if a is None else a[sl]  # noqa: E731
+            yield sl, final_block(u.block(sl.start, sl.stop), params, pick(log_anchor), pick(x0), pick(eta0),
+                                  gtol=gtol, cov=cov, lgamma_sum=lgam[sl], with_evidence=with_evidence)
+
+    return assemble_final(params, blocks(), N, x_map=x0 if reuse_x0 else None, with_evidence=with_evidence)
 
 
 def map_posteriors(params: PLNParams, x_map: np.ndarray, eta_map: np.ndarray, *, block_cells: int,

@@ -225,7 +225,8 @@ def run_lbfgs(ev: Evaluator, st: LaplaceFitState, *, n_steps: int, gtol: float, 
     bar.close()
     count_epochs()
     _record_best(st, z, F, G, k)
-    st.x_map, st.eta_map = ev.x_map, ev.eta_map
+    if not getattr(ev, "remote_maps", False):  # MAPs on Dask workers: the caller gathers them if needed
+        st.x_map, st.eta_map = ev.x_map, ev.eta_map
     n_floor = int(np.sum(np.exp(st.best["rho"]) <= 10 * D_FLOOR))
     if n_floor:
         st.stopped += f"; {n_floor} gene(s) with d at the floor {D_FLOOR:g} (Heywood case)"

@@ -27,6 +27,23 @@ of the first evaluation, so compare sizes at the same ``--steps``). ``B/cell/gen
 ``rss_peak / (N * G)``; ``fit B/cell/gene`` is ``(rss_peak - rss_data) / (N * G)``, the fit's own
 part. Load average printed before each case. Results appended to ``results/<--out>`` (default
 ``bench_memory.json``, rewritten atomically).
+
+Secondary paths (``--task``, default ``fit``): the same fresh-process peak RSS of one call on the
+case's counts, after loading them and a Laplace result fitted to them (``pln_ref.fit(counts, k=5,
+n_steps=1)`` on the CSR counts, fitted once in a separate process and cached as
+``fit_N<N>_G<G>_k5_steps1.npz`` next to the counts, then loaded with ``LaplaceResult.load``):
+
+- ``eta_marginal``: ``res.posterior_eta_marginal(counts)`` (defaults: 5 nodes per cell; its output
+  alone holds five N x 5 x G float64 arrays);
+- ``transform``: ``res.transform(counts)`` (the counts as new cells);
+- ``score``: ``res.score_samples(counts)`` (Laplace evidence of the counts as new cells);
+- ``vae``: ``pln_ref.fit(counts, inference_method="vae", k=5, n_steps=S)`` (S = ``--steps``;
+  no result is loaded).
+
+``--package DIR``: import ``pln_ref`` from the repository at DIR instead of this one (e.g. the main
+branch's worktree, to measure before and after a change with the same script and data)::
+
+    python validation/benchmarks/bench_memory.py --cases csr20k --task score --package /work/main
 """
 
 from __future__ import annotations
@@ -72,6 +89,60 @@ import scipy.sparse as sp
 src, dst = sys.argv[1], sys.argv[2]
 ad.AnnData(X=sp.load_npz(src).tocsr().astype("float32")).write_h5ad(dst)
 """
+
+FIT_ONCE = r"""
+import sys
+import scipy.sparse as sp
+import pln_ref
+res = pln_ref.fit(sp.load_npz(sys.argv[1]).tocsr(), k=int(sys.argv[2]), n_steps=1, progress=False)
+res.save(sys.argv[3])
+"""
+
+TASK_CHILD = r"""
+import json, resource, sys, time, warnings
+import numpy as np
+import scipy.sparse as sp
+import pln_ref
+task, storage, path, K, steps, result = sys.argv[1:7]
+K, steps = int(K), int(steps)
+if storage == "dense":
+    u = np.load(path + ".dense.npy")
+elif storage == "csr":
+    u = sp.load_npz(path).tocsr()
+else:
+    from pln_ref.readers import read_anndata
+    u = read_anndata(path, backed=True)
+res = None
+if task != "vae":
+    from pln_ref.results import LaplaceResult
+    res = LaplaceResult.load(result)
+rss_data = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+c0, w0 = time.process_time(), time.time()
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore")  # convergence warnings of the short runs
+    if task == "eta_marginal":
+        out = res.posterior_eta_marginal(u)
+        value = float(np.mean(out.log_evidence))
+    elif task == "transform":
+        out = res.transform(u)
+        value = float(np.mean(out.eta_map))
+    elif task == "score":
+        value = float(res.score_samples(u).mean())
+    elif task == "vae":
+        out = pln_ref.fit(u, inference_method="vae", k=K, n_steps=steps, progress=False)
+        value = float(out.diagnostics["objective"])
+    else:
+        raise SystemExit(f"unknown task {task}")
+cpu, wall = time.process_time() - c0, time.time() - w0
+rss_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+print(json.dumps({"rss_data": rss_data, "rss_peak": rss_peak, "cpu_s": cpu, "wall_s": wall, "value": value,
+                  "module": pln_ref.__file__}))
+"""
+
+TASKS = ("fit", "eta_marginal", "transform", "score", "vae")
+# -P: the working directory is not put on sys.path, so PYTHONPATH (--package) decides which pln_ref
+# the measured process imports
+PYTHON = (sys.executable, "-P")
 
 CHILD = r"""
 import json, resource, sys, time
@@ -129,7 +200,7 @@ def _data(N: int, G: int, storage: str, env: dict) -> Path:
             raise ValueError(f"dense case with {N} x {G} > {DENSE_MAX} entries: use csr or h5ad")
         DATA.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(path.stem + ".tmp.npz")
-        subprocess.run([sys.executable, "-c", SIMULATE, str(N), str(G), str(K), str(tmp), str(DENSE_MAX)],
+        subprocess.run([*PYTHON, "-c", SIMULATE, str(N), str(G), str(K), str(tmp), str(DENSE_MAX)],
                        env=env, check=True)
         if Path(str(tmp) + ".dense.npy").exists():
             Path(str(tmp) + ".dense.npy").replace(dense)
@@ -139,24 +210,45 @@ def _data(N: int, G: int, storage: str, env: dict) -> Path:
     h5 = path.with_suffix(".h5ad")
     if not h5.exists():
         tmp = h5.with_name(h5.stem + ".tmp.h5ad")
-        subprocess.run([sys.executable, "-c", TO_H5AD, str(path), str(tmp)], env=env, check=True)
+        subprocess.run([*PYTHON, "-c", TO_H5AD, str(path), str(tmp)], env=env, check=True)
         tmp.replace(h5)
     return h5
 
 
-def run_case(name: str, steps: int = 3) -> dict:
-    """Run one case (``parse_case``) in a fresh process with ``steps`` outer steps (<= 0: the
-    default stopping rule); the measured dict."""
+def _fitted(path: Path, N: int, G: int, env: dict) -> Path:
+    """The cached Laplace result of ``fit(counts, k=K, n_steps=1)`` on the case's CSR counts (fitted
+    in a separate process with this repository's pln_ref)."""
+    res = path.with_name(f"fit_N{N}_G{G}_k{K}_steps1.npz")
+    if not res.exists():
+        tmp = res.with_name(res.stem + ".tmp.npz")
+        own = dict(env, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+        subprocess.run([*PYTHON, "-c", FIT_ONCE, str(path.with_suffix(".npz")), str(K), str(tmp)],
+                       env=own, check=True)
+        tmp.replace(res)
+    return res
+
+
+def run_case(name: str, steps: int = 3, task: str = "fit", package: Path = ROOT) -> dict:
+    """Run one case (``parse_case``) in a fresh process: the fit with ``steps`` outer steps (<= 0:
+    the default stopping rule), or the secondary path ``task`` (module docstring), importing
+    ``pln_ref`` from ``package``; the measured dict."""
+    if task not in TASKS:
+        raise ValueError(f"unknown task {task!r}: expected one of {', '.join(TASKS)}")
     storage, N, G = parse_case(name)
-    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env = dict(os.environ, PYTHONPATH=str(package) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     path = _data(N, G, storage, env)
     load = os.getloadavg()
-    out = subprocess.run([sys.executable, "-c", CHILD, storage, str(path), str(K), str(steps)],
-                         env=env, capture_output=True, text=True)
+    if task == "fit":
+        cmd = [*PYTHON, "-c", CHILD, storage, str(path), str(K), str(steps)]
+    else:
+        result = "-" if task == "vae" else str(_fitted(path, N, G, env))
+        cmd = [*PYTHON, "-c", TASK_CHILD, task, storage, str(path), str(K), str(steps), result]
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if out.returncode:
         raise RuntimeError(f"case {name} failed:\n{out.stderr[-3000:]}")
     r = json.loads(out.stdout.strip().splitlines()[-1])
-    r.update(case=name, N=N, G=G, k=K, loadavg=load, converged_run=steps <= 0, n_steps=steps,
+    r.update(task=task, package=str(package), case=name, N=N, G=G, k=K, loadavg=load,
+             converged_run=steps <= 0, n_steps=steps,
              bytes_per_cell_gene=r["rss_peak"] / (N * G),
              fit_bytes_per_cell_gene=(r["rss_peak"] - r["rss_data"]) / (N * G),
              nnz_fraction=_nnz_fraction(path))
@@ -177,6 +269,10 @@ def main() -> None:
     ap.add_argument("--out", default="bench_memory.json", help="results file name under results/")
     ap.add_argument("--steps", type=int, default=3, help="outer steps per fit (default 3)")
     ap.add_argument("--converged", action="store_true", help="no step cap: the default stopping rule")
+    ap.add_argument("--task", default="fit", choices=TASKS,
+                    help="what to measure: the fit (default) or a secondary path (module docstring)")
+    ap.add_argument("--package", default=str(ROOT),
+                    help="repository whose pln_ref is imported by the measured process (default: this one)")
     args = ap.parse_args()
     steps = 0 if args.converged else args.steps
     from pln_ref.io import atomic_write_json
@@ -186,10 +282,17 @@ def main() -> None:
     print(f"{'case':>11} {'peak GB':>8} {'B/cell/gene':>11} {'fit B/c/g':>9} {'CPU s':>7} {'wall s':>7} "
           f"{'steps':>5} {'CPU/step':>8} {'objective':>12} {'stop':>12}  load avg", flush=True)
     for name in args.cases.split(","):
-        r = run_case(name.strip(), steps=steps)
+        r = run_case(name.strip(), steps=steps, task=args.task, package=Path(args.package).resolve())
         r["label"] = args.label
         rows.append(r)
         atomic_write_json(path, rows)
+        if args.task != "fit":
+            print(f"{r['case']:>11} {args.task}: peak {r['rss_peak'] / 1e9:.2f} GB, after loading "
+                  f"{r['rss_data'] / 1e9:.2f} GB, {r['bytes_per_cell_gene']:.1f} B/cell/gene, "
+                  f"call {r['fit_bytes_per_cell_gene']:.1f} B/cell/gene, CPU {r['cpu_s']:.1f} s, "
+                  f"wall {r['wall_s']:.1f} s, value {r['value']:.6f}, load avg "
+                  f"{' '.join(f'{x:.2f}' for x in r['loadavg'])}", flush=True)
+            continue
         print(f"{r['case']:>11} {r['rss_peak'] / 1e9:8.2f} {r['bytes_per_cell_gene']:11.1f} "
               f"{r['fit_bytes_per_cell_gene']:9.1f} {r['cpu_s']:7.1f} {r['wall_s']:7.1f} {r['steps']:5d} "
               f"{r['cpu_per_step_s']:8.2f} {r['objective']:12.6f} {r['stop_rule']:>12}  "
