@@ -3,6 +3,14 @@
 Usage (one BLAS thread everywhere)::
 
     python validation/benchmarks/bench_dask.py --cells 5000 --genes 1000 --k 5 --steps 10
+    python validation/benchmarks/bench_dask.py --counts validation/out/bench_memory_data/sim_N20000_G14000_k5.npz \
+        --k 5 --converged --dask-only --out validation/benchmarks/results/bench_dask_14k_converged.json
+
+``--counts F``: a scipy CSR ``.npz`` (e.g. a ``bench_memory.py`` case) fitted as CSR instead of the
+simulated counts; ``--converged``: no step cap (the default stopping rule); ``--dask-only``: skip
+the in-process fit. Memory: the resident set of the client, scheduler and worker processes is
+sampled every 0.5 s during each fit (``peak_rss_sum_gb``, the largest sum seen), and each
+process's kernel high-water mark (``VmHWM``) is reported after the fit (``hwm_gb``).
 
 Counts: ``random_params(genes, k, seed=0, capture=True)``, ``simulate(params, cells, seed=1)``
 (dense int64). Both fits are ``pln_ref.fit(counts, k=k, n_steps=steps, progress=False)`` (L-BFGS,
@@ -31,6 +39,7 @@ import json  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
+import threading  # noqa: E402
 import time  # noqa: E402
 import warnings  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -82,16 +91,54 @@ def start_cluster(n_workers: int, tmp: Path) -> tuple[str, list[subprocess.Popen
     return addr, procs
 
 
+def _hwm_gb(pid: int) -> float:
+    """The kernel's high-water mark of a process's resident set (VmHWM), GB."""
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024 / 1e9
+    return float("nan")
+
+
+class _RssSampler(threading.Thread):
+    """Largest sum of the resident sets of ``pids`` seen, sampled every ``dt`` seconds."""
+
+    def __init__(self, pids: list, dt: float = 0.5) -> None:
+        super().__init__(daemon=True)
+        self.procs = [psutil.Process(p) for p in pids]
+        self.dt, self.peak, self._stop_ev = dt, 0, threading.Event()
+
+    def run(self) -> None:
+        while not self._stop_ev.is_set():
+            tot = 0
+            for p in self.procs:
+                try:
+                    tot += p.memory_info().rss
+                except psutil.NoSuchProcess:
+                    pass
+            self.peak = max(self.peak, tot)
+            self._stop_ev.wait(self.dt)
+
+    def stop(self) -> float:
+        self._stop_ev.set()
+        self.join()
+        return self.peak / 1e9
+
+
 def timed_fit(u, k: int, steps: int, scheduler_address: str | None, procs: list) -> tuple[dict, object]:
     ps = [psutil.Process(p.pid) for p in procs]
     c_other = _cpu(ps)
+    sampler = _RssSampler([os.getpid()] + [p.pid for p in procs])
+    sampler.start()
     w0, c0 = time.perf_counter(), time.process_time()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the step cap's ConvergenceWarning
         res = pln_ref.fit(u, k=k, n_steps=steps, progress=False, scheduler_address=scheduler_address)
     wall, cpu = time.perf_counter() - w0, time.process_time() - c0
     rec = {"wall_s": wall, "client_cpu_s": cpu, "cluster_cpu_s": _cpu(ps) - c_other,
-           "steps": int(res.diagnostics["steps"]), "objective": float(res.diagnostics["objective"])}
+           "steps": int(res.diagnostics["steps"]), "objective": float(res.diagnostics["objective"]),
+           "stop_rule": res.diagnostics.get("stop_rule"), "peak_rss_sum_gb": sampler.stop(),
+           "hwm_gb": {"client": _hwm_gb(os.getpid()), **{f"proc{i}": _hwm_gb(p.pid) for i, p in enumerate(procs)}}}
     rec["total_cpu_s"] = rec["client_cpu_s"] + rec["cluster_cpu_s"]
     return rec, res
 
@@ -104,10 +151,21 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--out", default=None, help="JSON file (default: print only)")
+    ap.add_argument("--counts", default=None, help="CSR .npz of counts (default: simulate)")
+    ap.add_argument("--converged", action="store_true", help="no step cap: the default stopping rule")
+    ap.add_argument("--dask-only", action="store_true", help="skip the in-process fit")
     args = ap.parse_args(argv)
+    if args.converged:
+        args.steps = 2000
 
-    p = pln_ref.random_params(args.genes, args.k, seed=0, capture=True)
-    u = pln_ref.simulate(p, args.cells, seed=1).counts
+    if args.counts:
+        import scipy.sparse as sp
+
+        u = sp.load_npz(args.counts).tocsr()
+        args.cells, args.genes = u.shape
+    else:
+        p = pln_ref.random_params(args.genes, args.k, seed=0, capture=True)
+        u = pln_ref.simulate(p, args.cells, seed=1).counts
     from pln_ref.fit_laplace import evaluation_block_cells
 
     out = {"cells": args.cells, "genes": args.genes, "k": args.k, "n_steps": args.steps,
@@ -122,9 +180,12 @@ def main(argv=None) -> int:
                                 capture_output=True, text=True).stdout.strip()
     except OSError:
         pass
-    print(f"in-process fit: {args.cells} x {args.genes}, k={args.k}, {args.steps} steps ...", flush=True)
-    out["in_process"], r0 = timed_fit(u, args.k, args.steps, None, [])
-    print(json.dumps(out["in_process"]), flush=True)
+    out["counts"] = args.counts
+    r0 = None
+    if not args.dask_only:
+        print(f"in-process fit: {args.cells} x {args.genes}, k={args.k}, {args.steps} steps ...", flush=True)
+        out["in_process"], r0 = timed_fit(u, args.k, args.steps, None, [])
+        print(json.dumps(out["in_process"]), flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         addr, procs = start_cluster(args.workers, Path(tmp))
         try:
@@ -140,13 +201,14 @@ def main(argv=None) -> int:
                     pr.wait(timeout=30)
                 except subprocess.TimeoutExpired:
                     pr.kill()
-    rel = {}
-    for name in ("mu", "W", "d"):
-        a, b = getattr(r1.params, name), getattr(r0.params, name)
-        rel[name] = float(np.max(np.abs(a - b) / np.maximum(np.abs(b), 1e-12)))
-    out["max_rel_diff"] = rel
+    if r0 is not None:
+        rel = {}
+        for name in ("mu", "W", "d"):
+            a, b = getattr(r1.params, name), getattr(r0.params, name)
+            rel[name] = float(np.max(np.abs(a - b) / np.maximum(np.abs(b), 1e-12)))
+        out["max_rel_diff"] = rel
+        out["speedup_wall"] = out["in_process"]["wall_s"] / out["dask"]["wall_s"]
     out["loadavg_after"] = list(os.getloadavg())
-    out["speedup_wall"] = out["in_process"]["wall_s"] / out["dask"]["wall_s"]
     print(json.dumps(out, indent=1))
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
