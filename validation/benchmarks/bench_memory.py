@@ -98,20 +98,27 @@ res = pln_ref.fit(sp.load_npz(sys.argv[1]).tocsr(), k=int(sys.argv[2]), n_steps=
 res.save(sys.argv[3])
 """
 
-TASK_CHILD = r"""
+# the counts of a case as the measured child process reads them (defines load_counts)
+LOAD = r"""
+def load_counts(storage, path):
+    import numpy as np
+    import scipy.sparse as sp
+    if storage == "dense":
+        return np.load(path + ".dense.npy")
+    if storage == "csr":
+        return sp.load_npz(path).tocsr()
+    from pln_ref.readers import read_anndata
+    return read_anndata(path, backed=True)
+"""
+
+TASK_CHILD = LOAD + r"""
 import json, resource, sys, time, warnings
 import numpy as np
 import scipy.sparse as sp
 import pln_ref
 task, storage, path, K, steps, result = sys.argv[1:7]
 K, steps = int(K), int(steps)
-if storage == "dense":
-    u = np.load(path + ".dense.npy")
-elif storage == "csr":
-    u = sp.load_npz(path).tocsr()
-else:
-    from pln_ref.readers import read_anndata
-    u = read_anndata(path, backed=True)
+u = load_counts(storage, path)
 res = None
 if task != "vae":
     from pln_ref.results import LaplaceResult
@@ -144,19 +151,13 @@ TASKS = ("fit", "eta_marginal", "transform", "score", "vae")
 # the measured process imports
 PYTHON = (sys.executable, "-P")
 
-CHILD = r"""
+CHILD = LOAD + r"""
 import json, resource, sys, time
 import numpy as np
 import scipy.sparse as sp
 import pln_ref
 storage, path, K, steps = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
-if storage == "dense":
-    u = np.load(path + ".dense.npy")
-elif storage == "csr":
-    u = sp.load_npz(path).tocsr()
-else:
-    from pln_ref.readers import read_anndata
-    u = read_anndata(path, backed=True)
+u = load_counts(storage, path)
 N, G = u.shape
 rss_data = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 c0, w0 = time.process_time(), time.time()
