@@ -13,7 +13,8 @@ real 2000 x 200, k = 5: 67 -> 29; simulated 2000 x 1000, k = 10: 82 -> 21. With 
 100 pairs instead of 50, a damping of 1e-2 instead of 1e-3 or a step cap of 3 or 10 instead of
 1 did not reduce the steps on the real 2000 x 1000 counts (80, 80, 89, 95). A line search for
 the weak Wolfe conditions (Armijo c1 = 1e-4, curvature c2 = 0.9; backtracking by safeguarded
-quadratic interpolation, doubling while the slope is still steep at t = 1); the pair is kept when s^T y > 1e-10 |s| |y|.
+quadratic interpolation, doubling while the slope is still steep at t = 1); the pair is kept when
+s^T y > 1e-10 |s| |y|.
 
 Newton tolerance schedule: the per-cell Newton runs to gtol_k = clip(0.1 ||g_k||_inf, final, 1e-3)
 rounded down to a power of ten (``newton_schedule``), fixed within an iteration so that every
