@@ -12,6 +12,11 @@ the replicate's rates carry (``PPC_MODES``):
   node), computed per block from the observed counts; any other posterior (VAE, eta-marginal, no
   capture) is drawn as is. Measured (``validation/benchmarks/ppc_report.py``, 200 genes x 2000
   simulated cells): >= 96% of every statistic covered at the fitted and at the true globals.
+  Known failure (real scRNA, k = 20): a zero count of a gene with a huge fitted d_g (97% zeros, d_g
+  ~ 35) gives x | eta a Gaussian upper tail the exact posterior does not have, and the replicated
+  totals come out too high (67% of library-size order statistics covered, 99% without the two such
+  genes; ``validation/benchmarks/results/ppc/README.md``). ``skew=True`` halves that excess;
+  ``"joint_is"`` removes it.
 - ``"joint_gaussian"``: joint draws from the Gaussian Laplace posterior itself (eta from its
   truncated normal, then x | eta ~ N(x_hat + b (eta - eta_hat), A^{-1})); under-covers, below.
 - ``"joint_is"``: as ``"joint"``, with the draws resampled by their PSIS importance weights
@@ -113,18 +118,19 @@ def _needs_eta_marginal(post) -> bool:
     return isinstance(post, CellPosteriors) and post.params.capture is not None
 
 
-def _eta_marginal_block(q, u: np.ndarray, la):
+def _eta_marginal_block(q, u: np.ndarray, la, skew: bool = False):
     """The eta-marginal posterior of a block of cells whose posterior ``q`` is Gaussian Laplace
-    (the same as ``LaplaceResult.with_eta_marginal(counts).posterior`` on those cells); any other
+    (the same as ``LaplaceResult.with_eta_marginal(counts).posterior`` on those cells; ``skew``:
+    ``eta_marginal(..., skew=True)``, x | eta with the Laplace third cumulants); any other
     posterior (VAE, already eta-marginal, no capture) unchanged."""
     if not _needs_eta_marginal(q):
         return q
     from .eta_marginal import eta_marginal
 
-    return eta_marginal(u, q, la)
+    return eta_marginal(u, q, la, skew=skew)
 
 
-def _block_log_rates(mode, post, idx, ub, la, rng, R, n_proposals) -> np.ndarray:
+def _block_log_rates(mode, post, idx, ub, la, rng, R, n_proposals, skew: bool = False) -> np.ndarray:
     """log rates x - eta of R replicates for the cells ``idx`` (consecutive), whose dense counts
     are ``ub`` (None where the mode does not read them): (R, len(idx), G)."""
     p = post.params
@@ -143,7 +149,7 @@ def _block_log_rates(mode, post, idx, ub, la, rng, R, n_proposals) -> np.ndarray
         return x - eta[..., None]
     q = post.subset(idx)
     if mode == "joint":
-        q = _eta_marginal_block(q, ub, None if la is None else la[idx])
+        q = _eta_marginal_block(q, ub, None if la is None else la[idx], skew)
     if mode in ("joint", "joint_gaussian", "fixed_eta"):
         mode = "joint" if mode == "joint_gaussian" else mode
         x, eta = q.sample(rng, R, eta="free" if mode == "joint" else "map")
@@ -161,11 +167,22 @@ def _block_log_rates(mode, post, idx, ub, la, rng, R, n_proposals) -> np.ndarray
     return x[pick, cols] - eta[pick, cols][..., None]
 
 
-def _replicate_blocks(result, counts, n_samples, mode, seed, n_proposals):
+def _check_skew(skew, mode: str) -> bool:
+    """``skew`` as a bool; True only with mode "joint" (the only mode that builds an eta-marginal
+    posterior)."""
+    if not isinstance(skew, (bool, np.bool_)):
+        raise ValueError(f"skew must be True or False, got {skew!r}")
+    if skew and mode != "joint":
+        raise ValueError(f'skew=True applies to mode "joint" only (its eta-marginal posterior), not "{mode}"')
+    return bool(skew)
+
+
+def _replicate_blocks(result, counts, n_samples, mode, seed, n_proposals, skew: bool = False):
     """Yield (idx, u_rep (R, n, G)) over blocks of cells; ``counts`` (a ``CountMatrix`` or anything
     it accepts, or None for the modes that do not read them) are read one block at a time."""
     post = _posterior(result)
     mode = _mode(mode)
+    skew = _check_skew(skew, mode)
     u = None if counts is None else CountMatrix(counts)
     if u is not None and u.shape != post.x_map.shape:
         raise ValueError(f"counts have shape {u.shape} but the fit has {post.x_map.shape}")
@@ -179,16 +196,19 @@ def _replicate_blocks(result, counts, n_samples, mode, seed, n_proposals):
         hi = min(N, lo + block)
         idx = np.arange(lo, hi)
         ub = u.block(lo, hi) if reads else None
-        z = _block_log_rates(mode, post, idx, ub, la, rng, n_samples, n_proposals)
+        z = _block_log_rates(mode, post, idx, ub, la, rng, n_samples, n_proposals, skew)
         with np.errstate(over="ignore"):
             yield idx, rng.poisson(np.exp(z))
 
 
 def posterior_predictive(result, n_samples: int, *, mode: str = "joint", seed=0, counts=None,
-                         n_proposals: int = 200) -> np.ndarray:
+                         n_proposals: int = 200, skew: bool = False) -> np.ndarray:
     """Replicated counts (n_samples, N, G) in the given mode (module docstring); mode "joint_is"
     needs the observed ``counts`` (its importance weights), and so does mode "joint" on a Gaussian
-    Laplace posterior with capture (its eta-marginal posterior is computed from them)."""
+    Laplace posterior with capture (its eta-marginal posterior is computed from them). ``skew``
+    (mode "joint" only): that eta-marginal posterior with ``skew=True``, x | eta drawn as
+    x = m + e - 1/6 A^{-1} (lambda o (e^2 - diag A^{-1})), e ~ N(0, A^{-1}) (``pln_ref.eta_marginal``,
+    "Skew"); no effect on a posterior that is not Gaussian Laplace with capture."""
     post = _posterior(result)
     if counts is None:
         m = _mode(mode)
@@ -196,7 +216,7 @@ def posterior_predictive(result, n_samples: int, *, mode: str = "joint", seed=0,
             raise ValueError(f'mode "{m}" needs the observed counts (counts=...)'
                              + ('; mode "joint_gaussian" draws without them' if m == "joint" else ""))
     out = np.empty((n_samples,) + post.x_map.shape, dtype=np.int64)
-    for idx, rep in _replicate_blocks(result, counts, n_samples, mode, seed, n_proposals):
+    for idx, rep in _replicate_blocks(result, counts, n_samples, mode, seed, n_proposals, skew):
         out[:, idx] = rep
     return out
 
@@ -297,18 +317,18 @@ class PPCSummary:
 
 
 def ppc_summary(counts, result, *, n_samples: int = 100, mode: str = "joint", seed=0,
-                n_proposals: int = 200) -> PPCSummary:
+                n_proposals: int = 200, skew: bool = False) -> PPCSummary:
     """Compare the data with ``n_samples`` replicates in ``mode`` (module docstring), streamed over
     blocks of cells (``counts``: array, scipy.sparse matrix, AnnData or ``CountMatrix``, read one
     block of cells at a time, CSR stays CSR). ``n_proposals``: importance draws per cell of mode
-    "joint_is"."""
+    "joint_is"; ``skew``: mode "joint" with the skew-corrected x | eta (``posterior_predictive``)."""
     mode = _mode(mode)
     u = CountMatrix(counts)
     N, G = u.shape
     R = int(n_samples)
     s1, s2, nz = np.zeros((R, G)), np.zeros((R, G)), np.zeros((R, G))
     tot = np.zeros((R, N))
-    for idx, rep in _replicate_blocks(result, u, R, mode, seed, n_proposals):
+    for idx, rep in _replicate_blocks(result, u, R, mode, seed, n_proposals, skew):
         rep = rep.astype(float)
         s1 += rep.sum(axis=1)
         s2 += (rep**2).sum(axis=1)

@@ -68,6 +68,24 @@ def test_joint_draws_from_the_eta_marginal_posterior(sim, post):
     assert a.sum() < g.sum()
 
 
+def test_joint_skew_draws_from_the_skew_corrected_eta_marginal_posterior(sim, post):
+    """skew=True in mode "joint": the replicates of ``eta_marginal(..., skew=True)`` drawn directly,
+    not those of the default (Gaussian x | eta) posterior."""
+    from pln_ref.eta_marginal import eta_marginal
+
+    _, u, la = sim
+    es = eta_marginal(u, post, la, skew=True)
+    a = posterior_predictive(post, 3, mode="joint", seed=5, counts=u, skew=True)
+    np.testing.assert_array_equal(a, posterior_predictive(es, 3, mode="joint", seed=5, counts=u))
+    assert not np.array_equal(a, posterior_predictive(post, 3, mode="joint", seed=5, counts=u))
+    s = ppc_summary(u, post, n_samples=3, mode="joint", seed=5, skew=True)
+    np.testing.assert_array_equal(s.replicated["total_counts"], np.sort(a.sum(2), axis=1))
+    with pytest.raises(ValueError, match='mode "joint" only'):
+        ppc_summary(u, post, n_samples=2, mode="joint_is", skew=True)
+    with pytest.raises(ValueError, match="skew must be True or False"):
+        posterior_predictive(post, 2, mode="joint", counts=u, skew="yes")
+
+
 def test_calibrated_modes_cover_on_simulated_data(sim, post):
     """On data simulated from the model, the joint draws from the eta-marginal Laplace posterior
     ("joint") and the PSIS-corrected joint draws cover >= 90% of every statistic; the model
