@@ -19,7 +19,8 @@ the replicate's rates carry (``PPC_MODES``):
   ``"joint_is"`` removes it.
 - ``"joint_gaussian"``: joint draws from the Gaussian Laplace posterior itself (eta from its
   truncated normal, then x | eta ~ N(x_hat + b (eta - eta_hat), A^{-1})); under-covers, below.
-- ``"joint_is"``: as ``"joint"``, with the draws resampled by their PSIS importance weights
+- ``"joint_is"``: as ``"joint_gaussian"`` (the proposal is the Gaussian Laplace posterior, not the
+  eta-marginal one), with the draws resampled by their PSIS importance weights
   p(u, x, eta) / q(x, eta) (``pln_ref.importance``; ``n_proposals`` draws per cell), i.e. draws
   from a corrected posterior where the Gaussian (Laplace) approximation is off.
 

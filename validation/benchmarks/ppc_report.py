@@ -4,8 +4,8 @@ Simulated: a PLN with capture (``--genes`` x ``--cells``, rank ``--k``), fitted 
 true rank with the simulation's capture prior and anchors; the checks run (a) at the fitted
 globals and (b) at the true globals (the per-cell Laplace posteriors by ``newton_map``), so the
 effect of the posterior approximation is separated from that of the fit.
-Real: the pln-ref fit at the selected k written by ``bench_heldout.py`` (its training cells), or
-a fresh fit (``--real-k``) of ``pyPLNmodels.load_scrna`` counts.
+Real (``--real-select-dir``): the pln-ref fit at the selected k written by ``bench_heldout.py``
+or ``pln_ref.select_rank`` (its training cells) on ``pyPLNmodels.load_scrna`` counts.
 
 For every mode (``pln_ref.ppc.PPC_MODES``): the share of genes whose observed mean, variance and
 zero fraction lie inside the central 95% interval of ``--replicates`` replicates, the share of
