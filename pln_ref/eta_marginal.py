@@ -82,9 +82,9 @@ import numpy as np
 from scipy.interpolate import CubicSpline
 
 from . import truncnorm
+from .anchor import resolve_log_anchor
 from .constants import LOG_2PI
 from .counts import CountMatrix
-from .anchor import resolve_log_anchor
 from .laplace import CellPosteriors
 from .lowrank import LowRankCov, PosteriorPrecision, lowrank_solve
 from .model import cell_gradient
@@ -813,8 +813,9 @@ def eta_marginal(
     Laplace posterior ``gaussian`` (``laplace.newton_map`` of the same counts and params).
 
     counts : (N, G) counts u (array, scipy.sparse matrix, AnnData or ``CountMatrix``; read one
-    dense block of ``block_size`` cells at a time, never densified whole); log_anchor : log L_c of the capture prior (default: the one stored
-    in ``gaussian``, else the realised library size, ``anchor.resolve_log_anchor``).
+    dense block of ``block_size`` cells at a time, never densified whole); log_anchor : log L_c of
+    the capture prior (default: the one stored in ``gaussian``, else the realised library size,
+    ``anchor.resolve_log_anchor``).
     n_nodes : J nodes per cell; width : (below, above) the mode in Gaussian SDs of the first
     window; tail_tol : log density drop at the window ends (nats) below which the tail is
     negligible, else that side widens by 1.6 (at most ``max_widen`` times); n_fine : points of the
@@ -849,8 +850,8 @@ def eta_marginal(
     for lo in range(0, N, block_size):
         blk = slice(lo, min(lo + block_size, N))
         g_blk = gaussian if (blk.start, blk.stop) == (0, N) else gaussian.subset(blk)
-        terms = _CellTerms(u=u.block(blk.start, blk.stop), lgam=lgam[blk], m=m[blk], sigma_M=params.capture.sigma_M, mu=params.mu,
-                           cov=gaussian.precision.cov)
+        terms = _CellTerms(u=u.block(blk.start, blk.stop), lgam=lgam[blk], m=m[blk],
+                           sigma_M=params.capture.sigma_M, mu=params.mu, cov=gaussian.precision.cov)
         n_widen[blk] = _nodes_with_widening(terms, g_blk, _x_star_derivatives(g_blk, warm_order), n_nodes, width,
                                             tail_tol, max_widen, tol, max_iter, mean_correction, out, lo)
     grid, log_q, cdf, logZ = _fine_density(out["nodes"], out["logp"], n_fine)

@@ -51,7 +51,12 @@ from .anchor import resolve_log_anchor
 from .model import cell_gradient, eta_schur
 from .params import PLNParams
 
-__all__ = ["newton_map", "CellPosteriors", "cell_objective", "LineSearchProblem", "backtracking_line_search"]
+__all__ = ["newton_map", "CellPosteriors", "PER_CELL_FIELDS", "cell_objective", "LineSearchProblem",
+           "backtracking_line_search"]
+
+#: the per-cell (N,) fields of ``CellPosteriors`` (besides the (N, G) x_map and bbar and the precision)
+PER_CELL_FIELDS = ("eta_map", "on_bound", "converged", "grad_norm", "n_iter", "objective", "s", "delta",
+                   "log_anchor", "converged_by")
 
 _EPS_BOUND = 1e-10  # epsilon-active set for eta >= 0
 
@@ -193,21 +198,21 @@ class CellPosteriors:
             first.precision.cov, np.concatenate([p.precision.lam for p in parts]),
             np.concatenate([p.precision.S for p in parts]),
             np.concatenate([p.precision.L_S for p in parts]))
-        return cls(params=first.params, precision=P, **{n: cat(n) for n in (
-            "x_map", "eta_map", "on_bound", "converged", "grad_norm", "n_iter", "objective",
-            "bbar", "s", "delta", "log_anchor", "converged_by")})
+        return cls(params=first.params, precision=P,
+                   **{n: cat(n) for n in ("x_map", "bbar", *PER_CELL_FIELDS)})
 
     def subset(self, idx) -> "CellPosteriors":
         """The posteriors of a subset of cells (index or boolean mask)."""
         P = PosteriorPrecision(self.precision.cov, self.precision.lam[idx])
-        pick = lambda a: None if a is None else a[idx]  # noqa: E731
-        return CellPosteriors(
-            params=self.params, x_map=self.x_map[idx], eta_map=self.eta_map[idx],
-            on_bound=self.on_bound[idx], converged=self.converged[idx],
-            grad_norm=self.grad_norm[idx], n_iter=self.n_iter[idx], objective=self.objective[idx],
-            precision=P, bbar=pick(self.bbar), s=pick(self.s), delta=pick(self.delta),
-            log_anchor=pick(self.log_anchor), converged_by=pick(self.converged_by),
-        )
+        return CellPosteriors(params=self.params, precision=P, **self._sliced(idx, ("x_map", "bbar")))
+
+    def _sliced(self, idx, names: tuple) -> dict:
+        """{name: rows ``idx`` of the field (None stays None)} for ``names`` and ``PER_CELL_FIELDS``."""
+        out = {}
+        for n in (*names, *PER_CELL_FIELDS):
+            a = getattr(self, n)
+            out[n] = None if a is None else a[idx]
+        return out
 
 
 def _eta_numerator(u, lam, b, bbar, gx, eta, m, sigma_M):

@@ -18,7 +18,7 @@ from typing import NamedTuple
 import numpy as np
 
 from ..counts import CountMatrix
-from ..laplace import CellPosteriors, newton_map
+from ..laplace import PER_CELL_FIELDS, CellPosteriors, newton_map
 from ..lowrank import LowRankCov, PosteriorPrecision
 from ..model import eta_bbar, eta_schur
 from ..params import PLNParams
@@ -27,9 +27,6 @@ from .evaluate import laplace_objective
 __all__ = ["MapPrecision", "MapCellPosteriors", "FinalPosteriors", "final_posteriors", "final_block",
            "assemble_final", "map_posteriors"]
 
-#: the per-cell (N,) fields of ``CellPosteriors`` a final pass keeps
-PER_CELL = ("eta_map", "on_bound", "converged", "grad_norm", "n_iter", "objective", "s", "delta",
-            "converged_by", "log_anchor")
 
 
 class MapPrecision(PosteriorPrecision):
@@ -77,14 +74,9 @@ class MapCellPosteriors(CellPosteriors):
         ``MapCellPosteriors``: only the subset's rows are read (no all-cell lambda or bbar is
         derived, so a block of cells costs a block)."""
         P = self.precision
-        pick = lambda a: None if a is None else a[idx]  # noqa: E731
-        x_map, eta_map = self.x_map[idx], self.eta_map[idx]
-        return MapCellPosteriors(
-            params=self.params, x_map=x_map, eta_map=eta_map, on_bound=self.on_bound[idx],
-            converged=self.converged[idx], grad_norm=self.grad_norm[idx], n_iter=self.n_iter[idx],
-            objective=self.objective[idx], bbar=None, s=pick(self.s), delta=pick(self.delta),
-            log_anchor=pick(self.log_anchor), converged_by=pick(self.converged_by),
-            precision=MapPrecision(P.cov, x_map, eta_map, P.S[idx], P.L_S[idx]))
+        f = self._sliced(idx, ("x_map",))
+        return MapCellPosteriors(params=self.params, bbar=None, **f,
+                                 precision=MapPrecision(P.cov, f["x_map"], f["eta_map"], P.S[idx], P.L_S[idx]))
 
 
 class FinalPosteriors(NamedTuple):
@@ -100,11 +92,11 @@ def final_block(u: np.ndarray, params: PLNParams, log_anchor: np.ndarray | None,
                 with_evidence: bool = True) -> dict:
     """One block of cells of the final pass: ``laplace.newton_map`` of the dense counts ``u`` (n, G)
     from the warm start x0 / eta0 (any float dtype, or None), then its Laplace evidence. Returns
-    only what the result keeps: {"x_map" (n, G) float64, "S", "L_S" (n, k, k), the ``PER_CELL``
+    only what the result keeps: {"x_map" (n, G) float64, "S", "L_S" (n, k, k), the ``PER_CELL_FIELDS``
     fields (None where the posterior has none), "evidence" (n,) or None}."""
     post = newton_map(u, params, log_anchor, x0=x0, eta0=eta0, gtol=gtol, cov=cov)
     out = {"x_map": post.x_map, "S": post.precision.S, "L_S": post.precision.L_S,
-           **{name: getattr(post, name) for name in PER_CELL}, "evidence": None}
+           **{name: getattr(post, name) for name in PER_CELL_FIELDS}, "evidence": None}
     if with_evidence:
         out["evidence"] = laplace_objective(u, params, log_anchor, post, with_grad=False,
                                             lgamma_sum=lgamma_sum)[0]
@@ -121,7 +113,7 @@ def assemble_final(params: PLNParams, blocks, N: int, *, x_map: np.ndarray | Non
     G, k = cov.G, cov.k
     x_map = np.empty((N, G)) if x_map is None else x_map
     S, L_S = np.empty((N, k, k)), np.empty((N, k, k))
-    per_cell = {name: None for name in PER_CELL}
+    per_cell = {name: None for name in PER_CELL_FIELDS}
     evidence = np.empty(N) if with_evidence else None
     for sl, part in blocks:
         x_map[sl], S[sl], L_S[sl] = part["x_map"], part["S"], part["L_S"]
