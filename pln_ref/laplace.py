@@ -11,11 +11,15 @@ Newton step (one factorisation of A = diag(lambda) + Sigma^{-1} serves both righ
     delta_eta = (g_eta + lambda^T a) / s,   delta_x = a + b delta_eta
 
 (s and the numerator of delta_eta are evaluated in cancellation-free forms through
-bbar = 1 - b = A^{-1} Sigma^{-1} 1; see ``model.eta_schur`` and ``_eta_numerator``.)
+bbar = 1 - b = A^{-1} Sigma^{-1} 1, as in ``model.eta_schur``, from k-vectors of each cell;
+see ``_newton_direction`` and ``_eta_numerator``.)
 
 Globalisation: backtracking (Armijo) line search along the projected path
-(x + t dx, max(0, eta + t deta)), full steps once the squared Newton decrement is <= 1e-8
-(there the Armijo test would compare changes below round-off); active set for the bound
+(x + t dx, max(0, eta + t deta)), full steps once the squared Newton decrement is <= 1e-6
+(``QUAD_DEC2``: the step is 1e-3 in the Hessian norm, well inside Newton's quadratic region, and
+the predicted gain of 5e-7 nats is near the round-off of f for cells with large counts or tiny
+d); a cell whose line search finds no acceptable step (f cannot resolve the gain) stops there
+as "roundoff"; active set for the bound
 eta >= 0 (Bertsekas' projected Newton): a cell whose eta is (epsilon-)at 0 and whose joint step points outward keeps eta = 0 and
 takes the x-only Newton step a = A^{-1} g_x. Convergence per cell: the infinity norm of the
 projected gradient <= ``gtol``. A cell whose Newton decrement falls to round-off level before
@@ -48,7 +52,7 @@ from .allocator import tune_allocator
 from .constants import LOG_2PI
 from .lowrank import LowRankCov, PosteriorPrecision
 from .anchor import resolve_log_anchor
-from .model import cell_gradient, eta_schur
+from .model import cell_gradient
 from .params import PLNParams
 
 __all__ = ["newton_map", "CellPosteriors", "PER_CELL_FIELDS", "cell_objective", "LineSearchProblem",
@@ -59,6 +63,12 @@ PER_CELL_FIELDS = ("eta_map", "on_bound", "converged", "grad_norm", "n_iter", "o
                    "log_anchor", "converged_by")
 
 _EPS_BOUND = 1e-10  # epsilon-active set for eta >= 0
+
+#: squared Newton decrement below which the full step is taken without the Armijo test. Measured
+#: on real counts (2000 x 1000): with 1e-8 a cell at dec2 1.1e-8 whose f is only resolved to 2e-8
+#: (d_g = 1e-6 makes Sigma^{-1}(x - mu) cancel) rejected every t down to 2^-60, 200 times per
+#: evaluation, and those 12,000 one-cell backtracking rounds were 15% of the fit's CPU.
+QUAD_DEC2 = 1e-6
 
 
 def cell_objective(
@@ -197,7 +207,9 @@ class CellPosteriors:
         P = PosteriorPrecision.from_factor(
             first.precision.cov, np.concatenate([p.precision.lam for p in parts]),
             np.concatenate([p.precision.S for p in parts]),
-            np.concatenate([p.precision.L_S for p in parts]))
+            np.concatenate([p.precision.L_S for p in parts]),
+            np.concatenate([p.precision.r for p in parts]),
+            np.concatenate([p.precision.S_inv() for p in parts]))
         return cls(params=first.params, precision=P,
                    **{n: cat(n) for n in ("x_map", "bbar", *PER_CELL_FIELDS)})
 
@@ -215,13 +227,15 @@ class CellPosteriors:
         return out
 
 
-def _eta_numerator(u, lam, b, bbar, gx, eta, m, sigma_M):
-    """g_eta + lambda^T A^{-1} g_x without cancellation. With g_x = u - lambda - Sigma^{-1}(x-mu)
-    and b = A^{-1} lambda: = bbar^T (lambda - u) - b^T Sigma^{-1}(x - mu) - (eta - m)/sigma_M^2,
-    where Sigma^{-1}(x - mu) = u - lambda - g_x."""
-    sinv_r = u - lam - gx
-    return (np.einsum("ng,ng->n", bbar, lam - u) - np.einsum("ng,ng->n", b, sinv_r)
-            - (eta - m) / sigma_M**2)
+def _eta_numerator(ge, gx, bbar):
+    """g_eta + lambda^T A^{-1} g_x, the numerator of the eta Newton step. With b = A^{-1} lambda =
+    1 - bbar: lambda^T A^{-1} g_x = b^T g_x = 1^T g_x - bbar^T g_x, so
+
+        numerator = g_eta + 1^T g_x - bbar^T g_x
+
+    (one pass over the cell's genes; no difference of large terms: g is small near the MAP, and
+    bbar = A^{-1} Sigma^{-1} 1 is computed without forming b)."""
+    return ge + gx.sum(axis=1) - np.einsum("ng,ng->n", bbar, gx)
 
 
 def _default_start(u: np.ndarray, m: np.ndarray | None):
@@ -262,9 +276,10 @@ def backtracking_line_search(p: LineSearchProblem) -> tuple[np.ndarray, np.ndarr
     """Armijo backtracking along the projected path (x + t dx, max(0, eta + t deta)), t = 1, 1/2, ...
 
     Accept t when f(t) >= f0 + armijo * (g_x^T (x_t - x) + g_eta (eta_t - eta)) - 16 eps max(1, |f0|).
-    In the quadratic region (decrement^2 <= 1e-8 nats: the step is tiny in the Hessian norm) the
-    full step is taken directly, since there the Armijo test compares changes below round-off.
-    Returns (x_new, eta_new, f_new): ``_fused_line_search`` without the gradient pieces."""
+    In the quadratic region (decrement^2 <= ``QUAD_DEC2`` = 1e-6: the step is tiny in the Hessian
+    norm) the full step is taken directly, since there the Armijo test compares changes near
+    round-off. Returns (x_new, eta_new, f_new): ``_fused_line_search`` without the gradient
+    pieces (a cell with no acceptable step stays put)."""
     return _fused_line_search(p, p.u.sum(axis=1))[:3]
 
 
@@ -338,17 +353,28 @@ def _offset_rows(gradient: Callable, lo: int) -> Callable:
 
 
 class _Direction(NamedTuple):
-    """Gradient, factorisation and projected Newton direction of the active cells."""
+    """Gradient, factorisation and projected Newton direction of the active cells. ``sb`` (n, k)
+    = S^{-1} W^T diag(r) Sigma^{-1} 1 gives bbar = r (W sb + d Sigma^{-1} 1) of any rows on
+    demand (``bbar_rows``; capture only, else None)."""
 
     gx: np.ndarray
     ge: np.ndarray
     lam: np.ndarray
     A: PosteriorPrecision
-    bbar: np.ndarray | None
+    sb: np.ndarray | None
     s: np.ndarray | None
     dx: np.ndarray
     deta: np.ndarray
     gnorm: np.ndarray
+
+    def bbar_rows(self, sel) -> np.ndarray:
+        """bbar = A^{-1} Sigma^{-1} 1 of rows ``sel`` (one (n, k) @ (k, G) product)."""
+        cov = self.A.cov
+        _, _, dsig, _ = cov.eta_tables()
+        out = self.sb[sel] @ cov.W.T
+        out += dsig
+        out *= self.A.r[sel]
+        return out
 
 
 def _block_start(u, params, log_anchor, x0, eta0):
@@ -359,7 +385,8 @@ def _block_start(u, params, log_anchor, x0, eta0):
         sigma_M = params.capture.sigma_M
     else:
         m_all, sigma_M = None, None
-    xs, es = _default_start(u, m_all)
+    if x0 is None or eta0 is None:
+        xs, es = _default_start(u, m_all)
     x = xs if x0 is None else np.array(x0, dtype=float, copy=True)
     eta = es if eta0 is None else np.maximum(np.array(eta0, dtype=float, copy=True), 0.0)
     if params.capture is None:
@@ -371,27 +398,64 @@ def _block_start(u, params, log_anchor, x0, eta0):
 
 def _newton_direction(ua, xa, ea, ma, mu, cov, sigma_M, grad_fn, active, point=None) -> _Direction:
     """Gradient at (xa, ea), one factorisation of A, and the projected joint Newton step:
-    a = A^{-1} g_x, b = A^{-1} lambda, delta_eta = (g_eta + lambda^T a)/s, delta_x = a + b delta_eta;
-    cells on the bound whose free step points outward take the x-only step a (active set).
-    ``point``: the (g_x, g_eta, lambda) already computed at (xa, ea) by ``_point`` (else computed)."""
+    a = A^{-1} g_x, b = A^{-1} lambda = 1 - bbar, delta_eta = (g_eta + lambda^T a)/s,
+    delta_x = a + b delta_eta; cells on the bound whose free step points outward take the x-only
+    step a (active set). ``point``: the (g_x, g_eta, lambda) already computed at (xa, ea) by
+    ``_point`` (else computed).
+
+    With capture, every eta quantity comes from k-vectors (no (n, G) solve besides the step
+    itself), with r = 1/(1 + lambda d), sigma1 = Sigma^{-1} 1, t_a = W^T (r g_x),
+    t_b = W^T (r sigma1), s_a = S^{-1} t_a, s_b = S^{-1} t_b (``lowrank_solve``'s algebra):
+
+        a    = r (W s_a + d g_x),            bbar = r (W s_b + d sigma1)
+        s    = 1/sigma_M^2 + lambda^T bbar = 1/sigma_M^2 + (W^T lambda r)^T s_b + (lambda r)^T d sigma1
+        bbar^T g_x = t_a^T s_b + (r g_x)^T d sigma1
+        delta_x = a + c (1 - bbar) = r (W (s_a - c s_b) - c d sigma1 + d g_x) + c,
+                  c = delta_eta (0 for cells held on the bound)
+
+    (W^T lambda r and (lambda r)^T d sigma1 come with S from one product, ``LowRankCov.eta_tables``.)
+    bbar itself is formed only for cells whose factorisation is kept (``_Direction.bbar_rows``)."""
     gx, ge, lam = point if point is not None else cell_gradient(ua, xa, ea, mu, cov, ma, sigma_M)
     if grad_fn is not None:
         gx, ge = grad_fn(active, xa, ea)
-    A = PosteriorPrecision(cov, lam)
-    if ma is not None:
-        b, bbar, s, a = eta_schur(A, 1.0 / sigma_M**2, gx)
-        deta_free = _eta_numerator(ua, lam, b, bbar, gx, ea, ma, sigma_M) / s
-        bound = (ea <= _EPS_BOUND) & (deta_free <= 0)
-        dx = a + b * np.where(bound, 0.0, deta_free)[:, None]
-        deta = np.where(bound, -ea, deta_free)
-        g_eta_proj = np.where((ea <= _EPS_BOUND) & (ge <= 0), 0.0, ge)
-    else:
-        bbar = s = None
+    if ma is None:
+        A = PosteriorPrecision(cov, lam)
+        sb = s = None
         dx = A.solve(gx)
         deta = np.zeros(len(ea))
         g_eta_proj = np.zeros(len(ea))
-    gnorm = np.maximum(np.max(np.abs(gx), axis=1), np.abs(g_eta_proj))
-    return _Direction(gx, ge, lam, A, bbar, s, dx, deta, gnorm)
+    else:
+        ext, sW, dsig, WtE = cov.eta_tables()
+        k, n_pairs = cov.k, cov.pair_table.shape[1]
+        r = lam * cov.d
+        r += 1.0
+        np.reciprocal(r, out=r)  # r = 1 / (1 + lambda d)
+        P = (lam * r) @ ext
+        S = cov.unpack_pairs(P[:, :n_pairs])
+        S[..., np.arange(k), np.arange(k)] += 1.0
+        A = PosteriorPrecision.from_factor(cov, lam, S, None, r)
+        S_inv = A.S_inv()
+        rg = r * gx
+        t_a = rg @ cov.W
+        s_a = np.einsum("nab,nb->na", S_inv, t_a)
+        sb = np.einsum("nab,nb->na", S_inv, r @ sW)
+        s = 1.0 / sigma_M**2 + np.einsum("na,na->n", P[:, n_pairs:n_pairs + k], sb) + P[:, -1]
+        num = ge + gx.sum(axis=1) - (np.einsum("na,na->n", t_a, sb) + rg @ dsig)  # _eta_numerator
+        deta_free = num / s
+        bound = (ea <= _EPS_BOUND) & (deta_free <= 0)
+        c = np.where(bound, 0.0, deta_free)
+        coef = np.empty((len(ea), k + 1))
+        coef[:, :k] = s_a - c[:, None] * sb
+        coef[:, k] = -c
+        dx = coef @ WtE  # W (s_a - c s_b) - c d sigma1
+        dx *= r
+        rg *= cov.d  # r d g_x (rg is this call's own array)
+        dx += rg
+        dx += c[:, None]
+        deta = np.where(bound, -ea, deta_free)
+        g_eta_proj = np.where((ea <= _EPS_BOUND) & (ge <= 0), 0.0, ge)
+    gnorm = np.maximum(np.maximum(gx.max(axis=1), -gx.min(axis=1)), np.abs(g_eta_proj))
+    return _Direction(gx, ge, lam, A, sb, s, dx, deta, gnorm)
 
 
 def _point(u, usum, x, eta, mu, cov, m, sigma_M):
@@ -422,17 +486,28 @@ def _point(u, usum, x, eta, mu, cov, m, sigma_M):
 def _fused_line_search(p: LineSearchProblem, usum):
     """``backtracking_line_search`` that also returns (g_x, g_eta, lambda) at the accepted points
     (``_point`` evaluates f and the gradient together, so the next Newton direction needs no new
-    exponential or Sigma^{-1} product). Same acceptance rule: full steps in the quadratic region
-    (decrement^2 <= 1e-8), else Armijo backtracking t = 1, 1/2, ..."""
+    exponential or Sigma^{-1} product) and the mask of cells that found no acceptable step (they
+    stay put). Same acceptance rule: full steps in the quadratic region (decrement^2 <=
+    ``QUAD_DEC2``), else Armijo backtracking t = 1, 1/2, ... The first round takes every cell's
+    full step on whole arrays (no row gathers); only rejected cells are gathered and retried.
+    The Armijo gain g_x^T (x_t - x) + g_eta (eta_t - eta) is t g_x^T dx + g_eta (eta_t - eta),
+    with g_x^T dx = dec2 - g_eta deta."""
     n, G = p.x.shape
-    t = np.ones(n)
-    x_new, e_new = p.x.copy(), p.eta.copy()
-    f_new = p.f0.copy()
-    gx_new, lam_new, ge_new = np.empty((n, G)), np.empty((n, G)), np.zeros(n)
-    quad = p.dec2 <= 1e-8
-    pending = np.ones(n, dtype=bool)
+    gdx = p.dec2 - p.ge * p.deta
+    quad = p.dec2 <= QUAD_DEC2
     tol_round = 16 * np.finfo(float).eps * np.maximum(1.0, np.abs(p.f0))
-    for _ in range(60):
+    # round 1, t = 1, all cells on whole arrays
+    x_new = p.x + p.dx
+    e_new = np.maximum(p.eta + p.deta, 0.0)
+    f_new, gx_new, ge_new, lam_new = _point(p.u, usum, x_new, e_new, p.mu, p.cov, p.m, p.sigma_M)
+    gain = gdx + p.ge * (e_new - p.eta)
+    pending = ~(quad | (f_new >= p.f0 + p.armijo * gain - tol_round))
+    if not pending.any():
+        return x_new, e_new, f_new, (gx_new, ge_new, lam_new), pending
+    q = np.flatnonzero(pending)  # rejected: back to the start point until a smaller t is accepted
+    x_new[q], e_new[q], f_new[q] = p.x[q], p.eta[q], p.f0[q]
+    t = np.full(n, 0.5)
+    for _ in range(59):
         q = np.flatnonzero(pending)
         if q.size == 0:
             break
@@ -440,8 +515,8 @@ def _fused_line_search(p: LineSearchProblem, usum):
         et = np.maximum(p.eta[q] + t[q] * p.deta[q], 0.0)
         ft, gxt, get, lamt = _point(p.u[q], usum[q], xt, et, p.mu, p.cov,
                                     None if p.m is None else p.m[q], p.sigma_M)
-        gain = np.einsum("ng,ng->n", p.gx[q], xt - p.x[q]) + p.ge[q] * (et - p.eta[q])
-        ok = quad[q] | (ft >= p.f0[q] + p.armijo * gain - tol_round[q])
+        gain = t[q] * gdx[q] + p.ge[q] * (et - p.eta[q])
+        ok = ft >= p.f0[q] + p.armijo * gain - tol_round[q]
         acc = q[ok]
         x_new[acc], e_new[acc], f_new[acc] = xt[ok], et[ok], ft[ok]
         gx_new[acc], ge_new[acc], lam_new[acc] = gxt[ok], get[ok], lamt[ok]
@@ -451,7 +526,7 @@ def _fused_line_search(p: LineSearchProblem, usum):
         q = np.flatnonzero(pending)
         _, gx_new[q], ge_new[q], lam_new[q] = _point(
             p.u[q], usum[q], x_new[q], e_new[q], p.mu, p.cov, None if p.m is None else p.m[q], p.sigma_M)
-    return x_new, e_new, f_new, (gx_new, ge_new, lam_new)
+    return x_new, e_new, f_new, (gx_new, ge_new, lam_new), pending
 
 
 class _BlockStore:
@@ -459,17 +534,26 @@ class _BlockStore:
     factorisation of the converged iterate instead of recomputing it."""
 
     def __init__(self, N, G, k, capture):
-        self.lam, self.gx = np.empty((N, G)), np.empty((N, G))
+        self.lam, self.gx, self.r = np.empty((N, G)), np.empty((N, G)), np.empty((N, G))
         self.ge = np.zeros(N)
-        self.S, self.L_S = np.empty((N, k, k)), np.empty((N, k, k))
+        self.S, self.L_S, self.S_inv = np.empty((N, k, k)), np.empty((N, k, k)), np.empty((N, k, k))
         self.bbar = np.empty((N, G)) if capture else None
         self.s = np.empty(N) if capture else None
+        # (allocated lazily by the OS: a block whose cells all finish together adopts the
+        # direction's arrays in ``put`` and never touches these pages)
 
     def put(self, cells, sel, d: _Direction) -> None:
+        if cells.size == self.ge.size and sel.all():  # every cell of the block at once: adopt
+            self.lam, self.gx, self.ge, self.r = d.lam, d.gx, d.ge, d.A.r
+            self.S, self.L_S, self.S_inv = d.A.S, d.A.L_S, d.A.S_inv()
+            if self.bbar is not None:
+                self.bbar, self.s = d.bbar_rows(slice(None)), d.s
+            return
         self.lam[cells], self.gx[cells], self.ge[cells] = d.lam[sel], d.gx[sel], d.ge[sel]
-        self.S[cells], self.L_S[cells] = d.A.S[sel], d.A.L_S[sel]
+        self.r[cells], self.S[cells], self.S_inv[cells] = d.A.r[sel], d.A.S[sel], d.A.S_inv()[sel]
+        self.L_S[cells] = np.linalg.cholesky(d.A.S[sel])  # only the finished cells' factors
         if self.bbar is not None:
-            self.bbar[cells], self.s[cells] = d.bbar[sel], d.s[sel]
+            self.bbar[cells], self.s[cells] = d.bbar_rows(sel), d.s[sel]
 
 
 def _newton_block(u, params, log_anchor, x0, eta0, gtol, max_iter, grad_fn, armijo, progress, cov,
@@ -496,8 +580,10 @@ def _newton_block(u, params, log_anchor, x0, eta0, gtol, max_iter, grad_fn, armi
     for it in range(max_iter + 1):
         if active.size == 0:
             break
-        ua, xa, ea = u[active], x[active], eta[active]
-        ma = None if m_all is None else m_all[active]
+        full = active.size == N  # no cell has finished: whole arrays, no row gathers
+        pick = (lambda a: a) if full else (lambda a: a[active])  # noqa: E731
+        ua, xa, ea = pick(u), pick(x), pick(eta)
+        ma = None if m_all is None else pick(m_all)
         if fused and point is None:  # first iteration: f and the gradient pieces together
             f_all[active], *point = _point(ua, usum[active], xa, ea, mu, cov, ma, sigma_M)
         dr = _newton_direction(ua, xa, ea, ma, mu, cov, sigma_M, grad_fn, active, point)
@@ -526,15 +612,30 @@ def _newton_block(u, params, log_anchor, x0, eta0, gtol, max_iter, grad_fn, armi
         active = active[keep]
         if active.size == 0:
             break
+        kept = (lambda a: a) if keep.all() else (lambda a: a[keep])  # noqa: E731
         prob = LineSearchProblem(
-            u=ua[keep], x=xa[keep], eta=ea[keep], dx=dr.dx[keep], deta=dr.deta[keep],
-            gx=dr.gx[keep], ge=dr.ge[keep], lam=dr.lam[keep], f0=f0[keep], dec2=dec2[keep], mu=mu,
-            cov=cov, m=None if ma is None else ma[keep], sigma_M=sigma_M, armijo=armijo)
+            u=kept(ua), x=kept(xa), eta=kept(ea), dx=kept(dr.dx), deta=kept(dr.deta),
+            gx=kept(dr.gx), ge=kept(dr.ge), lam=kept(dr.lam), f0=kept(f0), dec2=kept(dec2), mu=mu,
+            cov=cov, m=None if ma is None else kept(ma), sigma_M=sigma_M, armijo=armijo)
         if fused:
-            x[active], eta[active], f_all[active], point = _fused_line_search(prob, usum[active])
+            xn, en, fn, point, failed = _fused_line_search(prob, usum[active])
         else:
-            x[active], eta[active], f_all[active] = line_search(prob)
+            (xn, en, fn), failed = line_search(prob), None
+        if active.size == N:  # every cell moved: the new iterates replace the old arrays
+            x, eta, f_all = xn, en, fn
+        else:
+            x[active], eta[active], f_all[active] = xn, en, fn
         n_iter[active] += 1
+        if failed is not None and failed.any():
+            # no acceptable step: f cannot resolve the gain, so the cell stays at this iterate,
+            # whose factorisation dr already holds; retrying would repeat the same search
+            rows = np.zeros(keep.size, dtype=bool)
+            rows[np.flatnonzero(keep)[failed]] = True
+            store.put(active[failed], rows, dr)
+            conv_by[active[failed]] = "roundoff"
+            bar.update(int(failed.sum()))
+            active = active[~failed]
+            point = tuple(a[~failed] for a in point)
     bar.close()
     return _final_posterior(u, params, log_anchor, cov, x, eta, m_all, sigma_M, store, f_all, done,
                             gnorm_all, n_iter, conv_by)
@@ -545,13 +646,15 @@ def _final_posterior(u, params, log_anchor, cov, x, eta, m_all, sigma_M, store: 
     """The posterior of the block from the factorisation and Schur pieces stored at each cell's
     last check; delta = g_eta / s (<= 0) for cells on the bound."""
     N = u.shape[0]
-    A = PosteriorPrecision.from_factor(cov, store.lam, store.S, store.L_S)
+    A = PosteriorPrecision.from_factor(cov, store.lam, store.S, store.L_S, store.r, store.S_inv)
     s, delta = store.s, None
     on_bound = np.zeros(N, dtype=bool)
     if m_all is not None:
         on_bound = eta <= _EPS_BOUND
+        # g_eta at eta = 0 for cells on the bound (stored at their eta <= _EPS_BOUND)
+        ge = store.ge + np.where(on_bound, eta, 0.0) / sigma_M**2
         eta = np.where(on_bound, 0.0, eta)
-        num = _eta_numerator(u, store.lam, 1.0 - store.bbar, store.bbar, store.gx, eta, m_all, sigma_M)
+        num = _eta_numerator(ge, store.gx, store.bbar)
         delta = np.where(on_bound, num / s, 0.0)
     need = np.isnan(f_all)
     if need.any():

@@ -36,8 +36,9 @@ def lowrank_solve(cov: "LowRankCov", r: np.ndarray, S_inv: np.ndarray, b: np.nda
 
     O(G k) per row. Leading batch dimensions of r, S^{-1} and b (..., G) broadcast against each
     other (e.g. draws (S, n, G) against per-row factors (n, G), (n, k, k)); returns the broadcast
-    shape (..., G)."""
-    t = (r * b) @ cov.W  # (..., k)
+    shape (..., G). A one-dimensional b (G,) is the same vector for every row: then
+    (r b) W = r (diag(b) W), one product with no (..., G) temporary."""
+    t = r @ (b[:, None] * cov.W) if b.ndim == 1 else (r * b) @ cov.W  # (..., k)
     s = np.einsum("...ab,...b->...a", S_inv, t)
     out = s @ cov.W.T
     out += cov.d * b
@@ -114,6 +115,25 @@ class LowRankCov:
         e = rng.standard_normal((n, self.G))
         return z @ self.W.T + np.sqrt(self.d) * e
 
+    def eta_tables(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """Constant tables of the joint (x, eta) Newton step (``laplace._newton_direction``),
+        computed once per covariance, with sigma1 = Sigma^{-1} 1 (G,):
+
+            ext  (G, p + k + 1) = [pair_table | W | d * sigma1]   (one product gives S_c,
+                                  W^T diag(lambda r) and lambda^T diag(r) d sigma1)
+            sW   (G, k)         = diag(sigma1) W                  (r @ sW = W^T diag(r) sigma1)
+            dsig (G,)           = d * sigma1
+            WtE  (k + 1, G)     = [W^T ; d * sigma1^T]
+        """
+        cached = self.__dict__.get("_eta_tables")
+        if cached is None:
+            sigma1 = self.inv_mv(np.ones(self.G))
+            dsig = self.d * sigma1
+            ext = np.hstack([self.pair_table, self.W, dsig[:, None]])
+            cached = self._eta_tables = (ext, sigma1[:, None] * self.W, dsig,
+                                         np.vstack([self.W.T, dsig[None, :]]))
+        return cached
+
     # ---- helpers shared with PosteriorPrecision ------------------------------------------
     def unpack_pairs(self, P: np.ndarray) -> np.ndarray:
         """(N, k(k+1)/2) packed symmetric entries (a <= b) -> (N, k, k)."""
@@ -121,6 +141,11 @@ class LowRankCov:
         out[..., self._iu, self._ju] = P
         out[..., self._ju, self._iu] = P
         return out
+
+    def pack_pairs(self, S: np.ndarray) -> np.ndarray:
+        """(N, k, k) symmetric -> packed (N, k(k+1)/2) upper-triangle entries (a <= b), the inverse
+        of ``unpack_pairs``."""
+        return S[..., self._iu, self._ju]
 
     def pack_pairs_weighted(self, S: np.ndarray) -> np.ndarray:
         """(N,k,k) symmetric -> packed (N, p) with off-diagonal entries doubled, so that
@@ -145,24 +170,49 @@ class PosteriorPrecision:
             raise ValueError(f"lam must have shape (N, {cov.G}), got {lam.shape}")
         self.cov = cov
         self.lam = lam
-        ld = lam * cov.d
-        self.r = 1.0 / (1.0 + ld)  # r = 1 / (1 + lambda d)
-        self.m = lam + cov.dinv  # m = lambda + 1/d
+        r = lam * cov.d
+        r += 1.0
+        self.r = np.reciprocal(r, out=r)  # r = 1 / (1 + lambda d)
         # S_c = I + W^T diag(lambda/(1 + lambda d)) W: one (N x G) @ (G x p) product
         P = (lam * self.r) @ cov.pair_table
         S = cov.unpack_pairs(P)
         S[..., np.arange(cov.k), np.arange(cov.k)] += 1.0
         self.S = S
-        self.L_S = np.linalg.cholesky(S)
+        self._L_S = None  # Cholesky factor of S, on first access (``L_S``)
 
     @classmethod
-    def from_factor(cls, cov: LowRankCov, lam: np.ndarray, S: np.ndarray, L_S: np.ndarray) -> "PosteriorPrecision":
-        """Rebuild from a stored S and its Cholesky factor (no new O(N G k^2) product)."""
+    def from_factor(cls, cov: LowRankCov, lam: np.ndarray, S: np.ndarray, L_S: np.ndarray,
+                    r: np.ndarray | None = None, S_inv: np.ndarray | None = None) -> "PosteriorPrecision":
+        """Rebuild from a stored S and its Cholesky factor (no new O(N G k^2) product); r and
+        S^{-1}, when stored too, are adopted instead of recomputed."""
         self = cls.__new__(cls)
         self.cov, self.lam, self.S, self.L_S = cov, lam, S, L_S
-        self.r = 1.0 / (1.0 + lam * cov.d)
-        self.m = lam + cov.dinv
+        self.r = 1.0 / (1.0 + lam * cov.d) if r is None else r
+        if S_inv is not None:
+            self._S_inv = S_inv
         return self
+
+    @property
+    def L_S(self) -> np.ndarray:
+        """Lower Cholesky factor of S_c (N, k, k), computed on first access and kept (log det A and
+        sampling need it; the Newton directions use S^{-1} only)."""
+        cached = self.__dict__.get("_L_S")
+        if cached is None:
+            cached = self._L_S = np.linalg.cholesky(self.S)
+        return cached
+
+    @L_S.setter
+    def L_S(self, value: np.ndarray) -> None:
+        self._L_S = value
+
+    @property
+    def m(self) -> np.ndarray:
+        """m = lambda + 1/d (N, G), computed on first access and kept (the Newton iterations
+        never need it; ``logdet`` and the evidence gradient do)."""
+        cached = self.__dict__.get("_m")
+        if cached is None:
+            cached = self._m = self.lam + self.cov.dinv
+        return cached
 
     @property
     def N(self) -> int:
@@ -177,7 +227,7 @@ class PosteriorPrecision:
         same right-hand side for every cell)."""
         b = np.asarray(b, dtype=float)
         if b.ndim == 1 and b.shape[0] == self.cov.G:  # one vector shared by every cell (broadcast)
-            b = b[None, :]
+            return lowrank_solve(self.cov, self.r, self.S_inv(), b)
         if b.ndim == 2:
             # r read once: ``outer.final.MapPrecision`` derives it from the MAPs on access;
             # S^{-1} cached: one inversion per factorisation
@@ -191,9 +241,11 @@ class PosteriorPrecision:
         raise ValueError(f"b must be (N, G) or (N, G, n_rhs), got shape {b.shape}")
 
     def logdet(self) -> np.ndarray:
-        """log det A_c = sum_g log m_g + log det S_c - log det K, shape (N,)."""
+        """log det A_c = sum_g log m_g + log det S_c - log det K, shape (N,), with
+        sum_g log m_g = -sum_g log r_g - sum_g log d_g (m = 1 / (r d): no m array is formed)."""
         ld_S = 2.0 * np.sum(np.log(np.diagonal(self.L_S, axis1=-2, axis2=-1)), axis=-1)
-        return np.sum(np.log(self.m), axis=1) + ld_S - self.cov._logdet_K
+        sum_log_m = -np.sum(np.log(self.r), axis=1) - np.sum(np.log(self.cov.d))
+        return sum_log_m + ld_S - self.cov._logdet_K
 
     def S_inv(self) -> np.ndarray:
         """S_c^{-1} (N, k, k), computed once per object and cached (``inv_diag``, the outer

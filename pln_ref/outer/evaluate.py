@@ -124,7 +124,7 @@ def laplace_terms(
         return LaplaceTerms(l, None, None, None)
     W = params.W
     A = post.precision
-    lam, r, m = A.lam, A.r, A.m
+    lam, r = A.lam, A.r
     alpha = cov.inv_mv(post.x_map - params.mu)  # Sigma^{-1}(x* - mu)
     aW = alpha @ W  # (N, k)
     Sinv = A.S_inv()  # cached on A: inv_diag reuses it
@@ -136,9 +136,11 @@ def laplace_terms(
     #     = 1/2 (Sigma^{-1} - Lambda + Lambda A^{-1} Lambda + q q^T/s); the Sigma^{-1} terms cancel.
     # Column sums weighted per cell are GEMVs: sum_c w_c X_cg = (w @ X)_g.
     lam_inv = lam * inv_diag  # lambda diag(A^{-1})
-    g_W = (lam * lam / m - lam).sum(axis=0)[:, None] * W  # (-Lambda + Lambda M^{-1} Lambda) W
-    T = ((lam * r).T @ (eye - Sinv).reshape(N, -1)).reshape(G, params.k, params.k)
-    g_W += np.einsum("ga,gab->gb", W, T)  # ... low-rank part: sum_c (lam r)_c W (I - S_c^{-1})
+    lr = lam * r
+    g_W = -lr.sum(axis=0)[:, None] * W  # (-Lambda + Lambda M^{-1} Lambda) W = -diag(lambda r) W
+    # ... low-rank part: sum_c (lam r)_c W (I - S_c^{-1}), over the k(k+1)/2 pairs a <= b only
+    T = cov.unpack_pairs(lr.T @ cov.pack_pairs(eye - Sinv))
+    g_W += np.einsum("ga,gab->gb", W, T)
     diag2_sum = (lam_inv * lam - lam).sum(axis=0)  # sum_c (-lambda + lambda^2 diag A^{-1})
     g_d_acc = diag2_sum.copy()  # becomes sum_c [alpha^2 + diag2 (+ truncation)] below
     info_mu = -diag2_sum
