@@ -89,6 +89,13 @@ class LowRankCov:
         t = v @ self.V  # (..., k) = V^T v
         return self.dinv * v - (t @ self.K_inv) @ self.V.T
 
+    def inv_mv_W(self, v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(Sigma^{-1} v, W^T Sigma^{-1} v) for v of shape (..., G), the second for free: since
+        V^T W = K - I, W^T Sigma^{-1} = V^T - (K - I) K^{-1} V^T = K^{-1} V^T, so
+        W^T Sigma^{-1} v = K^{-1} (V^T v), the k-vector ``inv_mv`` forms anyway."""
+        t = (v @ self.V) @ self.K_inv  # (..., k) = K^{-1} V^T v
+        return self.dinv * v - t @ self.V.T, t
+
     def logdet(self) -> float:
         """log det Sigma = sum_g log d_g + log det K."""
         return float(np.sum(np.log(self.d))) + self._logdet_K

@@ -93,3 +93,18 @@ def test_lowrank_solve_broadcasts_batch_dimensions():
         np.testing.assert_array_equal(out[s], P.solve(b[s]))
     A = P.dense()
     assert _rel(out, np.linalg.solve(A[None], b[..., None])[..., 0]) < 1e-10
+
+
+def test_inv_mv_W_equals_dense():
+    """``inv_mv_W`` gives Sigma^{-1} v and W^T Sigma^{-1} v (= K^{-1} V^T v) of the dense Sigma,
+    including a gene with d at the 1e-6 floor."""
+    rng = np.random.default_rng(5)
+    G, k = 30, 4
+    d = rng.uniform(0.1, 2.0, G)
+    d[3] = 1e-6
+    cov = LowRankCov(rng.normal(size=(G, k)), d)
+    v = rng.normal(size=(6, G))
+    a, aW = cov.inv_mv_W(v)
+    dense = np.linalg.solve(cov.dense(), v.T).T
+    np.testing.assert_allclose(a, dense, rtol=1e-7, atol=1e-6 * np.abs(dense).max())
+    np.testing.assert_allclose(aW, dense @ cov.W, rtol=1e-7, atol=1e-9 * np.abs(dense @ cov.W).max())

@@ -125,8 +125,7 @@ def laplace_terms(
     W = params.W
     A = post.precision
     lam, r = A.lam, A.r
-    alpha = cov.inv_mv(post.x_map - params.mu)  # Sigma^{-1}(x* - mu)
-    aW = alpha @ W  # (N, k)
+    alpha, aW = cov.inv_mv_W(post.x_map - params.mu)  # Sigma^{-1}(x* - mu) and W^T of it (N, k)
     Sinv = A.S_inv()  # cached on A: inv_diag reuses it
     inv_diag = A.inv_diag()
     eye = np.eye(params.k)
@@ -180,10 +179,10 @@ def laplace_terms(
             wx = a2 + post.b * w_eta[:, None]
         else:
             wx = A.solve(lam_inv)
-        beta = cov.inv_mv(wx)  # Sigma^{-1} w_x
+        beta, bW = cov.inv_mv_W(wx)  # Sigma^{-1} w_x and W^T of it
         ab = alpha - 0.5 * beta
         g_mu = ab.sum(axis=0)
-        g_W += ab.T @ aW - 0.5 * (alpha.T @ (beta @ W))
+        g_W += ab.T @ aW - 0.5 * (alpha.T @ bW)
         g_d_acc += np.einsum("ng,ng->g", alpha, alpha - beta)
     else:
         wx = None
