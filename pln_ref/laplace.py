@@ -233,8 +233,9 @@ def _eta_numerator(ge, gx, bbar):
 
         numerator = g_eta + 1^T g_x - bbar^T g_x
 
-    (one pass over the cell's genes; no difference of large terms: g is small near the MAP, and
-    bbar = A^{-1} Sigma^{-1} 1 is computed without forming b)."""
+    (one pass over the cell's genes; g is small near the MAP and bbar = A^{-1} Sigma^{-1} 1 is
+    computed without forming b, so the only difference of large sums is g_eta's
+    1^T lambda - 1^T u, rounded to about eps 1^T u)."""
     return ge + gx.sum(axis=1) - np.einsum("ng,ng->n", bbar, gx)
 
 
