@@ -174,6 +174,8 @@ class VAEPosterior:
     eta_scale: np.ndarray | None
     x_slope: np.ndarray | None = None
     z_slope: np.ndarray | None = None
+    z_cov: np.ndarray | None = None
+    kappa: np.ndarray | None = None
 
     @property
     def N(self) -> int:
@@ -197,9 +199,26 @@ class VAEPosterior:
         _check_eta(eta)
         return self.x_mean
 
+    @property
+    def _full(self) -> bool:
+        return self.z_cov is not None
+
+    def _z_chol(self) -> np.ndarray:
+        """Cholesky factor L (N, k, k) of Cov(z | eta): of ``z_cov``, else diag(sqrt(z_var))."""
+        if self._full:
+            return np.linalg.cholesky(self.z_cov)
+        return np.sqrt(self.z_var)[:, :, None] * np.eye(self.params.k)
+
+    def _one_minus_kappa(self) -> np.ndarray:
+        return np.ones_like(self.v) if self.kappa is None else 1.0 - self.kappa
+
     def _cond_var_x(self) -> np.ndarray:
-        """C_gg = sum_a W_ga^2 s_a^2 + v_g, the variance of x_g given eta, (N, G)."""
-        return self.z_var @ (self.params.W**2).T + self.v
+        """C_gg, the variance of x_g given eta, (N, G): sum_a W_ga^2 s_a^2 + v_g, or with the full
+        q(z) covariance S and the e-on-z slope -kappa_g W_g: (1 - kappa_g)^2 W_g S W_g^T + v_g."""
+        W = self.params.W
+        if not self._full:
+            return self.z_var @ (W**2).T + self.v
+        return self._one_minus_kappa() ** 2 * np.einsum("ga,nab,gb->ng", W, self.z_cov, W) + self.v
 
     def sd_x(self, eta: str = "free") -> np.ndarray:
         """Marginal SDs of q(x | u): sqrt(C_gg + beta_g^2 Var eta), (N, G); eta="map": sqrt(C_gg)."""
@@ -236,7 +255,8 @@ class VAEPosterior:
         """The posterior of a subset of cells (index or boolean mask)."""
         pick = lambda a: None if a is None else a[idx]  # noqa: E731
         return VAEPosterior(self.params, self.z_mean[idx], self.z_var[idx], self.r[idx], self.v[idx],
-                            pick(self.eta_loc), pick(self.eta_scale), pick(self.x_slope), pick(self.z_slope))
+                            pick(self.eta_loc), pick(self.eta_scale), pick(self.x_slope), pick(self.z_slope),
+                            pick(self.z_cov), pick(self.kappa))
 
     def _eta_stats(self):
         return truncnorm.mean_var(self.eta_loc, self.eta_scale)
@@ -271,8 +291,14 @@ class VAEPosterior:
             et = np.broadcast_to(self.eta_mean, (S, N)).copy()
         else:
             et = truncnorm.sample(self.eta_loc, self.eta_scale, rng, size=(S, N))
-        z = self.z_mean + np.sqrt(self.z_var) * rng.standard_normal((S, N, p.k))
+        if self._full:
+            dz = np.einsum("nab,snb->sna", self._z_chol(), rng.standard_normal((S, N, p.k)))
+        else:
+            dz = np.sqrt(self.z_var) * rng.standard_normal((S, N, p.k))
+        z = self.z_mean + dz
         e = self.r + np.sqrt(self.v) * rng.standard_normal((S, N, G))
+        if self.kappa is not None:  # e | z: slope -kappa_g W_g on z's deviation from E[z | eta]
+            e = e - self.kappa * (dz @ p.W.T)
         if self._coupled:
             dlt = (et - self.eta_mean)[..., None]
             z = z + self.z_slope * dlt
@@ -286,31 +312,32 @@ class VAEPosterior:
         return self.params.mu + z @ self.params.W.T + e, et
 
     def _gauss_parts(self):
-        """Per-cell Woodbury pieces of C = B B^T + diag(v): (1/v, W, s, Cholesky of K, log det C)."""
-        W, s = self.params.W, np.sqrt(self.z_var)
+        """Per-cell Woodbury pieces of C = B B^T + diag(v), B_n = diag(1 - kappa_n) W L_n (L_n the
+        Cholesky factor of Cov(z | eta); diag(s) and kappa = 0 without ``z_cov`` / ``kappa``):
+        (V^-1 diag(1 - kappa) (N, G), W, L (N,k,k), Cholesky of K = I + B^T V^-1 B, log det C)."""
+        W, L = self.params.W, self._z_chol()
         vinv = 1.0 / self.v
-        WtVW = np.einsum("ga,ng,gb->nab", W, vinv, W)
-        K = np.eye(self.params.k) + s[:, :, None] * WtVW * s[:, None, :]
+        wk = vinv * self._one_minus_kappa()  # V^-1 diag(1 - kappa)
+        WtVW = np.einsum("ga,ng,gb->nab", W, wk * self._one_minus_kappa(), W)
+        K = np.eye(self.params.k) + np.swapaxes(L, -1, -2) @ WtVW @ L
         Lk = np.linalg.cholesky(K)
         logdet = np.sum(np.log(self.v), 1) + 2.0 * np.sum(np.log(np.diagonal(Lk, axis1=1, axis2=2)), 1)
-        return vinv, W, s, Lk, logdet
+        return vinv, wk, W, L, Lk, logdet
 
     def _cinv(self, res: np.ndarray, parts) -> np.ndarray:
         """C^{-1} res for res (N, G) by Woodbury: V^-1 res - V^-1 B K^-1 B^T V^-1 res."""
-        vinv, W, s, Lk, _ = parts
-        rv = res * vinv
-        t = (rv @ W) * s
+        vinv, wk, W, L, Lk, _ = parts
+        t = np.einsum("nab,na->nb", L, (res * wk) @ W)  # B^T V^-1 res
         K = Lk @ np.swapaxes(Lk, -1, -2)
         y = np.linalg.solve(K, t[..., None])[..., 0]
-        return rv - ((y * s) @ W.T) * vinv
+        return res * vinv - (np.einsum("nab,nb->na", L, y) @ W.T) * wk
 
     def _logpdf_gauss(self, res: np.ndarray, parts) -> np.ndarray:
         """log N(res | 0, C), res (S, N, G) -> (S, N)."""
-        vinv, W, s, Lk, logdet = parts
-        rv = res * vinv
-        t = np.einsum("sng,ga->sna", rv, W) * s  # B^T V^{-1} res
+        vinv, wk, W, L, Lk, logdet = parts
+        t = np.einsum("nab,sna->snb", L, np.einsum("sng,ga->sna", res * wk, W))  # B^T V^{-1} res
         y = np.linalg.solve(Lk[None], t[..., None])[..., 0]
-        quad = np.einsum("sng,sng->sn", res, rv) - np.sum(y**2, -1)
+        quad = np.einsum("sng,sng->sn", res, res * vinv) - np.sum(y**2, -1)
         return -0.5 * (self.params.G * LOG_2PI + logdet + quad)
 
     def logpdf_x(self, x: np.ndarray) -> np.ndarray:
@@ -539,6 +566,8 @@ class VAEResult(PLNResult):
             arrays.update(eta_loc=q.eta_loc, eta_scale=q.eta_scale)
         if q.x_slope is not None:
             arrays.update(x_slope=q.x_slope, z_slope=q.z_slope)
+        if q.z_cov is not None:
+            arrays.update(z_cov=q.z_cov, kappa=q.kappa)
         if self.log_anchor is not None:
             arrays["log_anchor"] = self.log_anchor
         return arrays, {"config": self.config.to_dict()}
@@ -557,7 +586,9 @@ class VAEResult(PLNResult):
                             z["eta_loc"] if "eta_loc" in z.files else None,
                             z["eta_scale"] if "eta_scale" in z.files else None,
                             z["x_slope"] if "x_slope" in z.files else None,
-                            z["z_slope"] if "z_slope" in z.files else None)
+                            z["z_slope"] if "z_slope" in z.files else None,
+                            z["z_cov"] if "z_cov" in z.files else None,
+                            z["kappa"] if "kappa" in z.files else None)
         return cls(model=model, config=config, posterior=post,
                    log_anchor=z["log_anchor"] if "log_anchor" in z.files else None, **common)
 
