@@ -130,6 +130,7 @@ class VAEConfig:
     train_family: str | None = "meanfield"
     structured_rounds: int = 3
     refine_steps: int = 2
+    z_cov: str = "full"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "hidden", tuple(int(h) for h in self.hidden))
@@ -143,6 +144,8 @@ class VAEConfig:
             raise ValueError(f"refine_steps must be an integer >= 0, got {self.refine_steps!r}")
         if self.family == "structured" and self.residual != "laplace":
             raise ValueError("family='structured' needs residual='laplace'")
+        if self.z_cov not in ("full", "diag"):
+            raise ValueError(f"z_cov must be 'full' or 'diag', got {self.z_cov!r}")
         for name in ("n_steps", "batch_size", "eval_every", "patience", "n_local_rounds", "warm_rounds"):
             _positive_int(self, name)
         if any(h < 1 for h in self.hidden):

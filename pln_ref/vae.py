@@ -578,6 +578,7 @@ class VAEResult(PLNResult):
         cfg = dict(meta["config"])
         if "family" not in cfg:  # saved before issue 16: the mean-field family, no refinement
             cfg.update(family="meanfield", refine_steps=0)
+        cfg.setdefault("z_cov", "diag")  # saved before the full q(z) covariance
         config = VAEConfig(**cfg)
         model = _new_model(params.G, params.k, params.capture, config)
         model.load_state_dict(_state_from_bytes(z["model_state"]))
@@ -633,7 +634,7 @@ def _encode(model, u: CountMatrix, la, params: PLNParams, batch_size: int, refin
 
     torch = _torch()
     cap = params.capture
-    keys = ("m", "s2", "r", "v", "a", "b", "xs", "zs")
+    keys = ("m", "s2", "r", "v", "a", "b", "xs", "zs", "S", "kappa")
     N = u.shape[0]
     out: dict = {k: None for k in keys}  # (N, ...) arrays, allocated at the first batch
 
@@ -658,6 +659,9 @@ def _encode(model, u: CountMatrix, la, params: PLNParams, batch_size: int, refin
                 r = r + (st.beta - st.c_z @ model.W.T) * mu_d
                 put("xs", sl, st.beta)
                 put("zs", sl, st.c_z)
+                if st.S is not None:
+                    put("S", sl, st.S)
+                    put("kappa", sl, st.kappa)
             put("m", sl, m)
             put("s2", sl, torch.exp(st.logvar))
             put("r", sl, r)
@@ -674,7 +678,7 @@ def _new_model(G: int, k: int, capture, cfg: VAEConfig):
 
     return PLNVAE(G, k, hidden=cfg.hidden, capture=capture, residual=cfg.residual,
                   n_local_rounds=cfg.n_local_rounds, family=cfg.family,
-                  structured_rounds=cfg.structured_rounds)
+                  structured_rounds=cfg.structured_rounds, z_cov=cfg.z_cov)
 
 
 def _model_params(model, capture) -> PLNParams:

@@ -156,8 +156,9 @@ def main(argv=None):
     ap.add_argument("--cache", default="validation/out/vae_real_cache")
     ap.add_argument("--out", default="validation/out/vae_real_cells.json")
     ap.add_argument("--psis-seeds", type=int, default=3)
-    ap.add_argument("--refine-steps", type=int, nargs="*", default=[],
-                    help="extra VAE rows encoded with these refine_steps")
+    ap.add_argument("--variants", nargs="*", default=[],
+                    help="extra VAE rows: z_cov:refine_steps (e.g. full:2 diag:0); the trained "
+                         "encoder and decoder are the same, only the posterior's local updates differ")
     ap.add_argument("--no-laplace", action="store_true")
     args = ap.parse_args(argv)
     import torch
@@ -176,9 +177,17 @@ def main(argv=None):
         methods["laplace"] = lambda: newton_map(D["cu"], D["params"], D["cla"])
     fit = trained_vae(Path(args.cache), D["u"], D["la"], D["params"], args.seed)
     methods["vae"] = lambda: fit.encode(D["cu"], D["cla"])
-    for rs in args.refine_steps:
-        methods[f"vae_refine{rs}"] = lambda rs=rs: fit.encode(D["cu"], D["cla"], refine_steps=rs)
+
+    def variant(zc, rs):
+        fit.model.z_cov = zc
+        return fit.encode(D["cu"], D["cla"], refine_steps=rs)
+
+    for spec in args.variants:
+        zc, rs = spec.split(":")
+        methods[f"vae_{zc}_refine{rs}"] = lambda zc=zc, rs=int(rs): variant(zc, rs)
+    z_cov0 = fit.model.z_cov
     for name, make in methods.items():
+        fit.model.z_cov = z_cov0
         t0 = time.process_time()
         post = make()
         cpu = time.process_time() - t0
