@@ -218,7 +218,9 @@ class VAEPosterior:
         W = self.params.W
         if not self._full:
             return self.z_var @ (W**2).T + self.v
-        return self._one_minus_kappa() ** 2 * np.einsum("ga,nab,gb->ng", W, self.z_cov, W) + self.v
+        k = self.params.k
+        wsw = self.z_cov.reshape(-1, k * k) @ (W[:, :, None] * W[:, None, :]).reshape(-1, k * k).T
+        return self._one_minus_kappa() ** 2 * wsw + self.v
 
     def sd_x(self, eta: str = "free") -> np.ndarray:
         """Marginal SDs of q(x | u): sqrt(C_gg + beta_g^2 Var eta), (N, G); eta="map": sqrt(C_gg)."""

@@ -388,8 +388,12 @@ class PLNVAE(nn.Module):
         if st.S is None:
             return self._o(st.m, st.logvar)
         Wm = st.m @ self.W.T
-        q = ((self.W @ st.S) * self.W[None]).sum(-1)  # W_g S W_g^T, (N, G)
-        return self.mu + Wm + 0.5 * (1.0 - st.kappa) ** 2 * q, Wm
+        return self.mu + Wm + 0.5 * (1.0 - st.kappa) ** 2 * self._wsw(st.S), Wm
+
+    def _wsw(self, S: torch.Tensor) -> torch.Tensor:
+        """W_g S_n W_g^T for every cell n and gene g, (N, G), as one (N, k^2) x (k^2, G) product."""
+        k = self.k
+        return S.reshape(-1, k * k) @ (self.W[:, :, None] * self.W[:, None, :]).reshape(-1, k * k).T
 
     # --- closed-form local updates ------------------------------------------------------------
     @torch.no_grad()
@@ -710,7 +714,7 @@ class PLNVAE(nn.Module):
             # E_z (kappa_g W_g (z - E z))^2 / (2 d_g) = kappa_g^2 W_g S W_g^T / (2 d_g)
             logdet = 2.0 * torch.log(torch.diagonal(torch.linalg.cholesky(st.S), dim1=-2, dim2=-1)).sum(1)
             kl_z0 = 0.5 * (torch.diagonal(st.S, dim1=-2, dim2=-1).sum(1) + (m**2).sum(1) - self.k - logdet)
-            q = ((self.W @ st.S) * self.W[None]).sum(-1)
+            q = self._wsw(st.S)
             kl_b = 0.5 * (st.kappa**2 * q / d).sum(1)
         kl_z = kl_z0 + mu_d * (m * c_z).sum(1) + 0.5 * E2 * (c_z**2).sum(1)
         kl_e = (0.5 * ((v + r**2) / d - 1.0 - torch.log(v / d)).sum(1)
