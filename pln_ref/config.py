@@ -106,7 +106,10 @@ class VAEConfig:
     trains ~3x faster, while the structured posterior of its encoder is as close to NUTS: see
     ``pln_ref.vae``); structured_rounds : closed-form
     sweeps of the structured local updates; refine_steps : per-cell refinement rounds of q(z) when
-    cells are encoded (0 = the encoder output as is; see ``pln_ref.vae_model``).
+    cells are encoded (0 = the encoder output as is; see ``pln_ref.vae_model``); z_cov : "full"
+    (q(z | eta) with a full k x k covariance and e depending on z, so Cov(x | eta) reaches the
+    Gaussian VI optimum (Sigma^-1 + diag(lam))^-1) or "diag" (diagonal q(z), e independent of z,
+    the structured family before 2026-12-06); structured family only.
     """
 
     hidden: tuple = (128, 64)

@@ -14,16 +14,28 @@ Implied posterior over the latents of the seed model (what ``VAEPosterior`` expo
 * "structured" (default, issue 16): q(eta) q(z, e | eta) with x shifting linearly in eta::
 
       q(eta | u)     = TruncN(a, b^2, low = 0)
-      q(x | eta, u)  = N(x_mean + beta (eta - E eta),  W diag(s^2) W^T + diag(v))
+      q(x | eta, u)  = N(x_mean + beta (eta - E eta),  C)
+      C = diag(1 - kappa) W S W^T diag(1 - kappa) + diag(v)      (z_cov="full", default)
+      C = W diag(s^2) W^T + diag(v)                              (z_cov="diag", before 2026-12-06)
+
+  With ``z_cov="full"`` q(z | eta) has a full k x k covariance S and e | z, eta has the slope
+  -kappa_g W_g on z's deviation, so at the fixed point C = (Sigma^-1 + diag(lam))^-1, lam =
+  E_q e^{x - eta}: the covariance of the Gaussian VI optimum, of the same form as Laplace's. The
+  diagonal family cannot represent it: on issue 16's scRNA design (``vae_real_cells.py``, 199 cells
+  vs gated NUTS) it under-disperses genes with large loadings (|W_g| 2.2, 46% zeros: median SD
+  ratio 0.77) and over-disperses high-d genes (z independent of e ignores their negative posterior
+  correlation): x SD ratios 0.61-1.33, 87.9% in 0.9-1.1, k-hat < 0.7 in 90.8% of cells (mean of 3
+  PSIS seeds); with z_cov="full" 0.91-1.07, 100%, 99.7%, and the ELBO is 1.84 nats/cell higher.
 
   so corr_q(x_g, eta) = beta_g sd(eta) / sd(x_g) follows the x_g - eta coupling the counts impose
   (beta_g -> 1 in well-sequenced cells); the ELBO stays closed form through the truncated-normal
   MGF (``pln_ref.vae_model``). Measured on the validation cell design (G=20, k=3, 200 cells,
-  library sizes 100-5000, true globals, vs gated NUTS; ``pln-ref validate --parts cell``):
-  median |std. mean error| x 0.017, eta 0.016; 95.5% of x SD ratios and 100% of eta SD ratios in
-  0.9-1.1; 90% coverage 0.906; k-hat < 0.7 in 100% of cells; corr(x_g, eta) by library tercile
-  0.38 / 0.53 / 0.76 vs NUTS 0.39 / 0.55 / 0.78 (the mean-field family: 0.096, 0.154, 34.9%, 0%,
-  0.790, 14%, 0 / 0 / 0).
+  library sizes 100-5000, true globals, vs gated NUTS; ``pln-ref validate --parts cell``), with
+  z_cov="full": median |std. mean error| x 0.014, eta 0.014; x SD ratios 0.914-1.069, 100% of x and
+  eta SD ratios in 0.9-1.1; 90% coverage 0.898; k-hat < 0.7 in 100% of cells; corr(x_g, eta) by
+  library tercile 0.40 / 0.55 / 0.78 vs NUTS 0.39 / 0.55 / 0.78 (z_cov="diag": 0.017, 0.018, x SD
+  ratios 0.814-1.203, 95.5% / 100%, 0.906, 99.5%; the mean-field family: 0.096, 0.154, 34.9%, 0%,
+  0.790, 14%, 0 / 0 / 0). Details: validation/reports/vae-fullcov-2026-12-06/README.md.
 * "meanfield" (the family before issue 16)::
 
       q(x, eta | u) = q(x | u) q(eta | u),  q(x | u) = N(mu + W m + r, W diag(s^2) W^T + diag(v))
@@ -34,7 +46,9 @@ and e given eta beyond the factor structure, and any non-Gaussian shape of p(x |
 
 Transform time (``encode``, and the training cells' posterior): the encoder's q(z), the family's
 closed-form local updates, then ``refine_steps`` (default 2) rounds of per-cell refinement of q(z)
-(a Newton step on its mean and the exact fixed point of its variances, ``PLNVAE.refine_z``): this
+(a Newton step on its mean and the exact fixed point of its variances, ``PLNVAE.refine_z``; with
+z_cov="full" the Newton step is on the profile ELBO max_r ELBO(m, r), Hessian
+I + W^T diag(lam / (1 + lam d)) W, and S, kappa come from their closed-form fixed point): this
 closes most of the amortisation gap of the encoder on cells it was not trained on. Measured by
 ``amortisation_gap`` (200 Adam steps on each cell's q(z) from the delivered q) on simulated
 N=2000, G=1000, k=10 (300 held-out and 300 training cells; ``bench_vae.py --gap --gap-G 1000

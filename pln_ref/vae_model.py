@@ -84,7 +84,14 @@ M(t) = E_q e^{t eta} (``pln_ref.truncnorm.log_mgf``), the ELBO stays closed form
      solved through a k x k Schur complement per cell. The slopes start at their Gaussian limit
      (Var eta -> 0), the Laplace slope beta = (diag(lam) + Sigma^-1)^-1 lam (``_slope_init``):
      from beta = 0 the slope <-> Var eta coordinate ascent is very slow.
-In the gradient pass the local quantities (r, v, a, b, c_z, c) are held fixed (envelope
+With ``z_cov="full"`` (default) q(z | eta) = N(m + c_z delta, S) with S a full k x k matrix and
+e | z, eta = N(r + c delta - kappa o W (z - m - c_z delta), diag(v)) (kappa (G,) per cell), so
+Var(x_g | eta) = (1 - kappa_g)^2 W_g S W_g^T + v_g replaces |W_g s|^2 + v_g in o_g, and
+kl_z = 1/2 (tr S + |m|^2 - k - log det S) + ...,  kl_e gets + sum_g kappa_g^2 W_g S W_g^T / (2 d_g).
+  4. (S, kappa) (``_cov_step``): kappa_g = 1 - v_g/d_g (= lam_g d_g / (1 + lam_g d_g), its exact
+     optimum given v at its own), then S^-1 = I + W^T diag(lam (1-kappa)^2 + kappa^2/d) W, the fixed
+     point of dELBO/dS = 0. At the joint fixed point Cov(x | eta) = (Sigma^-1 + diag(lam))^-1.
+In the gradient pass the local quantities (r, v, a, b, c_z, c, and S, kappa) are held fixed (envelope
 theorem: checked against finite differences of the re-optimised ELBO for mu, W, rho), so beta =
 W c_z + c carries W's gradient and log M(beta - 1) is differentiated through ``_EtaLogMGF``
 (derivative = mean of the tilted TruncN(a + b^2 t, b^2), ``truncnorm.mean_var``). The reference
