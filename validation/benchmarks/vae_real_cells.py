@@ -157,8 +157,10 @@ def main(argv=None):
     ap.add_argument("--out", default="validation/out/vae_real_cells.json")
     ap.add_argument("--psis-seeds", type=int, default=3)
     ap.add_argument("--variants", nargs="*", default=[],
-                    help="extra VAE rows: z_cov:refine_steps (e.g. full:2 diag:0); the trained "
-                         "encoder and decoder are the same, only the posterior's local updates differ")
+                    help="extra VAE rows: z_cov:refine_steps (e.g. full:2 diag:0; the trained encoder and "
+                         "decoder are the same, only the posterior's local updates differ; the ELBO per cell "
+                         "of each is reported), or 'plugin' (the diag posterior with the plug-in full "
+                         "covariance, a diagnostic)")
     ap.add_argument("--no-laplace", action="store_true")
     args = ap.parse_args(argv)
     import torch
@@ -178,13 +180,41 @@ def main(argv=None):
     fit = trained_vae(Path(args.cache), D["u"], D["la"], D["params"], args.seed)
     methods["vae"] = lambda: fit.encode(D["cu"], D["cla"])
 
-    def variant(zc, rs):
+    elbo = {}
+
+    def variant(zc, rs, name):
         fit.model.z_cov = zc
+        elbo[name] = float(fit.elbo(D["cu"], D["cla"], refine_steps=rs).mean())
         return fit.encode(D["cu"], D["cla"], refine_steps=rs)
 
+    def plugin():
+        """The diag posterior (refine 2) with only its x | eta covariance replaced by the plug-in
+        full one: S = (I + W^T diag(lam/(1 + lam d)) W)^-1, kappa = lam d/(1 + lam d), v = d/(1 + lam d),
+        lam = E_q e^{x - eta} (3 fixed-point passes); means and q(eta) unchanged (diagnostic)."""
+        from dataclasses import replace
+
+        from pln_ref import truncnorm
+
+        fit.model.z_cov = "diag"
+        q = fit.encode(D["cu"], D["cla"], refine_steps=2)
+        W, d = q.params.W, q.params.d
+        q2 = q
+        for _ in range(3):
+            b = q2.x_slope
+            lam = np.exp(q2.x_mean - b * q2.eta_mean[:, None] + 0.5 * q2._cond_var_x()
+                         + truncnorm.log_mgf(b - 1.0, q2.eta_loc[:, None], q2.eta_scale[:, None]))
+            S = np.linalg.inv(np.eye(W.shape[1]) + np.einsum("ga,ng,gb->nab", W, lam / (1 + lam * d), W))
+            q2 = replace(q, z_cov=S, kappa=lam * d / (1 + lam * d), z_var=np.diagonal(S, axis1=1, axis2=2).copy(),
+                         v=d / (1 + lam * d))
+        return q2
+
     for spec in args.variants:
+        if spec == "plugin":
+            methods["vae_diag_plugin_fullcov"] = plugin
+            continue
         zc, rs = spec.split(":")
-        methods[f"vae_{zc}_refine{rs}"] = lambda zc=zc, rs=int(rs): variant(zc, rs)
+        name = f"vae_{zc}_refine{rs}"
+        methods[name] = lambda zc=zc, rs=int(rs), name=name: variant(zc, rs, name)
     z_cov0 = fit.model.z_cov
     for name, make in methods.items():
         fit.model.z_cov = z_cov0
@@ -193,8 +223,12 @@ def main(argv=None):
         cpu = time.process_time() - t0
         r = evaluate(post, D["cu"], D["cla"], D["params"], D["nx"], D["ne"], D["lib"], label=name, **kw)
         r["posterior_cpu_s"] = cpu
+        if name == "vae":
+            r["elbo_per_cell"] = float(fit.elbo(D["cu"], D["cla"], refine_steps=fit.config.refine_steps).mean())
+        if name in elbo:
+            r["elbo_per_cell"] = elbo[name]
         out["methods"][name] = r
-        print(line(name, r), flush=True)
+        print(line(name, r) + (f"  ELBO/cell {r['elbo_per_cell']:.4f}" if "elbo_per_cell" in r else ""), flush=True)
     out["loadavg_end"] = os.getloadavg()
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(out))
