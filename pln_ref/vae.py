@@ -25,7 +25,7 @@ Implied posterior over the latents of the seed model (what ``VAEPosterior`` expo
   vs gated NUTS) it under-disperses genes with large loadings (|W_g| 2.2, 46% zeros: median SD
   ratio 0.77) and over-disperses high-d genes (z independent of e ignores their negative posterior
   correlation): x SD ratios 0.61-1.33, 87.9% in 0.9-1.1, k-hat < 0.7 in 90.8% of cells (mean of 3
-  PSIS seeds); with z_cov="full" 0.91-1.07, 100%, 99.7%, and the ELBO is 1.84 nats/cell higher.
+  PSIS seeds); with z_cov="full" 0.91-1.07, 100%, 99.7%, and the ELBO is 1.85 nats/cell higher.
 
   so corr_q(x_g, eta) = beta_g sd(eta) / sd(x_g) follows the x_g - eta coupling the counts impose
   (beta_g -> 1 in well-sequenced cells); the ELBO stays closed form through the truncated-normal
@@ -41,8 +41,9 @@ Implied posterior over the latents of the seed model (what ``VAEPosterior`` expo
       q(x, eta | u) = q(x | u) q(eta | u),  q(x | u) = N(mu + W m + r, W diag(s^2) W^T + diag(v))
 
 With ``residual="prior"`` (mean-field only; r = 0, v = d) the residual part of q(x | u) is the
-PRIOR of e, not a posterior. What neither family represents: the posterior correlation between z
-and e given eta beyond the factor structure, and any non-Gaussian shape of p(x | eta, u).
+PRIOR of e, not a posterior. What the mean-field and the z_cov="diag" families do not represent:
+the posterior correlation between z and e given eta (z_cov="full" does: e | z has the slope
+-kappa W); what no family represents: any non-Gaussian shape of p(x | eta, u).
 
 Transform time (``encode``, and the training cells' posterior): the encoder's q(z), the family's
 closed-form local updates, then ``refine_steps`` (default 2) rounds of per-cell refinement of q(z)
@@ -53,7 +54,11 @@ closes most of the amortisation gap of the encoder on cells it was not trained o
 ``amortisation_gap`` (200 Adam steps on each cell's q(z) from the delivered q) on simulated
 N=2000, G=1000, k=10 (300 held-out and 300 training cells; ``bench_vae.py --gap --gap-G 1000
 --gap-k 10``), nats/cell before -> after 2 refinement rounds: mean-field family held-out
-4.19 -> 0.08, training 0.91 -> 0.02; structured family held-out 3.27 -> 0.20, training 0.71 -> 0.04.
+4.19 -> 0.08, training 0.91 -> 0.02; structured family held-out 3.27 -> 0.20, training 0.71 -> 0.04
+(z_cov="diag"). At N=2000, G=200, k=5 (``bench_vae.py --gap --families structured``) the held-out
+gap after 2 rounds is 0.028 (diag) -> 0.004 nats/cell (full), training 0.003 -> 0.000; encode
+throughput at G=2000, k=10 318 (full) vs 394 (diag) cells per CPU second, both ~0.1-0.2x Laplace
+on a loaded machine (validation/reports/vae-fullcov-2026-12-06/README.md). Older figures:
 Cost (CPU s per 256 cells, G=2000, k=10): mean field 0.11 / 0.18 without / with refinement,
 structured 0.41 / 0.58; Laplace (``newton_map``) ~0.16. Throughput (``bench_vae.py``): structured
 with refinement 465 cells per CPU second, mean field without 3675, Laplace 1652 -- the structured
