@@ -106,7 +106,10 @@ class VAEConfig:
     trains ~3x faster, while the structured posterior of its encoder is as close to NUTS: see
     ``pln_ref.vae``); structured_rounds : closed-form
     sweeps of the structured local updates; refine_steps : per-cell refinement rounds of q(z) when
-    cells are encoded (0 = the encoder output as is; see ``pln_ref.vae_model``).
+    cells are encoded (0 = the encoder output as is; see ``pln_ref.vae_model``); z_cov : "full"
+    (q(z | eta) with a full k x k covariance and e depending on z, so Cov(x | eta) reaches the
+    Gaussian VI optimum (Sigma^-1 + diag(lam))^-1) or "diag" (diagonal q(z), e independent of z,
+    the structured family before 2026-12-06); structured family only.
     """
 
     hidden: tuple = (128, 64)
@@ -130,6 +133,7 @@ class VAEConfig:
     train_family: str | None = "meanfield"
     structured_rounds: int = 3
     refine_steps: int = 2
+    z_cov: str = "full"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "hidden", tuple(int(h) for h in self.hidden))
@@ -143,6 +147,8 @@ class VAEConfig:
             raise ValueError(f"refine_steps must be an integer >= 0, got {self.refine_steps!r}")
         if self.family == "structured" and self.residual != "laplace":
             raise ValueError("family='structured' needs residual='laplace'")
+        if self.z_cov not in ("full", "diag"):
+            raise ValueError(f"z_cov must be 'full' or 'diag', got {self.z_cov!r}")
         for name in ("n_steps", "batch_size", "eval_every", "patience", "n_local_rounds", "warm_rounds"):
             _positive_int(self, name)
         if any(h < 1 for h in self.hidden):

@@ -14,32 +14,51 @@ Implied posterior over the latents of the seed model (what ``VAEPosterior`` expo
 * "structured" (default, issue 16): q(eta) q(z, e | eta) with x shifting linearly in eta::
 
       q(eta | u)     = TruncN(a, b^2, low = 0)
-      q(x | eta, u)  = N(x_mean + beta (eta - E eta),  W diag(s^2) W^T + diag(v))
+      q(x | eta, u)  = N(x_mean + beta (eta - E eta),  C)
+      C = diag(1 - kappa) W S W^T diag(1 - kappa) + diag(v)      (z_cov="full", default)
+      C = W diag(s^2) W^T + diag(v)                              (z_cov="diag", before 2026-12-06)
+
+  With ``z_cov="full"`` q(z | eta) has a full k x k covariance S and e | z, eta has the slope
+  -kappa_g W_g on z's deviation, so at the fixed point C = (Sigma^-1 + diag(lam))^-1, lam =
+  E_q e^{x - eta}: the covariance of the Gaussian VI optimum, of the same form as Laplace's. The
+  diagonal family cannot represent it: on issue 16's scRNA design (``vae_real_cells.py``, 199 cells
+  vs gated NUTS) it under-disperses genes with large loadings (|W_g| 2.2, 46% zeros: median SD
+  ratio 0.77) and over-disperses high-d genes (z independent of e ignores their negative posterior
+  correlation): x SD ratios 0.61-1.33, 87.9% in 0.9-1.1, k-hat < 0.7 in 90.8% of cells (mean of 3
+  PSIS seeds); with z_cov="full" 0.91-1.07, 100%, 99.7%, and the ELBO is 1.85 nats/cell higher.
 
   so corr_q(x_g, eta) = beta_g sd(eta) / sd(x_g) follows the x_g - eta coupling the counts impose
   (beta_g -> 1 in well-sequenced cells); the ELBO stays closed form through the truncated-normal
   MGF (``pln_ref.vae_model``). Measured on the validation cell design (G=20, k=3, 200 cells,
-  library sizes 100-5000, true globals, vs gated NUTS; ``pln-ref validate --parts cell``):
-  median |std. mean error| x 0.017, eta 0.016; 95.5% of x SD ratios and 100% of eta SD ratios in
-  0.9-1.1; 90% coverage 0.906; k-hat < 0.7 in 100% of cells; corr(x_g, eta) by library tercile
-  0.38 / 0.53 / 0.76 vs NUTS 0.39 / 0.55 / 0.78 (the mean-field family: 0.096, 0.154, 34.9%, 0%,
-  0.790, 14%, 0 / 0 / 0).
+  library sizes 100-5000, true globals, vs gated NUTS; ``pln-ref validate --parts cell``), with
+  z_cov="full": median |std. mean error| x 0.014, eta 0.014; x SD ratios 0.914-1.069, 100% of x and
+  eta SD ratios in 0.9-1.1; 90% coverage 0.898; k-hat < 0.7 in 100% of cells; corr(x_g, eta) by
+  library tercile 0.40 / 0.55 / 0.78 vs NUTS 0.39 / 0.55 / 0.78 (z_cov="diag": 0.017, 0.018, x SD
+  ratios 0.814-1.203, 95.5% / 100%, 0.906, 99.5%; the mean-field family: 0.096, 0.154, 34.9%, 0%,
+  0.790, 14%, 0 / 0 / 0). Details: validation/reports/vae-fullcov-2026-12-06/README.md.
 * "meanfield" (the family before issue 16)::
 
       q(x, eta | u) = q(x | u) q(eta | u),  q(x | u) = N(mu + W m + r, W diag(s^2) W^T + diag(v))
 
 With ``residual="prior"`` (mean-field only; r = 0, v = d) the residual part of q(x | u) is the
-PRIOR of e, not a posterior. What neither family represents: the posterior correlation between z
-and e given eta beyond the factor structure, and any non-Gaussian shape of p(x | eta, u).
+PRIOR of e, not a posterior. What the mean-field and the z_cov="diag" families do not represent:
+the posterior correlation between z and e given eta (z_cov="full" does: e | z has the slope
+-kappa W); what no family represents: any non-Gaussian shape of p(x | eta, u).
 
 Transform time (``encode``, and the training cells' posterior): the encoder's q(z), the family's
 closed-form local updates, then ``refine_steps`` (default 2) rounds of per-cell refinement of q(z)
-(a Newton step on its mean and the exact fixed point of its variances, ``PLNVAE.refine_z``): this
+(a Newton step on its mean and the exact fixed point of its variances, ``PLNVAE.refine_z``; with
+z_cov="full" the Newton step is on the profile ELBO max_r ELBO(m, r), Hessian
+I + W^T diag(lam / (1 + lam d)) W, and S, kappa come from their closed-form fixed point): this
 closes most of the amortisation gap of the encoder on cells it was not trained on. Measured by
 ``amortisation_gap`` (200 Adam steps on each cell's q(z) from the delivered q) on simulated
 N=2000, G=1000, k=10 (300 held-out and 300 training cells; ``bench_vae.py --gap --gap-G 1000
 --gap-k 10``), nats/cell before -> after 2 refinement rounds: mean-field family held-out
-4.19 -> 0.08, training 0.91 -> 0.02; structured family held-out 3.27 -> 0.20, training 0.71 -> 0.04.
+4.19 -> 0.08, training 0.91 -> 0.02; structured family held-out 3.27 -> 0.20, training 0.71 -> 0.04
+(z_cov="diag"). At N=2000, G=200, k=5 (``bench_vae.py --gap --families structured``) the held-out
+gap after 2 rounds is 0.028 (diag) -> 0.004 nats/cell (full), training 0.003 -> 0.000; encode
+throughput at G=2000, k=10 318 (full) vs 394 (diag) cells per CPU second, both ~0.1-0.2x Laplace
+on a loaded machine (validation/reports/vae-fullcov-2026-12-06/README.md). Older figures:
 Cost (CPU s per 256 cells, G=2000, k=10): mean field 0.11 / 0.18 without / with refinement,
 structured 0.41 / 0.58; Laplace (``newton_map``) ~0.16. Throughput (``bench_vae.py``): structured
 with refinement 465 cells per CPU second, mean field without 3675, Laplace 1652 -- the structured
@@ -174,6 +193,8 @@ class VAEPosterior:
     eta_scale: np.ndarray | None
     x_slope: np.ndarray | None = None
     z_slope: np.ndarray | None = None
+    z_cov: np.ndarray | None = None
+    kappa: np.ndarray | None = None
 
     @property
     def N(self) -> int:
@@ -197,9 +218,28 @@ class VAEPosterior:
         _check_eta(eta)
         return self.x_mean
 
+    @property
+    def _full(self) -> bool:
+        return self.z_cov is not None
+
+    def _z_chol(self) -> np.ndarray:
+        """Cholesky factor L (N, k, k) of Cov(z | eta): of ``z_cov``, else diag(sqrt(z_var))."""
+        if self._full:
+            return np.linalg.cholesky(self.z_cov)
+        return np.sqrt(self.z_var)[:, :, None] * np.eye(self.params.k)
+
+    def _one_minus_kappa(self) -> np.ndarray:
+        return np.ones_like(self.v) if self.kappa is None else 1.0 - self.kappa
+
     def _cond_var_x(self) -> np.ndarray:
-        """C_gg = sum_a W_ga^2 s_a^2 + v_g, the variance of x_g given eta, (N, G)."""
-        return self.z_var @ (self.params.W**2).T + self.v
+        """C_gg, the variance of x_g given eta, (N, G): sum_a W_ga^2 s_a^2 + v_g, or with the full
+        q(z) covariance S and the e-on-z slope -kappa_g W_g: (1 - kappa_g)^2 W_g S W_g^T + v_g."""
+        W = self.params.W
+        if not self._full:
+            return self.z_var @ (W**2).T + self.v
+        k = self.params.k
+        wsw = self.z_cov.reshape(-1, k * k) @ (W[:, :, None] * W[:, None, :]).reshape(-1, k * k).T
+        return self._one_minus_kappa() ** 2 * wsw + self.v
 
     def sd_x(self, eta: str = "free") -> np.ndarray:
         """Marginal SDs of q(x | u): sqrt(C_gg + beta_g^2 Var eta), (N, G); eta="map": sqrt(C_gg)."""
@@ -236,7 +276,8 @@ class VAEPosterior:
         """The posterior of a subset of cells (index or boolean mask)."""
         pick = lambda a: None if a is None else a[idx]  # noqa: E731
         return VAEPosterior(self.params, self.z_mean[idx], self.z_var[idx], self.r[idx], self.v[idx],
-                            pick(self.eta_loc), pick(self.eta_scale), pick(self.x_slope), pick(self.z_slope))
+                            pick(self.eta_loc), pick(self.eta_scale), pick(self.x_slope), pick(self.z_slope),
+                            pick(self.z_cov), pick(self.kappa))
 
     def _eta_stats(self):
         return truncnorm.mean_var(self.eta_loc, self.eta_scale)
@@ -271,8 +312,14 @@ class VAEPosterior:
             et = np.broadcast_to(self.eta_mean, (S, N)).copy()
         else:
             et = truncnorm.sample(self.eta_loc, self.eta_scale, rng, size=(S, N))
-        z = self.z_mean + np.sqrt(self.z_var) * rng.standard_normal((S, N, p.k))
+        if self._full:
+            dz = np.einsum("nab,snb->sna", self._z_chol(), rng.standard_normal((S, N, p.k)))
+        else:
+            dz = np.sqrt(self.z_var) * rng.standard_normal((S, N, p.k))
+        z = self.z_mean + dz
         e = self.r + np.sqrt(self.v) * rng.standard_normal((S, N, G))
+        if self.kappa is not None:  # e | z: slope -kappa_g W_g on z's deviation from E[z | eta]
+            e = e - self.kappa * (dz @ p.W.T)
         if self._coupled:
             dlt = (et - self.eta_mean)[..., None]
             z = z + self.z_slope * dlt
@@ -286,31 +333,32 @@ class VAEPosterior:
         return self.params.mu + z @ self.params.W.T + e, et
 
     def _gauss_parts(self):
-        """Per-cell Woodbury pieces of C = B B^T + diag(v): (1/v, W, s, Cholesky of K, log det C)."""
-        W, s = self.params.W, np.sqrt(self.z_var)
+        """Per-cell Woodbury pieces of C = B B^T + diag(v), B_n = diag(1 - kappa_n) W L_n (L_n the
+        Cholesky factor of Cov(z | eta); diag(s) and kappa = 0 without ``z_cov`` / ``kappa``):
+        (V^-1 diag(1 - kappa) (N, G), W, L (N,k,k), Cholesky of K = I + B^T V^-1 B, log det C)."""
+        W, L = self.params.W, self._z_chol()
         vinv = 1.0 / self.v
-        WtVW = np.einsum("ga,ng,gb->nab", W, vinv, W)
-        K = np.eye(self.params.k) + s[:, :, None] * WtVW * s[:, None, :]
+        wk = vinv * self._one_minus_kappa()  # V^-1 diag(1 - kappa)
+        WtVW = np.einsum("ga,ng,gb->nab", W, wk * self._one_minus_kappa(), W)
+        K = np.eye(self.params.k) + np.swapaxes(L, -1, -2) @ WtVW @ L
         Lk = np.linalg.cholesky(K)
         logdet = np.sum(np.log(self.v), 1) + 2.0 * np.sum(np.log(np.diagonal(Lk, axis1=1, axis2=2)), 1)
-        return vinv, W, s, Lk, logdet
+        return vinv, wk, W, L, Lk, logdet
 
     def _cinv(self, res: np.ndarray, parts) -> np.ndarray:
         """C^{-1} res for res (N, G) by Woodbury: V^-1 res - V^-1 B K^-1 B^T V^-1 res."""
-        vinv, W, s, Lk, _ = parts
-        rv = res * vinv
-        t = (rv @ W) * s
+        vinv, wk, W, L, Lk, _ = parts
+        t = np.einsum("nab,na->nb", L, (res * wk) @ W)  # B^T V^-1 res
         K = Lk @ np.swapaxes(Lk, -1, -2)
         y = np.linalg.solve(K, t[..., None])[..., 0]
-        return rv - ((y * s) @ W.T) * vinv
+        return res * vinv - (np.einsum("nab,nb->na", L, y) @ W.T) * wk
 
     def _logpdf_gauss(self, res: np.ndarray, parts) -> np.ndarray:
         """log N(res | 0, C), res (S, N, G) -> (S, N)."""
-        vinv, W, s, Lk, logdet = parts
-        rv = res * vinv
-        t = np.einsum("sng,ga->sna", rv, W) * s  # B^T V^{-1} res
+        vinv, wk, W, L, Lk, logdet = parts
+        t = np.einsum("nab,sna->snb", L, np.einsum("sng,ga->sna", res * wk, W))  # B^T V^{-1} res
         y = np.linalg.solve(Lk[None], t[..., None])[..., 0]
-        quad = np.einsum("sng,sng->sn", res, rv) - np.sum(y**2, -1)
+        quad = np.einsum("sng,sng->sn", res, res * vinv) - np.sum(y**2, -1)
         return -0.5 * (self.params.G * LOG_2PI + logdet + quad)
 
     def logpdf_x(self, x: np.ndarray) -> np.ndarray:
@@ -539,6 +587,8 @@ class VAEResult(PLNResult):
             arrays.update(eta_loc=q.eta_loc, eta_scale=q.eta_scale)
         if q.x_slope is not None:
             arrays.update(x_slope=q.x_slope, z_slope=q.z_slope)
+        if q.z_cov is not None:
+            arrays.update(z_cov=q.z_cov, kappa=q.kappa)
         if self.log_anchor is not None:
             arrays["log_anchor"] = self.log_anchor
         return arrays, {"config": self.config.to_dict()}
@@ -549,6 +599,7 @@ class VAEResult(PLNResult):
         cfg = dict(meta["config"])
         if "family" not in cfg:  # saved before issue 16: the mean-field family, no refinement
             cfg.update(family="meanfield", refine_steps=0)
+        cfg.setdefault("z_cov", "diag")  # saved before the full q(z) covariance
         config = VAEConfig(**cfg)
         model = _new_model(params.G, params.k, params.capture, config)
         model.load_state_dict(_state_from_bytes(z["model_state"]))
@@ -557,7 +608,9 @@ class VAEResult(PLNResult):
                             z["eta_loc"] if "eta_loc" in z.files else None,
                             z["eta_scale"] if "eta_scale" in z.files else None,
                             z["x_slope"] if "x_slope" in z.files else None,
-                            z["z_slope"] if "z_slope" in z.files else None)
+                            z["z_slope"] if "z_slope" in z.files else None,
+                            z["z_cov"] if "z_cov" in z.files else None,
+                            z["kappa"] if "kappa" in z.files else None)
         return cls(model=model, config=config, posterior=post,
                    log_anchor=z["log_anchor"] if "log_anchor" in z.files else None, **common)
 
@@ -602,7 +655,7 @@ def _encode(model, u: CountMatrix, la, params: PLNParams, batch_size: int, refin
 
     torch = _torch()
     cap = params.capture
-    keys = ("m", "s2", "r", "v", "a", "b", "xs", "zs")
+    keys = ("m", "s2", "r", "v", "a", "b", "xs", "zs", "S", "kappa")
     N = u.shape[0]
     out: dict = {k: None for k in keys}  # (N, ...) arrays, allocated at the first batch
 
@@ -627,6 +680,9 @@ def _encode(model, u: CountMatrix, la, params: PLNParams, batch_size: int, refin
                 r = r + (st.beta - st.c_z @ model.W.T) * mu_d
                 put("xs", sl, st.beta)
                 put("zs", sl, st.c_z)
+                if st.S is not None:
+                    put("S", sl, st.S)
+                    put("kappa", sl, st.kappa)
             put("m", sl, m)
             put("s2", sl, torch.exp(st.logvar))
             put("r", sl, r)
@@ -643,7 +699,7 @@ def _new_model(G: int, k: int, capture, cfg: VAEConfig):
 
     return PLNVAE(G, k, hidden=cfg.hidden, capture=capture, residual=cfg.residual,
                   n_local_rounds=cfg.n_local_rounds, family=cfg.family,
-                  structured_rounds=cfg.structured_rounds)
+                  structured_rounds=cfg.structured_rounds, z_cov=cfg.z_cov)
 
 
 def _model_params(model, capture) -> PLNParams:

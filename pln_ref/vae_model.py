@@ -84,7 +84,14 @@ M(t) = E_q e^{t eta} (``pln_ref.truncnorm.log_mgf``), the ELBO stays closed form
      solved through a k x k Schur complement per cell. The slopes start at their Gaussian limit
      (Var eta -> 0), the Laplace slope beta = (diag(lam) + Sigma^-1)^-1 lam (``_slope_init``):
      from beta = 0 the slope <-> Var eta coordinate ascent is very slow.
-In the gradient pass the local quantities (r, v, a, b, c_z, c) are held fixed (envelope
+With ``z_cov="full"`` (default) q(z | eta) = N(m + c_z delta, S) with S a full k x k matrix and
+e | z, eta = N(r + c delta - kappa o W (z - m - c_z delta), diag(v)) (kappa (G,) per cell), so
+Var(x_g | eta) = (1 - kappa_g)^2 W_g S W_g^T + v_g replaces |W_g s|^2 + v_g in o_g, and
+kl_z = 1/2 (tr S + |m|^2 - k - log det S) + ...,  kl_e gets + sum_g kappa_g^2 W_g S W_g^T / (2 d_g).
+  4. (S, kappa) (``_cov_step``): kappa_g = 1 - v_g/d_g (= lam_g d_g / (1 + lam_g d_g), its exact
+     optimum given v at its own), then S^-1 = I + W^T diag(lam (1-kappa)^2 + kappa^2/d) W, the fixed
+     point of dELBO/dS = 0. At the joint fixed point Cov(x | eta) = (Sigma^-1 + diag(lam))^-1.
+In the gradient pass the local quantities (r, v, a, b, c_z, c, and S, kappa) are held fixed (envelope
 theorem: checked against finite differences of the re-optimised ELBO for mu, W, rho), so beta =
 W c_z + c carries W's gradient and log M(beta - 1) is differentiated through ``_EtaLogMGF``
 (derivative = mean of the tilted TruncN(a + b^2 t, b^2), ``truncnorm.mean_var``). The reference
@@ -117,9 +124,11 @@ __all__ = [
     "PLNVAE",
     "LocalState",
     "FAMILIES",
+    "Z_COVS",
 ]
 
 FAMILIES = ("meanfield", "structured")
+Z_COVS = ("full", "diag")
 
 LOGVAR_MIN = -10.0
 LOGVAR_MAX = 2.0
@@ -176,15 +185,18 @@ class LocalState:
     """Per-cell variational quantities of a batch (all tensors, first axis = cells).
 
     Structured family only: ``c_z`` (N, k) and ``beta`` (N, G) slopes, ``eta_r`` (N,) reference
-    (None in the mean-field family)."""
+    (None in the mean-field family); with ``z_cov="full"`` also ``S`` (N, k, k), the full
+    covariance of q(z | eta) (replacing diag(exp(logvar))), and ``kappa`` (N, G), the slope of e_g
+    on z (e | z, eta has mean shifted by -kappa_g W_g (z - E[z | eta]))."""
 
-    def __init__(self, m, logvar, r, v, a, b, c_z=None, beta=None, eta_r=None):
+    def __init__(self, m, logvar, r, v, a, b, c_z=None, beta=None, eta_r=None, S=None, kappa=None):
         self.m, self.logvar, self.r, self.v, self.a, self.b = m, logvar, r, v, a, b
         self.c_z, self.beta, self.eta_r = c_z, beta, eta_r
+        self.S, self.kappa = S, kappa
         self.w_r = None
 
     def replace(self, **kw) -> "LocalState":
-        names = ("m", "logvar", "r", "v", "a", "b", "c_z", "beta", "eta_r")
+        names = ("m", "logvar", "r", "v", "a", "b", "c_z", "beta", "eta_r", "S", "kappa")
         st = LocalState(*(kw.get(n, getattr(self, n)) for n in names))
         st.w_r = kw.get("w_r", self.w_r)
         return st
@@ -298,7 +310,8 @@ class PLNVAE(nn.Module):
     """
 
     def __init__(self, G: int, k: int, hidden=(128, 64), capture=None, residual: str = "laplace",
-                 n_local_rounds: int = 4, family: str = "meanfield", structured_rounds: int = 3):
+                 n_local_rounds: int = 4, family: str = "meanfield", structured_rounds: int = 3,
+                 z_cov: str = "full"):
         super().__init__()
         if residual not in ("laplace", "prior"):
             raise ValueError(f"residual must be 'laplace' or 'prior', got {residual!r}")
@@ -306,7 +319,10 @@ class PLNVAE(nn.Module):
             raise ValueError(f"family must be one of {FAMILIES}, got {family!r}")
         if family == "structured" and residual != "laplace":
             raise ValueError("family='structured' needs residual='laplace'")
+        if z_cov not in Z_COVS:
+            raise ValueError(f"z_cov must be one of {Z_COVS}, got {z_cov!r}")
         self.family = family
+        self.z_cov = z_cov
         self.structured_rounds = int(structured_rounds)
         self.hold = "c"  # structured ELBO: hold (c_z, c) ("c") or (c_z, beta) ("beta") in the gradient
         self.G, self.k = int(G), int(k)
@@ -371,6 +387,20 @@ class PLNVAE(nn.Module):
         """o_g = mu_g + W_g m + 1/2 sum_a W_ga^2 s_a^2  (= log E_q(z) e^{mu_g + W_g z}), and W_g m."""
         Wm = m @ self.W.T
         return self.mu + Wm + 0.5 * (torch.exp(logvar) @ (self.W**2).T), Wm
+
+    def _o_st(self, st: LocalState):
+        """(o, W m) of a local state: ``_o`` with diag(exp(logvar)), or with the full covariance S
+        of q(z | eta) and the e-on-z slope kappa: o_g = mu_g + W_g m + (1 - kappa_g)^2 W_g S W_g^T / 2
+        (the z part of Var(x_g | eta); S, kappa enter as constants)."""
+        if st.S is None:
+            return self._o(st.m, st.logvar)
+        Wm = st.m @ self.W.T
+        return self.mu + Wm + 0.5 * (1.0 - st.kappa) ** 2 * self._wsw(st.S), Wm
+
+    def _wsw(self, S: torch.Tensor) -> torch.Tensor:
+        """W_g S_n W_g^T for every cell n and gene g, (N, G), as one (N, k^2) x (k^2, G) product."""
+        k = self.k
+        return S.reshape(-1, k * k) @ (self.W[:, :, None] * self.W[:, None, :]).reshape(-1, k * k).T
 
     # --- closed-form local updates ------------------------------------------------------------
     @torch.no_grad()
@@ -459,6 +489,8 @@ class PLNVAE(nn.Module):
                 st = self._slope_init(u, st)
                 st = self._eta_step(u, st, prior_m)
                 st = self._rv_step(u, st)
+                if self.z_cov == "full":
+                    st = self._cov_step(u, st)
         else:
             st = init.replace(m=m, logvar=logvar)
         if cap is None:
@@ -467,12 +499,30 @@ class PLNVAE(nn.Module):
             st = self._slope_step(u, st, prior_m)
             st = self._eta_step(u, st, prior_m)
             st = self._rv_step(u, st)
+            if self.z_cov == "full":
+                st = self._cov_step(u, st)
         return st
+
+    def _cov_step(self, u, st: LocalState) -> LocalState:
+        """Full covariance S of q(z | eta) and the e-on-z slope kappa (``z_cov="full"``): the
+        exact coordinate optimum of kappa given (r, v) is kappa_g = lam_g d_g / (1 + lam_g d_g) =
+        1 - v_g / d_g (v at its optimum 1/v = lam + 1/d), and the fixed point of S is
+        S^-1 = I + W^T diag(lam (1 - kappa)^2 + kappa^2 / d) W (= I + W^T diag(lam / (1 + lam d)) W,
+        the marginal precision of z of the Gaussian with precision Sigma^-1 + diag(lam)),
+        lam = E_q e^{x - eta} at the new kappa."""
+        d, W = self.d, self.W
+        kappa = torch.clamp(1.0 - st.v / d, min=0.0, max=1.0)
+        st = st.replace(kappa=kappa)
+        lam = self.expected_rate(u, st)
+        P = _wtdw(W, lam * (1.0 - kappa) ** 2 + kappa**2 / d) + torch.eye(self.k, dtype=u.dtype)
+        S = torch.cholesky_inverse(torch.linalg.cholesky(P))
+        logvar = torch.log(torch.diagonal(S, dim1=-2, dim2=-1))
+        return st.replace(S=S, logvar=logvar)
 
     def _eta_step(self, u, st: LocalState, prior_m, n_newton: int = 6, n_vi: int = 1) -> LocalState:
         """q(eta) = Laplace approximation of exp f(eta) (module docstring, step 1)."""
         d, W = self.d, self.W
-        o, _ = self._o(st.m, st.logvar)
+        o, _ = self._o_st(st)
         c = st.beta - st.c_z @ W.T
         t = st.beta - 1.0
         log_lam0 = o + st.r + 0.5 * st.v - st.beta * st.eta_r[:, None]
@@ -506,7 +556,7 @@ class PLNVAE(nn.Module):
     def _rv_step(self, u, st: LocalState) -> LocalState:
         """(r, v): exact coordinate optimum given the slopes and q(eta) (step 2, Lambert W)."""
         d, W = self.d, self.W
-        o, _ = self._o(st.m, st.logvar)
+        o, _ = self._o_st(st)
         c = st.beta - st.c_z @ W.T
         mean, _ = eta_moments(st.a, st.b)
         mu_d = (mean - st.eta_r)[:, None]
@@ -520,7 +570,7 @@ class PLNVAE(nn.Module):
     def _slope_step(self, u, st: LocalState, prior_m) -> LocalState:
         """One exact Newton step on the slopes (c_z, c) (step 3; k x k Schur complement)."""
         d, W = self.d, self.W
-        o, _ = self._o(st.m, st.logvar)
+        o, _ = self._o_st(st)
         c = st.beta - st.c_z @ W.T
         a_np, b_np = _np(st.a), _np(st.b)
         mean, var = truncnorm.mean_var(a_np, b_np)
@@ -575,7 +625,7 @@ class PLNVAE(nn.Module):
     @torch.no_grad()
     def expected_rate(self, u, st: LocalState) -> torch.Tensor:
         """lam_g = E_q e^{x_g - eta} (N, G) of the state ``st`` (either family)."""
-        o, _ = self._o(st.m, st.logvar)
+        o, _ = self._o_st(st)
         if self.capture is None:
             return torch.exp(o + st.r + 0.5 * st.v)
         if st.structured:
@@ -597,6 +647,18 @@ class PLNVAE(nn.Module):
                 mean, _ = eta_moments(st.a, st.b)
                 extra = st.c_z * (mean - st.eta_r)[:, None]
             g = (u - lam) @ W - st.m - extra
+            if st.S is not None and st.structured:
+                # Newton on the profile ELBO max_r ELBO(m, r): r answers a move dm of m by
+                # -kappa W dm, so the Hessian is I + W^T diag(lam / (1 + lam d)) W; the step moves
+                # r along and is capped at 1 on every log rate (|W dm| <= 1)
+                H = _wtdw(W, lam / (1.0 + lam * self.d)) + eye
+                dm = torch.linalg.solve(H, g[..., None])[..., 0]
+                dx = dm @ W.T
+                cap = torch.clamp(1.0 / torch.clamp(dx.abs().amax(1), min=1e-300), max=1.0)[:, None]
+                m = st.m + cap * dm
+                st = st.replace(m=m, r=st.r - st.kappa * (cap * dx), w_r=None)
+                st = self.local_updates_structured(u, m, st.logvar, prior_m, n_rounds=1, init=st)
+                continue
             H = _wtdw(W, lam) + eye
             m = st.m + torch.linalg.solve(H, g[..., None])[..., 0]
             lam = self.expected_rate(u, st.replace(m=m))
@@ -635,7 +697,7 @@ class PLNVAE(nn.Module):
         """Structured-family ELBO pieces (module docstring); (r, v, a, b, c_z, beta) constants."""
         m, logvar, r, v = st.m, st.logvar, st.r, st.v
         d = self.d
-        o, Wm = self._o(m, logvar)
+        o, Wm = self._o_st(st)
         with torch.no_grad():
             mean, var, eta_term = eta_terms_np(st.a, st.b, prior_m, self.capture.sigma_M)
         mu_d = mean - st.eta_r
@@ -652,10 +714,18 @@ class PLNVAE(nn.Module):
         rec = (u * (self.mu + Wm + r + beta * mu_d[:, None] - mean[:, None])
                - torch.exp(o + r + 0.5 * v - beta * st.eta_r[:, None] + logM)
                - torch.lgamma(u + 1.0)).sum(1)
-        kl_z = (0.5 * (torch.exp(logvar) + m**2 - 1.0 - logvar).sum(1)
-                + mu_d * (m * c_z).sum(1) + 0.5 * E2 * (c_z**2).sum(1))
+        if st.S is None:
+            kl_z0 = 0.5 * (torch.exp(logvar) + m**2 - 1.0 - logvar).sum(1)
+            kl_b = 0.0
+        else:  # full S: 1/2 (tr S + |m|^2 - k - log det S); e's slope -kappa W on z adds
+            # E_z (kappa_g W_g (z - E z))^2 / (2 d_g) = kappa_g^2 W_g S W_g^T / (2 d_g)
+            logdet = 2.0 * torch.log(torch.diagonal(torch.linalg.cholesky(st.S), dim1=-2, dim2=-1)).sum(1)
+            kl_z0 = 0.5 * (torch.diagonal(st.S, dim1=-2, dim2=-1).sum(1) + (m**2).sum(1) - self.k - logdet)
+            q = self._wsw(st.S)
+            kl_b = 0.5 * (st.kappa**2 * q / d).sum(1)
+        kl_z = kl_z0 + mu_d * (m * c_z).sum(1) + 0.5 * E2 * (c_z**2).sum(1)
         kl_e = (0.5 * ((v + r**2) / d - 1.0 - torch.log(v / d)).sum(1)
-                + ((mu_d[:, None] * r * c + 0.5 * E2[:, None] * c**2) / d).sum(1))
+                + ((mu_d[:, None] * r * c + 0.5 * E2[:, None] * c**2) / d).sum(1) + kl_b)
         return {"rec": rec, "kl_z": kl_z, "kl_e": kl_e, "eta": eta_term}
 
     def forward(self, u, log_lib, prior_m=None, beta: float = 1.0, w_r=None, n_rounds=None):

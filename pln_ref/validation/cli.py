@@ -106,11 +106,13 @@ def build_validate_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--parts", nargs="+", choices=VALIDATE_PARTS, default=None,
                    help="which parts to run (default: all); results of earlier runs in --out are kept")
     p.add_argument("--methods", nargs="+",
-                   choices=["laplace", "laplace_eta_marginal_skew", "vae", "vae_meanfield"],
-                   default=["laplace", "vae", "vae_meanfield"],
+                   choices=["laplace", "laplace_eta_marginal_skew", "vae", "vae_diag", "vae_meanfield"],
+                   default=["laplace", "vae", "vae_diag", "vae_meanfield"],
                    help="laplace: the Gaussian and the eta-marginal Laplace posteriors; laplace_eta_marginal_skew: "
                         "the eta-marginal one with the skew transform of x | eta; vae: structured family "
-                        "q(eta) q(z, e | eta); vae_meanfield: the mean-field family")
+                        "q(eta) q(z, e | eta) (full q(z | eta) covariance, e depending on z); vae_diag: the "
+                        "structured family with diagonal q(z), e independent of z (before 2026-12-06); "
+                        "vae_meanfield: the mean-field family")
     p.add_argument("--cells", type=int, default=200)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--engine", default=None, help="NUTS engine of the cell and joint parts: stanli | cmdstanpy | "

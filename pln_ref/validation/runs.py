@@ -33,8 +33,11 @@ __all__ = [
 
 # --------------------------------------------------------------------------- cell comparison
 
-#: VAE method names of the cell comparison and their variational family (``VAEConfig.family``)
-VAE_METHODS = {"vae": "structured", "vae_meanfield": "meanfield"}
+#: VAE method names of the cell comparison and their variational family (``VAEConfig`` options):
+#: "vae" the default structured family (full q(z | eta) covariance), "vae_diag" the structured family
+#: with the diagonal q(z) and e independent of z (before 2026-12-06), "vae_meanfield" the mean field
+VAE_METHODS = {"vae": {"family": "structured"}, "vae_diag": {"family": "structured", "z_cov": "diag"},
+               "vae_meanfield": {"family": "meanfield"}}
 
 def _by_tercile(lib: np.ndarray, row) -> list[dict]:
     """``row(mask)`` for each library-size tercile, with its library range."""
@@ -138,16 +141,17 @@ def _fit_method(name: str, u, la, idx, params, k: int, *, vae_steps: int, seed: 
     if name in VAE_METHODS:
         from ..vae import fit_vae
 
-        family = VAE_METHODS[name]
+        opts = VAE_METHODS[name]
+        family = opts["family"]
         # encoder-only fit at the TRUE globals, so the VAE is compared on the same
         # conditional posterior p(x, eta | u, theta) as Laplace and NUTS; "vae" is the structured
-        # family q(eta) q(z, e | eta), "vae_meanfield" the mean-field family without refinement
-        # (the VAE before issue 16)
+        # family q(eta) q(z, e | eta), "vae_diag" the same with a diagonal q(z) and e independent
+        # of z, "vae_meanfield" the mean-field family without refinement (the VAE before issue 16)
         vres = fit_vae(u, k, capture=params.capture, log_anchor=la, init=params,
                        train_decoder=False, n_steps=vae_steps, seed=seed, progress=progress,
-                       family=family, refine_steps=0 if family == "meanfield" else None)
+                       refine_steps=0 if family == "meanfield" else None, **opts)
         return vres.encode(u[idx], la[idx]), {"n_steps": vae_steps, "train_decoder": False,
-                                              "family": family,
+                                              "family": family, "z_cov": vres.config.z_cov,
                                               "refine_steps": vres.config.refine_steps}
     raise ValueError(f"unknown method {name!r}")
 
