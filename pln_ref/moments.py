@@ -331,15 +331,22 @@ def _offdiag_inverter(s_diag, c0, c1, max_corr):
     sq = np.sqrt(s_diag)
 
     def invert_block(R_b, rows):
-        arg = c0 + c1 * R_b
-        bound = max_corr * np.outer(sq[rows], sq)
-        with np.errstate(divide="ignore", invalid="ignore"):
-            S_b = np.where(arg > 0, np.log(np.where(arg > 0, arg, 1.0)), -np.inf)
-        clamped = (S_b < -bound) | (S_b > bound)
-        S_b = np.clip(S_b, -bound, bound)
-        S_b[np.arange(len(rows)), rows] = s_diag[rows]
-        clamped[np.arange(len(rows)), rows] = False
-        return S_b, int(clamped.sum())
+        # the same numbers as log(c0 + c1 R) clipped to +-bound, with fewer passes and temporaries
+        arg = R_b * c1
+        arg += c0
+        S_b = np.full(arg.shape, -np.inf)
+        np.log(arg, out=S_b, where=arg > 0)
+        del arg
+        bound = np.multiply.outer(sq[rows], sq)
+        bound *= max_corr
+        neg = np.negative(bound)
+        n_clamped = np.count_nonzero(S_b < neg) + np.count_nonzero(S_b > bound)
+        diag = (np.arange(len(rows)), rows)
+        dv, db = S_b[diag], bound[diag]
+        n_clamped -= int(np.count_nonzero((dv < -db) | (dv > db)))  # the diagonal is not clamped
+        np.clip(S_b, neg, bound, out=S_b)
+        S_b[diag] = s_diag[rows]
+        return S_b, int(n_clamped)
 
     return invert_block
 

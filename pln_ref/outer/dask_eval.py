@@ -248,8 +248,7 @@ class DaskCounts:
     def matmul(self, V: np.ndarray) -> np.ndarray:
         """u @ V (N, r) on the workers (each row's product as in process)."""
         V = np.asarray(V, dtype=np.float64)
-        fut_V = self.client.scatter(V, broadcast=True, hash=False, direct=True)
-        out = self.client.gather([self.submit(_matmul_task, i, fut_V) for i in range(len(self.bounds))])
+        out = self.client.gather([self.submit(_matmul_task, i, V) for i in range(len(self.bounds))])
         return np.concatenate(out, axis=0)
 
     def rmatmul(self, Y: np.ndarray) -> np.ndarray:
@@ -270,8 +269,8 @@ class DaskCounts:
         fut_inv = c.scatter([inv], broadcast=True, hash=False, direct=True)[0]
 
         def apply(X):
-            fut_X = c.scatter(np.asarray(X), broadcast=True, hash=False, direct=True)
-            futs = [c.submit(_fa_rows_task, fut_Q, fut_X, cuts[j], cuts[j + 1], block, fut_inv, pure=False,
+            X = np.asarray(X)
+            futs = [c.submit(_fa_rows_task, fut_Q, X, cuts[j], cuts[j + 1], block, fut_inv, pure=False,
                              workers=[w], allow_other_workers=True)
                     for j, w in enumerate(workers) if cuts[j + 1] > cuts[j]]
             parts = c.gather(futs)
