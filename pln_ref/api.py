@@ -185,7 +185,19 @@ def _fit_laplace(u, k, cap, log_anchor, cfg: LaplaceConfig, *, anchor, progress,
     from .results import LaplaceResult, evidence_outliers
 
     w0, c0 = time.time(), time.process_time()
-    start = initial_globals(u, k, cap, log_anchor, raise_d_start=cfg.raise_d, seed=cfg.seed)
+    partitions = None
+    if client is not None:  # the counts go to the workers once, for the start and every evaluation
+        from .fit_laplace import evaluation_block_cells
+        from .outer.dask_eval import DaskCounts
+
+        partitions = DaskCounts(u, log_anchor, client, block_cells=evaluation_block_cells(u.shape[1]))
+    try:
+        start = initial_globals(u, k, cap, log_anchor, raise_d_start=cfg.raise_d, seed=cfg.seed,
+                                partitions=partitions)
+    except BaseException:
+        if partitions is not None:
+            partitions.close()
+        raise
     init = start.params
     options = {"optimizer": cfg.optimizer, "ift": cfg.ift, "batch_size": cfg.batch_size,
                "raise_d": cfg.raise_d, "em_cycles": cfg.em_cycles}
@@ -208,7 +220,7 @@ def _fit_laplace(u, k, cap, log_anchor, cfg: LaplaceConfig, *, anchor, progress,
         seed=cfg.seed, gtol=cfg.gtol, checkpoint=cfg.checkpoint, checkpoint_every=cfg.checkpoint_every,
         resume=state, progress=progress, optimizer=cfg.optimizer, gap_tol=cfg.gap_tol,
         fingerprint=fingerprint, em_cycles=cfg.em_cycles, client=client, max_epochs=cfg.max_epochs,
-        final=True,
+        final=True, partitions=partitions,
     )
     history = np.asarray(st.history, dtype=float).reshape(-1, 3)
     objective = float(np.mean(evidence))

@@ -71,6 +71,7 @@ def optimize_globals(
     client=None,
     max_epochs: float | None = None,
     final: bool = False,
+    partitions=None,
 ) -> tuple[LaplaceFitState, PLNParams] | tuple[LaplaceFitState, PLNParams, FinalPosteriors]:
     """Maximise L(theta) = mean_c l_c(theta) from ``init`` (or ``resume``); returns the final state
     and the best globals, and with ``final=True`` also every cell's final posterior and Laplace
@@ -91,10 +92,12 @@ def optimize_globals(
     ``state.elapsed_cpu_s``). ``em_cycles``: SQUAREM cycles of the corrected EM
     (``pln_ref.outer.em``) before L-BFGS on a fresh fit (each cycle costs about three evaluations).
     ``client``: a ``distributed.Client`` or a Dask scheduler address: the full-batch evaluations run
-    as one task per block of cells on its workers, which keep the blocks of counts and their MAPs
-    (``pln_ref.outer.dask_eval``; L-BFGS without EM cycles only). None: in this process. The MAPs
-    held on the workers are gathered into ``state.x_map`` only for a checkpoint or when
-    ``final=False``.
+    as one task per partition of cells on its workers (each looping over its blocks of cells),
+    which keep the partitions of counts and their MAPs (``pln_ref.outer.dask_eval``; L-BFGS without
+    EM cycles only). None: in this process. The MAPs held on the workers are gathered into
+    ``state.x_map`` only for a checkpoint or when ``final=False``. ``partitions``: with ``client``,
+    a ``dask_eval.DaskCounts`` of ``counts`` already on the cluster (e.g. the start's) to reuse;
+    it is released when the fit ends.
     """
     if optimizer not in ("adam", "lbfgs"):
         raise ValueError(f'optimizer must be "adam" or "lbfgs", got {optimizer!r}')
@@ -136,7 +139,7 @@ def optimize_globals(
         try:
             ev = DaskEvaluator(u, log_anchor, init.capture, client=client, ift=ift,
                                truncation=truncation, x_map=st.x_map, eta_map=st.eta_map,
-                               block_cells=evaluation_block_cells(G))
+                               block_cells=evaluation_block_cells(G), partitions=partitions)
         except BaseException:
             if own_client is not None:
                 own_client.close()

@@ -331,15 +331,22 @@ def _offdiag_inverter(s_diag, c0, c1, max_corr):
     sq = np.sqrt(s_diag)
 
     def invert_block(R_b, rows):
-        arg = c0 + c1 * R_b
-        bound = max_corr * np.outer(sq[rows], sq)
-        with np.errstate(divide="ignore", invalid="ignore"):
-            S_b = np.where(arg > 0, np.log(np.where(arg > 0, arg, 1.0)), -np.inf)
-        clamped = (S_b < -bound) | (S_b > bound)
-        S_b = np.clip(S_b, -bound, bound)
-        S_b[np.arange(len(rows)), rows] = s_diag[rows]
-        clamped[np.arange(len(rows)), rows] = False
-        return S_b, int(clamped.sum())
+        # the same numbers as log(c0 + c1 R) clipped to +-bound, with fewer passes and temporaries
+        arg = R_b * c1
+        arg += c0
+        S_b = np.full(arg.shape, -np.inf)
+        np.log(arg, out=S_b, where=arg > 0)
+        del arg
+        bound = np.multiply.outer(sq[rows], sq)
+        bound *= max_corr
+        neg = np.negative(bound)
+        n_clamped = np.count_nonzero(S_b < neg) + np.count_nonzero(S_b > bound)
+        diag = (np.arange(len(rows)), rows)
+        dv, db = S_b[diag], bound[diag]
+        n_clamped -= int(np.count_nonzero((dv < -db) | (dv > db)))  # the diagonal is not clamped
+        np.clip(S_b, neg, bound, out=S_b)
+        S_b[diag] = s_diag[rows]
+        return S_b, int(n_clamped)
 
     return invert_block
 
@@ -357,7 +364,11 @@ def _fa_dense(R, invert_block, s_diag, k, *, d_floor, n_iter, tol, rng):
     return W, d, it, conv, n_cov_clamped // 2
 
 
-def _fa_streamed(Z, invert_block, s_diag, k, *, d_floor, n_iter, tol, rng, oversample, seed):
+def _fa_streamed(Z, invert_block, s_diag, k, *, d_floor, n_iter, tol, rng, oversample, seed,
+                 dist_apply=None, inv=None):
+    """``dist_apply``: e.g. ``DaskCounts.fa_apply``, called as ``dist_apply(Qr, block, inv)`` to get
+    ``apply(X) -> (Sigma_hat X, clamped entries)`` computed elsewhere (the same row blocks, so the
+    same numbers); ``inv``: the arguments of ``_offdiag_inverter``."""
     from scipy.sparse.linalg import svds
 
     N, G = Z.shape  # Z: an (N x G) array or scipy LinearOperator
@@ -366,8 +377,14 @@ def _fa_streamed(Z, invert_block, s_diag, k, *, d_floor, n_iter, tol, rng, overs
     Qr = vt.T * sv  # R ~= Qr Qr^T
     block = max(1, int(2e6 // G))  # ~16 MB per temporary block
     counted = {"n": None}
+    remote = None if dist_apply is None else dist_apply(Qr, block, inv)
 
     def apply(X):
+        if remote is not None:
+            out, total = remote(X)
+            if counted["n"] is None:
+                counted["n"] = total // 2
+            return out
         out = np.empty_like(X)
         total = 0
         for b0 in range(0, G, block):
@@ -417,6 +434,7 @@ def moments_fit(
     dense_max_genes: int = 2000,
     oversample: int = 20,
     seed: int = 0,
+    partitions=None,
 ) -> MomentsFit:
     """Method-of-moments estimate of (mu, W, d) by inverting the closed-form moments.
 
@@ -444,6 +462,10 @@ def moments_fit(
     ``capture``: Capture used for the e1/e2 correction (returned params carry it). ``log_anchor``:
     per-cell log L_c (N,) or a scalar, resolved by ``pln_ref.anchor.resolve_log_anchor`` (default:
     log of each cell's realised total counts; an all-zero cell is then an error).
+    ``partitions``: a ``pln_ref.outer.dask_eval.DaskCounts`` of these counts on a Dask cluster:
+    the passes over the counts (column moments, the Gram matrix or the products of the
+    truncated SVD) and the factor analysis' operator run on its workers (the same numbers up to
+    the order of the sums over cells).
     Returns ``MomentsFit(params, info)``.
     """
     u = CountMatrix(counts)  # kept in its storage (CSR stays CSR); read by blocks of cells
@@ -455,7 +477,8 @@ def moments_fit(
         raise ValueError("method_of_moments needs at least 2 cells")
     e1, e2 = _moment_capture_factors(u, capture, log_anchor)
     rng = np.random.default_rng(seed)
-    E_emp, V = u.column_moments()
+    src = u if partitions is None else partitions  # the passes over the counts
+    E_emp, V = src.column_moments()
     a, s_diag, mu, var_clamped, n_zero = _invert_diagonal(E_emp, V, N, e1, e2, sigma_floor)
     # Z = (u - 1 E^T) diag(1/a) / sqrt(N-1): Z^T Z = C / (a a^T), C the sample covariance (ddof=1);
     # exp(Sigma_gh) = c0 + c1 (Z^T Z)_gh. Z is never formed: Z^T Z by blocks of cells (dense path)
@@ -465,14 +488,15 @@ def moments_fit(
     fa = dict(d_floor=d_floor, n_iter=n_iter, tol=tol, rng=rng)
     if G <= dense_max_genes:
         path = "dense"
-        R = u.centred_gram(E_emp)
+        R = src.centred_gram(E_emp)
         R /= np.outer(scale, scale)
         W, d, it, conv, n_cov_clamped = _fa_dense(R, invert_block, s_diag, k, **fa)
     else:
         path = "streamed"
-        W, d, it, conv, n_cov_clamped = _fa_streamed(_centred_scaled_operator(u, E_emp, scale),
-                                                     invert_block, s_diag, k, oversample=oversample,
-                                                     seed=seed, **fa)
+        W, d, it, conv, n_cov_clamped = _fa_streamed(
+            _centred_scaled_operator(src, E_emp, scale), invert_block, s_diag, k, oversample=oversample,
+            seed=seed, dist_apply=None if partitions is None else partitions.fa_apply,
+            inv=(s_diag, e1 * e1 / e2, 1.0 / e2, max_corr), **fa)
     info = {
         "path": path, "e1": e1, "e2": e2, "n_zero_genes": n_zero, "mean_count": E_emp,
         "n_var_clamped": int(var_clamped.sum()), "n_cov_clamped": int(n_cov_clamped),

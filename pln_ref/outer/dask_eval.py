@@ -1,31 +1,44 @@
-"""The blocked full-batch Laplace evaluation as a map over blocks of cells on a Dask cluster.
+"""The blocked full-batch Laplace evaluation as a map over partitions of cells on a Dask cluster.
+
+``DaskCounts`` scatters the counts once, directly to the workers (not through the scheduler), in
+partitions of whole evaluation blocks: about two partitions per worker by default
+(``task_cells`` to set the size), each holding its counts (CSR rows if the ``CountMatrix``
+holds CSR, dense float64 rows otherwise), its slice of the log anchors and its sums
+sum_g log u_cg!. The method-of-moments start (``moments.moments_fit(partitions=...)``) runs its
+passes over the counts there as map-reduces (column moments; the Gram matrix, or the products
+of the truncated SVD), and the streamed factor analysis' operator by rows of genes split over
+the workers; the client holds no N x G array.
 
 ``DaskEvaluator`` is an ``evaluate.Evaluator`` whose full-batch evaluation (``Evaluator._blocked``)
-runs on Dask workers. At construction each block of ``block_cells`` cells is scattered once to the
-workers: its counts (CSR rows if the ``CountMatrix`` holds CSR, dense float64 rows otherwise), its
-slice of the log anchors and its sums sum_g log u_cg!. Each evaluation scatters the globals once
-(broadcast, O(G k)) and submits one task per block, which runs the same code path as in process
-(``Evaluator._solve``: ``laplace.newton_map`` warm-started from the block's MAPs, then
-``laplace_terms``) and returns
+runs on those partitions. Each evaluation scatters the globals once (broadcast, O(G k)) and
+submits one task per partition, which loops over the partition's blocks of ``block_cells``
+cells with the in-process code (``Evaluator._solve``: ``laplace.newton_map`` warm-started from
+the block's MAPs, then ``laplace_terms``; each block densified on its own) and returns
 
-- a small result to the client: l of the block's cells, the block's gradient sums, info_mu and
-  lambda_sum, Newton iterations, cells on the bound and the worker's CPU seconds;
-- the block's new MAPs (x*, eta*), which stay on the worker as a future: the warm start of the next
-  evaluation of that block. As in process, the warm start is replaced only when the evaluation
-  is finite (an evaluation that fails keeps the previous MAPs).
+- a small result to the client: l of the partition's cells, its gradient sums, info_mu and
+  lambda_sum (summed over its blocks), Newton iterations, cells on the bound and the worker's
+  CPU seconds;
+- the partition's new MAPs (x*, eta*), which stay on the worker as a future: the warm start of
+  the next evaluation. As in process, the warm start is replaced only when the evaluation is
+  finite (an evaluation that fails keeps the previous MAPs).
 
-The client sums the small results (``evaluate._sum_terms``: the gradient and info_mu are sums over
-cells, so the block sums are exact; identical blocks give the same numbers as in process).
-``x_map`` / ``eta_map`` gather every block's MAPs only when read (``remote_maps`` tells
-``lbfgs.run_lbfgs`` to read them at checkpoints and at the end, not at every accepted step).
-Assigning them (e.g. a resumed fit's MAPs, or None for a cold start) scatters them before the
-next evaluation.
+The client sums the partitions' results (``evaluate._sum_terms``: the gradient and info_mu are
+sums over cells, so the sums are exact up to rounding; the blocks are the in-process ones, so the
+numbers equal the in-process fit's up to the order of the sums). Large tasks keep the per-task
+overhead and the scheduler's bookkeeping small: at G = 14,000 the blocks are 36 cells, 556 of
+them for 20,000 cells, against 4 tasks per evaluation on 2 workers.
+``x_map`` / ``eta_map`` gather the MAPs partition by partition only when read
+(``remote_maps`` tells ``lbfgs.run_lbfgs`` to read them at checkpoints and at the end, not at
+every accepted step). Assigning them (e.g. a resumed fit's MAPs, or None for a cold start)
+scatters them before the next evaluation.
 
 The final pass (``DaskEvaluator.final_posteriors``, ``fit_laplace.optimize_globals(final=True)``)
-is a map over the same blocks: each worker solves its blocks' final posteriors at the fitted globals
-from the MAPs it holds (``outer.final.final_block``) and returns only what the result keeps (the
-block's float64 MAPs, k x k factors, per-cell fields and evidence); the client copies the blocks
-into the result one at a time. The warm starts are never gathered to the client.
+is a map over the same partitions: each worker solves its blocks' final posteriors at the fitted
+globals from the MAPs it holds (``outer.final.final_block``) and returns only what the result
+keeps (the partition's MAPs, k x k factors, per-cell fields and evidence); the client copies
+each partition into the result as it completes, and the counts, warm starts and results of a
+partition are released on the cluster as soon as they are used. The warm starts are never
+gathered to the client.
 
 Workers started by a Dask nanny (``dask worker`` without ``--no-nanny``, ``LocalCluster``) run with
 ``MALLOC_TRIM_THRESHOLD_=65536``, which disables glibc's dynamic mmap threshold: every large NumPy
@@ -43,65 +56,261 @@ import scipy.sparse as sp
 
 from ..lowrank import LowRankCov
 from ..params import PLNParams
-from .evaluate import WARM_START_DTYPE, Evaluation, Evaluator, LaplaceTerms, _blocked_evaluation
+from .evaluate import WARM_START_DTYPE, Evaluation, Evaluator, _blocked_evaluation, _sum_terms
 
-__all__ = ["DaskEvaluator"]
+__all__ = ["DaskEvaluator", "DaskCounts"]
 
 _UNSET = object()
 
 
-def _block_task(data: tuple, maps: tuple | None, glob: tuple, capture, gtol: float, with_grad: bool,
-                ift: bool, truncation: bool) -> tuple:
-    """Worker side, one block: ((x_map, eta_map), (terms without adjoint pieces, cpu newton,
-    cpu terms, Newton iterations, cells on the bound))."""
-    u, la, lgam = data
-    u = np.asarray(u.toarray(), dtype=np.float64) if sp.issparse(u) else u
+def _dense(u) -> np.ndarray:
+    """A dense float64 copy of rows of a partition (callers may modify it)."""
+    return np.asarray(u.toarray(), dtype=np.float64) if sp.issparse(u) else np.array(u, dtype=np.float64)
+
+
+def _partition_task(data: tuple, maps: tuple | None, glob: tuple, capture, gtol: float, with_grad: bool,
+                    ift: bool, truncation: bool, block_cells: int) -> tuple:
+    """Worker side, one partition of cells: the in-process blocked evaluation
+    (``Evaluator._blocked``) of its blocks of ``block_cells`` cells in order, each densified on its
+    own. Returns ((x_map float32, eta_map) of the partition, (terms with l and the gradient,
+    info_mu, lambda_sum summed over the partition's blocks, cpu newton, cpu terms, Newton
+    iterations, cells on the bound))."""
+    u_p, la, lgam = data
+    n, G = u_p.shape
     x0, e0 = (None, None) if maps is None else maps
     params = PLNParams(*glob, capture)
     cov = LowRankCov.from_params(params)
-    # the in-process code path: Evaluator._solve reads only ift and truncation from its instance
-    post, terms, cn, co = Evaluator._solve(SimpleNamespace(ift=ift, truncation=truncation), u, params,
-                                           cov, la, x0, e0, gtol, with_grad, lgam)
-    small = LaplaceTerms(terms.l, terms.grad, None, None, terms.info_mu, terms.lambda_sum)
-    return (post.x_map.astype(WARM_START_DTYPE), post.eta_map), (small, cn, co, int(post.n_iter.sum()), int(post.on_bound.sum()))
+    solver = SimpleNamespace(ift=ift, truncation=truncation)  # Evaluator._solve reads only these
+    x_new, e_new = np.empty((n, G), dtype=WARM_START_DTYPE), np.empty(n)
+    parts, cn, co, iters, nb = [], 0.0, 0.0, 0, 0
+    for lo in range(0, n, block_cells):
+        sl = slice(lo, min(n, lo + block_cells))
+        pick = lambda a: None if a is None else a[sl]  # noqa: E731
+        post, terms, a, b = Evaluator._solve(solver, _dense(u_p[sl]), params, cov, pick(la), pick(x0),
+                                             pick(e0), gtol, with_grad, lgam[sl])
+        x_new[sl], e_new[sl] = post.x_map, post.eta_map
+        cn, co = cn + a, co + b
+        iters += int(post.n_iter.sum())
+        nb += int(post.on_bound.sum())
+        parts.append(terms._replace(wx=None, kappa=None))
+        del post, terms
+    return (x_new, e_new), (_sum_terms(parts), cn, co, iters, nb)
 
 
-def _final_task(data: tuple, maps: tuple | None, glob: tuple, capture, gtol: float, with_evidence: bool) -> dict:
-    """Worker side, one block of the final pass: ``outer.final.final_block`` from the block's warm start."""
+def _final_partition_task(data: tuple, maps: tuple | None, glob: tuple, capture, gtol: float,
+                          with_evidence: bool, block_cells: int, dtype) -> dict:
+    """Worker side, one partition of the final pass: ``outer.final.final_block`` of each of its
+    blocks from the warm start, joined into one dict (x_map in ``dtype``)."""
     from .final import final_block
 
-    u, la, lgam = data
-    u = np.asarray(u.toarray(), dtype=np.float64) if sp.issparse(u) else u
+    u_p, la, lgam = data
+    n, G = u_p.shape
     x0, e0 = (None, None) if maps is None else maps
     params = PLNParams(*glob, capture)
-    return final_block(u, params, la, x0, e0, gtol=gtol, cov=LowRankCov.from_params(params), lgamma_sum=lgam,
-                       with_evidence=with_evidence)
+    cov = LowRankCov.from_params(params)
+    x_map, out = np.empty((n, G), dtype=dtype), {}
+    for lo in range(0, n, block_cells):
+        sl = slice(lo, min(n, lo + block_cells))
+        pick = lambda a: None if a is None else a[sl]  # noqa: E731
+        part = final_block(_dense(u_p[sl]), params, pick(la), pick(x0), pick(e0), gtol=gtol, cov=cov,
+                           lgamma_sum=lgam[sl], with_evidence=with_evidence)
+        x_map[sl] = part.pop("x_map")
+        for key, val in part.items():
+            out.setdefault(key, []).append(val)
+        del part
+    out = {key: None if any(v is None for v in vals) else np.concatenate(vals) for key, vals in out.items()}
+    out["x_map"] = x_map
+    return out
+
+
+# ---------------------------------------------------------------- the method of moments' passes
+def _moments_task(data: tuple, shift: np.ndarray, block_size: int) -> tuple:
+    """Worker side: sum_c (u_c - shift) and sum_c (u_c - shift)^2 over a partition, by dense blocks
+    of ``block_size`` cells (``CountMatrix.column_moments``)."""
+    u_p = data[0]
+    s1, s2 = np.zeros(u_p.shape[1]), np.zeros(u_p.shape[1])
+    for lo in range(0, u_p.shape[0], block_size):
+        u = _dense(u_p[lo:lo + block_size])
+        u -= shift
+        s1 += u.sum(axis=0)
+        s2 += np.einsum("cg,cg->g", u, u)
+    return s1, s2
+
+
+def _gram_task(data: tuple, mean: np.ndarray, block_size: int) -> np.ndarray:
+    """Worker side: (u_p - 1 mean^T)^T (u_p - 1 mean^T) by dense blocks (``CountMatrix.centred_gram``)."""
+    u_p = data[0]
+    out = np.zeros((u_p.shape[1], u_p.shape[1]))
+    for lo in range(0, u_p.shape[0], block_size):
+        u = _dense(u_p[lo:lo + block_size])
+        u -= mean
+        out += u.T @ u
+    return out
+
+
+def _matmul_task(data: tuple, V: np.ndarray) -> np.ndarray:
+    """Worker side: u_p @ V (a CSR product, or by dense rows)."""
+    u_p = data[0]
+    return np.asarray(u_p @ V) if sp.issparse(u_p) else u_p @ V
+
+
+def _rmatmul_task(data: tuple, Y: np.ndarray) -> np.ndarray:
+    """Worker side: u_p^T @ Y_p."""
+    u_p = data[0]
+    return np.asarray(u_p.T @ Y)
+
+
+def _fa_rows_task(Qr: np.ndarray, X: np.ndarray, lo: int, hi: int, block: int, inv: tuple) -> tuple:
+    """Worker side, gene rows lo:hi of the streamed factor analysis' operator: (rows of
+    Sigma_hat X, clamped entries), with the same row blocks as in process (``moments._fa_streamed``)."""
+    from ..moments import _offdiag_inverter
+
+    invert_block = _offdiag_inverter(*inv)
+    out, total = np.empty((hi - lo, X.shape[1])), 0
+    for b0 in range(lo, hi, block):
+        rows = np.arange(b0, min(hi, b0 + block))
+        S_b, nc = invert_block(Qr[rows] @ Qr.T, rows)
+        total += nc
+        out[rows - lo] = S_b @ X
+    return out, total
+
+
+class DaskCounts:
+    """The counts of a fit scattered once to the workers of a Dask ``client``, in partitions of
+    whole evaluation blocks (``block_cells`` cells each), about ``tasks_per_worker`` partitions per
+    worker unless ``task_cells`` is given. Each partition holds its counts (CSR rows if the
+    ``CountMatrix`` holds CSR, dense float64 rows otherwise), its slice of the log anchors and its
+    sums sum_g log u_cg!, scattered directly to its worker (not through the scheduler), one
+    partition at a time. The partitions serve the method-of-moments start
+    (``column_moments``, ``operator``, ``fa_apply``) and every evaluation of ``DaskEvaluator``.
+    """
+
+    def __init__(self, counts, log_anchor: np.ndarray | None, client, *, block_cells: int,
+                 task_cells: int | None = None, tasks_per_worker: int = 2) -> None:
+        from ..counts import CountMatrix
+        from ..dask_client import require_workers
+
+        self.u = CountMatrix(counts)
+        self.client = client
+        N, G = self.N, self.G = self.u.shape
+        self.block_cells = int(block_cells)
+        require_workers(client)
+        workers = sorted(client.scheduler_info().get("workers", {}))
+        n_blocks = -(-N // self.block_cells)
+        if task_cells is None:
+            per = -(-n_blocks // max(1, tasks_per_worker * len(workers)))
+        else:
+            per = max(1, -(-int(task_cells) // self.block_cells))
+        self.task_cells = per * self.block_cells
+        self.bounds = [(lo, min(N, lo + self.task_cells)) for lo in range(0, N, self.task_cells)]
+        lgam = self.u.lgamma_sums()
+        self.data, self.homes = [], []
+        for i, (lo, hi) in enumerate(self.bounds):
+            w = workers[(i * len(workers)) // len(self.bounds)]
+            u = self.u._src[lo:hi] if self.u.storage == "csr" else self.u.block(lo, hi)
+            la = None if log_anchor is None else np.array(log_anchor[lo:hi], dtype=float)
+            fut = client.scatter([(u, la, lgam[lo:hi].copy())], workers=[w], direct=True, hash=False)[0]
+            del u
+            self.data.append(fut)
+            self.homes.append([w])
+
+    def submit(self, fn, i: int, *args):
+        """``fn(data of partition i, *args)`` on partition i's worker (no stealing: the data stay)."""
+        return self.client.submit(fn, self.data[i], *args, pure=False, workers=self.homes[i],
+                                  allow_other_workers=False)
+
+    def column_moments(self) -> tuple[np.ndarray, np.ndarray]:
+        """Per-gene sample mean and variance (ddof=1), as ``CountMatrix.column_moments`` (same
+        shift, sums by partitions)."""
+        u, N = self.u, self.N
+        shift = u.block(0, min(N, u.block_size)).mean(axis=0)
+        parts = self.client.gather([self.submit(_moments_task, i, shift, u.block_size)
+                                    for i in range(len(self.bounds))])
+        s1, s2 = sum(p[0] for p in parts), sum(p[1] for p in parts)
+        mean = s1 / N
+        var = (s2 - N * mean * mean) / (N - 1) if N > 1 else np.zeros(self.G)
+        return mean + shift, var
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.u.shape
+
+    def centred_gram(self, mean: np.ndarray) -> np.ndarray:
+        """(u - 1 mean^T)^T (u - 1 mean^T) (G, G), summed over the partitions on the workers."""
+        futs = [self.submit(_gram_task, i, mean, self.u.block_size) for i in range(len(self.bounds))]
+        out = None
+        for f in futs:  # one G x G partial at a time in the client
+            part = f.result()
+            out = part if out is None else out.__iadd__(part)
+            del part
+        return out
+
+    def matmul(self, V: np.ndarray) -> np.ndarray:
+        """u @ V (N, r) on the workers (each row's product as in process)."""
+        V = np.asarray(V, dtype=np.float64)
+        out = self.client.gather([self.submit(_matmul_task, i, V) for i in range(len(self.bounds))])
+        return np.concatenate(out, axis=0)
+
+    def rmatmul(self, Y: np.ndarray) -> np.ndarray:
+        """u^T @ Y (G, r) on the workers (summed over partitions)."""
+        Y = np.asarray(Y, dtype=np.float64)
+        futs = [self.submit(_rmatmul_task, i, Y[lo:hi]) for i, (lo, hi) in enumerate(self.bounds)]
+        return sum(self.client.gather(futs))
+
+    def fa_apply(self, Qr: np.ndarray, block: int, inv: tuple):
+        """``apply(X)`` = Sigma_hat X of ``moments._fa_streamed`` with its gene rows split over the
+        workers (one task per worker per call); returns (apply, counter of clamped entries)."""
+        c = self.client
+        workers = sorted({w for h in self.homes for w in h})
+        G = Qr.shape[0]
+        nb = -(-G // block)
+        cuts = [min(G, ((j * nb) // len(workers)) * block) for j in range(len(workers) + 1)]
+        fut_Q = c.scatter(Qr, broadcast=True, hash=False, direct=True)
+        fut_inv = c.scatter([inv], broadcast=True, hash=False, direct=True)[0]
+
+        def apply(X):
+            X = np.asarray(X)
+            futs = [c.submit(_fa_rows_task, fut_Q, X, cuts[j], cuts[j + 1], block, fut_inv, pure=False,
+                             workers=[w], allow_other_workers=True)
+                    for j, w in enumerate(workers) if cuts[j + 1] > cuts[j]]
+            parts = c.gather(futs)
+            return np.concatenate([p[0] for p in parts], axis=0), sum(p[1] for p in parts)
+
+        return apply
+
+    def close(self) -> None:
+        """Release the partitions on the cluster."""
+        self.data, self.homes, self.bounds = [], [], []
 
 
 class DaskEvaluator(Evaluator):
     """``Evaluator`` (same call interface, cache and counters) whose full-batch evaluations run
-    block by block on the workers of a Dask ``client`` (module docstring).
+    on the workers of a Dask ``client``, one task per partition of cells (module docstring).
 
     counts, log_anchor, capture, ift, truncation, x_map, eta_map: as ``Evaluator``.
     client : a ``distributed.Client`` with at least one worker.
-    block_cells : cells per block (default ``fit_laplace.evaluation_block_cells(G)``, the
+    block_cells : cells per Newton block (default ``fit_laplace.evaluation_block_cells(G)``, the
         in-process block size, so the blocks and hence the numbers match the in-process fit).
+    task_cells : cells per task (a partition of whole blocks; default about two tasks per worker).
+    partitions : a ``DaskCounts`` of these counts already on the cluster (e.g. the one the start
+        used; its ``block_cells`` is then used), else one is made here.
     Only full-batch evaluations (``cells=None``) are supported (L-BFGS); minibatches and the
     unblocked evaluation of the EM are refused. ``cpu_newton`` / ``cpu_objective`` sum the
-    workers' process CPU seconds. Call ``close()`` to release the blocks on the cluster.
+    workers' process CPU seconds. Call ``close()`` to release the partitions on the cluster.
     """
 
     remote_maps = True  # x_map / eta_map are gathered from the workers when read
 
     def __init__(self, counts, log_anchor: np.ndarray | None, capture, *, client, ift: bool = True,
                  truncation: bool = True, x_map: np.ndarray | None = None,
-                 eta_map: np.ndarray | None = None, block_cells: int | None = None) -> None:
-        from ..dask_client import require_workers
-
+                 eta_map: np.ndarray | None = None, block_cells: int | None = None,
+                 task_cells: int | None = None, partitions: DaskCounts | None = None) -> None:
         self.client = client
-        self._maps: list | None = None  # per block: future of (x_map, eta_map), or None (cold)
+        self._maps: list | None = None  # per partition: future of (x_map, eta_map), or None (cold)
         self._pending = [_UNSET, _UNSET]  # assigned x_map / eta_map not yet scattered
         self._gathered: tuple | None = None
+        if partitions is not None:
+            block_cells = partitions.block_cells
         super().__init__(counts, log_anchor, capture, ift=ift, truncation=truncation, x_map=x_map,
                          eta_map=eta_map, block_cells=block_cells)
         N, G = self.u.shape
@@ -109,18 +318,13 @@ class DaskEvaluator(Evaluator):
             from ..fit_laplace import evaluation_block_cells
 
             self.block_cells = evaluation_block_cells(G)
-        require_workers(client)
-        self.bounds = [(lo, min(N, lo + self.block_cells)) for lo in range(0, N, self.block_cells)]
-        blocks = []
-        for lo, hi in self.bounds:
-            u = self.u._src[lo:hi] if self.u.storage == "csr" else self.u.block(lo, hi)
-            la = None if log_anchor is None else np.array(log_anchor[lo:hi], dtype=float)
-            blocks.append((u, la, self.lgam[lo:hi].copy()))
-        self._data = client.scatter(blocks, hash=False)
-        # each block's tasks are pinned (loosely) to the worker holding its counts: the MAPs they
-        # produce stay there, so an evaluation moves only the globals and the small results
-        who = client.who_has(self._data)
-        self._homes = [list(who.get(f.key, ())) or None for f in self._data]
+        if partitions is None:
+            partitions = DaskCounts(self.u, log_anchor, client, block_cells=self.block_cells,
+                                    task_cells=task_cells)
+        elif partitions.u.shape != (N, G):
+            raise ValueError(f"partitions hold {partitions.u.shape} counts, the evaluator {(N, G)}")
+        self.parts = partitions
+        self.bounds = partitions.bounds
         self._maps = [None] * len(self.bounds)
 
     # ------------------------------------------------------------------ the MAPs on the workers
@@ -150,12 +354,15 @@ class DaskEvaluator(Evaluator):
         if self._maps is None or any(m is None for m in self._maps):
             return None, None
         if self._gathered is None:
-            parts = self.client.gather(self._maps)
-            self._gathered = (np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts]))
+            N, G = self.u.shape
+            x, e = np.empty((N, G), dtype=WARM_START_DTYPE), np.empty(N)
+            for (lo, hi), f in zip(self.bounds, self._maps):  # one partition at a time
+                x[lo:hi], e[lo:hi] = f.result()
+            self._gathered = (x, e)
         return self._gathered
 
     def _sync_maps(self) -> None:
-        """Scatter assigned MAPs (both arrays, or None for a cold start) to the blocks."""
+        """Scatter assigned MAPs (both arrays, or None for a cold start) to the partitions."""
         if self._pending[0] is _UNSET and self._pending[1] is _UNSET:
             return
         x, e = (None if p is _UNSET else p for p in self._pending)
@@ -166,9 +373,13 @@ class DaskEvaluator(Evaluator):
             return
         # keep a float32 warm start float32 (the in-process evaluator reads it as given)
         x, e = np.asarray(x, dtype=np.result_type(x, WARM_START_DTYPE)), np.asarray(e, dtype=float)
-        self._maps = [self.client.scatter([(x[lo:hi].copy(), e[lo:hi].copy())], hash=False,
+        self._maps = [self.client.scatter([(x[lo:hi].copy(), e[lo:hi].copy())], hash=False, direct=True,
                                           workers=home)[0]
-                      for (lo, hi), home in zip(self.bounds, self._homes)]
+                      for (lo, hi), home in zip(self.bounds, self.parts.homes)]
+
+    def _glob(self, params: PLNParams):
+        return self.client.scatter([(np.asarray(params.mu), np.asarray(params.W), np.asarray(params.d))],
+                                   broadcast=True, hash=False, direct=True)[0]
 
     # ------------------------------------------------------------------ evaluation
     def __call__(self, mu: np.ndarray, W: np.ndarray, d: np.ndarray, *, gtol: float = 1e-6,
@@ -178,17 +389,18 @@ class DaskEvaluator(Evaluator):
         return super().__call__(mu, W, d, gtol=gtol, with_grad=with_grad)
 
     def _blocked(self, key, params, cov, gtol, with_grad) -> Evaluation:
-        """All cells as one task per block on the workers; the new MAPs stay there and replace the
-        warm start only if the evaluation is finite."""
+        """All cells as one task per partition on the workers; the new MAPs stay there and replace
+        the warm start only if the evaluation is finite."""
         self._sync_maps()
         c = self.client
-        glob = c.scatter([(np.asarray(params.mu), np.asarray(params.W), np.asarray(params.d))],
-                         broadcast=True, hash=False)[0]
-        futs = [c.submit(_block_task, data, maps, glob, self.capture, gtol, with_grad, self.ift,
-                         self.truncation, pure=False, workers=home, allow_other_workers=True)
-                for data, maps, home in zip(self._data, self._maps, self._homes)]
-        new_maps = [c.submit(operator.getitem, f, 0, pure=False) for f in futs]
-        smalls = [c.submit(operator.getitem, f, 1, pure=False) for f in futs]
+        glob = self._glob(params)
+        futs = [self.parts.submit(_partition_task, i, maps, glob, self.capture, gtol, with_grad, self.ift,
+                                  self.truncation, self.block_cells)
+                for i, maps in enumerate(self._maps)]
+        new_maps = [c.submit(operator.getitem, f, 0, pure=False, workers=h, allow_other_workers=False)
+                    for f, h in zip(futs, self.parts.homes)]
+        smalls = [c.submit(operator.getitem, f, 1, pure=False, workers=h, allow_other_workers=False)
+                  for f, h in zip(futs, self.parts.homes)]
         del futs
         results = c.gather(smalls)  # re-raises a worker's exception (e.g. LinAlgError) here
         del smalls, glob
@@ -207,29 +419,42 @@ class DaskEvaluator(Evaluator):
             self._last = (key, ev)
         return ev
 
-    def final_posteriors(self, params: PLNParams, *, gtol: float = 1e-6, with_evidence: bool = True):
+    def final_posteriors(self, params: PLNParams, *, gtol: float = 1e-6, with_evidence: bool = True,
+                         dtype=np.float64):
         """Every cell's final posterior and Laplace evidence at ``params`` (``outer.final.FinalPosteriors``,
         equal to ``outer.final.final_posteriors`` in process from the same warm start and blocks): one
-        task per block on the worker holding its counts and MAPs; the results are fetched and copied
-        into the result one block at a time (the client never holds the warm starts)."""
+        task per partition on the worker holding its counts and MAPs. The results are copied into
+        the result as they complete (x_map in ``dtype``, float64 by default), and each partition's
+        counts, warm start and result are released on the cluster once used: the client never
+        holds the warm starts, and the workers' memory falls as the pass proceeds. The evaluator
+        is unusable afterwards (``close``)."""
+        from distributed import as_completed
+
         from .final import assemble_final
 
         self._sync_maps()
         c = self.client
-        glob = c.scatter([(np.asarray(params.mu), np.asarray(params.W), np.asarray(params.d))],
-                         broadcast=True, hash=False)[0]
-        futs = [c.submit(_final_task, data, maps, glob, params.capture, gtol, with_evidence, pure=False,
-                         workers=home, allow_other_workers=True)
-                for data, maps, home in zip(self._data, self._maps, self._homes)]
+        glob = self._glob(params)
+        futs = [self.parts.submit(_final_partition_task, i, maps, glob, params.capture, gtol, with_evidence,
+                                  self.block_cells, dtype)
+                for i, maps in enumerate(self._maps)]
+        index = {f.key: i for i, f in enumerate(futs)}
+        # the counts and warm starts are released as soon as their partition's task has run
+        self._maps, self._gathered = [None] * len(self.bounds), None
+        self.parts.close()
         del glob
 
         def blocks():
-            for i, (lo, hi) in enumerate(self.bounds):
-                part = futs[i].result()  # re-raises a worker's exception here
-                futs[i] = None  # release the block's result on the cluster
-                yield slice(lo, hi), part
+            for f in as_completed(futs):
+                i = index[f.key]
+                part = f.result()  # re-raises a worker's exception here
+                futs[i] = None  # release the partition's result on the cluster
+                del f
+                yield slice(*self.bounds[i]), part
 
-        return assemble_final(params, blocks(), self.N, with_evidence=with_evidence)
+        N, G = self.u.shape
+        return assemble_final(params, blocks(), N, x_map=np.empty((N, G), dtype=dtype),
+                              with_evidence=with_evidence)
 
     def ensure_maps(self, mu, W, d, gtol: float = 1e-6) -> None:
         """Cold-start every cell's MAP at these globals if no warm start exists yet (no gather)."""
@@ -238,6 +463,7 @@ class DaskEvaluator(Evaluator):
             self(mu, W, d, gtol=gtol, with_grad=False)
 
     def close(self) -> None:
-        """Release the blocks and MAPs held on the cluster (the evaluator is unusable afterwards)."""
-        self._data, self._maps, self._gathered = [], None, None
+        """Release the partitions and MAPs held on the cluster (the evaluator is unusable afterwards)."""
+        self._maps, self._gathered = None, None
+        self.parts.close()
         self.bounds = []

@@ -46,12 +46,14 @@ def raise_d(params: PLNParams, mean_count: np.ndarray, *, c: float = 1.0, d_max:
 
 
 def initial_globals(counts, k: int, capture, log_anchor, *, raise_d_start: bool = True,
-                    seed: int = 0) -> Start:
+                    seed: int = 0, partitions=None) -> Start:
     """Method of moments (``moments_fit``), then ``raise_d`` unless ``raise_d_start`` is False.
 
     ``counts``: an array, scipy.sparse matrix or ``pln_ref.counts.CountMatrix`` (read by blocks of
-    cells; no dense copy)."""
-    mf = moments_fit(counts, k, capture=capture, log_anchor=log_anchor, seed=seed)
+    cells; no dense copy). ``partitions``: a ``pln_ref.outer.dask_eval.DaskCounts`` of the counts:
+    the method of moments' passes over the counts and its factor analysis run on its Dask workers
+    (``moments_fit``)."""
+    mf = moments_fit(counts, k, capture=capture, log_anchor=log_anchor, seed=seed, partitions=partitions)
     p = mf.params
     info = {"n_var_clamped": mf.info["n_var_clamped"], "n_cov_clamped": mf.info["n_cov_clamped"],
             "n_d_at_moment_floor": int(np.sum(p.d <= 1e-3 * (1 + 1e-9)))}

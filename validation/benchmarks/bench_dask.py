@@ -8,9 +8,11 @@ Usage (one BLAS thread everywhere)::
 
 ``--counts F``: a scipy CSR ``.npz`` (e.g. a ``bench_memory.py`` case) fitted as CSR instead of the
 simulated counts; ``--converged``: no step cap (the default stopping rule); ``--dask-only``: skip
-the in-process fit. Memory: the resident set of the client, scheduler and worker processes is
-sampled every 0.5 s during each fit (``peak_rss_sum_gb``, the largest sum seen), and each
-process's kernel high-water mark (``VmHWM``) is reported after the fit (``hwm_gb``).
+the in-process fit. The Dask fit runs one task per partition of whole blocks
+(``dask_tasks_per_evaluation``). Memory: the resident set of the client, scheduler and worker
+processes is sampled every 0.5 s during each fit (``peak_rss_sum_gb``, the largest sum seen), and each
+process's kernel high-water mark (``VmHWM``) is reported after the fit (``hwm_gb``), with the 1-min
+load average over the samples (``loadavg1_during``: mean and max).
 
 Counts: ``random_params(genes, k, seed=0, capture=True)``, ``simulate(params, cells, seed=1)``
 (dense int64). Both fits are ``pln_ref.fit(counts, k=k, n_steps=steps, progress=False)`` (L-BFGS,
@@ -101,12 +103,14 @@ def _hwm_gb(pid: int) -> float:
 
 
 class _RssSampler(threading.Thread):
-    """Largest sum of the resident sets of ``pids`` seen, sampled every ``dt`` seconds."""
+    """Largest sum of the resident sets of ``pids`` seen, sampled every ``dt`` seconds; also the
+    1-min load average at each sample (``load``)."""
 
     def __init__(self, pids: list, dt: float = 0.5) -> None:
         super().__init__(daemon=True)
         self.procs = [psutil.Process(p) for p in pids]
         self.dt, self.peak, self._stop_ev = dt, 0, threading.Event()
+        self.load: list[float] = []
 
     def run(self) -> None:
         while not self._stop_ev.is_set():
@@ -117,6 +121,7 @@ class _RssSampler(threading.Thread):
                 except psutil.NoSuchProcess:
                     pass
             self.peak = max(self.peak, tot)
+            self.load.append(os.getloadavg()[0])
             self._stop_ev.wait(self.dt)
 
     def stop(self) -> float:
@@ -138,9 +143,17 @@ def timed_fit(u, k: int, steps: int, scheduler_address: str | None, procs: list)
     rec = {"wall_s": wall, "client_cpu_s": cpu, "cluster_cpu_s": _cpu(ps) - c_other,
            "steps": int(res.diagnostics["steps"]), "objective": float(res.diagnostics["objective"]),
            "stop_rule": res.diagnostics.get("stop_rule"), "peak_rss_sum_gb": sampler.stop(),
+           "loadavg1_during": {"mean": float(np.mean(sampler.load)), "max": float(np.max(sampler.load))},
            "hwm_gb": {"client": _hwm_gb(os.getpid()), **{f"proc{i}": _hwm_gb(p.pid) for i, p in enumerate(procs)}}}
     rec["total_cpu_s"] = rec["client_cpu_s"] + rec["cluster_cpu_s"]
     return rec, res
+
+
+def _dask_tasks(N: int, block: int, workers: int) -> int:
+    """Tasks per evaluation of ``DaskCounts``' default partitions (whole blocks, about 2 per worker)."""
+    n_blocks = -(-N // block)
+    per = -(-n_blocks // (2 * workers))
+    return -(-N // (per * block))
 
 
 def main(argv=None) -> int:
@@ -171,6 +184,7 @@ def main(argv=None) -> int:
     out = {"cells": args.cells, "genes": args.genes, "k": args.k, "n_steps": args.steps,
            "workers": args.workers, "block_cells": evaluation_block_cells(args.genes),
            "n_blocks": -(-args.cells // evaluation_block_cells(args.genes)),
+           "dask_tasks_per_evaluation": _dask_tasks(args.cells, evaluation_block_cells(args.genes), args.workers),
            "nproc": os.cpu_count(), "loadavg_before": list(os.getloadavg()),
            "started_utc": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime())}
     try:
