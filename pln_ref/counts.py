@@ -82,6 +82,28 @@ class _Rows:
         return self.src[self.idx] @ V
 
 
+def shifted_sums(blocks, shift: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(sum_c (u_c - shift), sum_c (u_c - shift)^2) per gene over dense float64 blocks of cells
+    (modified in place): the sums of ``CountMatrix.column_moments``, also taken per partition on
+    Dask workers (``outer.dask_eval``)."""
+    s1, s2 = np.zeros(len(shift)), np.zeros(len(shift))
+    for u in blocks:
+        u -= shift
+        s1 += u.sum(axis=0)
+        s2 += np.einsum("cg,cg->g", u, u)
+    return s1, s2
+
+
+def centred_gram_sum(blocks, mean: np.ndarray) -> np.ndarray:
+    """sum over dense float64 blocks (modified in place) of (u - 1 mean^T)^T (u - 1 mean^T), (G, G):
+    ``CountMatrix.centred_gram``, also taken per partition on Dask workers."""
+    out = np.zeros((len(mean), len(mean)))
+    for u in blocks:
+        u -= mean
+        out += u.T @ u
+    return out
+
+
 class CountMatrix:
     """Counts u (N, G) in dense, CSR or on-disk (backed AnnData / zarr) storage.
 
@@ -232,11 +254,7 @@ class CountMatrix:
         of cells (shifted by the first block's means, so no cancellation for large counts)."""
         N = self.shape[0]
         shift = self.block(0, min(N, self.block_size)).mean(axis=0)
-        s1, s2 = np.zeros(self.shape[1]), np.zeros(self.shape[1])
-        for _, u in self.blocks():
-            u -= shift
-            s1 += u.sum(axis=0)
-            s2 += np.einsum("cg,cg->g", u, u)
+        s1, s2 = shifted_sums((u for _, u in self.blocks()), shift)
         mean = s1 / N
         var = (s2 - N * mean * mean) / (N - 1) if N > 1 else np.zeros(self.shape[1])
         return mean + shift, var
@@ -244,12 +262,7 @@ class CountMatrix:
     def centred_gram(self, mean: np.ndarray) -> np.ndarray:
         """(u - 1 mean^T)^T (u - 1 mean^T), shape (G, G), summed over dense blocks of cells (each
         block's product is one BLAS call; only one block of cells is dense at a time)."""
-        G = self.shape[1]
-        out = np.zeros((G, G))
-        for _, u in self.blocks():
-            u -= mean
-            out += u.T @ u
-        return out
+        return centred_gram_sum((u for _, u in self.blocks()), mean)
 
     def matmul(self, V: np.ndarray) -> np.ndarray:
         """u @ V for V (G, r) -> (N, r), without a dense copy of u (CSR product, or by blocks)."""

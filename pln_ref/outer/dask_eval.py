@@ -54,6 +54,7 @@ from types import SimpleNamespace
 import numpy as np
 import scipy.sparse as sp
 
+from ..counts import centred_gram_sum, shifted_sums
 from ..lowrank import LowRankCov
 from ..params import PLNParams
 from .evaluate import WARM_START_DTYPE, Evaluation, Evaluator, _blocked_evaluation, _sum_terms
@@ -124,28 +125,22 @@ def _final_partition_task(data: tuple, maps: tuple | None, glob: tuple, capture,
 
 
 # ---------------------------------------------------------------- the method of moments' passes
-def _moments_task(data: tuple, shift: np.ndarray, block_size: int) -> tuple:
-    """Worker side: sum_c (u_c - shift) and sum_c (u_c - shift)^2 over a partition, by dense blocks
-    of ``block_size`` cells (``CountMatrix.column_moments``)."""
-    u_p = data[0]
-    s1, s2 = np.zeros(u_p.shape[1]), np.zeros(u_p.shape[1])
+def _dense_blocks(u_p, block_size: int):
+    """Dense float64 copies of a partition's rows, ``block_size`` cells at a time."""
     for lo in range(0, u_p.shape[0], block_size):
-        u = _dense(u_p[lo:lo + block_size])
-        u -= shift
-        s1 += u.sum(axis=0)
-        s2 += np.einsum("cg,cg->g", u, u)
-    return s1, s2
+        yield _dense(u_p[lo:lo + block_size])
+
+
+def _moments_task(data: tuple, shift: np.ndarray, block_size: int) -> tuple:
+    """Worker side: ``counts.shifted_sums`` of a partition by dense blocks of ``block_size`` cells
+    (the sums of ``CountMatrix.column_moments``)."""
+    return shifted_sums(_dense_blocks(data[0], block_size), shift)
 
 
 def _gram_task(data: tuple, mean: np.ndarray, block_size: int) -> np.ndarray:
-    """Worker side: (u_p - 1 mean^T)^T (u_p - 1 mean^T) by dense blocks (``CountMatrix.centred_gram``)."""
-    u_p = data[0]
-    out = np.zeros((u_p.shape[1], u_p.shape[1]))
-    for lo in range(0, u_p.shape[0], block_size):
-        u = _dense(u_p[lo:lo + block_size])
-        u -= mean
-        out += u.T @ u
-    return out
+    """Worker side: ``counts.centred_gram_sum`` of a partition by dense blocks
+    (``CountMatrix.centred_gram``)."""
+    return centred_gram_sum(_dense_blocks(data[0], block_size), mean)
 
 
 def _matmul_task(data: tuple, V: np.ndarray) -> np.ndarray:
