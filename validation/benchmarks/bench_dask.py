@@ -12,7 +12,14 @@ the in-process fit. The Dask fit runs one task per partition of whole blocks
 (``dask_tasks_per_evaluation``). Memory: the resident set of the client, scheduler and worker
 processes is sampled every 0.5 s during each fit (``peak_rss_sum_gb``, the largest sum seen), and each
 process's kernel high-water mark (``VmHWM``) is reported after the fit (``hwm_gb``), with the 1-min
-load average over the samples (``loadavg1_during``: mean and max).
+load average over the samples (``loadavg1_during``: mean and max). Processes: ``client`` (this one),
+``proc0`` the scheduler, ``proc1``... the workers. Phases (``phase_peaks``): ``start`` (the
+method-of-moments start, until the first evaluation), ``lbfgs`` (the evaluations), ``final`` (the
+final pass, ``DaskEvaluator.final_posteriors``): per phase, the largest sampled sum and each
+process's resident set at that sample (GB, in the order of ``processes``). One line is printed per
+evaluation (elapsed, seconds of the evaluation, objective, summed resident set now and peak so far,
+1-min load) and kept in ``evaluations``; ``timeline``: every 10th sample (5 s) as (seconds, phase,
+RSS per process, GB).
 
 Counts: ``random_params(genes, k, seed=0, capture=True)``, ``simulate(params, cells, seed=1)``
 (dense int64). Both fits are ``pln_ref.fit(counts, k=k, n_steps=steps, progress=False)`` (L-BFGS,
@@ -104,24 +111,38 @@ def _hwm_gb(pid: int) -> float:
 
 class _RssSampler(threading.Thread):
     """Largest sum of the resident sets of ``pids`` seen, sampled every ``dt`` seconds; also the
-    1-min load average at each sample (``load``)."""
+    1-min load average at each sample (``load``). ``phase`` (set by the fit's hooks, ``_hooks``) labels
+    each sample: per phase, the largest sum and each process's resident set at that sample
+    (``phases``); ``timeline``: every ``keep``-th sample as (seconds, phase, RSS per process in GB)."""
 
-    def __init__(self, pids: list, dt: float = 0.5) -> None:
+    def __init__(self, pids: list, dt: float = 0.5, keep: int = 10) -> None:
         super().__init__(daemon=True)
         self.procs = [psutil.Process(p) for p in pids]
         self.dt, self.peak, self._stop_ev = dt, 0, threading.Event()
         self.load: list[float] = []
+        self.phase, self.phases, self.timeline, self.keep = "start", {}, [], keep
+        self.t0, self.current = time.perf_counter(), 0
 
     def run(self) -> None:
+        n = 0
         while not self._stop_ev.is_set():
-            tot = 0
+            rss = []
             for p in self.procs:
                 try:
-                    tot += p.memory_info().rss
+                    rss.append(p.memory_info().rss)
                 except psutil.NoSuchProcess:
-                    pass
-            self.peak = max(self.peak, tot)
+                    rss.append(0)
+            tot, phase = sum(rss), self.phase
+            self.peak, self.current = max(self.peak, tot), tot
             self.load.append(os.getloadavg()[0])
+            t = time.perf_counter() - self.t0
+            best = self.phases.get(phase)
+            if best is None or tot > best["sum_gb"] * 1e9:
+                self.phases[phase] = {"sum_gb": tot / 1e9, "t_s": round(t, 1),
+                                      "rss_gb": [round(r / 1e9, 3) for r in rss]}
+            if n % self.keep == 0:
+                self.timeline.append([round(t, 1), phase, [round(r / 1e9, 3) for r in rss]])
+            n += 1
             self._stop_ev.wait(self.dt)
 
     def stop(self) -> float:
@@ -130,23 +151,82 @@ class _RssSampler(threading.Thread):
         return self.peak / 1e9
 
 
+def _hooks(sampler: _RssSampler, log: list):
+    """Wrap ``DaskEvaluator._blocked`` / ``final_posteriors`` and the in-process ``Evaluator._blocked``
+    to label the sampler's phases ("start" until the first evaluation, "lbfgs", "final") and print
+    one line per evaluation (wall, objective, summed resident set now and its peak so far, 1-min
+    load); ``log`` collects the lines' numbers. Returns a function that removes the wrappers."""
+    from pln_ref.outer import dask_eval, evaluate
+
+    saved = []
+    t0 = time.perf_counter()
+
+    def wrap(cls, name, fn):
+        real = getattr(cls, name)
+        saved.append((cls, name, real))
+        setattr(cls, name, lambda self, *a, **kw: fn(real, self, *a, **kw))
+
+    def blocked(real, self, *a, **kw):
+        sampler.phase = "lbfgs"
+        w = time.perf_counter()
+        ev = real(self, *a, **kw)
+        rec = {"eval": len(log) + 1, "t_s": round(time.perf_counter() - t0, 1),
+               "eval_s": round(time.perf_counter() - w, 1), "value": float(ev.value),
+               "rss_sum_gb": round(sampler.current / 1e9, 2), "rss_peak_gb": round(sampler.peak / 1e9, 2),
+               "load1": os.getloadavg()[0]}
+        log.append(rec)
+        print(f"  eval {rec['eval']:3d}  t {rec['t_s']:7.1f} s  ({rec['eval_s']:5.1f} s)  value {rec['value']:.6f}"
+              f"  RSS sum {rec['rss_sum_gb']:.2f} GB (peak {rec['rss_peak_gb']:.2f})  load {rec['load1']:.2f}",
+              flush=True)
+        return ev
+
+    def final(real, self, *a, **kw):
+        sampler.phase = "final"
+        w = time.perf_counter()
+        out = real(self, *a, **kw)
+        print(f"  final pass {time.perf_counter() - w:.1f} s (t {time.perf_counter() - t0:.1f} s)", flush=True)
+        return out
+
+    wrap(dask_eval.DaskEvaluator, "_blocked", blocked)
+    wrap(dask_eval.DaskEvaluator, "final_posteriors", final)
+    wrap(evaluate.Evaluator, "_blocked", blocked)
+
+    def undo():
+        for cls, name, real in reversed(saved):
+            setattr(cls, name, real)
+
+    return undo
+
+
 def timed_fit(u, k: int, steps: int, scheduler_address: str | None, procs: list) -> tuple[dict, object]:
     ps = [psutil.Process(p.pid) for p in procs]
     c_other = _cpu(ps)
     sampler = _RssSampler([os.getpid()] + [p.pid for p in procs])
     sampler.start()
+    evals: list = []
+    undo = _hooks(sampler, evals)
     w0, c0 = time.perf_counter(), time.process_time()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the step cap's ConvergenceWarning
-        res = pln_ref.fit(u, k=k, n_steps=steps, progress=False, scheduler_address=scheduler_address)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the step cap's ConvergenceWarning
+            res = pln_ref.fit(u, k=k, n_steps=steps, progress=False, scheduler_address=scheduler_address)
+    finally:
+        undo()
     wall, cpu = time.perf_counter() - w0, time.process_time() - c0
     rec = {"wall_s": wall, "client_cpu_s": cpu, "cluster_cpu_s": _cpu(ps) - c_other,
            "steps": int(res.diagnostics["steps"]), "objective": float(res.diagnostics["objective"]),
            "stop_rule": res.diagnostics.get("stop_rule"), "peak_rss_sum_gb": sampler.stop(),
            "loadavg1_during": {"mean": float(np.mean(sampler.load)), "max": float(np.max(sampler.load))},
-           "hwm_gb": {"client": _hwm_gb(os.getpid()), **{f"proc{i}": _hwm_gb(p.pid) for i, p in enumerate(procs)}}}
+           "hwm_gb": {"client": _hwm_gb(os.getpid()), **{f"proc{i}": _hwm_gb(p.pid) for i, p in enumerate(procs)}},
+           "processes": ["client"] + [f"proc{i}" for i in range(len(procs))],
+           "phase_peaks": sampler.phases, "evaluations": evals, "timeline": sampler.timeline}
     rec["total_cpu_s"] = rec["client_cpu_s"] + rec["cluster_cpu_s"]
     return rec, res
+
+
+def _brief(rec: dict) -> dict:
+    """A fit's record without its timeline and per-evaluation lines (for printing)."""
+    return {key: v for key, v in rec.items() if key not in ("timeline", "evaluations")}
 
 
 def _dask_tasks(N: int, block: int, workers: int) -> int:
@@ -199,14 +279,14 @@ def main(argv=None) -> int:
     if not args.dask_only:
         print(f"in-process fit: {args.cells} x {args.genes}, k={args.k}, {args.steps} steps ...", flush=True)
         out["in_process"], r0 = timed_fit(u, args.k, args.steps, None, [])
-        print(json.dumps(out["in_process"]), flush=True)
+        print(json.dumps(_brief(out["in_process"])), flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         addr, procs = start_cluster(args.workers, Path(tmp))
         try:
             out["loadavg_before_dask"] = list(os.getloadavg())
             print(f"Dask fit on {addr} ({args.workers} workers) ...", flush=True)
             out["dask"], r1 = timed_fit(u, args.k, args.steps, addr, procs)
-            print(json.dumps(out["dask"]), flush=True)
+            print(json.dumps(_brief(out["dask"])), flush=True)
         finally:
             for pr in reversed(procs):
                 pr.terminate()
@@ -223,7 +303,7 @@ def main(argv=None) -> int:
         out["max_rel_diff"] = rel
         out["speedup_wall"] = out["in_process"]["wall_s"] / out["dask"]["wall_s"]
     out["loadavg_after"] = list(os.getloadavg())
-    print(json.dumps(out, indent=1))
+    print(json.dumps({key: _brief(v) if isinstance(v, dict) else v for key, v in out.items()}, indent=1))
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(out, indent=1) + "\n")
