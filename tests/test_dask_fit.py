@@ -185,3 +185,49 @@ def test_moments_start_on_the_workers_equals_in_process(data, client, sparse, de
         assert _rel(a, b) < 1e-8
     for key in ("n_var_clamped", "n_cov_clamped", "fa_iterations"):
         assert m1.info[key] == m0.info[key]
+
+
+@pytest.mark.parametrize("sparse", [False, True])
+def test_partitions_hold_packed_exact_counts(data, client, sparse):
+    """The workers keep each partition's counts packed (uint8/uint16 values, uint16 CSR indices),
+    densified exactly to the float64 rows the in-process fit reads."""
+    from pln_ref.counts import CountMatrix
+    from pln_ref.outer.dask_eval import DaskCounts, PackedCounts
+
+    u, la, init = data
+    counts = sp.csr_matrix(u) if sparse else u
+    dc = DaskCounts(counts, la, client, block_cells=BLOCK, task_cells=300)
+    try:
+        cm = CountMatrix(counts)
+        for (lo, hi), fut in zip(dc.bounds, dc.data):
+            packed = fut.result()[0]
+            assert isinstance(packed, PackedCounts) and packed.data.dtype.itemsize <= 2
+            np.testing.assert_array_equal(packed.dense(), cm.block(lo, hi))
+            np.testing.assert_array_equal(packed.dense(7, 50), cm.block(lo + 7, lo + 50))
+            if sparse:
+                assert packed.indices.dtype == np.uint16
+                np.testing.assert_array_equal(packed.csr(3, 40).toarray(), cm.block(lo + 3, lo + 40))
+    finally:
+        dc.close()
+    big = PackedCounts(np.array([[0, 70000], [2**33, 1]]))
+    assert big.data.dtype == np.float64 and big.dense()[1, 0] == 2**33
+    assert PackedCounts(sp.csr_matrix(np.array([[0, 70000], [3, 1]]))).data.dtype == np.uint32
+
+
+def test_final_pass_gathers_directly_from_the_workers(data, client, monkeypatch):
+    """Every gather of the Dask fit (start, evaluations, final pass) comes from the workers
+    directly, not through the scheduler (which held each final-pass partition in flight)."""
+    u, la, init = data
+    calls = []
+    real = type(client)._gather
+
+    def spy(self, futures, errors="raise", direct=None, local_worker=None):
+        calls.append(direct)
+        return real(self, futures, errors=errors, direct=direct, local_worker=local_worker)
+
+    monkeypatch.setattr(type(client), "_gather", spy)
+    monkeypatch.setattr(fit_laplace, "evaluation_block_cells", lambda G: BLOCK)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pln_ref.fit(u, k=2, n_steps=2, progress=False, library_size=np.exp(la), scheduler_address=client)
+    assert calls and all(d is True for d in calls)
