@@ -226,3 +226,28 @@ def test_line_search_without_acceptable_step_stops_the_cell(monkeypatch):
     assert post.converged[1:].all()  # the other cells are unaffected
     ref = newton_map(u[1:], p, la[1:], gtol=1e-8)
     np.testing.assert_allclose(post.x_map[1:], ref.x_map, atol=1e-7)
+
+
+def test_decrement_stop_is_close_to_the_map_and_says_so():
+    """With dec_tol, a cell stops at squared Newton decrement <= dec_tol: its f is within about
+    dec_tol / 2 of the maximum (checked against a tight solve), it is converged by "decrement",
+    and a warm start one step from the MAP takes at most one iteration; dec_tol=None is unchanged."""
+    rng, p, u, la = _setup(seed=3, G=12, N=40)
+    tight = newton_map(u, p, la, gtol=1e-11)
+    assert tight.converged.all()
+    loose = newton_map(u, p, la, gtol=1e-11, dec_tol=1e-6)
+    assert loose.converged.all()
+    assert np.isin(loose.converged_by, ["gradient", "decrement"]).all()
+    assert (loose.converged_by == "decrement").sum() >= 10
+    gap = tight.objective - loose.objective
+    assert gap.min() > -1e-10 and gap.max() <= 1e-6  # f within dec_tol of the max (dec^2 / 2 to 2nd order)
+    assert loose.n_iter.sum() < tight.n_iter.sum()
+    # the gradient alone would still have held some of these cells
+    assert (loose.grad_norm > 1e-8).any()
+    # from a nearby warm start: the decrement stops every cell after at most one iteration
+    x0 = tight.x_map + 1e-4 * rng.normal(size=tight.x_map.shape)
+    warm = newton_map(u, p, la, x0=x0, eta0=tight.eta_map, gtol=1e-11, dec_tol=1e-6)
+    assert warm.converged.all() and warm.n_iter.max() <= 1
+    assert (tight.objective - warm.objective).max() <= 1e-6
+    same = newton_map(u, p, la, gtol=1e-11, dec_tol=None)
+    np.testing.assert_array_equal(same.x_map, tight.x_map)

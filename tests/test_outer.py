@@ -12,7 +12,7 @@ from pln_ref.exceptions import ConvergenceWarning
 from pln_ref.fit_laplace import LaplaceFitState, optimize_globals
 from pln_ref.laplace import backtracking_line_search, newton_map
 from pln_ref.outer.evaluate import WARM_START_DTYPE, Evaluator
-from pln_ref.outer.lbfgs import from_z, newton_schedule, to_z
+from pln_ref.outer.lbfgs import from_z, newton_decrement_tol, newton_schedule, to_z
 from pln_ref.outer.start import initial_globals, raise_d
 from pln_ref.outer.state import check_fingerprint, data_fingerprint
 from pln_ref.outer.stopping import StopRule
@@ -112,6 +112,25 @@ def test_evaluator_does_not_resolve_at_unchanged_globals():
     assert e2 is e1 and ev.n_evals == 1 and ev.n_cached == 1
     ev(p.mu, p.W, p.d, gtol=1e-8)  # tighter: re-solved (warm)
     assert ev.n_evals == 2
+
+
+def test_evaluator_cache_respects_the_decrement_tolerance():
+    """A solve stopped by the Newton decrement serves only requests at least as loose; the
+    schedule uses the decrement only above the final tolerance."""
+    assert newton_decrement_tol(1e-3, 1e-6) == pytest.approx(1e-6)
+    assert newton_decrement_tol(1e-6, 1e-6) is None
+    p, u, la = _sim(N=100)
+    ev = Evaluator(u, la, p.capture)
+    e1 = ev(p.mu, p.W, p.d, gtol=1e-4, dec_tol=1e-7)
+    assert e1.dec_tol == 1e-7
+    assert ev(p.mu, p.W, p.d, gtol=1e-4, dec_tol=1e-6) is e1  # looser: cached
+    e2 = ev(p.mu, p.W, p.d, gtol=1e-4)  # gradient criterion alone: re-solved
+    assert e2 is not e1 and ev.n_evals == 2 and e2.dec_tol is None
+    assert ev(p.mu, p.W, p.d, gtol=1e-4, dec_tol=1e-7) is e2  # a gradient-only solve serves any
+    # the early, loose evaluations' evidence: within 1e-4 nats/cell of a tight solve (here 1.4e-5;
+    # the log-determinant is first order in the MAP's error, f only second order)
+    tight = Evaluator(u, la, p.capture)(p.mu, p.W, p.d, gtol=1e-10).value
+    assert abs(e1.value - tight) < 1e-4 and abs(e2.value - tight) < 1e-4
 
 
 def test_lbfgs_resume_continues_to_the_same_fit(tmp_path):

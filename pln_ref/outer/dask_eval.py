@@ -130,7 +130,7 @@ class PackedCounts:
 
 
 def _partition_task(data: tuple, maps: tuple | None, glob: tuple, capture, gtol: float, with_grad: bool,
-                    ift: bool, truncation: bool, block_cells: int) -> tuple:
+                    ift: bool, truncation: bool, block_cells: int, dec_tol: float | None = None) -> tuple:
     """Worker side, one partition of cells: the in-process blocked evaluation
     (``Evaluator._blocked``) of its blocks of ``block_cells`` cells in order, each densified on its
     own. Returns ((x_map float32, eta_map) of the partition, (terms with l and the gradient,
@@ -148,7 +148,7 @@ def _partition_task(data: tuple, maps: tuple | None, glob: tuple, capture, gtol:
         sl = slice(lo, min(n, lo + block_cells))
         pick = lambda a: None if a is None else a[sl]  # noqa: E731
         post, terms, a, b = Evaluator._solve(solver, u_p.dense(sl.start, sl.stop), params, cov, pick(la), pick(x0),
-                                             pick(e0), gtol, with_grad, lgam[sl])
+                                             pick(e0), gtol, with_grad, lgam[sl], dec_tol)
         x_new[sl], e_new[sl] = post.x_map, post.eta_map
         cn, co = cn + a, co + b
         iters += int(post.n_iter.sum())
@@ -461,19 +461,20 @@ class DaskEvaluator(Evaluator):
 
     # ------------------------------------------------------------------ evaluation
     def __call__(self, mu: np.ndarray, W: np.ndarray, d: np.ndarray, *, gtol: float = 1e-6,
-                 with_grad: bool = True, cells: np.ndarray | None = None) -> Evaluation:
+                 with_grad: bool = True, cells: np.ndarray | None = None,
+                 dec_tol: float | None = None) -> Evaluation:
         if cells is not None:
             raise ValueError("DaskEvaluator evaluates all cells only (full batch; use optimizer='lbfgs')")
-        return super().__call__(mu, W, d, gtol=gtol, with_grad=with_grad)
+        return super().__call__(mu, W, d, gtol=gtol, with_grad=with_grad, dec_tol=dec_tol)
 
-    def _blocked(self, key, params, cov, gtol, with_grad) -> Evaluation:
+    def _blocked(self, key, params, cov, gtol, with_grad, dec_tol=None) -> Evaluation:
         """All cells as one task per partition on the workers; the new MAPs stay there and replace
         the warm start only if the evaluation is finite."""
         self._sync_maps()
         c = self.client
         glob = self._glob(params)
         futs = [self.parts.submit(_partition_task, i, maps, glob, self.capture, gtol, with_grad, self.ift,
-                                  self.truncation, self.block_cells)
+                                  self.truncation, self.block_cells, dec_tol)
                 for i, maps in enumerate(self._maps)]
         new_maps = [c.submit(operator.getitem, f, 0, pure=False, workers=h, allow_other_workers=False)
                     for f, h in zip(futs, self.parts.homes)]
@@ -491,7 +492,7 @@ class DaskEvaluator(Evaluator):
             parts.append(terms)
         self.n_evals += 1
         self.cells_solved += self.N
-        ev = _blocked_evaluation(parts, self.N, gtol, n_bound)
+        ev = _blocked_evaluation(parts, self.N, gtol, n_bound, dec_tol)
         if np.isfinite(ev.value):
             self._maps, self._gathered = new_maps, None
             self._last = (key, ev)

@@ -218,7 +218,8 @@ class Evaluation(NamedTuple):
 
     A blocked evaluation (``Evaluator(block_cells=...)``, all cells) keeps no N x G posterior:
     ``post`` is None and ``terms`` holds l, the summed gradient and info_mu only (wx, kappa None).
-    ``n_on_bound``: cells whose eta MAP sits on its bound."""
+    ``n_on_bound``: cells whose eta MAP sits on its bound. ``dec_tol``: the Newton decrement
+    tolerance used (``laplace.newton_map``; None: the gradient criterion only)."""
 
     value: float
     grad: dict | None
@@ -226,6 +227,7 @@ class Evaluation(NamedTuple):
     gtol: float
     terms: LaplaceTerms
     n_on_bound: int = 0
+    dec_tol: float | None = None
 
 
 def _sum_terms(parts: list[LaplaceTerms]) -> LaplaceTerms:
@@ -239,13 +241,20 @@ def _sum_terms(parts: list[LaplaceTerms]) -> LaplaceTerms:
                         sum(t.lambda_sum for t in parts))
 
 
-def _blocked_evaluation(parts: list[LaplaceTerms], N: int, gtol: float, n_bound: int) -> Evaluation:
+def _blocked_evaluation(parts: list[LaplaceTerms], N: int, gtol: float, n_bound: int,
+                        dec_tol: float | None = None) -> Evaluation:
     """The ``Evaluation`` of all N cells from the terms of its blocks (``_sum_terms``): L = mean_c l_c
     and the gradient divided by N; no per-cell posterior is kept."""
     terms = _sum_terms(parts)
     value = float(np.mean(terms.l))
     grad = None if terms.grad is None else {k: v / N for k, v in terms.grad.items()}
-    return Evaluation(value, grad, None, gtol, terms, n_bound)
+    return Evaluation(value, grad, None, gtol, terms, n_bound, dec_tol)
+
+
+def _at_least_as_tight(done: float | None, asked: float | None) -> bool:
+    """Whether a solve with decrement tolerance ``done`` meets a request for ``asked`` (None: the
+    gradient criterion alone, the tightest)."""
+    return done is None or (asked is not None and done <= asked)
 
 
 class Evaluator:
@@ -293,33 +302,38 @@ class Evaluator:
         parts.append(b"all" if cells is None else np.asarray(cells).tobytes())
         return b"|".join(parts)
 
-    def _solve(self, u, params, cov, la, x0, e0, gtol, with_grad, lgam):
+    def _solve(self, u, params, cov, la, x0, e0, gtol, with_grad, lgam, dec_tol=None):
         """Newton then ``laplace_terms`` on one set of cells: (post, terms, cpu newton, cpu terms)."""
         c0 = time.process_time()
-        post = _laplace.newton_map(u, params, la, x0=x0, eta0=e0, gtol=gtol, cov=cov)
+        post = _laplace.newton_map(u, params, la, x0=x0, eta0=e0, gtol=gtol, cov=cov, dec_tol=dec_tol)
         c1 = time.process_time()
         terms = laplace_terms(u, params, la, post, ift=self.ift, with_grad=with_grad,
                               lgamma_sum=lgam, truncation=self.truncation)
         return post, terms, c1 - c0, time.process_time() - c1
 
     def __call__(self, mu: np.ndarray, W: np.ndarray, d: np.ndarray, *, gtol: float = 1e-6,
-                 with_grad: bool = True, cells: np.ndarray | None = None) -> Evaluation:
+                 with_grad: bool = True, cells: np.ndarray | None = None,
+                 dec_tol: float | None = None) -> Evaluation:
+        """L and dL at (mu, W, d), every cell's Newton stopped at gradient inf-norm <= ``gtol`` or,
+        when ``dec_tol`` is given, at squared Newton decrement <= ``dec_tol``
+        (``laplace.newton_map``)."""
         key = self._key(mu, W, d, cells)
         if self._last is not None:
             k0, ev = self._last
-            if k0 == key and ev.gtol <= gtol and (ev.grad is not None or not with_grad):
+            if (k0 == key and ev.gtol <= gtol and _at_least_as_tight(ev.dec_tol, dec_tol)
+                    and (ev.grad is not None or not with_grad)):
                 self.n_cached += 1
                 return ev
         params = PLNParams(mu, W, d, self.capture)
         cov = LowRankCov.from_params(params)
         if cells is None and self.block_cells is not None:
-            return self._blocked(key, params, cov, gtol, with_grad)
+            return self._blocked(key, params, cov, gtol, with_grad, dec_tol)
         u = self.u.toarray() if cells is None else self.u.rows(cells)
         la = self.log_anchor if self.log_anchor is None or cells is None else self.log_anchor[cells]
         x0 = None if self.x_map is None else (self.x_map if cells is None else self.x_map[cells])
         e0 = None if self.eta_map is None else (self.eta_map if cells is None else self.eta_map[cells])
         post, terms, cn, co = self._solve(u, params, cov, la, x0, e0, gtol, with_grad,
-                                          self.lgam if cells is None else self.lgam[cells])
+                                          self.lgam if cells is None else self.lgam[cells], dec_tol)
         self.cpu_newton += cn
         self.cpu_objective += co
         self.n_evals += 1
@@ -328,7 +342,7 @@ class Evaluator:
         self.cells_solved += n
         value = float(np.mean(terms.l))
         grad = None if terms.grad is None else {k: v / n for k, v in terms.grad.items()}
-        ev = Evaluation(value, grad, post, gtol, terms, int(post.on_bound.sum()))
+        ev = Evaluation(value, grad, post, gtol, terms, int(post.on_bound.sum()), dec_tol)
         if np.isfinite(value):
             if cells is None:
                 self.x_map, self.eta_map = post.x_map, post.eta_map
@@ -337,7 +351,7 @@ class Evaluator:
             self._last = (key, ev)
         return ev
 
-    def _blocked(self, key, params, cov, gtol, with_grad) -> Evaluation:
+    def _blocked(self, key, params, cov, gtol, with_grad, dec_tol=None) -> Evaluation:
         """All cells, block by block: the MAPs go into new (N, G) / (N,) arrays (the warm start is
         replaced only if the evaluation is finite), l and the gradient sums are kept."""
         N, G = self.u.shape
@@ -349,7 +363,7 @@ class Evaluator:
             pick = lambda a: None if a is None else a[sl]  # noqa: E731
             post, terms, cn, co = self._solve(self.u.block(lo, hi), params, cov, pick(self.log_anchor),
                                               pick(self.x_map), pick(self.eta_map), gtol, with_grad,
-                                              self.lgam[sl])
+                                              self.lgam[sl], dec_tol)
             self.cpu_newton += cn
             self.cpu_objective += co
             self.newton_iters += int(post.n_iter.sum())
@@ -359,7 +373,7 @@ class Evaluator:
             del post, terms
         self.n_evals += 1
         self.cells_solved += N
-        ev = _blocked_evaluation(parts, N, gtol, n_bound)
+        ev = _blocked_evaluation(parts, N, gtol, n_bound, dec_tol)
         if np.isfinite(ev.value):
             self.x_map, self.eta_map = x_new, e_new
             self._last = (key, ev)

@@ -20,7 +20,14 @@ Newton tolerance schedule: the per-cell Newton runs to gtol_k = clip(0.1 ||g_k||
 rounded down to a power of ten (``newton_schedule``), fixed within an iteration so that every
 value the line search compares is solved to the same tolerance; the current iterate is
 re-solved (warm, usually one Newton iteration) only when the tolerance tightens. Early steps,
-where the outer gradient is large, need neither a tight MAP nor many Newton iterations.
+where the outer gradient is large, need neither a tight MAP nor many Newton iterations. While
+gtol_k is looser than the final tolerance, a cell also stops when its squared Newton decrement is
+<= 1e-3 gtol_k (``newton_decrement_tol``; its evidence term is then within 5e-4 gtol_k of its
+maximum): the gradient's infinity norm is set by the genes with the most counts (lambda = 1000
+turns an x error of 1e-6 into a gradient of 1e-3), so it held about 95% of the cells for a second
+iteration whose gain is below 1e-6 nats. Measured on the real 2000 x 1000 counts, k = 10 (the
+same 80-82 steps, final evidence -1162.44987 vs -1162.44981): Newton iterations per cell and
+evaluation 1.88 -> 1.50, fit CPU -12%. At the final tolerance the gradient criterion alone holds.
 
 Stopping: ``stopping.StopRule`` (certificate on the evidence gap, gradient norm, step cap with a
 ``ConvergenceWarning``).
@@ -40,7 +47,7 @@ from .precondition import eta_prior_variance, preconditioner
 from .state import LaplaceFitState
 from .stopping import StopRule, quasi_newton_gap, warn_step_cap
 
-__all__ = ["run_lbfgs", "newton_schedule", "to_z", "from_z"]
+__all__ = ["run_lbfgs", "newton_schedule", "newton_decrement_tol", "to_z", "from_z"]
 
 
 def newton_schedule(grad_inf: float, final: float, loose: float = 1e-3) -> float:
@@ -48,6 +55,13 @@ def newton_schedule(grad_inf: float, final: float, loose: float = 1e-3) -> float
     10^floor(log10(clip(0.1 grad_inf, final, loose))), never below ``final``."""
     g = min(max(0.1 * grad_inf, final), loose)
     return max(final, 10.0 ** math.floor(math.log10(g)))
+
+
+def newton_decrement_tol(gtol: float, final: float, rel: float = 1e-3) -> float | None:
+    """Decrement tolerance of the per-cell Newton at schedule tolerance ``gtol``: rel * gtol while
+    gtol > ``final`` (a cell stops at dec^2 <= rel gtol, ``laplace.newton_map``), None at the final
+    tolerance (the gradient criterion alone)."""
+    return None if gtol <= final else rel * gtol
 
 
 def to_z(mu, W, d) -> np.ndarray:
@@ -157,7 +171,7 @@ def run_lbfgs(ev: Evaluator, st: LaplaceFitState, *, n_steps: int, gtol: float, 
     S = [] if st.lbfgs_s is None else list(st.lbfgs_s)
     Y = [] if st.lbfgs_y is None else list(st.lbfgs_y)
     counters = {"failed": 0}
-    fg = _negated_objective(ev, G, k, counters)
+    fg = _negated_objective(ev, G, k, counters, final)
 
     tol = newton_schedule(1.0, final)
     F, g = fg(z, tol)
@@ -236,15 +250,16 @@ def run_lbfgs(ev: Evaluator, st: LaplaceFitState, *, n_steps: int, gtol: float, 
     return st
 
 
-def _negated_objective(ev: Evaluator, G: int, k: int, counters: dict):
-    """fg(z, tol) -> (-L, -dL/dz) on z = (mu, W, s) with d = D_FLOOR + s^2 (dL/ds = 2 s dL/dd);
+def _negated_objective(ev: Evaluator, G: int, k: int, counters: dict, final: float):
+    """fg(z, tol) -> (-L, -dL/dz) on z = (mu, W, s) with d = D_FLOOR + s^2 (dL/ds = 2 s dL/dd),
+    the cells solved to gtol = tol and the decrement tolerance ``newton_decrement_tol(tol, final)``;
     (inf, 0) where the evidence cannot be evaluated (e.g. Sigma numerically singular), so the
     line search backs off; such points are counted in ``counters["failed"]``."""
 
     def fg(zz, tol):
         mu, W, d = from_z(zz, G, k)
         try:
-            e = ev(mu, W, d, gtol=tol)
+            e = ev(mu, W, d, gtol=tol, dec_tol=newton_decrement_tol(tol, final))
         except (np.linalg.LinAlgError, ValueError, FloatingPointError):
             counters["failed"] += 1
             return math.inf, np.zeros_like(zz)
