@@ -86,7 +86,7 @@ from . import truncnorm
 from .anchor import resolve_log_anchor
 from .constants import LOG_2PI
 from .counts import CountMatrix
-from .laplace import CellPosteriors
+from .laplace import PER_CELL_FIELDS, CellPosteriors
 from .lowrank import LowRankCov, PosteriorPrecision, lowrank_solve
 from .model import cell_gradient
 
@@ -734,45 +734,87 @@ def _x_star_derivatives(gaussian: CellPosteriors, order: int) -> np.ndarray:
     only term in h^(n) is h^(n) itself. So x' = 1 + h' = b = A^{-1} lambda (h' = -bbar), and for
     n >= 2 x^(n) = h^(n) = -A^{-1} (lambda o R_n), R_n = sum_{i=1}^{n-1} C(n-1, i-1) h^(i) B_{n-i};
     e.g. x'' = -A^{-1} (lambda bbar^2), x''' = A^{-1} (lambda (bbar^3 + 3 bbar x'')). A is the Gaussian
-    posterior's precision at the mode, one O(N G k) solve per order."""
+    posterior's precision at the mode, one O(N G k) solve per order.
+
+    In the scaled terms a_i = h^(i) / (i-1)! and c_m = B_m / m! the binomial weights drop out:
+    C(n-1, i-1) h^(i) B_{n-i} = (n-1)! a_i c_{n-i}, so with sigma_n = sum_{i<n} a_i c_{n-i}
+
+        a_n = -A^{-1} (lambda o sigma_n),   c_n = (sigma_n + a_n) / n,   h^(n) = (n-1)! a_n
+
+    (plain products and sums of (N, G) arrays, no scalar passes; the solve is ``lowrank_solve``'s
+    algebra written into the output)."""
     A0 = gaussian.precision
     lam = A0.lam
-    h = [-gaussian.bbar]
-    B = [None, h[0]]  # B_0 = 1 is used implicitly below
+    N, G = lam.shape
+    out = np.empty((order, N, G))
+    if order == 0:
+        return out
+    cov, r, S_inv = A0.cov, A0.r, A0.S_inv()
+    neg_lam = -lam
+    a = [-gaussian.bbar]  # a_1 = h' (out[0] = x' = 1 + h' is set at the end)
+    c = [None, a[0]]  # c_1 = B_1 = h'; c_0 = 1 is used implicitly
+    tmp = np.empty((N, G)) if order > 2 else None
     for n in range(2, order + 1):
-        R = sum(math.comb(n - 1, i - 1) * h[i - 1] * B[n - i] for i in range(1, n))
-        h_n = -A0.solve(lam * R)
-        h.append(h_n)
-        B.append(R + h_n)
-    out = np.stack(h) if order > 0 else np.empty((0,) + lam.shape)
-    if order > 0:
-        out[0] += 1.0
+        sig = a[0] * c[n - 1]
+        for i in range(2, n):
+            sig += np.multiply(a[i - 1], c[n - i], out=tmp)
+        rhs = np.multiply(neg_lam, sig, out=tmp) if tmp is not None else neg_lam * sig
+        a_n = out[n - 1]  # A^{-1} rhs = r (W S^{-1} W^T (r rhs) + d rhs)
+        np.matmul(np.einsum("nab,nb->na", S_inv, (r * rhs) @ cov.W), cov.W.T, out=a_n)
+        rhs *= cov.d
+        a_n += rhs
+        a_n *= r
+        a.append(a_n)
+        sig += a_n
+        sig *= 1.0 / n
+        c.append(sig)
+    np.subtract(1.0, gaussian.bbar, out=out[0])
+    for n in range(3, order + 1):
+        out[n - 1] *= math.factorial(n - 1)
     return out
 
 
-def _taylor_start(gaussian: CellPosteriors, derivs: np.ndarray, cells: np.ndarray, nodes: np.ndarray) -> np.ndarray:
+def _taylor_start(gaussian: CellPosteriors, derivs: np.ndarray, cells: np.ndarray, nodes: np.ndarray,
+                  norms: np.ndarray | None = None) -> np.ndarray:
     """Newton starts x0 (n * J, G) at the nodes (n, J) of ``cells``: the Taylor polynomial
-    x_hat + sum_n x^(n) D^n / n!, D = eta_j - eta_hat, of x*(eta) at the joint mode (``derivs`` from
-    ``_x_star_derivatives``), summed per (cell, node) only while the terms' sup norms
+    x_hat + sum_n x^(n) D^n / n!, D = eta_j - eta_hat, of x*(eta) at the joint mode (``derivs``
+    (K, N, G) from ``_x_star_derivatives``), summed per (cell, node) only while the terms' sup norms
     max_g |x^(n)_g| |D|^n / n! decrease (a row whose series starts to grow, e.g. far out on a widened
-    window, keeps the terms before that)."""
+    window, keeps the terms before that). ``norms`` (K, N): max_g |x^(n)_g| of every cell, if
+    already known. Every cell of ``derivs`` (cells = 0..N-1, the first round of a block) is read
+    in place, without a gathered copy."""
     n, J = nodes.shape
     K = derivs.shape[0]
-    d_cells = np.moveaxis(derivs[:, cells], 0, 1)  # (n, K, G)
-    norms = np.abs(d_cells).max(axis=2)  # (n, K)
+    full = cells.size == derivs.shape[1]  # cells is increasing, so this means all of them
+    d_cells = derivs if full else derivs[:, cells]  # (K, n, G)
+    if norms is None:
+        norms = np.maximum(d_cells.max(axis=2), -d_cells.min(axis=2))
+    elif not full:
+        norms = norms[:, cells]
     D = nodes - gaussian.eta_map[cells][:, None]
-    coef = np.empty((n, J, K))
+    coef = np.empty((K, n, J))
     power = np.ones((n, J))
     keep = np.ones((n, J), dtype=bool)
     prev = np.full((n, J), np.inf)
     for i in range(K):
         power = power * D / (i + 1)  # D^{i+1} / (i+1)!
-        term = norms[:, i, None] * np.abs(power)
+        term = norms[i, :, None] * np.abs(power)
         keep &= term <= prev
-        coef[..., i] = np.where(keep, power, 0.0)
+        coef[i] = np.where(keep, power, 0.0)
         prev = term
-    x0 = gaussian.x_map[cells][:, None, :] + coef @ d_cells  # (n, J, K) @ (n, K, G)
+    x0 = np.einsum("knj,kng->njg", coef, d_cells)
+    x0 += gaussian.x_map[cells if not full else slice(None)][:, None, :]
     return x0.reshape(n * J, -1)
+
+
+def _gaussian_block(gaussian: CellPosteriors, blk: slice) -> CellPosteriors:
+    """The Gaussian posterior of cells ``blk``, its factorisation sliced (r, S, S^{-1}) rather than
+    recomputed (``CellPosteriors.subset`` builds a new ``PosteriorPrecision`` from lambda)."""
+    P = gaussian.precision
+    A = PosteriorPrecision.from_factor(P.cov, P.lam[blk], P.S[blk], None, P.r[blk], P.S_inv()[blk])
+    fields = {name: (None if getattr(gaussian, name) is None else getattr(gaussian, name)[blk])
+              for name in ("x_map", "bbar", *PER_CELL_FIELDS)}
+    return CellPosteriors(params=gaussian.params, precision=A, **fields)
 
 
 def _evaluate_nodes(terms: _CellTerms, gaussian: CellPosteriors, derivs: np.ndarray, cells: np.ndarray,
@@ -942,7 +984,7 @@ def eta_marginal(
     n_widen = np.empty(N, dtype=int)
     for lo in range(0, N, block_size):
         blk = slice(lo, min(lo + block_size, N))
-        g_blk = gaussian if (blk.start, blk.stop) == (0, N) else gaussian.subset(blk)
+        g_blk = gaussian if (blk.start, blk.stop) == (0, N) else _gaussian_block(gaussian, blk)
         terms = _CellTerms(u=u.block(blk.start, blk.stop), lgam=lgam[blk], m=m[blk],
                            sigma_M=params.capture.sigma_M, mu=params.mu, cov=gaussian.precision.cov)
         n_widen[blk] = _nodes_with_widening(terms, g_blk, _x_star_derivatives(g_blk, warm_order), n_nodes, width,
