@@ -802,7 +802,10 @@ def _taylor_start(gaussian: CellPosteriors, derivs: np.ndarray, cells: np.ndarra
         keep &= term <= prev
         coef[i] = np.where(keep, power, 0.0)
         prev = term
-    x0 = np.einsum("knj,kng->njg", coef, d_cells)
+    # x0[c, j] = sum_i coef[i, c, j] d_cells[i, c]: per cell c a (J, K) @ (K, G) product, as one
+    # batched matmul over the views (n, J, K) and (n, K, G) (BLAS; NumPy's einsum for this
+    # contraction runs its own loop, 6-11x slower at the block sizes of ``eta_marginal``)
+    x0 = np.matmul(np.moveaxis(coef, 0, 2), np.moveaxis(d_cells, 0, 1))  # (n, J, G)
     x0 += gaussian.x_map[cells if not full else slice(None)][:, None, :]
     return x0.reshape(n * J, -1)
 
