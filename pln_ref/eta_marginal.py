@@ -76,6 +76,7 @@ from __future__ import annotations
 
 import functools
 import math
+import weakref
 from dataclasses import dataclass
 
 import numpy as np
@@ -85,7 +86,7 @@ from . import truncnorm
 from .anchor import resolve_log_anchor
 from .constants import LOG_2PI
 from .counts import CountMatrix
-from .laplace import CellPosteriors
+from .laplace import PER_CELL_FIELDS, CellPosteriors
 from .lowrank import LowRankCov, PosteriorPrecision, lowrank_solve
 from .model import cell_gradient
 
@@ -108,36 +109,92 @@ def _x_value_and_gradient(u, x, eta, mu, cov):
     """The objective of ``_x_objective`` and its gradient in x from one Sigma^{-1} product, per row:
     z = x - eta, lambda = e^z, s = Sigma^{-1} (x - mu),
     f = sum_g (u_g z_g - lambda_g) - 1/2 (x - mu)^T s,  g_x = u - lambda - s (``model.cell_gradient``).
-    Returns (f (n,) with -inf where not finite, g_x (n, G), lambda (n, G))."""
+    Returns (f (n,) with -inf where not finite, g_x (n, G), lambda (n, G)); lambda is computed in the
+    array of z (one (n, G) temporary fewer)."""
     r = x - mu
     s = cov.inv_mv(r)
     z = x - eta[:, None]
     with np.errstate(over="ignore", invalid="ignore"):
-        lam = np.exp(z)
-        f = np.einsum("ng,ng->n", u, z) - lam.sum(axis=1) - 0.5 * np.einsum("ng,ng->n", r, s)
-        g = u - lam - s
+        uz = np.einsum("ng,ng->n", u, z)
+        lam = np.exp(z, out=z)
+        f = uz - lam.sum(axis=1) - 0.5 * np.einsum("ng,ng->n", r, s)
+        g = np.subtract(u, lam, out=r)
+        g -= s
     return np.where(np.isfinite(f), f, -np.inf), g, lam
 
 
-class _NodePrecision(PosteriorPrecision):
-    """``PosteriorPrecision`` of many (cell, node) rows: S^{-1} (used by every solve and by
-    ``inv_diag``) is one batched ``np.linalg.inv`` of the k x k blocks S (half the cost of the two
-    batched triangular solves of the base class for small k), and rows can be overwritten by those
-    of a later factorisation (``set_rows``), so the Newton solver below returns the factorisation
-    at its final iterates without recomputing or copying the rows that converged first."""
+def _chol_inv(S: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(L, S^{-1}) of a batch of symmetric positive definite k x k matrices S (n, k, k), L the lower
+    Cholesky factor, S^{-1} = L^{-T} L^{-1}. Computed with the batch as the last (contiguous) axis:
+    column j of L, row i of L^{-1} and all of S^{-1} are each one vectorised NumPy call over the n
+    matrices (3k calls in all), instead of n LAPACK calls per batched ``np.linalg`` function (for
+    the small k here, per-matrix call overhead dominates: 10000 3 x 3 matrices take 0.8 ms this way,
+    4-9 ms by ``np.linalg.inv`` + ``np.linalg.cholesky``; 260 10 x 10 matrices 0.5 ms against
+    1.2 ms). Agrees with LAPACK to round-off (S >= I_k here, so well conditioned)."""
+    n, k, _ = S.shape
+    St = np.ascontiguousarray(np.moveaxis(S, 0, -1))  # (k, k, n)
+    L = np.zeros_like(St)
+    for j in range(k):
+        Lj = L[j, :j]
+        diag = St[j, j] - np.einsum("cn,cn->n", Lj, Lj) if j else St[j, j]
+        ljj = np.sqrt(diag)
+        L[j, j] = ljj
+        if j + 1 < k:
+            col = St[j + 1:, j] - np.einsum("icn,cn->in", L[j + 1:, :j], Lj) if j else St[j + 1:, j]
+            np.divide(col, ljj, out=L[j + 1:, j])
+    Li = np.zeros_like(St)  # L^{-1} by forward substitution, one row at a time
+    dinv = 1.0 / np.einsum("iin->in", L)
+    for i in range(k):
+        row = -np.einsum("cn,cbn->bn", L[i, :i], Li[:i]) if i else np.zeros((k, n))
+        row[i] += 1.0
+        np.multiply(row, dinv[i], out=Li[i])
+    S_inv = np.einsum("can,cbn->abn", Li, Li)
+    return np.ascontiguousarray(np.moveaxis(L, -1, 0)), np.ascontiguousarray(np.moveaxis(S_inv, -1, 0))
 
-    def S_inv(self) -> np.ndarray:
-        """S^{-1} (n, k, k), computed once per object (do not modify the returned array)."""
-        S_inv = getattr(self, "_node_S_inv", None)
-        if S_inv is None:
-            S_inv = self._node_S_inv = np.linalg.inv(self.S)
-        return S_inv
+
+_EXT_TABLES: "weakref.WeakKeyDictionary[LowRankCov, np.ndarray]" = weakref.WeakKeyDictionary()
+
+
+def _ext_table(cov: LowRankCov) -> np.ndarray:
+    """[pair_table | W] (G, k(k+1)/2 + k), once per covariance: (lambda r) @ it gives the entries of
+    S and t_lambda = W^T (lambda r) (the k-vector of A^{-1} lambda) from one product."""
+    ext = _EXT_TABLES.get(cov)
+    if ext is None:
+        ext = _EXT_TABLES[cov] = np.ascontiguousarray(np.hstack([cov.pair_table, cov.W]))
+    return ext
+
+
+class _NodePrecision(PosteriorPrecision):
+    """``PosteriorPrecision`` of many (cell, node) rows built by ``_node_factor``: S, its Cholesky
+    factor and S^{-1} from one ``_chol_inv`` (no LAPACK batch calls), and t_lam = W^T (lambda r)
+    from the same product as S (so b = A^{-1} lambda needs no further (n, G) @ (G, k) product).
+    Rows can be overwritten by those of a later factorisation (``set_rows``), so the Newton solver
+    below returns the factorisation at its final iterates without recomputing or copying the rows
+    that converged first."""
+
+    t_lam: np.ndarray
 
     def set_rows(self, rows: np.ndarray, other: "_NodePrecision", sel: np.ndarray) -> None:
         """Overwrite rows ``rows`` of this factorisation by rows ``sel`` of ``other`` (same cov)."""
-        for name in ("lam", "r", "m", "S", "L_S"):
+        for name in ("lam", "r", "S", "_L_S", "_S_inv", "t_lam"):
             getattr(self, name)[rows] = getattr(other, name)[sel]
-        self.S_inv()[rows] = other.S_inv()[sel]
+
+
+def _node_factor(cov: LowRankCov, lam: np.ndarray) -> _NodePrecision:
+    """The factorisation of A = diag(lambda) + Sigma^{-1} (``PosteriorPrecision``) of rows lam (n, G):
+    r = 1 / (1 + lambda d), [S - I | t_lam] = (lambda r) @ [pair_table | W], (L_S, S^{-1}) =
+    ``_chol_inv``(S)."""
+    k, n_pairs = cov.k, cov.pair_table.shape[1]
+    r = lam * cov.d
+    r += 1.0
+    np.reciprocal(r, out=r)
+    P = (lam * r) @ _ext_table(cov)
+    S = cov.unpack_pairs(P[:, :n_pairs])
+    S[..., np.arange(k), np.arange(k)] += 1.0
+    L, S_inv = _chol_inv(S)
+    A = _NodePrecision.from_factor(cov, lam, S, L, r, S_inv)
+    A.t_lam = np.ascontiguousarray(P[:, n_pairs:])
+    return A
 
 
 def x_newton_fixed_eta(u: np.ndarray, x0: np.ndarray, eta: np.ndarray, mu: np.ndarray, cov: LowRankCov,
@@ -147,25 +204,40 @@ def x_newton_fixed_eta(u: np.ndarray, x0: np.ndarray, eta: np.ndarray, mu: np.nd
     g_x = u - lambda - Sigma^{-1} (x - mu) (``model.cell_gradient``), A = diag(lambda) + Sigma^{-1}
     (``PosteriorPrecision``) and a backtracking (Armijo) line search; full steps once the squared
     Newton decrement g_x^T A^{-1} g_x is <= 1e-6. Stops per row when the decrement is <= ``tol``.
-    Each iteration costs one factorisation of A; the objective and gradient at a full step come
-    from one evaluation (``_x_value_and_gradient``), so an accepted full step needs no separate
-    objective pass, and the factorisation at the returned x is the one of the last decrement test.
+    Each iteration costs one factorisation of A (``_node_factor``); the objective and gradient at a
+    full step come from one evaluation (``_x_value_and_gradient``), so an accepted full step needs no
+    separate objective pass, and the factorisation at the returned x is the one of the last
+    decrement test. The decrement is evaluated in k-space (``lowrank_solve``'s algebra, r = 1 / (1 +
+    lambda d), t = W^T (r g_x), s = S^{-1} t)::
+
+        g_x^T A^{-1} g_x = sum_g r_g d_g g_g^2 + t^T s,     dx = r (W s + d g_x)
+
+    and dx is formed only for the rows that take a step (most rows of a warm-started node solve
+    pass the test at their start).
 
     Returns (x (n, G), f (n,) objective at x, A PosteriorPrecision at x, n_iter (n,), converged (n,)).
     """
     u = np.asarray(u, dtype=float)
     x = np.array(x0, dtype=float, copy=True)
-    eta = np.asarray(eta, dtype=float)
+    return _x_newton(u, x, np.asarray(eta, dtype=float), mu, cov, tol, max_iter, armijo)
+
+
+def _x_newton(u, x, eta, mu, cov, tol, max_iter, armijo):
+    """``x_newton_fixed_eta`` updating x (n, G) in place."""
     n = u.shape[0]
     f_all, g, lam = _x_value_and_gradient(u, x, eta, mu, cov)
     A_all = None  # the factorisation at the returned x: the first one, rows replaced as they converge later
     n_iter = np.zeros(n, dtype=int)
     conv = np.zeros(n, dtype=bool)
     active = np.arange(n)
+    W, d = cov.W, cov.d
     for it in range(max_iter + 1):
-        A = _NodePrecision(cov, lam)
-        dx = A.solve(g)
-        dec2 = np.einsum("ng,ng->n", g, dx)
+        A = _node_factor(cov, lam)
+        rg = A.r * g
+        t = rg @ W
+        s = np.einsum("nab,nb->na", A._S_inv, t)
+        rg *= g
+        dec2 = rg @ d + np.einsum("na,na->n", t, s)  # g^T A^{-1} g
         fin = dec2 <= tol
         store = fin if it < max_iter else np.ones(active.size, dtype=bool)
         if A_all is None:
@@ -173,10 +245,13 @@ def x_newton_fixed_eta(u: np.ndarray, x0: np.ndarray, eta: np.ndarray, mu: np.nd
         elif store.any():
             A_all.set_rows(active[store], A, store)
         conv[active[fin]] = True
-        keep = ~store
-        if not keep.any():
+        keep = np.flatnonzero(~store)
+        if keep.size == 0:
             break
-        active, dx, dec2 = active[keep], dx[keep], dec2[keep]
+        dx = s[keep] @ W.T  # the Newton steps of the rows that move: r (W s + d g)
+        dx += d * g[keep]
+        dx *= A.r[keep]
+        active, dec2 = active[keep], dec2[keep]
         ua, xa, ea, f0 = u[active], x[active], eta[active], f_all[active]
         x_new = xa + dx
         f_new, g, lam = _x_value_and_gradient(ua, x_new, ea, mu, cov)
@@ -659,45 +734,90 @@ def _x_star_derivatives(gaussian: CellPosteriors, order: int) -> np.ndarray:
     only term in h^(n) is h^(n) itself. So x' = 1 + h' = b = A^{-1} lambda (h' = -bbar), and for
     n >= 2 x^(n) = h^(n) = -A^{-1} (lambda o R_n), R_n = sum_{i=1}^{n-1} C(n-1, i-1) h^(i) B_{n-i};
     e.g. x'' = -A^{-1} (lambda bbar^2), x''' = A^{-1} (lambda (bbar^3 + 3 bbar x'')). A is the Gaussian
-    posterior's precision at the mode, one O(N G k) solve per order."""
+    posterior's precision at the mode, one O(N G k) solve per order.
+
+    In the scaled terms a_i = h^(i) / (i-1)! and c_m = B_m / m! the binomial weights drop out:
+    C(n-1, i-1) h^(i) B_{n-i} = (n-1)! a_i c_{n-i}, so with sigma_n = sum_{i<n} a_i c_{n-i}
+
+        a_n = -A^{-1} (lambda o sigma_n),   c_n = (sigma_n + a_n) / n,   h^(n) = (n-1)! a_n
+
+    (plain products and sums of (N, G) arrays, no scalar passes; the solve is ``lowrank_solve``'s
+    algebra written into the output)."""
     A0 = gaussian.precision
     lam = A0.lam
-    h = [-gaussian.bbar]
-    B = [None, h[0]]  # B_0 = 1 is used implicitly below
+    N, G = lam.shape
+    out = np.empty((order, N, G))
+    if order == 0:
+        return out
+    cov, r, S_inv = A0.cov, A0.r, A0.S_inv()
+    neg_lam = -lam
+    a = [-gaussian.bbar]  # a_1 = h' (out[0] = x' = 1 + h' is set at the end)
+    c = [None, a[0]]  # c_1 = B_1 = h'; c_0 = 1 is used implicitly
+    tmp = np.empty((N, G)) if order > 2 else None
     for n in range(2, order + 1):
-        R = sum(math.comb(n - 1, i - 1) * h[i - 1] * B[n - i] for i in range(1, n))
-        h_n = -A0.solve(lam * R)
-        h.append(h_n)
-        B.append(R + h_n)
-    out = np.stack(h) if order > 0 else np.empty((0,) + lam.shape)
-    if order > 0:
-        out[0] += 1.0
+        sig = a[0] * c[n - 1]
+        for i in range(2, n):
+            sig += np.multiply(a[i - 1], c[n - i], out=tmp)
+        rhs = np.multiply(neg_lam, sig, out=tmp) if tmp is not None else neg_lam * sig
+        a_n = out[n - 1]  # A^{-1} rhs = r (W S^{-1} W^T (r rhs) + d rhs)
+        np.matmul(np.einsum("nab,nb->na", S_inv, (r * rhs) @ cov.W), cov.W.T, out=a_n)
+        rhs *= cov.d
+        a_n += rhs
+        a_n *= r
+        a.append(a_n)
+        sig += a_n
+        sig *= 1.0 / n
+        c.append(sig)
+    np.subtract(1.0, gaussian.bbar, out=out[0])
+    for n in range(3, order + 1):
+        out[n - 1] *= math.factorial(n - 1)
     return out
 
 
-def _taylor_start(gaussian: CellPosteriors, derivs: np.ndarray, cells: np.ndarray, nodes: np.ndarray) -> np.ndarray:
+def _taylor_start(gaussian: CellPosteriors, derivs: np.ndarray, cells: np.ndarray, nodes: np.ndarray,
+                  norms: np.ndarray | None = None) -> np.ndarray:
     """Newton starts x0 (n * J, G) at the nodes (n, J) of ``cells``: the Taylor polynomial
-    x_hat + sum_n x^(n) D^n / n!, D = eta_j - eta_hat, of x*(eta) at the joint mode (``derivs`` from
-    ``_x_star_derivatives``), summed per (cell, node) only while the terms' sup norms
+    x_hat + sum_n x^(n) D^n / n!, D = eta_j - eta_hat, of x*(eta) at the joint mode (``derivs``
+    (K, N, G) from ``_x_star_derivatives``), summed per (cell, node) only while the terms' sup norms
     max_g |x^(n)_g| |D|^n / n! decrease (a row whose series starts to grow, e.g. far out on a widened
-    window, keeps the terms before that)."""
+    window, keeps the terms before that). ``norms`` (K, N): max_g |x^(n)_g| of every cell, if
+    already known. Every cell of ``derivs`` (cells = 0..N-1, the first round of a block) is read
+    in place, without a gathered copy."""
     n, J = nodes.shape
     K = derivs.shape[0]
-    d_cells = np.moveaxis(derivs[:, cells], 0, 1)  # (n, K, G)
-    norms = np.abs(d_cells).max(axis=2)  # (n, K)
+    full = cells.size == derivs.shape[1]  # cells is increasing, so this means all of them
+    d_cells = derivs if full else derivs[:, cells]  # (K, n, G)
+    if norms is None:
+        norms = np.maximum(d_cells.max(axis=2), -d_cells.min(axis=2))
+    elif not full:
+        norms = norms[:, cells]
     D = nodes - gaussian.eta_map[cells][:, None]
-    coef = np.empty((n, J, K))
+    coef = np.empty((K, n, J))
     power = np.ones((n, J))
     keep = np.ones((n, J), dtype=bool)
     prev = np.full((n, J), np.inf)
     for i in range(K):
         power = power * D / (i + 1)  # D^{i+1} / (i+1)!
-        term = norms[:, i, None] * np.abs(power)
+        term = norms[i, :, None] * np.abs(power)
         keep &= term <= prev
-        coef[..., i] = np.where(keep, power, 0.0)
+        coef[i] = np.where(keep, power, 0.0)
         prev = term
-    x0 = gaussian.x_map[cells][:, None, :] + coef @ d_cells  # (n, J, K) @ (n, K, G)
+    # x0[c, j] = sum_i coef[i, c, j] d_cells[i, c]: per cell c a (J, K) @ (K, G) product, as one
+    # batched matmul over the views (n, J, K) and (n, K, G) (BLAS; NumPy's einsum for this
+    # contraction runs its own loop, 6-11x slower at the block sizes of ``eta_marginal``)
+    x0 = np.matmul(np.moveaxis(coef, 0, 2), np.moveaxis(d_cells, 0, 1))  # (n, J, G)
+    x0 += gaussian.x_map[cells if not full else slice(None)][:, None, :]
     return x0.reshape(n * J, -1)
+
+
+def _gaussian_block(gaussian: CellPosteriors, blk: slice) -> CellPosteriors:
+    """The Gaussian posterior of cells ``blk``, its factorisation sliced (r, S, S^{-1}) rather than
+    recomputed (``CellPosteriors.subset`` builds a new ``PosteriorPrecision`` from lambda)."""
+    P = gaussian.precision
+    A = PosteriorPrecision.from_factor(P.cov, P.lam[blk], P.S[blk], None, P.r[blk], P.S_inv()[blk])
+    fields = {name: (None if getattr(gaussian, name) is None else getattr(gaussian, name)[blk])
+              for name in ("x_map", "bbar", *PER_CELL_FIELDS)}
+    return CellPosteriors(params=gaussian.params, precision=A, **fields)
 
 
 def _evaluate_nodes(terms: _CellTerms, gaussian: CellPosteriors, derivs: np.ndarray, cells: np.ndarray,
@@ -710,10 +830,28 @@ def _evaluate_nodes(terms: _CellTerms, gaussian: CellPosteriors, derivs: np.ndar
     uu = np.repeat(terms.u[cells], J, axis=0)
     eta = nodes.reshape(-1)
     x0 = _taylor_start(gaussian, derivs, cells, nodes)
-    x, f, A, it, conv = x_newton_fixed_eta(uu, x0, eta, terms.mu, terms.cov, tol=tol, max_iter=max_iter)
-    b = A.solve(A.lam)  # dx*/d eta = A^{-1} lambda
+    x, f, A, it, conv = _x_newton(uu, x0, eta, terms.mu, terms.cov, tol, max_iter, 1e-4)
+    lam, r, S_inv, cov = A.lam, A.r, A._S_inv, terms.cov
     v = A.inv_diag()
-    shift = -0.5 * A.solve(A.lam * v) if mean_correction else np.zeros_like(x)
+    # b = A^{-1} lambda and the mean correction -1/2 A^{-1} (lambda v) by ``lowrank_solve``'s algebra,
+    # r (W S^{-1} t + d rhs), t = W^T (r rhs): t_lam came with S (``_node_factor``), and both
+    # back-projections W S^{-1} t are one product
+    ks = np.empty((2 if mean_correction else 1,) + A.t_lam.shape)
+    np.einsum("nab,nb->na", S_inv, A.t_lam, out=ks[0])
+    if mean_correction:
+        rhs = lam * v
+        np.einsum("nab,nb->na", S_inv, (r * rhs) @ cov.W, out=ks[1])
+    back = ks @ cov.W.T
+    b = back[0]
+    b += cov.d * lam
+    b *= r
+    if mean_correction:
+        shift = back[1]
+        shift += cov.d * rhs
+        shift *= r
+        shift *= -0.5
+    else:
+        shift = np.zeros_like(x)
     logp = (f - np.repeat(terms.lgam[cells], J) - 0.5 * terms.cov.logdet()
             + truncnorm.logpdf(eta, np.repeat(terms.m[cells], J), terms.sigma_M) - 0.5 * A.logdet())
     return {"x": x.reshape(n, J, G), "logp": logp.reshape(n, J), "b": b.reshape(n, J, G),
@@ -849,7 +987,7 @@ def eta_marginal(
     n_widen = np.empty(N, dtype=int)
     for lo in range(0, N, block_size):
         blk = slice(lo, min(lo + block_size, N))
-        g_blk = gaussian if (blk.start, blk.stop) == (0, N) else gaussian.subset(blk)
+        g_blk = gaussian if (blk.start, blk.stop) == (0, N) else _gaussian_block(gaussian, blk)
         terms = _CellTerms(u=u.block(blk.start, blk.stop), lgam=lgam[blk], m=m[blk],
                            sigma_M=params.capture.sigma_M, mu=params.mu, cov=gaussian.precision.cov)
         n_widen[blk] = _nodes_with_widening(terms, g_blk, _x_star_derivatives(g_blk, warm_order), n_nodes, width,
