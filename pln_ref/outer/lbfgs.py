@@ -27,7 +27,7 @@ maximum): the gradient's infinity norm is set by the genes with the most counts 
 turns an x error of 1e-6 into a gradient of 1e-3), so it held about 95% of the cells for a second
 iteration whose gain is below 1e-6 nats. Measured on the real 2000 x 1000 counts, k = 10 (the
 same 80-82 steps, final evidence -1162.44987 vs -1162.44981): Newton iterations per cell and
-evaluation 1.88 -> 1.50, fit CPU -12%. At the final tolerance the gradient criterion alone holds.
+evaluation 1.88 -> 1.50, fit CPU -5 to -12%. At the final tolerance the gradient criterion alone holds.
 
 Stopping: ``stopping.StopRule`` (certificate on the evidence gap, gradient norm, step cap with a
 ``ConvergenceWarning``).
