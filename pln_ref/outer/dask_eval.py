@@ -64,11 +64,6 @@ __all__ = ["DaskEvaluator", "DaskCounts"]
 _UNSET = object()
 
 
-def _dense(u) -> np.ndarray:
-    """A dense float64 copy of rows (callers may modify it)."""
-    return np.asarray(u.toarray(), dtype=np.float64) if sp.issparse(u) else np.array(u, dtype=np.float64)
-
-
 def _packed_dtype(values: np.ndarray) -> np.dtype:
     """The smallest unsigned integer type that holds the (checked: non-negative integer) count
     values exactly; float64 beyond 2^32 - 1."""
@@ -114,11 +109,7 @@ class PackedCounts:
         hi = self.shape[0] if hi is None else min(hi, self.shape[0])
         if not self.sparse:
             return self.data[lo:hi].astype(np.float64)
-        out = np.zeros((hi - lo, self.shape[1]))
-        a, b = int(self.indptr[lo]), int(self.indptr[hi])
-        rows = np.repeat(np.arange(hi - lo), np.diff(self.indptr[lo:hi + 1]))
-        out[rows, self.indices[a:b]] = self.data[a:b]
-        return out
+        return self.csr(lo, hi).toarray()
 
     def csr(self, lo: int = 0, hi: int | None = None) -> sp.csr_array:
         """Rows lo:hi (CSR storage only) as a float64 CSR matrix (int32 / int64 indices)."""
