@@ -92,7 +92,8 @@ def fit(
     **options : fields of that config as keywords, e.g. ``n_steps``, ``batch_size``, ``lr``;
         Laplace also ``optimizer`` ("lbfgs" | "adam"), ``ift``, ``gtol``, ``checkpoint`` (an .npz
         written atomically during the fit), ``checkpoint_every``, ``resume`` (such a path to
-        continue from; refused if written for other data), ``gap_tol``, ``raise_d``; VAE
+        continue from; refused if written for other data), ``gap_tol``, ``raise_d``, ``map_dtype``
+        ("float32" stores the result's N x G MAPs in half the memory); VAE
         ``hidden``, ``patience``, ... An option the method does not have raises ValueError;
         None means the method's default.
     scheduler_address : Laplace with L-BFGS only: the address of a running Dask scheduler (a
@@ -220,7 +221,7 @@ def _fit_laplace(u, k, cap, log_anchor, cfg: LaplaceConfig, *, anchor, progress,
         seed=cfg.seed, gtol=cfg.gtol, checkpoint=cfg.checkpoint, checkpoint_every=cfg.checkpoint_every,
         resume=state, progress=progress, optimizer=cfg.optimizer, gap_tol=cfg.gap_tol,
         fingerprint=fingerprint, em_cycles=cfg.em_cycles, client=client, max_epochs=cfg.max_epochs,
-        final=True, partitions=partitions,
+        final=True, partitions=partitions, map_dtype=cfg.map_dtype,
     )
     history = np.asarray(st.history, dtype=float).reshape(-1, 3)
     objective = float(np.mean(evidence))

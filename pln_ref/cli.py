@@ -150,6 +150,8 @@ def _cmd_fit(args) -> int:
     options = {"n_steps": args.n_steps, "batch_size": args.batch_size, "optimizer": args.optimizer,
                "lr": args.lr, "checkpoint": args.checkpoint, "resume": args.resume,
                "checkpoint_every": args.checkpoint_every, "max_epochs": args.max_epochs}
+    if args.method == "laplace":
+        options["map_dtype"] = args.map_dtype
     res = fit(adata, inference_method=args.method, k=args.k, layer=args.layer, capture=capture,
               M0=args.M0, sigma_M=args.sigma_M, library_size=library_size, seed=args.seed,
               progress=not args.quiet, scheduler_address=args.scheduler_address, **options)
@@ -288,6 +290,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Laplace: write the checkpoint every N steps (default: 50)")
     p.add_argument("--resume", default=None, metavar="PATH.npz",
                    help="Laplace: continue from a checkpoint written by --checkpoint")
+    p.add_argument("--map-dtype", choices=["float64", "float32"], default="float64",
+                   help="laplace: storage of the per-cell MAPs x_map, the result's N x G array "
+                        "(float32 halves the fit's final memory; solved in float64)")
     p.add_argument("--save-result", default=None, metavar="PATH.npz",
                    help="also save the result object (.npz; pln_ref.PLNResult.load reads it)")
     p.add_argument("--write", default="", metavar="LIST",

@@ -72,12 +72,15 @@ def optimize_globals(
     max_epochs: float | None = None,
     final: bool = False,
     partitions=None,
+    map_dtype: str = "float64",
 ) -> tuple[LaplaceFitState, PLNParams] | tuple[LaplaceFitState, PLNParams, FinalPosteriors]:
     """Maximise L(theta) = mean_c l_c(theta) from ``init`` (or ``resume``); returns the final state
     and the best globals, and with ``final=True`` also every cell's final posterior and Laplace
     evidence at those globals (``outer.final.FinalPosteriors``, by blocks of cells warm-started from
     the optimiser's MAPs; with a Dask client on the workers that hold the blocks and their MAPs,
     ``DaskEvaluator.final_posteriors``). The state's MAPs are then consumed (``state.x_map`` None).
+    ``map_dtype``: "float64" | "float32", the storage of the final posteriors' x_map (solved in
+    float64 block by block, then stored).
 
     ``optimizer``: "lbfgs" (``gap_tol`` nats/cell for its certificate; with ``batch_size`` = n0 the
     sampled L-BFGS from n0 cells, its samples drawn with ``seed``, full batch when n0 > N / 2) or
@@ -180,15 +183,16 @@ def optimize_globals(
         return st, params
     if client is not None:
         try:
-            fin = ev.final_posteriors(params, gtol=gtol)
+            fin = ev.final_posteriors(params, gtol=gtol, dtype=np.dtype(map_dtype))
         finally:
             _close(ev, own_client)
     else:
-        # a float64 warm start is overwritten in place; the blocked fit's float32 one is read by blocks
+        # a warm start stored in map_dtype is overwritten in place (each block is read before it is
+        # written); one of another dtype is read by blocks into a new array
         x0 = st.x_map
-        reuse = x0 is not None and x0.dtype == np.float64 and x0.flags.writeable
+        reuse = x0 is not None and x0.dtype == np.dtype(map_dtype) and x0.flags.writeable
         fin = final_posteriors(u, params, log_anchor, x0=x0, eta0=st.eta_map, gtol=gtol,
-                               block_cells=evaluation_block_cells(G), reuse_x0=reuse)
+                               block_cells=evaluation_block_cells(G), reuse_x0=reuse, map_dtype=map_dtype)
     st.x_map = st.eta_map = None  # consumed: the result's x_map holds the final MAPs
     return st, params, fin
 

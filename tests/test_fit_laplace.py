@@ -265,6 +265,56 @@ def test_map_posteriors_from_stored_maps_and_a_float32_warm_start():
         np.testing.assert_allclose(out.evidence, ev_ref, rtol=1e-12)
 
 
+def test_final_posteriors_store_float32_maps_in_place(tmp_path):
+    """map_dtype="float32": each block is solved in float64 and stored rounded, so the stored MAPs
+    are the float64 pass's rounded to float32 (bit for bit, from the same warm start) and the
+    evidence is unchanged; a float32 warm start is overwritten in place (one N x G array). Through
+    pln_ref.fit the result keeps float32 MAPs and its save / load / AnnData export work."""
+    import pln_ref
+    from pln_ref.laplace import newton_map
+    from pln_ref.outer.final import final_posteriors
+
+    p = pln_ref.random_params(30, 2, seed=3, capture=True)
+    sim = pln_ref.simulate(p, 70, seed=4)
+    la = sim.log_anchor
+    ref = newton_map(sim.counts, p, la, gtol=1e-3)
+    x32 = ref.x_map.astype(np.float32)
+    f64 = final_posteriors(sim.counts, p, la, x0=x32, eta0=ref.eta_map, block_cells=16)
+    out = final_posteriors(sim.counts, p, la, x0=x32.copy(), eta0=ref.eta_map, block_cells=16,
+                           map_dtype="float32")
+    assert out.cells.x_map.dtype == np.float32
+    np.testing.assert_array_equal(out.cells.x_map, f64.cells.x_map.astype(np.float32))
+    np.testing.assert_array_equal(out.evidence, f64.evidence)
+    x0 = x32.copy()
+    again = final_posteriors(sim.counts, p, la, x0=x0, eta0=ref.eta_map, block_cells=16,
+                             map_dtype="float32", reuse_x0=True)
+    assert again.cells.x_map is x0
+    np.testing.assert_array_equal(x0, out.cells.x_map)
+    with pytest.raises(ValueError, match="reuse_x0 needs x0 as a writeable float64"):
+        final_posteriors(sim.counts, p, la, x0=x32, block_cells=16, reuse_x0=True)
+    with pytest.raises(ValueError, match="map_dtype"):
+        final_posteriors(sim.counts, p, la, block_cells=16, map_dtype="float16")
+    with pytest.raises(ValueError, match="map_dtype must be 'float64' or 'float32'"):
+        pln_ref.LaplaceConfig(map_dtype="half")
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the step cap's ConvergenceWarning
+        r64 = pln_ref.fit(sim.counts, k=2, n_steps=3, progress=False, library_size=np.exp(la))
+        r32 = pln_ref.fit(sim.counts, k=2, n_steps=3, progress=False, library_size=np.exp(la),
+                          map_dtype="float32")
+    assert r32.cells.x_map.dtype == np.float32 and r32.settings["map_dtype"] == "float32"
+    np.testing.assert_allclose(r32.cells.x_map, r64.cells.x_map, rtol=1e-6, atol=1e-6)
+    assert r32.diagnostics["objective"] == r64.diagnostics["objective"]
+    r32.save(tmp_path / "r32.npz")
+    back = pln_ref.PLNResult.load(tmp_path / "r32.npz")
+    np.testing.assert_array_equal(back.cells.x_map, r32.cells.x_map)
+    ad = r32.to_anndata(write="map,sd,denoised")
+    np.testing.assert_array_equal(ad.layers["pln_map"], r32.cells.x_map)
+    for name in ("sd", "denoised"):
+        np.testing.assert_allclose(ad.layers[f"pln_{name}"], r64.to_anndata(write=name).layers[f"pln_{name}"],
+                                   rtol=1e-5, atol=1e-6)
+
+
 def test_map_posteriors_subset_reads_only_its_rows(monkeypatch):
     """MapCellPosteriors.subset (a block of cells in eta_marginal, PPC, importance sampling) is again
     a MapCellPosteriors that derives lambda and bbar for its own rows only, and equals the rows of

@@ -107,8 +107,8 @@ def assemble_final(params: PLNParams, blocks, N: int, *, x_map: np.ndarray | Non
                    with_evidence: bool = True) -> FinalPosteriors:
     """The ``FinalPosteriors`` of N cells from ``blocks``, an iterable of (slice of cells, dict of
     ``final_block``) consumed one block at a time (each block's arrays are copied into the kept
-    arrays and dropped). ``x_map``: a writeable float64 (N, G) array to write the MAPs into (default:
-    a new one)."""
+    arrays and dropped). ``x_map``: a writeable float64 or float32 (N, G) array to write the MAPs into
+    (default: a new float64 one)."""
     cov = LowRankCov.from_params(params)
     G, k = cov.G, cov.k
     x_map = np.empty((N, G)) if x_map is None else x_map
@@ -135,13 +135,15 @@ def assemble_final(params: PLNParams, blocks, N: int, *, x_map: np.ndarray | Non
 def final_posteriors(counts, params: PLNParams, log_anchor: np.ndarray | None, *,
                      x0: np.ndarray | None = None, eta0: np.ndarray | None = None,
                      gtol: float = 1e-6, block_cells: int, reuse_x0: bool = False,
-                     with_evidence: bool = True) -> FinalPosteriors:
+                     with_evidence: bool = True, map_dtype="float64") -> FinalPosteriors:
     """Every cell's Laplace posterior (``laplace.newton_map`` from the warm start ``x0``/``eta0``)
     and Laplace evidence (``laplace_objective``) at ``params``, ``block_cells`` cells at a time.
 
     ``counts``: an array, scipy.sparse matrix or ``CountMatrix`` (read one dense block at a time).
-    ``reuse_x0=True`` writes the MAPs into ``x0`` (float64, (N, G)) instead of a new array: the
-    warm start is then overwritten, and the fit holds one N x G MAP array instead of two.
+    ``map_dtype``: storage of the result's x_map ("float64" or "float32"; each block is solved in
+    float64). ``reuse_x0=True`` writes the MAPs into ``x0`` ((N, G) in ``map_dtype``) instead of a
+    new array: the warm start is then overwritten (each block is read before it is written), and
+    the fit holds one N x G MAP array instead of two.
     ``with_evidence=False``: the posteriors only (``evidence`` None; e.g. ``transform`` of new cells).
     Memory: the kept arrays (x_map, per-cell vectors and k x k factors) plus the work arrays of one
     block; a float32 warm start (``WARM_START_DTYPE`` of the blocked evaluation) is read block by
@@ -153,8 +155,11 @@ def final_posteriors(counts, params: PLNParams, log_anchor: np.ndarray | None, *
     bc = int(block_cells)
     cov = LowRankCov.from_params(params)
     lgam = u.lgamma_sums()
-    if reuse_x0 and (x0 is None or x0.dtype != np.float64 or x0.shape != (N, G) or not x0.flags.writeable):
-        raise ValueError("reuse_x0 needs x0 as a writeable float64 (N, G) array")
+    dt = np.dtype(map_dtype)
+    if dt not in (np.float64, np.float32):
+        raise ValueError(f"map_dtype must be float64 or float32, got {map_dtype!r}")
+    if reuse_x0 and (x0 is None or x0.dtype != dt or x0.shape != (N, G) or not x0.flags.writeable):
+        raise ValueError(f"reuse_x0 needs x0 as a writeable {dt} (N, G) array")
 
     def blocks():
         for lo in range(0, N, bc):
@@ -163,7 +168,8 @@ def final_posteriors(counts, params: PLNParams, log_anchor: np.ndarray | None, *
             yield sl, final_block(u.block(sl.start, sl.stop), params, pick(log_anchor), pick(x0), pick(eta0),
                                   gtol=gtol, cov=cov, lgamma_sum=lgam[sl], with_evidence=with_evidence)
 
-    return assemble_final(params, blocks(), N, x_map=x0 if reuse_x0 else None, with_evidence=with_evidence)
+    return assemble_final(params, blocks(), N, x_map=x0 if reuse_x0 else np.empty((N, G), dtype=dt),
+                          with_evidence=with_evidence)
 
 
 def map_posteriors(params: PLNParams, x_map: np.ndarray, eta_map: np.ndarray, *, block_cells: int,

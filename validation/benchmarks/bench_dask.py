@@ -7,8 +7,9 @@ Usage (one BLAS thread everywhere)::
         --k 5 --converged --dask-only --out validation/benchmarks/results/bench_dask_14k_converged.json
 
 ``--counts F``: a scipy CSR ``.npz`` (e.g. a ``bench_memory.py`` case) fitted as CSR instead of the
-simulated counts; ``--converged``: no step cap (the default stopping rule); ``--dask-only``: skip
-the in-process fit. The Dask fit runs one task per partition of whole blocks
+simulated counts (``--counts-dtype float32``: held as float32 CSR, as anndata stores counts);
+``--converged``: no step cap (the default stopping rule); ``--dask-only``: skip the in-process fit;
+``--map-dtype float32``: the fit's ``map_dtype`` (the result's MAPs in float32). The Dask fit runs one task per partition of whole blocks
 (``dask_tasks_per_evaluation``). Memory: the resident set of the client, scheduler and worker
 processes is sampled every 0.5 s during each fit (``peak_rss_sum_gb``, the largest sum seen), and each
 process's kernel high-water mark (``VmHWM``) is reported after the fit (``hwm_gb``), with the 1-min
@@ -198,7 +199,8 @@ def _hooks(sampler: _RssSampler, log: list):
     return undo
 
 
-def timed_fit(u, k: int, steps: int, scheduler_address: str | None, procs: list) -> tuple[dict, object]:
+def timed_fit(u, k: int, steps: int, scheduler_address: str | None, procs: list,
+              map_dtype: str = "float64") -> tuple[dict, object]:
     ps = [psutil.Process(p.pid) for p in procs]
     c_other = _cpu(ps)
     sampler = _RssSampler([os.getpid()] + [p.pid for p in procs])
@@ -209,7 +211,8 @@ def timed_fit(u, k: int, steps: int, scheduler_address: str | None, procs: list)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the step cap's ConvergenceWarning
-            res = pln_ref.fit(u, k=k, n_steps=steps, progress=False, scheduler_address=scheduler_address)
+            res = pln_ref.fit(u, k=k, n_steps=steps, progress=False, scheduler_address=scheduler_address,
+                              map_dtype=map_dtype)
     finally:
         undo()
     wall, cpu = time.perf_counter() - w0, time.process_time() - c0
@@ -247,6 +250,11 @@ def main(argv=None) -> int:
     ap.add_argument("--counts", default=None, help="CSR .npz of counts (default: simulate)")
     ap.add_argument("--converged", action="store_true", help="no step cap: the default stopping rule")
     ap.add_argument("--dask-only", action="store_true", help="skip the in-process fit")
+    ap.add_argument("--map-dtype", choices=["float64", "float32"], default="float64",
+                    help="the fit's map_dtype: storage of the result's N x G MAPs")
+    ap.add_argument("--counts-dtype", choices=["as-stored", "float32"], default="as-stored",
+                    help="--counts: keep the file's value dtype, or float32 (an h5ad written by "
+                         "scanpy / anndata holds counts as float32)")
     args = ap.parse_args(argv)
     if args.converged:
         args.steps = 2000
@@ -255,6 +263,8 @@ def main(argv=None) -> int:
         import scipy.sparse as sp
 
         u = sp.load_npz(args.counts).tocsr()
+        if args.counts_dtype == "float32":
+            u = u.astype(np.float32)
         args.cells, args.genes = u.shape
     else:
         p = pln_ref.random_params(args.genes, args.k, seed=0, capture=True)
@@ -275,17 +285,18 @@ def main(argv=None) -> int:
     except OSError:
         pass
     out["counts"] = args.counts
+    out["counts_dtype"], out["map_dtype"] = str(u.dtype), args.map_dtype
     r0 = None
     if not args.dask_only:
         print(f"in-process fit: {args.cells} x {args.genes}, k={args.k}, {args.steps} steps ...", flush=True)
-        out["in_process"], r0 = timed_fit(u, args.k, args.steps, None, [])
+        out["in_process"], r0 = timed_fit(u, args.k, args.steps, None, [], args.map_dtype)
         print(json.dumps(_brief(out["in_process"])), flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         addr, procs = start_cluster(args.workers, Path(tmp))
         try:
             out["loadavg_before_dask"] = list(os.getloadavg())
             print(f"Dask fit on {addr} ({args.workers} workers) ...", flush=True)
-            out["dask"], r1 = timed_fit(u, args.k, args.steps, addr, procs)
+            out["dask"], r1 = timed_fit(u, args.k, args.steps, addr, procs, args.map_dtype)
             print(json.dumps(_brief(out["dask"])), flush=True)
         finally:
             for pr in reversed(procs):
