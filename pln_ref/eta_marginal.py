@@ -167,33 +167,37 @@ def _ext_table(cov: LowRankCov) -> np.ndarray:
 class _NodePrecision(PosteriorPrecision):
     """``PosteriorPrecision`` of many (cell, node) rows built by ``_node_factor``: S, its Cholesky
     factor and S^{-1} from one ``_chol_inv`` (no LAPACK batch calls), and t_lam = W^T (lambda r)
-    from the same product as S (so b = A^{-1} lambda needs no further (n, G) @ (G, k) product).
+    from the same product as S (so b = A^{-1} lambda needs no further (n, G) @ (G, k) product), and
+    lr = lambda r, the product's left factor (kept for b and the mean correction).
     Rows can be overwritten by those of a later factorisation (``set_rows``), so the Newton solver
     below returns the factorisation at its final iterates without recomputing or copying the rows
     that converged first."""
 
     t_lam: np.ndarray
+    lr: np.ndarray
 
     def set_rows(self, rows: np.ndarray, other: "_NodePrecision", sel: np.ndarray) -> None:
         """Overwrite rows ``rows`` of this factorisation by rows ``sel`` of ``other`` (same cov)."""
-        for name in ("lam", "r", "S", "_L_S", "_S_inv", "t_lam"):
+        for name in ("lam", "r", "S", "_L_S", "_S_inv", "t_lam", "lr"):
             getattr(self, name)[rows] = getattr(other, name)[sel]
 
 
 def _node_factor(cov: LowRankCov, lam: np.ndarray) -> _NodePrecision:
     """The factorisation of A = diag(lambda) + Sigma^{-1} (``PosteriorPrecision``) of rows lam (n, G):
-    r = 1 / (1 + lambda d), [S - I | t_lam] = (lambda r) @ [pair_table | W], (L_S, S^{-1}) =
+    r = 1 / (1 + lambda d), lr = lambda r, [S - I | t_lam] = lr @ [pair_table | W], (L_S, S^{-1}) =
     ``_chol_inv``(S)."""
     k, n_pairs = cov.k, cov.pair_table.shape[1]
     r = lam * cov.d
     r += 1.0
     np.reciprocal(r, out=r)
-    P = (lam * r) @ _ext_table(cov)
+    lr = lam * r
+    P = lr @ _ext_table(cov)
     S = cov.unpack_pairs(P[:, :n_pairs])
     S[..., np.arange(k), np.arange(k)] += 1.0
     L, S_inv = _chol_inv(S)
     A = _NodePrecision.from_factor(cov, lam, S, L, r, S_inv)
     A.t_lam = np.ascontiguousarray(P[:, n_pairs:])
+    A.lr = lr
     return A
 
 
@@ -775,14 +779,14 @@ def _x_star_derivatives(gaussian: CellPosteriors, order: int) -> np.ndarray:
 
 
 def _taylor_start(gaussian: CellPosteriors, derivs: np.ndarray, cells: np.ndarray, nodes: np.ndarray,
-                  norms: np.ndarray | None = None) -> np.ndarray:
+                  norms: np.ndarray | None = None, out: np.ndarray | None = None) -> np.ndarray:
     """Newton starts x0 (n * J, G) at the nodes (n, J) of ``cells``: the Taylor polynomial
     x_hat + sum_n x^(n) D^n / n!, D = eta_j - eta_hat, of x*(eta) at the joint mode (``derivs``
     (K, N, G) from ``_x_star_derivatives``), summed per (cell, node) only while the terms' sup norms
     max_g |x^(n)_g| |D|^n / n! decrease (a row whose series starts to grow, e.g. far out on a widened
     window, keeps the terms before that). ``norms`` (K, N): max_g |x^(n)_g| of every cell, if
     already known. Every cell of ``derivs`` (cells = 0..N-1, the first round of a block) is read
-    in place, without a gathered copy."""
+    in place, without a gathered copy. ``out``: a C-contiguous (n, J, G) array to write x0 into."""
     n, J = nodes.shape
     K = derivs.shape[0]
     full = cells.size == derivs.shape[1]  # cells is increasing, so this means all of them
@@ -805,7 +809,7 @@ def _taylor_start(gaussian: CellPosteriors, derivs: np.ndarray, cells: np.ndarra
     # x0[c, j] = sum_i coef[i, c, j] d_cells[i, c]: per cell c a (J, K) @ (K, G) product, as one
     # batched matmul over the views (n, J, K) and (n, K, G) (BLAS; NumPy's einsum for this
     # contraction runs its own loop, 6-11x slower at the block sizes of ``eta_marginal``)
-    x0 = np.matmul(np.moveaxis(coef, 0, 2), np.moveaxis(d_cells, 0, 1))  # (n, J, G)
+    x0 = np.matmul(np.moveaxis(coef, 0, 2), np.moveaxis(d_cells, 0, 1), out=out)  # (n, J, G)
     x0 += gaussian.x_map[cells if not full else slice(None)][:, None, :]
     return x0.reshape(n * J, -1)
 
@@ -820,44 +824,56 @@ def _gaussian_block(gaussian: CellPosteriors, blk: slice) -> CellPosteriors:
     return CellPosteriors(params=gaussian.params, precision=A, **fields)
 
 
+def _node_arrays(n: int, J: int, G: int, k: int) -> dict:
+    """Empty per-node arrays of n cells (``_evaluate_nodes`` fills them): (n, J, G) x, b, lam, v,
+    shift; (n, J, k, k) S, LS; (n, J) logp, it, conv, nodes."""
+    out = {name: np.empty((n, J, G)) for name in ("x", "b", "lam", "v", "shift")}
+    out.update(S=np.empty((n, J, k, k)), LS=np.empty((n, J, k, k)), logp=np.empty((n, J)),
+               it=np.empty((n, J), dtype=int), conv=np.empty((n, J), dtype=bool), nodes=np.empty((n, J)))
+    return out
+
+
 def _evaluate_nodes(terms: _CellTerms, gaussian: CellPosteriors, derivs: np.ndarray, cells: np.ndarray,
-                    nodes: np.ndarray, tol: float, max_iter: int, mean_correction: bool) -> dict:
+                    nodes: np.ndarray, tol: float, max_iter: int, mean_correction: bool, dest: dict) -> None:
     """x*(eta), log p~(eta), b = A^{-1} lambda, the factorisation of A, diag A^{-1} and the mean
-    correction delta at the nodes (n, J) of cells ``cells``, as a dict of (n, J, ...) arrays."""
+    correction delta at the nodes (n, J) of cells ``cells``, written into the (n, J, ...) arrays of
+    ``dest`` (``_node_arrays``; C-contiguous, e.g. a block's rows of the output arrays): x is
+    started and iterated in place, and b, v = diag A^{-1} and delta are computed in their arrays."""
     n, J = nodes.shape
     G = terms.u.shape[1]
     k = terms.cov.k
-    uu = np.repeat(terms.u[cells], J, axis=0)
+    uu = np.repeat(terms.u if cells.size == terms.u.shape[0] else terms.u[cells], J, axis=0)
     eta = nodes.reshape(-1)
-    x0 = _taylor_start(gaussian, derivs, cells, nodes)
+    x0 = _taylor_start(gaussian, derivs, cells, nodes, out=dest["x"]).reshape(n * J, G)
     x, f, A, it, conv = _x_newton(uu, x0, eta, terms.mu, terms.cov, tol, max_iter, 1e-4)
-    lam, r, S_inv, cov = A.lam, A.r, A._S_inv, terms.cov
-    v = A.inv_diag()
-    # b = A^{-1} lambda and the mean correction -1/2 A^{-1} (lambda v) by ``lowrank_solve``'s algebra,
-    # r (W S^{-1} t + d rhs), t = W^T (r rhs): t_lam came with S (``_node_factor``), and both
-    # back-projections W S^{-1} t are one product
-    ks = np.empty((2 if mean_correction else 1,) + A.t_lam.shape)
-    np.einsum("nab,nb->na", S_inv, A.t_lam, out=ks[0])
-    if mean_correction:
-        rhs = lam * v
-        np.einsum("nab,nb->na", S_inv, (r * rhs) @ cov.W, out=ks[1])
-    back = ks @ cov.W.T
-    b = back[0]
-    b += cov.d * lam
+    lam, r, lr, S_inv, cov = A.lam, A.r, A.lr, A._S_inv, terms.cov
+    v = A.inv_diag(out=dest["v"].reshape(n * J, G))
+    # b = A^{-1} lambda = r (W S^{-1} t_lam + d lambda) and the mean correction
+    # delta = -1/2 A^{-1} (lambda v) = r W (-1/2 S^{-1} W^T (lr v)) - 1/2 d lr v by ``lowrank_solve``'s
+    # algebra with lr = lambda r (1/m = r d): t_lam came with S (``_node_factor``)
+    b = dest["b"].reshape(n * J, G)
+    np.matmul(np.einsum("nab,nb->na", S_inv, A.t_lam), cov.W.T, out=b)
     b *= r
+    dlr = np.multiply(lr, cov.d)
+    b += dlr
+    shift = dest["shift"].reshape(n * J, G)
     if mean_correction:
-        shift = back[1]
-        shift += cov.d * rhs
+        lv = np.multiply(lr, v, out=dlr)
+        np.matmul(np.einsum("nab,nb->na", S_inv, lv @ cov.W) * -0.5, cov.W.T, out=shift)
         shift *= r
-        shift *= -0.5
+        lv *= -0.5 * cov.d
+        shift += lv
     else:
-        shift = np.zeros_like(x)
-    logp = (f - np.repeat(terms.lgam[cells], J) - 0.5 * terms.cov.logdet()
-            + truncnorm.logpdf(eta, np.repeat(terms.m[cells], J), terms.sigma_M) - 0.5 * A.logdet())
-    return {"x": x.reshape(n, J, G), "logp": logp.reshape(n, J), "b": b.reshape(n, J, G),
-            "lam": A.lam.reshape(n, J, G), "S": A.S.reshape(n, J, k, k), "LS": A.L_S.reshape(n, J, k, k),
-            "it": it.reshape(n, J), "conv": conv.reshape(n, J), "v": v.reshape(n, J, G),
-            "shift": shift.reshape(n, J, G), "nodes": nodes}
+        shift[...] = 0.0
+    dest["logp"][...] = (f - np.repeat(terms.lgam[cells], J) - 0.5 * terms.cov.logdet()
+                         + truncnorm.logpdf(eta, np.repeat(terms.m[cells], J), terms.sigma_M)
+                         - 0.5 * A.logdet()).reshape(n, J)
+    dest["lam"][...] = lam.reshape(n, J, G)
+    dest["S"][...] = A.S.reshape(n, J, k, k)
+    dest["LS"][...] = A.L_S.reshape(n, J, k, k)
+    dest["it"][...] = it.reshape(n, J)
+    dest["conv"][...] = conv.reshape(n, J)
+    dest["nodes"][...] = nodes
 
 
 def _nodes_with_widening(terms: _CellTerms, gaussian: CellPosteriors, derivs: np.ndarray, J: int,
@@ -867,8 +883,9 @@ def _nodes_with_widening(terms: _CellTerms, gaussian: CellPosteriors, derivs: np
     [max(0, c - width_0 sd), c + width_1 sd] (``_node_window``); a side whose end node has
     log p~ > max_j log p~ - tail_tol is widened by 1.6 (the lower one only while lo > 0) and the
     cells concerned are evaluated again, at most ``max_widen`` times. The (n, J, ...) arrays are
-    written into rows offset..offset+n of the arrays ``out`` (allocated there with N = out["N"]
-    rows on first use). Returns n_widen (n,)."""
+    written into rows offset..offset+n of the arrays ``out`` (``_node_arrays`` of all N cells): in
+    place in the first round, through a copy of the widened cells' rows in later ones. Returns
+    n_widen (n,)."""
     centre, sd = _node_window(gaussian)
     n = centre.size
     below = np.full(n, width[0])
@@ -878,12 +895,14 @@ def _nodes_with_widening(terms: _CellTerms, gaussian: CellPosteriors, derivs: np
     for rnd in range(max_widen + 1):
         lo = np.maximum(centre[todo] - below[todo] * sd[todo], 0.0)
         hi = centre[todo] + above[todo] * sd[todo]
-        res = _evaluate_nodes(terms, gaussian, derivs, todo, _nodes_for(lo, hi, J), tol, max_iter, mean_correction)
-        rows = slice(offset, offset + n) if rnd == 0 else offset + todo
-        for name, val in res.items():
-            if name not in out:
-                out[name] = np.empty((out["N"],) + val.shape[1:], dtype=val.dtype)
-            out[name][rows] = val
+        if rnd == 0:
+            res = {name: val[offset:offset + n] for name, val in out.items()}
+        else:
+            res = _node_arrays(todo.size, J, terms.u.shape[1], terms.cov.k)
+        _evaluate_nodes(terms, gaussian, derivs, todo, _nodes_for(lo, hi, J), tol, max_iter, mean_correction, res)
+        if rnd > 0:
+            for name, val in res.items():
+                out[name][offset + todo] = val
         logp = res["logp"]
         top = logp.max(axis=1)
         wide_hi = logp[:, -1] > top - tail_tol
@@ -983,7 +1002,7 @@ def eta_marginal(
         block_size = max(8, (1 << 18) // (G * n_nodes))
     m = params.capture.prior_mean(la)
     lgam = u.lgamma_sums()
-    out: dict = {"N": N}
+    out = _node_arrays(N, n_nodes, G, gaussian.precision.cov.k)
     n_widen = np.empty(N, dtype=int)
     for lo in range(0, N, block_size):
         blk = slice(lo, min(lo + block_size, N))
