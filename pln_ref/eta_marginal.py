@@ -288,35 +288,47 @@ def _backtrack(ua, xa, ea, mu, cov, dx, dec2, f0, x_new, f_new, pending, armijo,
         todo[p[ok]] = False
 
 
-def _piecewise_exp_cdf(step: np.ndarray, logd: np.ndarray, cdf: np.ndarray | None = None):
+def _piecewise_exp_cdf(step: np.ndarray, logd: np.ndarray, d: np.ndarray | None = None,
+                       cdf: np.ndarray | None = None):
     """Masses of the density that is linear in log between the points of an equally spaced grid
-    (spacing ``step`` (N,)) with log density ``logd`` (N, F): with e_i = e^{l_i - max l} and
-    d_i = l_{i+1} - l_i, segment i has mass step e_i (e^{d_i} - 1) / d_i = step (e_{i+1} - e_i) / d_i,
-    and step e_i (1 + d_i/2 + d_i^2/6 + d_i^3/24) where |d_i| < 1e-3 (relative error < 1e-14 there,
-    < 1e-12 from the difference elsewhere).
-    Returns (log Z (N,), cdf (N, F) with cdf[:, 0] = 0 and cdf[:, -1] = 1), cdf written into
-    ``cdf`` if given."""
+    (spacing ``step`` (N,)) with log density ``logd`` (N, F), shifted by the caller so that its
+    maximum is moderate (e.g. minus an upper bound or a value it attains): with e_i = e^{l_i} and
+    d_i = l_{i+1} - l_i (``d`` (N, F - 1), e.g. from ``_spline_matrices``; else the differences of
+    ``logd``), segment i has mass
+
+        step e_i (e^{d_i} - 1) / d_i = step e_i expm1(d_i) / d_i      (step e_i where d_i = 0)
+
+    (relative error of a few eps for every d_i: no cancellation). Rows whose total is not finite (a
+    d_i exactly 0, or e_i overflowing) are redone with their own maximum subtracted and the limit
+    where d_i = 0.
+    Returns (log(step sum_i e_i expm1(d_i) / d_i) (N,) = log Z of the unshifted density minus the
+    shift, cdf (N, F) with cdf[:, 0] = 0 and cdf[:, -1] = 1), cdf written into ``cdf`` if given."""
     N, F = logd.shape
-    lmax = logd.max(axis=1, keepdims=True)
-    e = np.subtract(logd, lmax)
-    np.exp(e, out=e)
-    d = np.subtract(logd[:, 1:], logd[:, :-1])
-    small = np.flatnonzero(np.abs(d) < 1e-3)
-    ds = d.flat[small]
-    e_small = e[:, :-1].flat[small] * (1.0 + ds * (0.5 + ds * (1.0 / 6.0 + ds / 24.0)))
+    if d is None:
+        d = np.subtract(logd[:, 1:], logd[:, :-1])
     if cdf is None:
         cdf = np.empty((N, F))
-    mass = cdf[:, 1:]
-    np.subtract(e[:, 1:], e[:, :-1], out=mass)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        np.divide(mass, d, out=mass)
-    mass.flat[small] = e_small
+    mass = np.exp(logd[:, :-1])
+    ratio = np.expm1(d)
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        ratio /= d
+        mass *= ratio
+    cum = cdf[:, 1:]
+    np.cumsum(mass, axis=1, out=cum)
+    tot = cdf[:, -1].copy()
+    shift = np.zeros(N)
+    bad = np.flatnonzero(~np.isfinite(tot))
+    if bad.size:
+        shift[bad] = logd[bad].max(axis=1)
+        db = d[bad]
+        with np.errstate(divide="ignore", invalid="ignore"):
+            rb = np.where(db == 0.0, 1.0, np.expm1(db) / db)
+        cum[bad] = np.cumsum(np.exp(logd[bad, :-1] - shift[bad, None]) * rb, axis=1)
+        tot[bad] = cum[bad, -1]
+    cum /= tot[:, None]
     cdf[:, 0] = 0.0
-    np.cumsum(mass, axis=1, out=d)
-    tot = d[:, -1].copy()
-    np.divide(d, tot[:, None], out=mass)
     cdf[:, -1] = 1.0
-    return lmax[:, 0] + np.log(step * tot), cdf
+    return shift + np.log(step * tot), cdf
 
 
 def _segment(grid: np.ndarray, values: np.ndarray) -> np.ndarray:
@@ -918,34 +930,44 @@ def _nodes_with_widening(terms: _CellTerms, gaussian: CellPosteriors, derivs: np
 
 
 @functools.lru_cache(maxsize=16)
-def _spline_matrix(J: int, n_fine: int) -> np.ndarray:
+def _spline_matrices(J: int, n_fine: int) -> tuple[np.ndarray, np.ndarray]:
     """(J, F) matrix M with (logp @ M)[c] = the not-a-knot cubic spline through (tau_j, logp_cj),
     tau_j = j / (J - 1), evaluated at t_i = i / (F - 1): the spline is linear in its data, so
-    row j is the spline through the unit vector e_j."""
+    row j is the spline through the unit vector e_j; and (J, F - 1) D = M[:, 1:] - M[:, :-1], whose
+    product gives the differences between neighbouring fine points."""
     tau = np.linspace(0.0, 1.0, J)
     tf = np.linspace(0.0, 1.0, n_fine)
     M = np.ascontiguousarray(CubicSpline(tau, np.eye(J), axis=0, bc_type="not-a-knot")(tf).T)
+    D = np.ascontiguousarray(M[:, 1:] - M[:, :-1])
     M.setflags(write=False)
-    return M
+    D.setflags(write=False)
+    return M, D
 
 
 def _fine_density(nodes: np.ndarray, logp: np.ndarray, n_fine: int, rows: int = 128):
     """q(eta) on the fine grid: log p~ interpolated by the not-a-knot cubic spline through the nodes
     (equally spaced per cell) at n_fine equally spaced points, normalised by the piecewise-exponential
     mass (``_piecewise_exp_cdf``), computed ``rows`` cells at a time (cache-sized temporaries).
+    The spline is taken of logp - c, c = max_j logp_j (the spline reproduces constants, so this is
+    the spline minus c; the fine grid holds the nodes, so its maximum is >= 0): log q = that - log
+    (step sum of masses), log Z = c + log(step sum of masses), and its differences come from their
+    own product (``_spline_matrices``) rather than from the fine values.
     Returns (grid (N, F), log q (N, F), cdf (N, F), log Z (N,))."""
     N, J = nodes.shape
-    M = _spline_matrix(J, n_fine)
+    M, D = _spline_matrices(J, n_fine)
     span = nodes[:, -1] - nodes[:, 0]
-    grid = np.multiply(span[:, None], np.linspace(0.0, 1.0, n_fine)[None])
-    grid += nodes[:, :1]
+    # grid = lo + span t_i, as one (N, 2) @ (2, F) product (one pass over the (N, F) output)
+    grid = np.column_stack([span, nodes[:, 0]]) @ np.vstack([np.linspace(0.0, 1.0, n_fine), np.ones(n_fine)])
     log_q, cdf, logZ = np.empty((N, n_fine)), np.empty((N, n_fine)), np.empty(N)
     step = span / (n_fine - 1)
+    c = logp.max(axis=1)
+    lp = logp - c[:, None]
     for lo in range(0, N, rows):
         sl = slice(lo, lo + rows)
-        np.matmul(logp[sl], M, out=log_q[sl])
-        logZ[sl], _ = _piecewise_exp_cdf(step[sl], log_q[sl], cdf[sl])
-        log_q[sl] -= logZ[sl, None]
+        np.matmul(lp[sl], M, out=log_q[sl])
+        lz, _ = _piecewise_exp_cdf(step[sl], log_q[sl], lp[sl] @ D, cdf[sl])
+        log_q[sl] -= lz[:, None]
+        logZ[sl] = c[sl] + lz
     return grid, log_q, cdf, logZ
 
 
