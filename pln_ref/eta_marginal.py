@@ -105,19 +105,20 @@ def _x_objective(u, x, eta, mu, cov) -> np.ndarray:
     return np.where(np.isfinite(f), f, -np.inf)
 
 
-def _x_value_and_gradient(u, x, eta, mu, cov):
+def _x_value_and_gradient(u, x, eta, mu, cov, lam_out=None):
     """The objective of ``_x_objective`` and its gradient in x from one Sigma^{-1} product, per row:
     z = x - eta, lambda = e^z, s = Sigma^{-1} (x - mu),
     f = sum_g (u_g z_g - lambda_g) - 1/2 (x - mu)^T s,  g_x = u - lambda - s (``model.cell_gradient``).
     Returns (f (n,) with -inf where not finite, g_x (n, G), lambda (n, G)); lambda is computed in the
-    array of z (one (n, G) temporary fewer)."""
+    array of z (one (n, G) temporary fewer), ``lam_out`` if given. sum_g lambda_g is a product with
+    a vector of ones (BLAS; NumPy's row reduction costs about 20 ns per row)."""
     r = x - mu
     s = cov.inv_mv(r)
-    z = x - eta[:, None]
+    z = np.subtract(x, eta[:, None], out=lam_out)
     with np.errstate(over="ignore", invalid="ignore"):
         uz = np.einsum("ng,ng->n", u, z)
         lam = np.exp(z, out=z)
-        f = uz - lam.sum(axis=1) - 0.5 * np.einsum("ng,ng->n", r, s)
+        f = uz - lam @ np.ones(lam.shape[1]) - 0.5 * np.einsum("ng,ng->n", r, s)
         g = np.subtract(u, lam, out=r)
         g -= s
     return np.where(np.isfinite(f), f, -np.inf), g, lam
@@ -226,10 +227,11 @@ def x_newton_fixed_eta(u: np.ndarray, x0: np.ndarray, eta: np.ndarray, mu: np.nd
     return _x_newton(u, x, np.asarray(eta, dtype=float), mu, cov, tol, max_iter, armijo)
 
 
-def _x_newton(u, x, eta, mu, cov, tol, max_iter, armijo):
-    """``x_newton_fixed_eta`` updating x (n, G) in place."""
+def _x_newton(u, x, eta, mu, cov, tol, max_iter, armijo, lam_out=None):
+    """``x_newton_fixed_eta`` updating x (n, G) in place; the returned factorisation's lambda is
+    ``lam_out`` (n, G) if given."""
     n = u.shape[0]
-    f_all, g, lam = _x_value_and_gradient(u, x, eta, mu, cov)
+    f_all, g, lam = _x_value_and_gradient(u, x, eta, mu, cov, lam_out)
     A_all = None  # the factorisation at the returned x: the first one, rows replaced as they converge later
     n_iter = np.zeros(n, dtype=int)
     conv = np.zeros(n, dtype=bool)
@@ -866,14 +868,16 @@ def _evaluate_nodes(terms: _CellTerms, gaussian: CellPosteriors, derivs: np.ndar
     """x*(eta), log p~(eta), b = A^{-1} lambda, the factorisation of A, diag A^{-1} and the mean
     correction delta at the nodes (n, J) of cells ``cells``, written into the (n, J, ...) arrays of
     ``dest`` (``_node_arrays``; C-contiguous, e.g. a block's rows of the output arrays): x is
-    started and iterated in place, and b, v = diag A^{-1} and delta are computed in their arrays."""
+    started and iterated in place, lambda of the first factorisation (rows replaced as they
+    converge later) is computed in its array, and b, v = diag A^{-1} and delta in theirs."""
     n, J = nodes.shape
     G = terms.u.shape[1]
     k = terms.cov.k
     uu = np.repeat(terms.u if cells.size == terms.u.shape[0] else terms.u[cells], J, axis=0)
     eta = nodes.reshape(-1)
     x0 = _taylor_start(gaussian, derivs, cells, nodes, out=dest["x"]).reshape(n * J, G)
-    x, f, A, it, conv = _x_newton(uu, x0, eta, terms.mu, terms.cov, tol, max_iter, 1e-4)
+    x, f, A, it, conv = _x_newton(uu, x0, eta, terms.mu, terms.cov, tol, max_iter, 1e-4,
+                                  lam_out=dest["lam"].reshape(n * J, G))
     lam, r, lr, S_inv, cov = A.lam, A.r, A.lr, A._S_inv, terms.cov
     v = A.inv_diag(out=dest["v"].reshape(n * J, G))
     # b = A^{-1} lambda = r (W S^{-1} t_lam + d lambda) and the mean correction
@@ -896,7 +900,6 @@ def _evaluate_nodes(terms: _CellTerms, gaussian: CellPosteriors, derivs: np.ndar
     dest["logp"][...] = (f - np.repeat(terms.lgam[cells], J) - 0.5 * terms.cov.logdet()
                          + truncnorm.logpdf(eta, np.repeat(terms.m[cells], J), terms.sigma_M)
                          - 0.5 * A.logdet()).reshape(n, J)
-    dest["lam"][...] = lam.reshape(n, J, G)
     dest["S"][...] = A.S.reshape(n, J, k, k)
     dest["LS"][...] = A.L_S.reshape(n, J, k, k)
     dest["it"][...] = it.reshape(n, J)
