@@ -249,9 +249,10 @@ class PosteriorPrecision:
 
     def logdet(self) -> np.ndarray:
         """log det A_c = sum_g log m_g + log det S_c - log det K, shape (N,), with
-        sum_g log m_g = -sum_g log r_g - sum_g log d_g (m = 1 / (r d): no m array is formed)."""
+        sum_g log m_g = -sum_g log r_g - sum_g log d_g (m = 1 / (r d): no m array is formed; the
+        sum over genes as a product with ones, BLAS, rather than a row reduction)."""
         ld_S = 2.0 * np.sum(np.log(np.diagonal(self.L_S, axis1=-2, axis2=-1)), axis=-1)
-        sum_log_m = -np.sum(np.log(self.r), axis=1) - np.sum(np.log(self.cov.d))
+        sum_log_m = -(np.log(self.r) @ np.ones(self.r.shape[1])) - np.sum(np.log(self.cov.d))
         return sum_log_m + ld_S - self.cov._logdet_K
 
     def S_inv(self) -> np.ndarray:
