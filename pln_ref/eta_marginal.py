@@ -354,9 +354,12 @@ def _hermite(t, h, x0, x1, m0, m1):
             + (-2 * t3 + 3 * t2) * x1 + (t3 - t2) * h * m1)
 
 
-def _skew_moments(cov: LowRankCov, lam: np.ndarray, C: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _skew_moments(cov: LowRankCov, lam: np.ndarray, C: np.ndarray,
+                  max_entries: int = 1 << 20) -> tuple[np.ndarray, np.ndarray]:
     """(kappa3, var_q) per row (n, G) of the skew transform of ``_skew_transform`` at a node
-    factorisation lam (n, G), C = S^{-1} (n, k, k), without G x G arrays (O(n G k^3)).
+    factorisation lam (n, G), C = S^{-1} (n, k, k), without G x G arrays (O(n G k^3)), computed
+    for blocks of rows whose (rows, G, k, k) temporaries have at most ``max_entries`` entries (8 MB;
+    all rows at once took several 800 MB temporaries at G = 1000, k = 10, mostly page faults).
 
     With Sigma_A = A^{-1} = diag(s0) + P C P^T, s0 = 1/m, P = r W (row g: P_g), c_ga = P_g C P_a^T,
     y_g = C P_g^T and T_tpq = sum_a lambda_a P_at P_ap P_aq:
@@ -369,6 +372,14 @@ def _skew_moments(cov: LowRankCov, lam: np.ndarray, C: np.ndarray) -> tuple[np.n
         Z_g = lambda_g s0_g P_g P_g^T + sum_t y_gt T_t.
     kappa3 is the leading-order third cumulant of x_g | eta (the only third derivatives of the log
     density are f_ggg = -lambda_g); var_q the variance the transform adds to diag(A^{-1})."""
+    n, G = lam.shape
+    rows = max(1, max_entries // (G * cov.k * cov.k))
+    if n > rows:
+        kappa3, var_q = np.empty((n, G)), np.empty((n, G))
+        for lo in range(0, n, rows):
+            kappa3[lo:lo + rows], var_q[lo:lo + rows] = _skew_moments(cov, lam[lo:lo + rows], C[lo:lo + rows],
+                                                                      max_entries)
+        return kappa3, var_q
     r = 1.0 / (1.0 + lam * cov.d)
     s0 = r * cov.d  # 1/m
     P = r[..., None] * cov.W  # (n, G, k)
