@@ -426,15 +426,31 @@ def _skew_inverse_logjac(cov: LowRankCov, lam: np.ndarray, r: np.ndarray, C: np.
     1.5 / (lambda_g A^{-1}_gg) above the mean in gene g's direction, e.g. 6-7 SD for lambda = 20), and
     the second preimage lies beyond 3 / (lambda_g A^{-1}_gg) (>= 11 SD of e on the validation designs,
     Gaussian mass < 1e-27), which the density ignores. Rows without a preimage on the main branch
-    (the iteration does not converge) or with det <= 0 get log-Jacobian +inf (density 0)."""
-    e = y.copy()
+    (the iteration does not converge) or with det <= 0 get log-Jacobian +inf (density 0).
+    A row stops iterating once its step is <= ``tol`` (or not finite); the rows still iterating are
+    gathered into smaller arrays whenever they fall to half of those iterated (median 16, maximum
+    34 iterations at G = 200: about half the work of iterating every row until the last converges)."""
+    lead, G, k = y.shape[:-1], y.shape[-1], C.shape[-1]
+    rows = lambda a, tail: np.broadcast_to(a, lead + tail).reshape((-1,) + tail)  # noqa: E731
+    yf, lamf, rf, vf, Cf = rows(y, (G,)), rows(lam, (G,)), rows(r, (G,)), rows(v, (G,)), rows(C, (k, k))
+    e, step, st = np.empty_like(yf), np.empty(yf.shape[0]), np.full(yf.shape[0], np.inf)
+    act = np.arange(yf.shape[0])  # rows iterating; (ya, la, ra, va, Ca, ea): their data, gathered
+    ya, la, ra, va, Ca, ea = yf, lamf, rf, vf, Cf, yf
     with np.errstate(all="ignore"):
         for _ in range(max_iter):
-            e_new = y + lowrank_solve(cov, r, C, lam * (e * e - v)) / 6.0
-            step = np.max(np.abs(e_new - e), axis=-1)
-            e = e_new
-            if np.all((step <= tol) | ~np.isfinite(step)):
+            e_new = ya + lowrank_solve(cov, ra, Ca, la * (ea * ea - va)) / 6.0
+            st = np.max(np.abs(e_new - ea), axis=-1)
+            ea = e_new
+            going = (st > tol) & np.isfinite(st)
+            if not going.any():
                 break
+            if 2 * np.count_nonzero(going) <= going.size:  # rows that stopped leave the working set
+                done = ~going
+                e[act[done]], step[act[done]] = ea[done], st[done]
+                act, ea, st = act[going], ea[going], st[going]
+                ya, la, ra, va, Ca = yf[act], lamf[act], rf[act], vf[act], Cf[act]
+        e[act], step[act] = ea, st
+        e, step = e.reshape(y.shape), step.reshape(lead)
         ok = np.isfinite(step) & (step <= 1e-8)
         e = np.where(ok[..., None], e, y)  # rows without a preimage: finite placeholder, density 0
         m = lam + cov.dinv
