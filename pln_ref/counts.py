@@ -49,6 +49,27 @@ def _resolve_source(data, layer: str | None):
     return data.layers[layer], f"counts (AnnData layer {layer!r})"
 
 
+_LOG_FACTORIAL_MAX = 1 << 20  # largest table of log n! kept (8 MB); larger counts use gammaln
+_log_factorial_table = np.zeros(0)
+
+
+def _log_factorial(v: np.ndarray) -> np.ndarray:
+    """log v! = gammaln(v + 1) of non-negative integer values v (float array, any shape): a lookup in
+    a cached table of gammaln(n + 1), n = 0, 1, ... (grown to the next power of two above max v),
+    which gives the same bits as gammaln at a tenth of its cost per entry; values above 2^20 use
+    gammaln directly."""
+    global _log_factorial_table
+    if v.size == 0:
+        return gammaln(v + 1.0)
+    top = float(v.max())
+    if top >= _LOG_FACTORIAL_MAX:
+        return gammaln(v + 1.0)
+    if top >= _log_factorial_table.size:
+        n = max(1024, 1 << int(top).bit_length())
+        _log_factorial_table = gammaln(np.arange(n) + 1.0)
+    return _log_factorial_table.take(v.astype(np.intp))
+
+
 def _row_sums(u, f) -> np.ndarray:
     """sum_g f(u_cg) per row of a dense or CSR block, for an elementwise f with f(0) = 0 (CSR: on
     the stored values only)."""
@@ -143,7 +164,7 @@ class CountMatrix:
         try:
             for sl, u in self._raw_blocks():
                 self._total[sl] = u.sum(axis=1)
-                self._lgamma[sl] = _row_sums(u, lambda v: gammaln(v + 1.0))
+                self._lgamma[sl] = _row_sums(u, _log_factorial)
         except ValueError as e:
             if self.what == "counts (AnnData .X)" and ("non-integer" in str(e) or "negative" in str(e)):
                 raise ValueError(f"{e}; .X looks normalised: {_raw_counts_hint(sorted(data.layers.keys()))}") from None
@@ -246,7 +267,7 @@ class CountMatrix:
             hi = min(N, lo + self.block_size)
             u = self._src[lo:hi]
             u = sp.csr_array(u, dtype=np.float64) if sp.issparse(u) else np.asarray(u, dtype=np.float64)
-            out[lo:hi] = _row_sums(u, lambda v: xlogy(v, v) - v - gammaln(v + 1.0))
+            out[lo:hi] = _row_sums(u, lambda v: xlogy(v, v) - v - _log_factorial(v))
         return out
 
     def column_moments(self) -> tuple[np.ndarray, np.ndarray]:

@@ -458,6 +458,11 @@ def test_skew_moments_and_draws_against_dense_algebra(small):
     # the low-rank part matters: a 1% error in S^{-1} shows beyond the tolerance used above
     k3b, _ = _skew_moments(em._cov(), em.lam_nodes[:, 0], em._S_inv_nodes()[:, 0] * 1.01)
     assert not np.allclose(k3b, k3[:, 0], rtol=1e-6)
+    # blocks of rows (one row per block here) give the all-rows result
+    lam2, C2 = em.lam_nodes.reshape(N * J, G), em._S_inv_nodes().reshape(N * J, *em.S_nodes.shape[-2:])
+    k3c, vqc = _skew_moments(em._cov(), lam2, C2, max_entries=1)
+    np.testing.assert_allclose(k3c, k3.reshape(N * J, G), rtol=1e-13, atol=1e-300)
+    np.testing.assert_allclose(vqc, vq.reshape(N * J, G), rtol=1e-13, atol=1e-300)
     S = 100000
     x, e = em.sample(np.random.default_rng(3), S)
     mx, sx = em.mean_x(), em.sd_x()
