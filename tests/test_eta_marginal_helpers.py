@@ -244,3 +244,14 @@ def test_taylor_start_equals_the_per_node_sum(gaussian, which):
             np.testing.assert_allclose(x0[a, j], want, rtol=1e-13, atol=1e-13)
             worst = max(worst, np.abs(want - g.x_map[c]).max())
     assert worst > 1e-3  # the series contributed
+
+
+def test_sup_norms_equal_the_max_of_abs_over_the_last_axis():
+    """eta_marginal._sup_norms (the Taylor start's per-term sup norms) equals max_g |a_g| on both of
+    its paths (short rows via the transposed copy, long rows via max and -min), for 2- and 3-d input."""
+    from pln_ref.eta_marginal import _sup_norms
+
+    rng = np.random.default_rng(0)
+    for shape in ((7, 1), (3, 5, 20), (4, 33), (2, 3, 100)):
+        a = rng.normal(size=shape) * rng.lognormal(size=shape)
+        np.testing.assert_array_equal(_sup_norms(a), np.abs(a).max(axis=-1))
