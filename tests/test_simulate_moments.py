@@ -316,6 +316,40 @@ def test_method_of_moments_streamed_path_matches_dense():
     assert err_s < 1.5 * err_d + 0.02
 
 
+@pytest.mark.parametrize("block", [1, 7, 40, 1000])
+def test_streamed_operator_rows_equal_the_clipped_log_moment_matrix(block):
+    """``fa_rows`` forms Sigma_hat X block by block as the plain formula over the whole matrix:
+    S_ij = clip(log(c0 + c1 R_ij), -b_ij, b_ij), b_ij = max_corr sqrt(s_i s_j), log of a
+    non-positive argument -> -b_ij, S_ii = s_i; the clamped off-diagonal pairs are counted once per
+    ordered pair, and ``count=False`` gives the same rows with a count of 0."""
+    from pln_ref.moments import _offdiag_inverter, fa_rows
+
+    rng = np.random.default_rng(3)
+    G, r, c0, c1, mc = 40, 5, 0.9, 1.3, 0.99
+    Qr = rng.normal(size=(G, r))
+    s = rng.uniform(0.05, 2.0, G)
+    X = rng.normal(size=(G, 3))
+    R = Qr @ Qr.T
+    arg = c0 + c1 * R
+    with np.errstate(divide="ignore", invalid="ignore"):
+        raw = np.where(arg > 0, np.log(np.where(arg > 0, arg, 1.0)), -np.inf)
+    b = mc * np.sqrt(np.outer(s, s))
+    S = np.clip(raw, -b, b)
+    S[np.diag_indices(G)] = s
+    off = ~np.eye(G, dtype=bool)
+    n_clamped = int(np.count_nonzero(((raw > b) | (raw < -b)) & off))
+    assert np.count_nonzero(arg <= 0) > 0 and n_clamped > 0  # both branches are exercised
+    inv = _offdiag_inverter(s, c0, c1, mc)
+    out, total = fa_rows(Qr, X, 0, G, block, inv)
+    np.testing.assert_allclose(out, S @ X, rtol=1e-12, atol=1e-12)
+    assert total == n_clamped
+    out2, total2 = fa_rows(Qr, X, 0, G, block, inv, count=False)
+    assert np.array_equal(out2, out) and total2 == 0
+    lo, hi = 11, 29  # a range of rows, as one Dask worker computes it
+    part, _ = fa_rows(Qr, X, lo, hi, block, inv)
+    np.testing.assert_allclose(part, out[lo:hi], rtol=1e-12, atol=1e-12)
+
+
 def test_method_of_moments_bad_input():
     u = np.ones((10, 4))
     with pytest.raises(ValueError, match="k < G"):

@@ -229,19 +229,13 @@ def _rmatmul_task(data: tuple, Y: np.ndarray) -> np.ndarray:
     return out
 
 
-def _fa_rows_task(Qr: np.ndarray, X: np.ndarray, lo: int, hi: int, block: int, inv: tuple) -> tuple:
+def _fa_rows_task(Qr: np.ndarray, X: np.ndarray, lo: int, hi: int, block: int, inv: tuple,
+                  count: bool) -> tuple:
     """Worker side, gene rows lo:hi of the streamed factor analysis' operator: (rows of
-    Sigma_hat X, clamped entries), with the same row blocks as in process (``moments._fa_streamed``)."""
-    from ..moments import _offdiag_inverter
+    Sigma_hat X, clamped entries) by ``moments.fa_rows``, the same row blocks as in process."""
+    from ..moments import _offdiag_inverter, fa_rows
 
-    invert_block = _offdiag_inverter(*inv)
-    out, total = np.empty((hi - lo, X.shape[1])), 0
-    for b0 in range(lo, hi, block):
-        rows = np.arange(b0, min(hi, b0 + block))
-        S_b, nc = invert_block(Qr[rows] @ Qr.T, rows)
-        total += nc
-        out[rows - lo] = S_b @ X
-    return out, total
+    return fa_rows(Qr, X, lo, hi, block, _offdiag_inverter(*inv), count)
 
 
 class DaskCounts:
@@ -327,8 +321,9 @@ class DaskCounts:
         return sum(_gather(self.client, futs))
 
     def fa_apply(self, Qr: np.ndarray, block: int, inv: tuple):
-        """``apply(X)`` = Sigma_hat X of ``moments._fa_streamed`` with its gene rows split over the
-        workers (one task per worker per call); returns (apply, counter of clamped entries)."""
+        """``apply(X, count)`` -> (Sigma_hat X, clamped entries) of ``moments._fa_streamed`` with its
+        gene rows split over the workers (one task per worker per call; ``count``: count the
+        clamped entries, else 0)."""
         c = self.client
         workers = sorted({w for h in self.homes for w in h})
         G = Qr.shape[0]
@@ -337,9 +332,9 @@ class DaskCounts:
         fut_Q = c.scatter(Qr, broadcast=True, hash=False, direct=True)
         fut_inv = c.scatter([inv], broadcast=True, hash=False, direct=True)[0]
 
-        def apply(X):
+        def apply(X, count=True):
             X = np.asarray(X)
-            futs = [c.submit(_fa_rows_task, fut_Q, X, cuts[j], cuts[j + 1], block, fut_inv, pure=False,
+            futs = [c.submit(_fa_rows_task, fut_Q, X, cuts[j], cuts[j + 1], block, fut_inv, count, pure=False,
                              workers=[w], allow_other_workers=True)
                     for j, w in enumerate(workers) if cuts[j + 1] > cuts[j]]
             parts = _gather(c, futs)
