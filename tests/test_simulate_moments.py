@@ -350,6 +350,28 @@ def test_streamed_operator_rows_equal_the_clipped_log_moment_matrix(block):
     np.testing.assert_allclose(part, out[lo:hi], rtol=1e-12, atol=1e-12)
 
 
+def test_gram_factor_is_as_good_as_the_exact_truncated_svd():
+    """Qr Qr^T from the randomized range finder approximates Z^T Z within 1% of the optimal rank-r
+    error (the exact truncated SVD's), its top singular values within 1e-3, and an operator Z gives
+    the same factor as the array."""
+    from scipy.sparse.linalg import aslinearoperator
+
+    from pln_ref.moments import gram_factor
+
+    rng = np.random.default_rng(4)
+    N, G, r = 400, 120, 8
+    Z = rng.normal(size=(N, 12)) @ (rng.normal(size=(12, G)) * np.linspace(3.0, 0.5, 12)[:, None])
+    Z += 0.3 * rng.normal(size=(N, G))
+    gram = Z.T @ Z
+    _, sv, vt = np.linalg.svd(Z, full_matrices=False)
+    best = np.linalg.norm(gram - (vt[:r].T * sv[:r] ** 2) @ vt[:r], 2)
+    Qr = gram_factor(Z, r, seed=1)
+    assert Qr.shape == (G, r)
+    assert np.linalg.norm(gram - Qr @ Qr.T, 2) <= 1.01 * best
+    np.testing.assert_allclose(np.linalg.norm(Qr, axis=0), sv[:r], rtol=1e-3)
+    np.testing.assert_allclose(gram_factor(aslinearoperator(Z), r, seed=1), Qr, rtol=1e-10, atol=1e-10)
+
+
 def test_method_of_moments_bad_input():
     u = np.ones((10, 4))
     with pytest.raises(ValueError, match="k < G"):
