@@ -87,7 +87,7 @@ from .anchor import resolve_log_anchor
 from .constants import LOG_2PI
 from .counts import CountMatrix
 from .laplace import PER_CELL_FIELDS, CellPosteriors
-from .lowrank import LowRankCov, PosteriorPrecision, lowrank_solve
+from .lowrank import LowRankCov, PosteriorPrecision, lowrank_solve, spd_inverse
 from .model import cell_gradient
 
 __all__ = ["EtaMarginalPosterior", "eta_marginal", "x_newton_fixed_eta"]
@@ -672,7 +672,7 @@ class EtaMarginalPosterior:
     def _S_inv_nodes(self) -> np.ndarray:
         """S^{-1} (N, J, k, k) of the node factorisations (cached)."""
         if getattr(self, "_S_inv_cache", None) is None:
-            self._S_inv_cache = np.linalg.inv(self.S_nodes)
+            self._S_inv_cache = spd_inverse(self.S_nodes)
         return self._S_inv_cache
 
     def _skew_nodes(self) -> tuple[np.ndarray, np.ndarray]:

@@ -363,9 +363,12 @@ def _offset_rows(gradient: Callable, lo: int) -> Callable:
 
 
 class _Direction(NamedTuple):
-    """Gradient, factorisation and projected Newton direction of the active cells. ``sb`` (n, k)
-    = S^{-1} W^T diag(r) Sigma^{-1} 1 gives bbar = r (W sb + d Sigma^{-1} 1) of any rows on
-    demand (``bbar_rows``; capture only, else None)."""
+    """Gradient, factorisation, squared Newton decrement and projected Newton step of the active
+    cells. ``sb`` (n, k) = S^{-1} W^T diag(r) Sigma^{-1} 1 gives bbar = r (W sb + d Sigma^{-1} 1) of
+    any rows on demand (``bbar_rows``; capture only, else None). The x-part of the step is formed
+    on demand too (``step``), for the cells that take it: a cell that stops at this iterate needs
+    only its decrement. ``x_step``: the step itself (without capture), else None; ``s_a``, ``c``,
+    ``rgd``: its pieces (with capture: S^{-1} t_a, delta_eta, r d g_x)."""
 
     gx: np.ndarray
     ge: np.ndarray
@@ -373,9 +376,13 @@ class _Direction(NamedTuple):
     A: PosteriorPrecision
     sb: np.ndarray | None
     s: np.ndarray | None
-    dx: np.ndarray
     deta: np.ndarray
     gnorm: np.ndarray
+    dec2: np.ndarray
+    x_step: np.ndarray | None = None
+    s_a: np.ndarray | None = None
+    c: np.ndarray | None = None
+    rgd: np.ndarray | None = None
 
     def bbar_rows(self, sel) -> np.ndarray:
         """bbar = A^{-1} Sigma^{-1} 1 of rows ``sel`` (one (n, k) @ (k, G) product)."""
@@ -385,6 +392,23 @@ class _Direction(NamedTuple):
         out += dsig
         out *= self.A.r[sel]
         return out
+
+    def step(self, rows=None) -> np.ndarray:
+        """delta_x of rows ``rows`` (None: all): r (W (s_a - c s_b) - c d sigma1 + d g_x) + c
+        (``_newton_direction``), one (n, k + 1) @ (k + 1, G) product and three passes."""
+        if self.x_step is not None:
+            return self.x_step if rows is None else self.x_step[rows]
+        pick = (lambda a: a) if rows is None else (lambda a: a[rows])  # noqa: E731
+        c, sb = pick(self.c), pick(self.sb)
+        _, _, _, WtE = self.A.cov.eta_tables()
+        coef = np.empty((len(c), sb.shape[1] + 1))
+        coef[:, :-1] = pick(self.s_a) - c[:, None] * sb
+        coef[:, -1] = -c
+        dx = coef @ WtE  # W (s_a - c s_b) - c d sigma1
+        dx *= pick(self.A.r)
+        dx += pick(self.rgd)
+        dx += c[:, None]
+        return dx
 
 
 def _block_start(u, params, log_anchor, x0, eta0):
@@ -424,7 +448,14 @@ def _newton_direction(ua, xa, ea, ma, mu, cov, sigma_M, grad_fn, active, point=N
                   c = delta_eta (0 for cells held on the bound)
 
     (W^T lambda r and (lambda r)^T d sigma1 come with S from one product, ``LowRankCov.eta_tables``.)
-    bbar itself is formed only for cells whose factorisation is kept (``_Direction.bbar_rows``)."""
+    bbar itself is formed only for cells whose factorisation is kept (``_Direction.bbar_rows``), and
+    delta_x only for the cells that take the step (``_Direction.step``): the squared decrement that
+    decides it comes from k-vectors and one pass,
+
+        g^T (-H)^{-1} g = g_x^T a + c num = t_a^T s_a + (r d g_x)^T g_x + c num,
+                  num = g_eta + g_x^T (1 - bbar)   (c num = num^2 / s for free cells)
+
+    plus g_eta delta_eta = -g_eta eta for cells held on the bound."""
     gx, ge, lam = point if point is not None else cell_gradient(ua, xa, ea, mu, cov, ma, sigma_M)
     if grad_fn is not None:
         gx, ge = grad_fn(active, xa, ea)
@@ -433,7 +464,6 @@ def _newton_direction(ua, xa, ea, ma, mu, cov, sigma_M, grad_fn, active, point=N
         sb = s = None
         dx = A.solve(gx)
         deta = np.zeros(len(ea))
-        g_eta_proj = np.zeros(len(ea))
     else:
         ext, sW, dsig, WtE = cov.eta_tables()
         k, n_pairs = cov.k, cov.pair_table.shape[1]
@@ -454,18 +484,17 @@ def _newton_direction(ua, xa, ea, ma, mu, cov, sigma_M, grad_fn, active, point=N
         deta_free = num / s
         bound = (ea <= _EPS_BOUND) & (deta_free <= 0)
         c = np.where(bound, 0.0, deta_free)
-        coef = np.empty((len(ea), k + 1))
-        coef[:, :k] = s_a - c[:, None] * sb
-        coef[:, k] = -c
-        dx = coef @ WtE  # W (s_a - c s_b) - c d sigma1
-        dx *= r
-        rg *= cov.d  # r d g_x (rg is this call's own array)
-        dx += rg
-        dx += c[:, None]
         deta = np.where(bound, -ea, deta_free)
+        rg *= cov.d  # r d g_x (rg is this call's own array)
+        # g^T (-H)^{-1} g without the step: g_x^T a = t_a^T s_a + (r d g_x)^T g_x (both >= 0), plus
+        # delta_eta num = num^2 / s (free) or g_eta delta_eta (held on the bound, c = 0)
+        dec2 = np.einsum("na,na->n", t_a, s_a) + np.einsum("ng,ng->n", rg, gx)
+        dec2 += np.where(bound, ge * deta, c * num)
         g_eta_proj = np.where((ea <= _EPS_BOUND) & (ge <= 0), 0.0, ge)
-    gnorm = np.maximum(np.maximum(gx.max(axis=1), -gx.min(axis=1)), np.abs(g_eta_proj))
-    return _Direction(gx, ge, lam, A, sb, s, dx, deta, gnorm)
+        gnorm = np.maximum(np.maximum(gx.max(axis=1), -gx.min(axis=1)), np.abs(g_eta_proj))
+        return _Direction(gx, ge, lam, A, sb, s, deta, gnorm, dec2, None, s_a, c, rg)
+    gnorm = np.maximum(gx.max(axis=1), -gx.min(axis=1))
+    return _Direction(gx, ge, lam, A, sb, s, deta, gnorm, np.einsum("ng,ng->n", gx, dx), dx)
 
 
 def _point(u, usum, x, eta, mu, cov, m, sigma_M):
@@ -603,7 +632,7 @@ def _newton_block(u, params, log_anchor, x0, eta0, gtol, max_iter, grad_fn, armi
             f0[need] = cell_objective(ua[need], xa[need], ea[need], mu, cov,
                                       None if ma is None else ma[need], sigma_M)
             f_all[active[need]] = f0[need]
-        dec2 = np.einsum("ng,ng->n", dr.gx, dr.dx) + dr.ge * dr.deta  # Newton decrement^2 (>= 0)
+        dec2 = dr.dec2  # Newton decrement^2 g^T (-H)^{-1} g (>= 0)
         conv_g = dr.gnorm <= gtol
         conv_dec = None
         if dec_tol is not None:
@@ -630,7 +659,7 @@ def _newton_block(u, params, log_anchor, x0, eta0, gtol, max_iter, grad_fn, armi
             break
         kept = (lambda a: a) if keep.all() else (lambda a: a[keep])  # noqa: E731
         prob = LineSearchProblem(
-            u=kept(ua), x=kept(xa), eta=kept(ea), dx=kept(dr.dx), deta=kept(dr.deta),
+            u=kept(ua), x=kept(xa), eta=kept(ea), dx=dr.step(None if keep.all() else keep), deta=kept(dr.deta),
             gx=kept(dr.gx), ge=kept(dr.ge), lam=kept(dr.lam), f0=kept(f0), dec2=kept(dec2), mu=mu,
             cov=cov, m=None if ma is None else kept(ma), sigma_M=sigma_M, armijo=armijo)
         if fused:

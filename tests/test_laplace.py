@@ -189,11 +189,42 @@ def test_newton_direction_equals_dense_and_schur():
     H = neg_hessian(x, eta, p)
     g = np.concatenate([gx, ge[:, None]], axis=1)[..., None]
     dense = np.linalg.solve(H.dense(), g)[..., 0]
-    np.testing.assert_allclose(np.concatenate([dr.dx, dr.deta[:, None]], axis=1), dense, rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(np.concatenate([dr.step(), dr.deta[:, None]], axis=1), dense, rtol=1e-10, atol=1e-12)
+    # the decrement from k-vectors equals g^T (-H)^{-1} g, and the step of a subset of rows is
+    # the same rows of the whole step
+    np.testing.assert_allclose(dr.dec2, np.einsum("nj,nj->n", g[..., 0], dense), rtol=1e-10)
+    rows = np.array([True, False, True, True, False, False])
+    np.testing.assert_allclose(dr.step(rows), dr.step()[rows], rtol=1e-13, atol=1e-15)
     ref = eta_schur(H.A, 1.0 / p.capture.sigma_M**2)
     np.testing.assert_allclose(dr.s, ref.s, rtol=1e-12)
     np.testing.assert_allclose(dr.bbar_rows(slice(None)), ref.bbar, rtol=1e-10, atol=1e-13)
     np.testing.assert_allclose(dr.bbar_rows(np.array([4, 1])), ref.bbar[[4, 1]], rtol=1e-10, atol=1e-13)
+
+
+def test_newton_direction_on_the_bound_takes_the_x_step_and_its_decrement():
+    """Cells at eta = 0 whose free eta step points outward take the x-only step a = A^{-1} g_x with
+    delta_eta = -eta, and their decrement is g_x^T a + g_eta delta_eta; the others the full step."""
+    from pln_ref.laplace import _EPS_BOUND, _newton_direction, _point
+    from pln_ref.lowrank import LowRankCov
+
+    rng, p, u, la = _setup(seed=5, G=9, N=8)
+    cov = LowRankCov.from_params(p)
+    x = np.log(u + 0.5) + 0.5 * rng.normal(size=u.shape)
+    eta = np.where(np.arange(8) % 2 == 0, 0.0, 1.0)
+    m = p.capture.prior_mean(la)
+    _, gx, ge, lam = _point(u, u.sum(axis=1), x, eta, p.mu, cov, m, p.capture.sigma_M)
+    dr = _newton_direction(u, x, eta, m, p.mu, cov, p.capture.sigma_M, None, np.arange(8), (gx, ge, lam))
+    H = neg_hessian(x, eta, p)
+    g = np.concatenate([gx, ge[:, None]], axis=1)[..., None]
+    free = np.linalg.solve(H.dense(), g)[..., 0]
+    a = np.linalg.solve(H.A.dense(), gx[..., None])[..., 0]
+    held = (eta <= _EPS_BOUND) & (free[:, -1] <= 0)
+    assert held.any() and (~held).any()
+    dx_ref = np.where(held[:, None], a, free[:, :-1])
+    deta_ref = np.where(held, -eta, free[:, -1])
+    np.testing.assert_allclose(dr.step(), dx_ref, rtol=1e-9, atol=1e-11)
+    np.testing.assert_allclose(dr.deta, deta_ref, rtol=1e-9, atol=1e-11)
+    np.testing.assert_allclose(dr.dec2, np.einsum("ng,ng->n", gx, dx_ref) + ge * deta_ref, rtol=1e-9)
 
 
 def test_line_search_without_acceptable_step_stops_the_cell(monkeypatch):

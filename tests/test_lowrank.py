@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from pln_ref.lowrank import LowRankCov, PosteriorPrecision
+from pln_ref.lowrank import LowRankCov, PosteriorPrecision, spd_inverse
 
 
 def _case(seed, G, k, N):
@@ -108,3 +108,22 @@ def test_inv_mv_W_equals_dense():
     dense = np.linalg.solve(cov.dense(), v.T).T
     np.testing.assert_allclose(a, dense, rtol=1e-7, atol=1e-6 * np.abs(dense).max())
     np.testing.assert_allclose(aW, dense @ cov.W, rtol=1e-7, atol=1e-9 * np.abs(dense @ cov.W).max())
+
+
+@pytest.mark.parametrize("shape", [(0, 3, 3), (5, 3, 3), (200, 1, 1), (200, 5, 5), (100, 10, 10),
+                                   (7, 20, 3, 3), (300, 12, 12), (80, 13, 13)])
+def test_spd_inverse_equals_lapack_and_leaves_its_input(shape):
+    """The vectorised sweep (stacks >= 64 of order <= 12) and the LAPACK fallback both give S^{-1}
+    to round-off, for any leading shape, without writing into S (k = 1: the stack-last copy of a
+    (n, 1, 1) array must not be a view of it)."""
+    rng = np.random.default_rng(0)
+    *lead, k, _ = shape
+    A = rng.normal(size=(*lead, k, k))
+    S = A @ np.swapaxes(A, -1, -2) + np.eye(k)
+    S0 = S.copy()
+    X = spd_inverse(S)
+    assert X.shape == S.shape and X.flags.c_contiguous
+    assert np.array_equal(S, S0)
+    if S.size:
+        np.testing.assert_allclose(X @ S, np.broadcast_to(np.eye(k), S.shape), atol=1e-12)
+        np.testing.assert_allclose(X, np.linalg.inv(S0), rtol=1e-11, atol=1e-13)
