@@ -657,9 +657,10 @@ def _newton_block(u, params, log_anchor, x0, eta0, gtol, max_iter, grad_fn, armi
         active = active[keep]
         if active.size == 0:
             break
-        kept = (lambda a: a) if keep.all() else (lambda a: a[keep])  # noqa: E731
+        sub = None if keep.all() else keep
+        kept = (lambda a: a) if sub is None else (lambda a: a[sub])  # noqa: E731
         prob = LineSearchProblem(
-            u=kept(ua), x=kept(xa), eta=kept(ea), dx=dr.step(None if keep.all() else keep), deta=kept(dr.deta),
+            u=kept(ua), x=kept(xa), eta=kept(ea), dx=dr.step(sub), deta=kept(dr.deta),
             gx=kept(dr.gx), ge=kept(dr.ge), lam=kept(dr.lam), f0=kept(f0), dec2=kept(dec2), mu=mu,
             cov=cov, m=None if ma is None else kept(ma), sigma_M=sigma_M, armijo=armijo)
         if fused:
