@@ -394,8 +394,13 @@ class _Direction(NamedTuple):
         return out
 
     def step(self, rows=None) -> np.ndarray:
-        """delta_x of rows ``rows`` (None: all): r (W (s_a - c s_b) - c d sigma1 + d g_x) + c
-        (``_newton_direction``), one (n, k + 1) @ (k + 1, G) product and three passes."""
+        """delta_x of rows ``rows`` (a boolean mask, or None: all): r (W (s_a - c s_b) - c d sigma1
+        + d g_x) + c (``_newton_direction``), one (n, k + 1) @ (k + 1, G) product and three passes.
+        Formed on the selected rows (which gathers r and r d g_x) unless they are more than 80% of
+        the cells, where forming all rows and gathering the result is cheaper (measured at
+        524 x 1000, k = 10: equal at 80%, 1.74 against 1.50 ms at 95%, 0.55 against 1.33 ms at 30%)."""
+        if rows is not None and np.count_nonzero(rows) > 0.8 * len(rows):
+            return self.step()[rows]
         if self.x_step is not None:
             return self.x_step if rows is None else self.x_step[rows]
         pick = (lambda a: a) if rows is None else (lambda a: a[rows])  # noqa: E731
