@@ -172,23 +172,31 @@ def test_blocks_are_exact():
         newton_map(u, p, la[:-1], block_size=5)
 
 
+def _direction_case(seed, eta, *, shift, noise):
+    """``_newton_direction`` at x = log(u + 1/2) + shift + noise N(0, 1), G = 9, N = len(eta) (the
+    NumPy gradient pieces of ``_point``), with the dense (-H) and its full Newton step:
+    (params, direction, g_x, g_eta, H, g (N, G + 1, 1), (-H)^{-1} g (N, G + 1))."""
+    from pln_ref.laplace import _newton_direction, _point
+    from pln_ref.lowrank import LowRankCov
+
+    N = len(eta)
+    rng, p, u, la = _setup(seed=seed, G=9, N=N)
+    cov = LowRankCov.from_params(p)
+    x = np.log(u + 0.5) + shift + noise * rng.normal(size=u.shape)
+    m = p.capture.prior_mean(la)
+    _, gx, ge, lam = _point(u, u.sum(axis=1), x, eta, p.mu, cov, m, p.capture.sigma_M)
+    dr = _newton_direction(u, x, eta, m, p.mu, cov, p.capture.sigma_M, None, np.arange(N), (gx, ge, lam))
+    H = neg_hessian(x, eta, p)
+    g = np.concatenate([gx, ge[:, None]], axis=1)[..., None]
+    return p, dr, gx, ge, H, g, np.linalg.solve(H.dense(), g)[..., 0]
+
+
 def test_newton_direction_equals_dense_and_schur():
     """``_newton_direction`` (eta pieces from k-vectors, bbar formed on demand) gives the dense
     (-H)^{-1} g step, s = the Schur complement and bbar = A^{-1} Sigma^{-1} 1 of ``eta_schur``."""
-    from pln_ref.laplace import _newton_direction, _point
-    from pln_ref.lowrank import LowRankCov
     from pln_ref.model import eta_schur
 
-    rng, p, u, la = _setup(seed=3, G=9, N=6)
-    cov = LowRankCov.from_params(p)
-    x = np.log(u + 0.5) + 1.0 + 0.1 * rng.normal(size=u.shape)
-    eta = np.full(6, 1.0)
-    m = p.capture.prior_mean(la)
-    _, gx, ge, lam = _point(u, u.sum(axis=1), x, eta, p.mu, cov, m, p.capture.sigma_M)
-    dr = _newton_direction(u, x, eta, m, p.mu, cov, p.capture.sigma_M, None, np.arange(6), (gx, ge, lam))
-    H = neg_hessian(x, eta, p)
-    g = np.concatenate([gx, ge[:, None]], axis=1)[..., None]
-    dense = np.linalg.solve(H.dense(), g)[..., 0]
+    p, dr, gx, ge, H, g, dense = _direction_case(3, np.full(6, 1.0), shift=1.0, noise=0.1)
     np.testing.assert_allclose(np.concatenate([dr.step(), dr.deta[:, None]], axis=1), dense, rtol=1e-10, atol=1e-12)
     # the decrement from k-vectors equals g^T (-H)^{-1} g, and the step of a subset of rows is
     # the same rows of the whole step
@@ -205,19 +213,10 @@ def test_newton_direction_equals_dense_and_schur():
 def test_newton_direction_on_the_bound_takes_the_x_step_and_its_decrement():
     """Cells at eta = 0 whose free eta step points outward take the x-only step a = A^{-1} g_x with
     delta_eta = -eta, and their decrement is g_x^T a + g_eta delta_eta; the others the full step."""
-    from pln_ref.laplace import _EPS_BOUND, _newton_direction, _point
-    from pln_ref.lowrank import LowRankCov
+    from pln_ref.laplace import _EPS_BOUND
 
-    rng, p, u, la = _setup(seed=5, G=9, N=8)
-    cov = LowRankCov.from_params(p)
-    x = np.log(u + 0.5) + 0.5 * rng.normal(size=u.shape)
     eta = np.where(np.arange(8) % 2 == 0, 0.0, 1.0)
-    m = p.capture.prior_mean(la)
-    _, gx, ge, lam = _point(u, u.sum(axis=1), x, eta, p.mu, cov, m, p.capture.sigma_M)
-    dr = _newton_direction(u, x, eta, m, p.mu, cov, p.capture.sigma_M, None, np.arange(8), (gx, ge, lam))
-    H = neg_hessian(x, eta, p)
-    g = np.concatenate([gx, ge[:, None]], axis=1)[..., None]
-    free = np.linalg.solve(H.dense(), g)[..., 0]
+    _, dr, gx, ge, H, g, free = _direction_case(5, eta, shift=0.0, noise=0.5)
     a = np.linalg.solve(H.A.dense(), gx[..., None])[..., 0]
     held = (eta <= _EPS_BOUND) & (free[:, -1] <= 0)
     assert held.any() and (~held).any()
