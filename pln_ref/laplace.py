@@ -12,7 +12,7 @@ Newton step (one factorisation of A = diag(lambda) + Sigma^{-1} serves both righ
 
 (s and the numerator of delta_eta are evaluated in cancellation-free forms through
 bbar = 1 - b = A^{-1} Sigma^{-1} 1, as in ``model.eta_schur``, from k-vectors of each cell;
-see ``_newton_direction`` and ``_eta_numerator``.)
+see ``_newton_direction``.)
 
 Globalisation: backtracking (Armijo) line search along the projected path
 (x + t dx, max(0, eta + t deta)), full steps once the squared Newton decrement is <= 1e-6
@@ -229,18 +229,6 @@ class CellPosteriors:
         return out
 
 
-def _eta_numerator(ge, gx, bbar):
-    """g_eta + lambda^T A^{-1} g_x, the numerator of the eta Newton step. With b = A^{-1} lambda =
-    1 - bbar: lambda^T A^{-1} g_x = b^T g_x = 1^T g_x - bbar^T g_x, so
-
-        numerator = g_eta + 1^T g_x - bbar^T g_x
-
-    (one pass over the cell's genes; g is small near the MAP and bbar = A^{-1} Sigma^{-1} 1 is
-    computed without forming b, so the only difference of large sums is g_eta's
-    1^T lambda - 1^T u, rounded to about eps 1^T u)."""
-    return ge + gx.sum(axis=1) - np.einsum("ng,ng->n", bbar, gx)
-
-
 def _default_start(u: np.ndarray, m: np.ndarray | None):
     eta0 = np.zeros(u.shape[0]) if m is None else np.maximum(m, 0.0)
     x0 = np.log(u + 0.5) + eta0[:, None]
@@ -368,7 +356,8 @@ class _Direction(NamedTuple):
     any rows on demand (``bbar_rows``; capture only, else None). The x-part of the step is formed
     on demand too (``step``), for the cells that take it: a cell that stops at this iterate needs
     only its decrement. ``x_step``: the step itself (without capture), else None; ``s_a``, ``c``,
-    ``rgd``: its pieces (with capture: S^{-1} t_a, delta_eta, r d g_x)."""
+    ``rgd``: its pieces (with capture: S^{-1} t_a, delta_eta, r d g_x). ``num_x`` (capture):
+    1^T g_x - bbar^T g_x, the x part of the eta step's numerator (kept for the final posterior)."""
 
     gx: np.ndarray
     ge: np.ndarray
@@ -383,6 +372,7 @@ class _Direction(NamedTuple):
     s_a: np.ndarray | None = None
     c: np.ndarray | None = None
     rgd: np.ndarray | None = None
+    num_x: np.ndarray | None = None
 
     def bbar_rows(self, sel) -> np.ndarray:
         """bbar = A^{-1} Sigma^{-1} 1 of rows ``sel`` (one (n, k) @ (k, G) product)."""
@@ -485,7 +475,11 @@ def _newton_direction(ua, xa, ea, ma, mu, cov, sigma_M, grad_fn, active, point=N
         s_a = np.einsum("nab,nb->na", S_inv, t_a)
         sb = np.einsum("nab,nb->na", S_inv, r @ sW)
         s = 1.0 / sigma_M**2 + np.einsum("na,na->n", P[:, n_pairs:n_pairs + k], sb) + P[:, -1]
-        num = ge + gx.sum(axis=1) - (np.einsum("na,na->n", t_a, sb) + rg @ dsig)  # _eta_numerator
+        # numerator of delta_eta: g_eta + lambda^T a = g_eta + 1^T g_x - bbar^T g_x (b = 1 - bbar),
+        # with bbar^T g_x from k-vectors; g is small near the MAP, so the only difference of large
+        # sums is g_eta's 1^T lambda - 1^T u (rounded to about eps 1^T u)
+        num_x = gx.sum(axis=1) - (np.einsum("na,na->n", t_a, sb) + rg @ dsig)
+        num = ge + num_x
         deta_free = num / s
         bound = (ea <= _EPS_BOUND) & (deta_free <= 0)
         c = np.where(bound, 0.0, deta_free)
@@ -497,7 +491,7 @@ def _newton_direction(ua, xa, ea, ma, mu, cov, sigma_M, grad_fn, active, point=N
         dec2 += np.where(bound, ge * deta, c * num)
         g_eta_proj = np.where((ea <= _EPS_BOUND) & (ge <= 0), 0.0, ge)
         gnorm = np.maximum(np.maximum(gx.max(axis=1), -gx.min(axis=1)), np.abs(g_eta_proj))
-        return _Direction(gx, ge, lam, A, sb, s, deta, gnorm, dec2, None, s_a, c, rg)
+        return _Direction(gx, ge, lam, A, sb, s, deta, gnorm, dec2, None, s_a, c, rg, num_x)
     gnorm = np.maximum(gx.max(axis=1), -gx.min(axis=1))
     return _Direction(gx, ge, lam, A, sb, s, deta, gnorm, np.einsum("ng,ng->n", gx, dx), dx)
 
@@ -578,8 +572,8 @@ class _BlockStore:
     factorisation of the converged iterate instead of recomputing it."""
 
     def __init__(self, N, G, k, capture):
-        self.lam, self.gx, self.r = np.empty((N, G)), np.empty((N, G)), np.empty((N, G))
-        self.ge = np.zeros(N)
+        self.lam, self.r = np.empty((N, G)), np.empty((N, G))
+        self.ge, self.num_x = np.zeros(N), np.zeros(N)
         self.S, self.L_S, self.S_inv = np.empty((N, k, k)), np.empty((N, k, k)), np.empty((N, k, k))
         self.bbar = np.empty((N, G)) if capture else None
         self.s = np.empty(N) if capture else None
@@ -588,12 +582,16 @@ class _BlockStore:
 
     def put(self, cells, sel, d: _Direction) -> None:
         if cells.size == self.ge.size and sel.all():  # every cell of the block at once: adopt
-            self.lam, self.gx, self.ge, self.r = d.lam, d.gx, d.ge, d.A.r
+            self.lam, self.ge, self.r = d.lam, d.ge, d.A.r
+            if d.num_x is not None:
+                self.num_x = d.num_x
             self.S, self.L_S, self.S_inv = d.A.S, d.A.L_S, d.A.S_inv()
             if self.bbar is not None:
                 self.bbar, self.s = d.bbar_rows(slice(None)), d.s
             return
-        self.lam[cells], self.gx[cells], self.ge[cells] = d.lam[sel], d.gx[sel], d.ge[sel]
+        self.lam[cells], self.ge[cells] = d.lam[sel], d.ge[sel]
+        if d.num_x is not None:
+            self.num_x[cells] = d.num_x[sel]
         self.r[cells], self.S[cells], self.S_inv[cells] = d.A.r[sel], d.A.S[sel], d.A.S_inv()[sel]
         self.L_S[cells] = np.linalg.cholesky(d.A.S[sel])  # only the finished cells' factors
         if self.bbar is not None:
@@ -705,7 +703,7 @@ def _final_posterior(u, params, log_anchor, cov, x, eta, m_all, sigma_M, store: 
         # g_eta at eta = 0 for cells on the bound (stored at their eta <= _EPS_BOUND)
         ge = store.ge + np.where(on_bound, eta, 0.0) / sigma_M**2
         eta = np.where(on_bound, 0.0, eta)
-        num = _eta_numerator(ge, store.gx, store.bbar)
+        num = ge + store.num_x  # g_eta + 1^T g_x - bbar^T g_x (``_newton_direction``)
         delta = np.where(on_bound, num / s, 0.0)
     need = np.isnan(f_all)
     if need.any():

@@ -119,6 +119,21 @@ def test_bound_cells_truncated_eta():
     ob = np.flatnonzero(post.on_bound)
     assert ob.size > 0
     assert np.all(post.delta[ob] <= 1e-6)
+    # delta = (g_eta + lambda^T A^{-1} g_x) / s at (x_map, 0), against the dense A and
+    # model.cell_gradient; with a loose Newton tolerance g_x is not small, so its term counts
+    from pln_ref.lowrank import LowRankCov
+    from pln_ref.model import cell_gradient
+
+    loose = newton_map(u, p, la, gtol=0.3)
+    lb = np.flatnonzero(loose.on_bound)
+    assert lb.size > 0
+    zero = np.zeros(lb.size)
+    gx, ge, lam = cell_gradient(u[lb], loose.x_map[lb], zero, p.mu, LowRankCov.from_params(p),
+                                p.capture.prior_mean(la)[lb], p.capture.sigma_M)
+    a = np.linalg.solve(neg_hessian(loose.x_map[lb], zero, p).A.dense(), gx[..., None])[..., 0]
+    term_x = np.einsum("ng,ng->n", lam, a)
+    assert np.max(np.abs(term_x)) > 1e-3 * np.max(np.abs(ge))
+    np.testing.assert_allclose(loose.delta[lb], (ge + term_x) / loose.s[lb], rtol=1e-7, atol=1e-10)
     near = ~post.on_bound & (post.eta_map * np.sqrt(post.s) < 2.0)  # interior, truncation matters
     assert near.any()
     x, e = post.sample(rng, 20000)
