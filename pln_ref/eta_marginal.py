@@ -87,7 +87,7 @@ from .anchor import resolve_log_anchor
 from .constants import LOG_2PI
 from .counts import CountMatrix
 from .laplace import PER_CELL_FIELDS, CellPosteriors
-from .lowrank import LowRankCov, PosteriorPrecision, lowrank_solve, spd_inverse
+from .lowrank import LowRankCov, PosteriorPrecision, chol_inverse, lowrank_solve, spd_inverse
 from .model import cell_gradient
 
 __all__ = ["EtaMarginalPosterior", "eta_marginal", "x_newton_fixed_eta"]
@@ -124,35 +124,6 @@ def _x_value_and_gradient(u, x, eta, mu, cov, lam_out=None):
     return np.where(np.isfinite(f), f, -np.inf), g, lam
 
 
-def _chol_inv(S: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(L, S^{-1}) of a batch of symmetric positive definite k x k matrices S (n, k, k), L the lower
-    Cholesky factor, S^{-1} = L^{-T} L^{-1}. Computed with the batch as the last (contiguous) axis:
-    column j of L, row i of L^{-1} and all of S^{-1} are each one vectorised NumPy call over the n
-    matrices (3k calls in all), instead of n LAPACK calls per batched ``np.linalg`` function (for
-    the small k here, per-matrix call overhead dominates: 10000 3 x 3 matrices take 0.8 ms this way,
-    4-9 ms by ``np.linalg.inv`` + ``np.linalg.cholesky``; 260 10 x 10 matrices 0.5 ms against
-    1.2 ms). Agrees with LAPACK to round-off (S >= I_k here, so well conditioned)."""
-    n, k, _ = S.shape
-    St = np.ascontiguousarray(np.moveaxis(S, 0, -1))  # (k, k, n)
-    L = np.zeros_like(St)
-    for j in range(k):
-        Lj = L[j, :j]
-        diag = St[j, j] - np.einsum("cn,cn->n", Lj, Lj) if j else St[j, j]
-        ljj = np.sqrt(diag)
-        L[j, j] = ljj
-        if j + 1 < k:
-            col = St[j + 1:, j] - np.einsum("icn,cn->in", L[j + 1:, :j], Lj) if j else St[j + 1:, j]
-            np.divide(col, ljj, out=L[j + 1:, j])
-    Li = np.zeros_like(St)  # L^{-1} by forward substitution, one row at a time
-    dinv = 1.0 / np.einsum("iin->in", L)
-    for i in range(k):
-        row = -np.einsum("cn,cbn->bn", L[i, :i], Li[:i]) if i else np.zeros((k, n))
-        row[i] += 1.0
-        np.multiply(row, dinv[i], out=Li[i])
-    S_inv = np.einsum("can,cbn->abn", Li, Li)
-    return np.ascontiguousarray(np.moveaxis(L, -1, 0)), np.ascontiguousarray(np.moveaxis(S_inv, -1, 0))
-
-
 _EXT_TABLES: "weakref.WeakKeyDictionary[LowRankCov, np.ndarray]" = weakref.WeakKeyDictionary()
 
 
@@ -167,8 +138,9 @@ def _ext_table(cov: LowRankCov) -> np.ndarray:
 
 class _NodePrecision(PosteriorPrecision):
     """``PosteriorPrecision`` of many (cell, node) rows built by ``_node_factor``: S, its Cholesky
-    factor and S^{-1} from one ``_chol_inv`` (no LAPACK batch calls), and t_lam = W^T (lambda r)
-    from the same product as S (so b = A^{-1} lambda needs no further (n, G) @ (G, k) product), and
+    factor and S^{-1} from one ``lowrank.chol_inverse`` (no LAPACK batch calls), and
+    t_lam = W^T (lambda r) from the same product as S (so b = A^{-1} lambda needs no further
+    (n, G) @ (G, k) product), and
     lr = lambda r, the product's left factor (kept for b and the mean correction).
     Rows can be overwritten by those of a later factorisation (``set_rows``), so the Newton solver
     below returns the factorisation at its final iterates without recomputing or copying the rows
@@ -186,7 +158,7 @@ class _NodePrecision(PosteriorPrecision):
 def _node_factor(cov: LowRankCov, lam: np.ndarray) -> _NodePrecision:
     """The factorisation of A = diag(lambda) + Sigma^{-1} (``PosteriorPrecision``) of rows lam (n, G):
     r = 1 / (1 + lambda d), lr = lambda r, [S - I | t_lam] = lr @ [pair_table | W], (L_S, S^{-1}) =
-    ``_chol_inv``(S)."""
+    ``lowrank.chol_inverse``(S)."""
     k, n_pairs = cov.k, cov.pair_table.shape[1]
     r = lam * cov.d
     r += 1.0
@@ -195,7 +167,7 @@ def _node_factor(cov: LowRankCov, lam: np.ndarray) -> _NodePrecision:
     P = lr @ _ext_table(cov)
     S = cov.unpack_pairs(P[:, :n_pairs])
     S[..., np.arange(k), np.arange(k)] += 1.0
-    L, S_inv = _chol_inv(S)
+    L, S_inv = chol_inverse(S)
     A = _NodePrecision.from_factor(cov, lam, S, L, r, S_inv)
     A.t_lam = np.ascontiguousarray(P[:, n_pairs:])
     A.lr = lr

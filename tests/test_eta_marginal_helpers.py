@@ -1,5 +1,5 @@
 """The factorisation helpers of pln_ref.eta_marginal against independent computations:
-``_chol_inv`` (Cholesky factor and inverse vectorised over the batch axis) against LAPACK
+``lowrank.chol_inverse`` (Cholesky factor and inverse vectorised over the batch axis) against LAPACK
 (np.linalg.cholesky / np.linalg.inv) and against the defining identities L L^T = S, S S^{-1} = I;
 ``_gaussian_block`` (a block of the Gaussian posterior with its factorisation sliced) against
 ``CellPosteriors.subset``, which refactorises the block from lambda (the way ``eta_marginal`` built
@@ -14,9 +14,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import pln_ref
-from pln_ref.eta_marginal import _chol_inv, _gaussian_block, _taylor_start, _x_star_derivatives, eta_marginal
+from pln_ref.eta_marginal import _gaussian_block, _taylor_start, _x_star_derivatives, eta_marginal
 from pln_ref.laplace import CellPosteriors, newton_map
 from pln_ref.lowrank import PosteriorPrecision
+from pln_ref.lowrank import chol_inverse as _chol_inv
 
 EPS = np.finfo(float).eps
 
