@@ -12,6 +12,8 @@ import math
 import numbers
 from dataclasses import asdict, dataclass, fields, replace
 
+from .constants import GAP_TOL
+
 __all__ = ["LaplaceConfig", "VAEConfig", "method_config"]
 
 
@@ -61,7 +63,7 @@ class LaplaceConfig:
     checkpoint: str | None = None
     checkpoint_every: int = 50
     resume: str | None = None
-    gap_tol: float = 3e-4
+    gap_tol: float = GAP_TOL
     raise_d: bool = True
     em_cycles: int = 0
     max_epochs: float | None = None

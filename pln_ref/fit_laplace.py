@@ -25,7 +25,7 @@ import time
 
 import numpy as np
 
-from .constants import D_FLOOR
+from .constants import D_FLOOR, GAP_TOL
 from .counts import CountMatrix
 from .outer.adam import run_adam
 from .outer.evaluate import Evaluator, laplace_objective, laplace_terms
@@ -65,7 +65,7 @@ def optimize_globals(
     progress: bool = True,
     optimizer: str = "lbfgs",
     truncation: bool = True,
-    gap_tol: float = 3e-4,
+    gap_tol: float = GAP_TOL,
     fingerprint: dict | None = None,
     em_cycles: int = 0,
     client=None,

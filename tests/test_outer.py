@@ -212,7 +212,11 @@ def test_s_inverse_is_cached():
 
 def test_corrected_em_has_the_laplace_optimum_as_fixed_point():
     """The corrected EM map (adjoint w and truncation kappa) leaves the optimum of the evidence in
-    place (to 1e-6); the plain Laplace-EM map (w = 0, kappa = 0) moves it."""
+    place (to 1e-5); the plain Laplace-EM map (w = 0, kappa = 0) moves it (by > 1e-3). The fit's
+    certificate bounds the evidence gap, not the distance to the optimum: its gradient is still
+    about 1e-5, and the EM map's displacement follows the gradient (2.8e-6 at the fit the Fisher
+    preconditioner with ``effective_rate`` reaches, 5e-7 with the earlier mean rate; the two
+    evidences differ by 2.5e-9 nats/cell)."""
     from pln_ref.outer.em import em_update
     from pln_ref.outer.evaluate import Evaluation
 
@@ -228,7 +232,7 @@ def test_corrected_em_has_the_laplace_optimum_as_fixed_point():
     mu3, W3, d3 = em_update(ev, Evaluation(e.value, e.grad, e.post, e.gtol, plain_terms), q.mu, q.W, q.d)
     moved_plain = max(np.abs(mu3 - q.mu).max(), np.abs(W3 @ W3.T + np.diag(d3) - S).max())
     print(f"corrected EM moves the optimum by {moved:.1e}, plain EM by {moved_plain:.1e}")
-    assert moved < 1e-6
+    assert moved < 1e-5
     assert moved_plain > 1e-3
 
 

@@ -12,7 +12,7 @@ from pln_ref import truncnorm
 from pln_ref.fit_laplace import optimize_globals
 from pln_ref.outer.evaluate import Evaluator
 from pln_ref.outer.lbfgs import run_lbfgs
-from pln_ref.outer.precondition import FisherPreconditioner, eta_prior_variance
+from pln_ref.outer.precondition import FisherPreconditioner, effective_rate, eta_prior_variance
 from pln_ref.outer.start import initial_globals
 
 
@@ -27,7 +27,7 @@ def _operator(G=7, k=3, seed=0, eta_var=0.2):
 
 def test_fisher_preconditioner_equals_its_dense_formula():
     """H0 q_mu = C q_mu, H0 Q_W = C Q_W (K + delta tr(K)/k I)^{-1}, H0 q_s = q_s / curvature, with
-    C = W W^T + v 1 1^T + diag(d + 1/lambdabar) and K = W^T C^{-1} W, against dense algebra."""
+    C = W W^T + v 1 1^T + diag(d + 1/lambdatilde) and K = W^T C^{-1} W, against dense algebra."""
     G, k, v = 7, 3, 0.2
     W, d, lam, s_inv, P = _operator(G, k, eta_var=v)
     C = W @ W.T + v * np.ones((G, G)) + np.diag(d + 1.0 / lam)
@@ -85,3 +85,29 @@ def test_run_lbfgs_refuses_an_unknown_preconditioner():
     ev = Evaluator(sim.counts.astype(float), sim.log_anchor, p.capture)
     with pytest.raises(ValueError, match="precondition must be"):
         run_lbfgs(ev, None, n_steps=1, gtol=1e-6, rule=None, precondition="newton")
+
+
+def test_effective_rate_gives_each_gene_its_mean_information():
+    """1 / (Sigma_gg + 1 / lambdatilde_g) = mean_c lambda_cg / (1 + lambda_cg Sigma_gg); equal rates in
+    every cell give lambdatilde = lambda; rates that vary between cells give less than their mean
+    (the information is concave in lambda)."""
+    rng = np.random.default_rng(4)
+    N, G = 300, 6
+    sgg = rng.uniform(0.2, 30.0, G)
+    lam = np.exp(rng.normal(-2.0, 2.5, size=(N, G)))  # sparse, heavy-tailed genes
+    m = np.mean(lam / (1.0 + lam * sgg), axis=0)
+    rate = effective_rate(m, sgg)
+    np.testing.assert_allclose(1.0 / (sgg + 1.0 / rate), m, rtol=1e-10)
+    assert np.all(rate < lam.mean(axis=0))
+    const = np.full((N, G), 3.7)
+    np.testing.assert_allclose(effective_rate(np.mean(const / (1.0 + const * sgg), axis=0), sgg), 3.7, rtol=1e-9)
+
+
+def test_laplace_terms_rate_info_is_the_summed_information_at_the_maps():
+    p = pln_ref.random_params(9, 2, seed=5, capture=True)
+    sim = pln_ref.simulate(p, 40, seed=6)
+    ev = Evaluator(sim.counts.astype(float), sim.log_anchor, p.capture)
+    e = ev(p.mu, p.W, p.d)
+    lam = e.post.precision.lam
+    sgg = np.einsum("ga,ga->g", p.W, p.W) + p.d
+    np.testing.assert_allclose(e.terms.rate_info, np.sum(lam / (1.0 + lam * sgg), axis=0), rtol=1e-12)

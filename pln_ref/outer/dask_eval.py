@@ -16,7 +16,7 @@ cells with the in-process code (``Evaluator._solve``: ``laplace.newton_map`` war
 the block's MAPs, then ``laplace_terms``; each block densified on its own) and returns
 
 - a small result to the client: l of the partition's cells, its gradient sums, info_mu and
-  lambda_sum (summed over its blocks), Newton iterations, cells on the bound and the worker's
+  rate_info (summed over its blocks), Newton iterations, cells on the bound and the worker's
   CPU seconds;
 - the partition's new MAPs (x*, eta*), which stay on the worker as a future: the warm start of
   the next evaluation. As in process, the warm start is replaced only when the evaluation is
@@ -125,7 +125,7 @@ def _partition_task(data: tuple, maps: tuple | None, glob: tuple, capture, gtol:
     """Worker side, one partition of cells: the in-process blocked evaluation
     (``Evaluator._blocked``) of its blocks of ``block_cells`` cells in order, each densified on its
     own. Returns ((x_map float32, eta_map) of the partition, (terms with l and the gradient,
-    info_mu, lambda_sum summed over the partition's blocks, cpu newton, cpu terms, Newton
+    info_mu, rate_info summed over the partition's blocks, cpu newton, cpu terms, Newton
     iterations, cells on the bound))."""
     u_p, la, lgam = data
     n, G = u_p.shape

@@ -69,15 +69,17 @@ class LaplaceTerms(NamedTuple):
     wx (N, G) x-part of the adjoint w = (-H)^{-1} r (with the truncation term's r; None when
     ift=False); kappa (N,) truncation coefficient d c / d s (None without truncation); info_mu (G,)
     sum_c diag(Sigma^{-1} - Sigma^{-1} C_c Sigma^{-1}) = sum_c (lambda - lambda^2 diag A^{-1} - q^2/s),
-    the observed information of each mu_g at fixed MAPs, and lambda_sum (G,) sum_c lambda_cg at the
-    MAPs (both for the L-BFGS preconditioner, ``outer.precondition``)."""
+    the observed information of each mu_g at fixed MAPs, and rate_info (G,)
+    sum_c lambda_cg / (1 + lambda_cg Sigma_gg) at the MAPs, the information about x_g of counts
+    read as Gaussian observations with variance 1 / lambda_cg (both for the L-BFGS
+    preconditioner, ``outer.precondition``)."""
 
     l: np.ndarray
     grad: dict | None
     wx: np.ndarray | None
     kappa: np.ndarray | None
     info_mu: np.ndarray | None = None
-    lambda_sum: np.ndarray | None = None
+    rate_info: np.ndarray | None = None
 
 
 def laplace_terms(
@@ -190,8 +192,11 @@ def laplace_terms(
         g_W += alpha.T @ aW  # sum_c alpha_c (alpha_c^T W)
         g_d_acc += np.einsum("ng,ng->g", alpha, alpha)
     g_d = 0.5 * g_d_acc
+    rate = lam * cov.diag()
+    rate += 1.0
+    np.divide(lam, rate, out=rate)  # lambda / (1 + lambda Sigma_gg)
     return LaplaceTerms(l, {"mu": g_mu, "W": g_W, "d": g_d}, wx, kappa if trunc else None, info_mu,
-                        lam.sum(axis=0))
+                        rate.sum(axis=0))
 
 
 def laplace_objective(
@@ -232,13 +237,13 @@ class Evaluation(NamedTuple):
 
 def _sum_terms(parts: list[LaplaceTerms]) -> LaplaceTerms:
     """Join the ``laplace_terms`` of disjoint blocks of cells: l concatenated, the gradient and
-    info_mu and lambda_sum summed (sums over cells, so the block sums are exact)."""
+    info_mu and rate_info summed (sums over cells, so the block sums are exact)."""
     l = np.concatenate([t.l for t in parts])
     if parts[0].grad is None:
         return LaplaceTerms(l, None, None, None)
     grad = {k: sum(t.grad[k] for t in parts) for k in parts[0].grad}
     return LaplaceTerms(l, grad, None, None, sum(t.info_mu for t in parts),
-                        sum(t.lambda_sum for t in parts))
+                        sum(t.rate_info for t in parts))
 
 
 def _blocked_evaluation(parts: list[LaplaceTerms], N: int, gtol: float, n_bound: int,
