@@ -9,7 +9,10 @@ Iteration: p = -H g by the two-loop recursion over the last ``memory`` pairs (de
 gamma D, gamma = s^T y / y^T D y, D the preconditioner, by default the Fisher operator of
 ``precondition.FisherPreconditioner``). Measured with ``validation/benchmarks/bench_speed.py``
 (steps to the certificate, diagonal D -> Fisher D): real 2000 x 1000 counts, k = 10: 172 -> 80;
-real 2000 x 200, k = 5: 67 -> 29; simulated 2000 x 1000, k = 10: 82 -> 21. With the Fisher D,
+real 2000 x 200, k = 5: 67 -> 29; simulated 2000 x 1000, k = 10: 82 -> 21. With the Fisher D's
+per-gene noise from ``precondition.effective_rate`` and the certificate at 1e-4 instead of 3e-4
+(``bench_speed_stop26.json``): 58, 40 and 15 steps, each fit closer to its reference (gaps
+1.7e-5, 3.1e-6, 5.3e-4 nats/cell against 4.5e-4, 2.7e-4, 3.0e-4). With the Fisher D,
 100 pairs instead of 50, a damping of 1e-2 instead of 1e-3 or a step cap of 3 or 10 instead of
 1 did not reduce the steps on the real 2000 x 1000 counts (80, 80, 89, 95). A line search for
 the weak Wolfe conditions (Armijo c1 = 1e-4, curvature c2 = 0.9; backtracking by safeguarded

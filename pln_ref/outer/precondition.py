@@ -129,7 +129,7 @@ def preconditioner(ev, z: np.ndarray, G: int, k: int, from_z, eta_var: float, ki
     if kind != "fisher" or terms.rate_info is None:
         return D
     _, W, d = from_z(z, G, k)
-    rate = effective_rate(terms.rate_info / ev.N, d + np.einsum("ga,ga->g", W, W))
+    rate = effective_rate(terms.rate_info / ev.N, LowRankCov(W, d).diag())
     return FisherPreconditioner(W, d, rate, eta_var, D[G + G * k:])
 
 
