@@ -75,18 +75,6 @@ print(json.dumps({"cpu_s": cpu, "wall_s": wall, "rss_peak": rss_peak, "evidence"
 """
 
 
-def _data(N: int, G: int, env: dict) -> Path:
-    """The cached simulated counts (CSR .npz) of ``bench_memory``'s generator at N x G, k = 5."""
-    path = bm.DATA / f"sim_N{N}_G{G}_k{K}.npz"
-    if not path.exists():
-        bm.DATA.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.stem + ".tmp.npz")
-        subprocess.run([sys.executable, "-c", bm.SIMULATE, str(N), str(G), str(K), str(tmp)], env=env, check=True)
-        Path(str(tmp) + ".dense.npy").replace(str(path) + ".dense.npy")
-        tmp.replace(path)
-    return path
-
-
 def run_fit(path: Path, G: int, n0: int, env: dict) -> dict:
     """One fit (n0 = 0: full batch; else the sampled L-BFGS from n0 cells) in a fresh process."""
     here = str(Path(__file__).resolve().parent)
@@ -119,7 +107,7 @@ def main() -> None:
         if case not in CASES:
             raise SystemExit(f"unknown case {case!r}: expected one of {', '.join(CASES)}")
         N, G = CASES[case]
-        data = _data(N, G, env)
+        data = bm._data(N, G, "csr", env)  # bench_memory's generator and cache (one copy)
         print(f"{case}: {N} cells x {G} genes, k = {K} (CSR)", flush=True)
         full = run_fit(data, G, 0, env)
         sampled = run_fit(data, G, args.n0, env)
