@@ -17,6 +17,6 @@ D_FLOOR = 1e-6
 
 #: Default tolerance (nats/cell) of the L-BFGS certificate on the estimated evidence gap
 #: (``outer.stopping``): a factor 10 below the 1e-3 nats/cell the project asks of a fit, because the
-#: gap estimate has been measured up to 6.5 times below the true gap (real 2000 x 2000 counts,
-#: k = 10, with about 360 Heywood genes; ``outer.stopping``).
+#: gap estimate has been measured 5-6.5 times below the true gap (real 2000 x 2000 counts, k = 10,
+#: with about 360 Heywood genes; ``outer.stopping``).
 GAP_TOL = 1e-4
