@@ -25,9 +25,9 @@ The **certificate** stops the fit when max(gap_qn, gap_tail, gain_k) <= ``gap_to
 on two consecutive steps. The factor covers the measured underestimation of the estimate: on real
 2000 x 2000 counts, k = 10 (about 360 genes with d at its floor), the fit's gains fell geometrically
 for 10 steps while the remaining gap was 5-6.5 times their tail sum (2.3e-4 estimated; 1.2e-3 below
-a 165-step fit, about 1.5e-3 below the optimum extrapolated from its gains), so 3e-4 stopped it
-outside 1e-3; with 1e-4 it stopped 4.4e-4 below the 165-step fit. The benchmark cases took about
-1-3 more steps at 1e-4 than at 3e-4. The certificate needs at least 2 ``min_window`` (8) gains.
+a 165-evaluation fit, about 1.5e-3 below the optimum extrapolated from its gains), so 3e-4 stopped it
+outside 1e-3; with 1e-4 it stopped 4.4e-4 below the 165-evaluation fit. The benchmark cases took
+1-4 more steps at 1e-4 than at 3e-4. The certificate needs at least 2 ``min_window`` (8) gains.
 The **gradient** rule stops when ||g||_inf <= ``grad_tol``. The **step cap** stops with a
 ``ConvergenceWarning``. "stalled": the line search found no decrease (the objective is flat to
 round-off along the search direction); the message then reports the last gap estimate.
