@@ -49,6 +49,6 @@ def test_working_information_is_the_hessian_of_the_gaussian_working_model():
             ei, ej = np.eye(P)[i] * h, np.eye(P)[j] * h
             H[i, j] = H[j, i] = -(loglik(z + ei + ej) - loglik(z + ei - ej) - loglik(z - ei + ej)
                                   + loglik(z - ei - ej)) / (4 * h * h)
-    M = _script().working_information(u, None, params, post)
+    M = _script().working_information(params, post)
     assert M.shape == (P, P)
     np.testing.assert_allclose(M, H, rtol=1e-4, atol=1e-5 * np.abs(H).max())

@@ -51,11 +51,10 @@ script) is within 7.6% of the Hessian: spread 1.5, kappa 43. This H0 rescaled ge
 that its (mu_g, W_g, s_g) blocks are the working model's: spread 1.6, 14 outliers. Yet in the fit
 (steps to the certificate; this H0: 40 on real 2000 x 200, 58 on real 2000 x 1000, k = 10, 15 on
 the simulated 2000 x 1000):
-- the working model's own per-gene blocks took 135 steps (27 cross-gene directions, moves of
-  mu along W and of W within its column space, sit at 0.005-0.14 of the median);
-- the whole working model from the start, 71-78 steps (far from the optimum the observed
-  information is a poor metric);
-- switched in after 20 steps of this H0, 37;
+- on real 2000 x 200, the working model's own per-gene blocks took 135 steps (27 cross-gene
+  directions, moves of mu along W and of W within its column space, sit at 0.005-0.14 of the
+  median); the whole working model from the start, 71-78 (far from the optimum the observed
+  information is a poor metric), and switched in after 20 steps of this H0, 37;
 - the rescaled H0 switched in after 10 steps, 34, 85 and 15 steps (frozen at the switch, 59 on
   2000 x 1000).
 Rebuilding this H0 every 5 steps instead of every step left the steps unchanged (57 against 58 on

@@ -10,7 +10,8 @@ first), and compares these models M of H (H0 = M^{-1}):
 
 - ``fisher``: the default H0 (``outer.precondition.FisherPreconditioner``);
 - ``diagonal``: ``outer.precondition.diagonal_curvature``;
-- ``exact_mu_W_s_blocks``: H itself, block-diagonal in (mu | W | s) (W block damped like the Fisher's);
+- ``exact_mu_W_s_blocks``: H itself, block-diagonal in (mu | W | s), its W block plus
+  1e-3 tr(K)/k Sigma^{-1} (x) I (K = W^T Sigma^{-1} W), since that block carries the rotation null space;
 - ``exact_gene_blocks``: H itself, block-diagonal over genes, one (k + 2) x (k + 2) block
   (mu_g, W_g, s_g) per gene;
 - ``working_gene_blocks``, ``working_full``: the observed information of the Gaussian working
@@ -76,7 +77,7 @@ def fd_hessian(fg, z: np.ndarray, h: float, tol: float = 1e-9) -> tuple[np.ndarr
     return 0.5 * (H + H.T), asym
 
 
-def working_information(u, la, params, post) -> np.ndarray:
+def working_information(params, post) -> np.ndarray:
     """The working model's observed information (module docstring), dense (G (k + 2))^2, in z =
     (mu, vec W, s) coordinates, averaged over the cells of ``post``."""
     from pln_ref.constants import D_FLOOR
@@ -152,6 +153,8 @@ def main(argv=None) -> int:
     from pln_ref.outer import lbfgs, precondition
     from pln_ref.outer.evaluate import Evaluator
 
+    if args.case not in bs.CASES:
+        raise SystemExit(f"unknown case {args.case!r}: expected one of {', '.join(bs.CASES)}")
     ref_path = RESULTS / f"reference_{args.case}.npz"
     if not ref_path.exists():
         raise SystemExit(f"no cached reference {ref_path.name}: run bench_speed.py --cases {args.case} first")
@@ -180,7 +183,7 @@ def main(argv=None) -> int:
         D = precondition.preconditioner(ev, z, G, k, lbfgs.from_z, precondition.eta_prior_variance(cap, la), kind)
         H0 = np.column_stack([D(e) for e in np.eye(P)]) if callable(D) else np.diag(D)
         models[kind] = np.linalg.inv(0.5 * (H0 + H0.T))
-    damp = np.zeros_like(H)  # the Fisher's W damping, so that the exact W block is invertible
+    damp = np.zeros_like(H)  # a damping of the exact W block (the rotation null space), as in the docstring
     Wb = slice(G, G + G * k)
     C = LowRankCov(params.W, params.d).dense()
     Kf = params.W.T @ np.linalg.solve(C, params.W)
@@ -191,7 +194,7 @@ def main(argv=None) -> int:
     models["exact_mu_W_s_blocks"] = blocks + damp
     models["exact_gene_blocks"] = gene_blocks(H, G, k)
     post = newton_map(u, params, la, gtol=1e-9)
-    Mw = working_information(u, la, params, post)
+    Mw = working_information(params, post)
     err = float(np.linalg.norm(Mw - H) / np.linalg.norm(H))
     w, V = np.linalg.eigh(Mw)
     Mw_psd = (V * np.maximum(np.abs(w), 1e-3 * np.median(w[w > 0]))) @ V.T
