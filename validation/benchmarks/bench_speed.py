@@ -14,7 +14,8 @@ real1000  real scRNA counts (pyPLNmodels ``load_scrna``, scMARK), 2000 cells x t
 real200   the same cells, the 200 most expressed genes, k = rank = 5;
 sim1000   the repository's simulated benchmark (``random_params(1000, 10, seed=0, capture=True,
           mean_log_rate=1.75, sigma_M=0.5)``, ``simulate(p, 2000, seed=1)``), k = 10; pln-ref gets
-          the true capture settings, both methods only the realised library sizes.
+          the true capture settings, both methods only the realised library sizes;
+sim200    the same generator with 200 genes and k = 5 (small enough for ``outer_hessian.py``).
 
 Per case: ``pln_ref.fit(u, k=k)`` with its defaults (capture "auto" on the real counts), process CPU
 time (``time.process_time``), outer steps, CPU per outer step (whole fit, and the outer optimisation
@@ -60,7 +61,8 @@ from pln_ref.outer.evaluate import Evaluator  # noqa: E402
 from pln_ref.params import PLNParams  # noqa: E402
 
 RESULTS = ROOT / "validation" / "benchmarks" / "results"
-CASES = {"real1000": ("real", 1000, 10), "real200": ("real", 200, 5), "sim1000": ("sim", 1000, 10)}
+CASES = {"real1000": ("real", 1000, 10), "real200": ("real", 200, 5), "sim1000": ("sim", 1000, 10),
+         "sim200": ("sim", 200, 5)}
 
 
 def load() -> list:
