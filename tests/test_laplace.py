@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 from scipy.optimize import minimize
 
+import pln_ref
 from pln_ref import Capture, PLNParams
 from pln_ref.laplace import newton_map
 from pln_ref.model import grad_log_joint, log_joint, neg_hessian
@@ -297,3 +298,22 @@ def test_decrement_stop_is_close_to_the_map_and_says_so():
     assert (tight.objective - warm.objective).max() <= 1e-6
     same = newton_map(u, p, la, gtol=1e-11, dec_tol=None)
     np.testing.assert_array_equal(same.x_map, tight.x_map)
+
+
+def test_newton_stops_at_the_rounding_noise_of_a_heywood_gene():
+    """A gene with d at the floor (1e-6) makes Sigma^{-1} ~ 1e6 amplify the rounding of x - mu, so
+    the gradient cannot reach gtol 1e-9 (without the stall rule: 37 iterations per cell on average
+    here and 4 cells at max_iter = 200). Cells stop as "roundoff" after a few iterations instead,
+    at the same objective as a gtol 1e-6 solve to within its rounding (1e-7 here)."""
+    p = pln_ref.random_params(40, 2, seed=5, capture=True, mean_log_rate=1.75, sigma_M=0.5)
+    d = p.d.copy()
+    d[3] = 1e-6
+    p = pln_ref.PLNParams(p.mu, p.W, d, p.capture)
+    u = pln_ref.simulate(p, 200, seed=6).counts.astype(float)
+    tight = newton_map(u, p, None, gtol=1e-9)
+    loose = newton_map(u, p, None, gtol=1e-6)
+    assert not np.any(tight.converged_by == "max_iter")
+    assert tight.n_iter.max() <= 12
+    assert set(np.unique(tight.converged_by)) <= {"gradient", "roundoff"}
+    np.testing.assert_allclose(tight.objective, loose.objective, rtol=0, atol=1e-6)
+    np.testing.assert_allclose(tight.x_map, loose.x_map, rtol=0, atol=1e-5)
