@@ -9,7 +9,8 @@ Usage (one BLAS thread; one fit at a time on the shared machine)::
 
 Cases: ``20k`` = 20,000 cells x 2,000 genes, ``10k1k`` = 10,000 x 1,000, ``5k1k`` = 5,000 x 1,000,
 ``20k500`` = 20,000 x 500 and ``40k500`` = 40,000 x 500 (more cells per global: N / P = 5.7 and 11.4
-against 1.4 for ``20k``, P = G (k + 2)), k = 5 throughout. Counts: ``random_params(G, 5, seed=0, capture=True)`` and
+against 1.4 for ``20k``, P = G (k + 2)), k = 5 throughout. Counts:
+``random_params(G, 5, seed=0, capture=True)`` and
 ``simulate(params, N, seed=1)`` (the generator of ``bench_memory.py``, run in a separate process and
 cached as CSR under ``validation/out/bench_memory_data/``), fitted with the default capture and the
 realised library sizes. Each fit runs in a fresh Python process (``subprocess``) so that its peak RSS
