@@ -25,7 +25,8 @@ import numpy as np
 
 from .constants import LOG_2PI
 
-__all__ = ["LowRankCov", "PosteriorPrecision", "chol_inverse", "lowrank_solve", "spd_inverse"]
+__all__ = ["LowRankCov", "PosteriorPrecision", "chol_inverse", "lowrank_solve", "sigma_dense", "sigma_diag",
+           "spd_inverse"]
 
 #: ``spd_inverse`` sweeps stacks of at least this many matrices of order at most SWEEP_MAX_K;
 #: otherwise (few or large matrices) it calls ``np.linalg.inv``
@@ -112,6 +113,17 @@ def lowrank_solve(cov: "LowRankCov", r: np.ndarray, S_inv: np.ndarray, b: np.nda
     return out
 
 
+def sigma_diag(W: np.ndarray, d: np.ndarray) -> np.ndarray:
+    """diag(Sigma)_g = sum_a W_ga^2 + d_g, O(G k): the one home of diag(Sigma) (``LowRankCov.diag``,
+    ``PLNParams.sigma_diag``)."""
+    return np.einsum("ga,ga->g", W, W) + d
+
+
+def sigma_dense(W: np.ndarray, d: np.ndarray) -> np.ndarray:
+    """Dense G x G Sigma = W W^T + diag(d) (tests, small G, or explicit user request only)."""
+    return W @ W.T + np.diag(d)
+
+
 def _pair_index(k: int) -> tuple[np.ndarray, np.ndarray]:
     return np.triu_indices(k)
 
@@ -176,11 +188,12 @@ class LowRankCov:
         return -0.5 * (self.G * LOG_2PI + self.logdet() + self.quad(r))
 
     def diag(self) -> np.ndarray:
-        return np.einsum("ga,ga->g", self.W, self.W) + self.d
+        """diag(Sigma) (``sigma_diag``)."""
+        return sigma_diag(self.W, self.d)
 
     def dense(self) -> np.ndarray:
-        """Dense G x G Sigma (tests, small G, or explicit user request only)."""
-        return self.W @ self.W.T + np.diag(self.d)
+        """Dense G x G Sigma (``sigma_dense``; tests, small G, or explicit user request only)."""
+        return sigma_dense(self.W, self.d)
 
     def sample(self, rng: np.random.Generator, n: int) -> np.ndarray:
         """n zero-mean draws W z + sqrt(d) eps with covariance Sigma, shape (n, G)."""

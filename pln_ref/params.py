@@ -15,6 +15,8 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
+from .lowrank import sigma_dense, sigma_diag
+
 __all__ = ["PLNParams", "Capture"]
 
 
@@ -99,12 +101,13 @@ class PLNParams:
         return replace(self, capture=capture)
 
     def sigma_diag(self) -> np.ndarray:
-        """diag(Sigma)_g = sum_a W_ga^2 + d_g (O(Gk))."""
-        return np.einsum("ga,ga->g", self.W, self.W) + self.d
+        """diag(Sigma)_g = sum_a W_ga^2 + d_g (O(Gk); ``lowrank.sigma_diag``)."""
+        return sigma_diag(self.W, self.d)
 
     def sigma_dense(self) -> np.ndarray:
-        """Dense Sigma = W W^T + diag(d): G x G, for small G / tests / on request only."""
-        return self.W @ self.W.T + np.diag(self.d)
+        """Dense Sigma = W W^T + diag(d): G x G, for small G / tests / on request only
+        (``lowrank.sigma_dense``)."""
+        return sigma_dense(self.W, self.d)
 
     def correlation_dense(self) -> np.ndarray:
         """Dense gene-gene correlation of x: Sigma_gh / sqrt(Sigma_gg Sigma_hh)."""

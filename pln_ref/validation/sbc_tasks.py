@@ -14,6 +14,7 @@ import warnings
 
 import numpy as np
 
+from ..lowrank import sigma_dense
 from ..model import poisson_loglik
 from ..params import Capture, PLNParams
 from ..simulation import simulate
@@ -241,7 +242,7 @@ def _joint_quantities(pr: dict, post, n_lat: int) -> tuple[np.ndarray, np.ndarra
     the log-likelihood sum_cg log Poisson(u_cg | exp(x_cg - eta_c))."""
     G = pr["mu"].shape[0]
     iu = np.triu_indices(G)
-    S_true = pr["W"] @ pr["W"].T + np.diag(pr["d"])
+    S_true = sigma_dense(pr["W"], pr["d"])
     Sig = np.asarray(post["Sigma"].values)[:, :, iu[0], iu[1]]
     xs = np.asarray(post["x"].values)
     es = np.asarray(post["eta"].values)
