@@ -25,7 +25,7 @@ import numpy as np
 from .config import LaplaceConfig, VAEConfig, method_config
 from .anchor import resolve_log_anchor
 from .counts import CountMatrix
-from .data import check_genes_cells
+from .data import check_genes_cells, is_anndata
 from .params import Capture
 
 __all__ = ["fit", "resolve_capture"]
@@ -138,12 +138,8 @@ def fit(
 
 
 def _names(data) -> dict:
-    """gene_names / cell_names of an AnnData input (None otherwise)."""
-    try:
-        import anndata as ad
-    except ImportError:  # pragma: no cover
-        return {"gene_names": None, "cell_names": None}
-    if isinstance(data, ad.AnnData):
+    """gene_names / cell_names of an AnnData input (None otherwise; ``data.is_anndata``)."""
+    if is_anndata(data):
         return {"gene_names": [str(g) for g in data.var_names], "cell_names": [str(c) for c in data.obs_names]}
     return {"gene_names": None, "cell_names": None}
 

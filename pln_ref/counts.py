@@ -21,7 +21,7 @@ import numpy as np
 import scipy.sparse as sp
 from scipy.special import gammaln
 
-from .data import _check_values, _numeric, _raw_counts_hint
+from .data import _check_values, _numeric, _raw_counts_hint, is_anndata
 
 __all__ = ["CountMatrix", "DEFAULT_BLOCK_ENTRIES"]
 
@@ -30,13 +30,7 @@ DEFAULT_BLOCK_ENTRIES = 1 << 18  # cells x genes of one dense block (2 MB of flo
 
 def _resolve_source(data, layer: str | None):
     """(storage, what): the matrix behind ``data`` (AnnData .X / layer, or data itself)."""
-    try:
-        import anndata as ad
-
-        is_adata = isinstance(data, ad.AnnData)
-    except ImportError:  # pragma: no cover - anndata is a dependency
-        is_adata = False
-    if not is_adata:
+    if not is_anndata(data):
         if layer is not None:
             raise ValueError("layer is only meaningful for AnnData input")
         return data, "counts"

@@ -177,3 +177,14 @@ def test_outlier_cells_are_reported():
     assert "cells with outlying evidence (robust |z| > 5): 2: " in r.summary()
     uns = r.to_anndata().uns["pln"]["diagnostics"]["evidence_outliers"]
     assert sorted(np.asarray(uns["cells"]).tolist()) == [5, 17]
+
+
+def test_fit_of_an_array_does_not_import_anndata():
+    """anndata is needed only for AnnData input and export; importing it costs about 1 s of CPU,
+    more than a whole small fit (``data.is_anndata``)."""
+    code = ("import sys, numpy as np, pln_ref\n"
+            "u = np.random.default_rng(0).poisson(2.0, (60, 12))\n"
+            "pln_ref.fit(u, k=2, n_steps=3, progress=False)\n"
+            "assert 'anndata' not in sys.modules, 'pln_ref.fit imported anndata for an array input'\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]
