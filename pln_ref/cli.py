@@ -190,10 +190,15 @@ def _cmd_select(args) -> int:
     sel = select_rank(adata, ks=args.k, holdout=args.holdout, folds=args.folds, score=args.score,
                       n_draws=args.n_draws, seed=args.seed, out=args.out, scheduler=args.scheduler,
                       layer=args.layer, capture=None if args.no_capture else "auto",
-                      progress=not args.quiet, **{k: v for k, v in options.items() if v is not None})
+                      sigma_M=args.sigma_M, progress=not args.quiet,
+                      **{k: v for k, v in options.items() if v is not None})
     print(sel.to_markdown())
-    print(f"chosen k = {sel.chosen_k}; wrote {args.out}/selection.json, selection.md, chosen_k.txt, "
-          "heldout_vs_k.png")
+    if sel.grid:
+        print(f"chosen k = {sel.chosen_k}, sigma_M = {sel.chosen_sigma_M:g}; wrote {args.out}/selection.json, "
+              "selection.md, chosen_k.txt, chosen_sigma_M.txt, heldout_vs_k.png")
+    else:
+        print(f"chosen k = {sel.chosen_k}; wrote {args.out}/selection.json, selection.md, chosen_k.txt, "
+              "heldout_vs_k.png")
     return 0
 
 
@@ -209,6 +214,8 @@ def _add_select_parser(sub) -> None:
     p.add_argument("--scheduler", default=None, help="Dask scheduler address for parallel fits")
     p.add_argument("--layer", default=None)
     p.add_argument("--no-capture", action="store_true")
+    p.add_argument("--sigma-M", type=float, nargs="+", default=None,
+                   help="capture prior SDs to choose from together with k (default: 0.5, not chosen)")
     p.add_argument("--n-steps", type=int, default=None)
     p.add_argument("--optimizer", choices=["adam", "lbfgs"], default=None)
     p.add_argument("--seed", type=int, default=0)

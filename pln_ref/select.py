@@ -17,6 +17,16 @@ l_c(k) ~ log p(u_c | theta_k). Splits: ``holdout=0.2`` (one random 80/20 split o
 The chosen k is the *smallest* k whose held-out mean is within one paired SE of the best
 (``diff_vs_best >= -paired_se``): the one-standard-error rule.
 
+``sigma_M`` (the SD of the capture prior, ``Capture``) can be chosen the same way: given a list of
+values, every (k, sigma_M) is fitted and scored on the same held-out cells, the table has one row
+per pair, and the choice is the smallest k with some sigma_M within one paired SE of the best pair,
+with the best sigma_M at that k (``chosen_sigma_M``). The anchor L_c is the cell's realised total
+count by default, so the prior of eta is centred on the data (an empirical-Bayes plug-in, see the
+seed notes) and its SD is a modelling choice the held-out likelihood can judge: measured on real
+scRNA counts (2000 x 200, k = 20, 400 held-out cells, importance sampling), sigma_M = 0.05 scores
++0.99 (top 200 genes) and +1.01 nats/cell (200 random genes) above the default 0.5
+(``validation/benchmarks/bench_heldout.py --sigma-M``).
+
 With ``out`` every (k, fold) writes its scores atomically to ``out/fits/k{k}_fold{f}.npz`` (and
 the fitted result to ``k{k}_fold{f}_result.npz``, ``PLNResult.load``) as soon as it is done, and the Laplace optimiser checkpoints inside each fit
 (``k{k}_fold{f}.ckpt.npz``), so a killed run resumes where it stopped; a manifest pins the data
@@ -58,24 +68,41 @@ class RankSelection:
     scores: dict
     heldout_cells: np.ndarray
     settings: dict = field(default_factory=dict)
+    chosen_sigma_M: float | None = None
+    best_sigma_M: float | None = None
+
+    @property
+    def grid(self) -> bool:
+        """Whether sigma_M was chosen too (then ``scores`` is keyed by (k, sigma_M), else by k)."""
+        return self.settings.get("sigma_M_grid") is not None
+
+    def _is_chosen(self, row) -> bool:
+        return row["k"] == self.chosen_k and (not self.grid or row["sigma_M"] == self.chosen_sigma_M)
 
     def to_markdown(self) -> str:
-        cols = ("k", "heldout_mean", "heldout_se", "diff_vs_best", "paired_se", "train_evidence",
-                "bic", "cpu_s", "wall_s")
+        cols = (("k", "sigma_M") if self.grid else ("k",)) + (
+            "heldout_mean", "heldout_se", "diff_vs_best", "paired_se", "train_evidence", "bic", "cpu_s", "wall_s")
         lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
         for row in self.table:
             cells = []
             for c in cols:
                 v = row[c]
-                cells.append(str(v) if isinstance(v, (int, np.integer)) else f"{v:.4g}" if c == "bic" else f"{v:.3f}")
-            mark = " **chosen**" if row["k"] == self.chosen_k else ""
+                cells.append(str(v) if isinstance(v, (int, np.integer)) else f"{v:g}" if c == "sigma_M"
+                             else f"{v:.4g}" if c == "bic" else f"{v:.3f}")
+            mark = " **chosen**" if self._is_chosen(row) else ""
             lines.append("| " + " | ".join(cells) + " |" + mark)
         s = self.settings
         split = f"{s.get('folds')}-fold cross-validation" if s.get("folds") else f"holdout {s.get('holdout')}"
         lines.append("")
-        lines.append(f"Held-out log-likelihood per cell ({s.get('score')}), {split}, "
-                     f"{len(self.heldout_cells)} held-out cells. Best k = {self.best_k}; chosen k = "
-                     f"{self.chosen_k} (smallest k within one paired SE of the best).")
+        if self.grid:
+            lines.append(f"Held-out log-likelihood per cell ({s.get('score')}), {split}, "
+                         f"{len(self.heldout_cells)} held-out cells. Best (k, sigma_M) = ({self.best_k}, "
+                         f"{self.best_sigma_M:g}); chosen ({self.chosen_k}, {self.chosen_sigma_M:g}) (smallest k "
+                         "with a sigma_M within one paired SE of the best, and the best sigma_M at that k).")
+        else:
+            lines.append(f"Held-out log-likelihood per cell ({s.get('score')}), {split}, "
+                         f"{len(self.heldout_cells)} held-out cells. Best k = {self.best_k}; chosen k = "
+                         f"{self.chosen_k} (smallest k within one paired SE of the best).")
         return "\n".join(lines)
 
     def plot(self, path=None):
@@ -85,14 +112,18 @@ class RankSelection:
         matplotlib.use("Agg", force=False)
         import matplotlib.pyplot as plt
 
-        ks = np.array([r["k"] for r in self.table])
-        m = np.array([r["heldout_mean"] for r in self.table])
-        se = np.array([r["paired_se"] for r in self.table])
         fig, ax = plt.subplots(figsize=(6, 4))
-        ax.errorbar(ks, m, yerr=se, fmt="o-", capsize=3, label="held-out mean (paired SE vs best)")
-        best = m[ks == self.best_k][0]
-        ax.axhline(best, color="grey", lw=0.8, ls="--")
-        ax.plot([self.chosen_k], m[ks == self.chosen_k], "r*", ms=14, label=f"chosen k = {self.chosen_k}")
+        sigmas = sorted({r["sigma_M"] for r in self.table}) if self.grid else [None]
+        for sig in sigmas:
+            rows = [r for r in self.table if not self.grid or r["sigma_M"] == sig]
+            label = "held-out mean (paired SE vs best)" + ("" if sig is None else f", sigma_M = {sig:g}")
+            ax.errorbar([r["k"] for r in rows], [r["heldout_mean"] for r in rows],
+                        yerr=[r["paired_se"] for r in rows], fmt="o-", capsize=3, label=label)
+        ks = np.array(sorted({r["k"] for r in self.table}))
+        ax.axhline(max(r["heldout_mean"] for r in self.table), color="grey", lw=0.8, ls="--")
+        chosen = [r["heldout_mean"] for r in self.table if self._is_chosen(r)]
+        what = f"k = {self.chosen_k}" + (f", sigma_M = {self.chosen_sigma_M:g}" if self.grid else "")
+        ax.plot([self.chosen_k], chosen, "r*", ms=14, label=f"chosen {what}")
         ax.set_xscale("log" if ks.max() / max(ks.min(), 1) >= 8 else "linear")
         ax.set_xticks(ks)
         ax.set_xticklabels([str(k) for k in ks])
@@ -106,8 +137,11 @@ class RankSelection:
         return fig
 
     def to_dict(self) -> dict:
-        return {"chosen_k": self.chosen_k, "best_k": self.best_k, "table": self.table,
-                "settings": self.settings}
+        out = {"chosen_k": self.chosen_k, "best_k": self.best_k, "table": self.table,
+               "settings": self.settings}
+        if self.grid:
+            out.update(chosen_sigma_M=self.chosen_sigma_M, best_sigma_M=self.best_sigma_M)
+        return out
 
 
 def _splits(N: int, holdout, folds, seed) -> list[np.ndarray]:
@@ -150,13 +184,16 @@ def _fit_and_score(task: dict) -> dict:
         opts["checkpoint"] = ckpt
         if os.path.exists(ckpt):
             opts["resume"] = ckpt
+    if task.get("sigma_M") is not None:
+        opts["sigma_M"] = task["sigma_M"]
     lib_tr, lib_te = task["library_train"], task["library_test"]
     res = fit(task["train"], k=task["k"], capture=task["capture"], library_size=lib_tr,
               progress=False, **opts)
     fit_cpu = time.process_time() - c0
     sc = res.score_samples(task["test"], task["score"], n_draws=task["n_draws"], library_size=lib_te,
                            seed=task["seed"])
-    rec = {"k": task["k"], "fold": task["fold"], "heldout": sc.estimate, "mc_se": sc.mc_se,
+    rec = {"k": task["k"], "sigma_M": task.get("sigma_M"), "fold": task["fold"], "heldout": sc.estimate,
+           "mc_se": sc.mc_se,
            "khat": sc.khat, "train_evidence": float(res.diagnostics["objective"]),
            "n_train": int(task["train"].shape[0]), "fit_cpu_s": fit_cpu,
            "cpu_s": time.process_time() - c0, "wall_s": time.time() - t0,
@@ -183,7 +220,7 @@ def _manifest(out: Path, info: dict) -> None:
     path = out / _MANIFEST
     if path.exists():
         old = json.loads(path.read_text())
-        diff = [k for k in info if k != "ks" and old.get(k) != info[k]]
+        diff = [k for k in info if k not in ("ks", "sigma_M") and old.get(k) != info[k]]
         if diff:
             raise ValueError(f"{out} holds a rank selection with other {', '.join(diff)}; "
                              "use another --out directory")
@@ -222,10 +259,26 @@ def _run(tasks: list[dict], scheduler) -> list[dict]:
             client.close()
 
 
+def _sigma_grid(sigma_M, capture) -> list:
+    """[None] (the fit's default) or the checked, sorted distinct sigma_M values."""
+    if sigma_M is None:
+        return [None]
+    vals = np.atleast_1d(np.asarray(sigma_M, dtype=float)) if not isinstance(sigma_M, str) else None
+    if vals is None or vals.ndim != 1 or vals.size == 0 or not np.all(np.isfinite(vals) & (vals > 0)):
+        raise ValueError(f"sigma_M must be a positive number or a list of them, got {sigma_M!r}")
+    if capture is None:
+        raise ValueError("sigma_M is the capture prior's SD: it needs capture (drop capture=None)")
+    return sorted({float(v) for v in vals})
+
+
+def _record_name(k: int, sig, f: int) -> str:
+    return f"k{k}_fold{f}.npz" if sig is None else f"k{k}_s{sig:g}_fold{f}.npz"
+
+
 def select_rank(data, ks=(1, 2, 5, 10, 20), *, holdout: float = 0.2, folds: int | None = None,
                 score: str = "laplace", n_draws: int = 1000, seed: int = 0, out=None,
                 scheduler=None, layer: str | None = None, library_size=None, capture="auto",
-                progress: bool = True, **fit_options) -> RankSelection:
+                sigma_M=None, progress: bool = True, **fit_options) -> RankSelection:
     """Held-out log-likelihood for every k in ``ks`` and the chosen k (module docstring).
 
     data : (cells x genes) counts (array, sparse, AnnData with ``layer``); kept in its storage (a
@@ -236,6 +289,9 @@ def select_rank(data, ks=(1, 2, 5, 10, 20), *, holdout: float = 0.2, folds: int 
     out : directory for per-(k, fold) records, checkpoints, selection.json / .md and the plot
         heldout_vs_k.png (resumable). scheduler : Dask scheduler address or Client.
     library_size : anchors L_c of all cells (default: total counts); capture : as in ``fit``.
+    sigma_M : None (the fit's default, 0.5), a value (fixed), or a list of values chosen jointly
+        with k (module docstring; ``scores`` is then keyed by (k, sigma_M)). The records of a given
+        sigma_M are ``fits/k{k}_s{sigma_M}_fold{f}.npz``.
     **fit_options : options of the Laplace fit (``n_steps``, ``optimizer``, ...).
     """
     from .counts import CountMatrix
@@ -243,6 +299,8 @@ def select_rank(data, ks=(1, 2, 5, 10, 20), *, holdout: float = 0.2, folds: int 
     u = CountMatrix(data, layer=layer)
     N, G = u.shape
     ks, holdout, folds = _check(ks, holdout, folds, score, G)
+    sigmas = _sigma_grid(sigma_M, capture)
+    grid = sigma_M is not None and np.ndim(sigma_M) > 0  # a list: chosen with k; a value: fixed
     for bad in ("checkpoint", "resume", "k", "library_size"):
         if bad in fit_options:
             raise ValueError(f"{bad} is set by select_rank itself; use out= for checkpoints")
@@ -256,13 +314,14 @@ def select_rank(data, ks=(1, 2, 5, 10, 20), *, holdout: float = 0.2, folds: int 
         _manifest(out, {"N": N, "G": G, "data": _fingerprint(u), "holdout": holdout, "folds": folds,
                         "seed": seed, "score": score, "n_draws": int(n_draws) if score == "is" else None,
                         "capture": str(capture), "library_size": None if lib is None else _fingerprint(lib[None]),
-                        "fit_options": {k: str(v) for k, v in sorted(fit_options.items())}, "ks": ks})
+                        "fit_options": {k: str(v) for k, v in sorted(fit_options.items())}, "ks": ks,
+                        "sigma_M": sigmas})
     records, tasks = {}, []
-    for k in ks:
+    for k, sig in ((k, sig) for k in ks for sig in sigmas):
         for f, te in enumerate(tests):
-            rec_path = None if out is None else out / "fits" / f"k{k}_fold{f}.npz"
+            rec_path = None if out is None else out / "fits" / _record_name(k, sig, f)
             if rec_path is not None and rec_path.exists():
-                records[(k, f)] = _load_record(rec_path)
+                records[(k, sig, f)] = _load_record(rec_path)
                 continue
             tr = np.setdiff1d(np.arange(N), te)
             in_train = np.zeros(N)
@@ -271,56 +330,76 @@ def select_rank(data, ks=(1, 2, 5, 10, 20), *, holdout: float = 0.2, folds: int 
             if n_empty:
                 raise ValueError(f"fold {f}: {n_empty} genes have no counts in "
                                  "the training cells; remove rare genes first")
-            tasks.append({"k": k, "fold": f, "train": u.take(tr), "test": u.take(te), "capture": capture,
+            tasks.append({"k": k, "sigma_M": sig, "fold": f, "train": u.take(tr), "test": u.take(te),
+                          "capture": capture,
                           "library_train": None if lib is None else lib[tr],
                           "library_test": None if lib is None else lib[te],
                           "score": score, "n_draws": int(n_draws), "seed": seed,
                           "fit_options": fit_options,
                           "record": None if rec_path is None else str(rec_path),
-                          "checkpoint": None if out is None else str(out / "fits" / f"k{k}_fold{f}.ckpt.npz")})
+                          "checkpoint": None if out is None else
+                          str(out / "fits" / _record_name(k, sig, f).replace(".npz", ".ckpt.npz"))})
     if progress and tasks:
         print(f"select_rank: {len(tasks)} fits to run ({len(records)} already done)", flush=True)
     for rec in _run(tasks, scheduler):
-        records[(rec["k"], rec["fold"])] = rec
-    sel = _summarise(records, ks, tests, G, score, holdout, folds, seed, n_draws)
+        records[(rec["k"], rec.get("sigma_M"), rec["fold"])] = rec
+    sel = _summarise(records, ks, tests, G, score, holdout, folds, seed, n_draws, sigmas, grid)
     if out is not None:
         atomic_write_json(out / "selection.json", sel.to_dict())
         atomic_write_text(out / "selection.md", sel.to_markdown() + "\n")
         atomic_write_text(out / "chosen_k.txt", f"{sel.chosen_k}\n")
+        if sel.grid:
+            atomic_write_text(out / "chosen_sigma_M.txt", f"{sel.chosen_sigma_M:g}\n")
         import matplotlib.pyplot as plt
 
         plt.close(sel.plot(out / "heldout_vs_k.png"))
     return sel
 
 
-def _summarise(records, ks, tests, G, score, holdout, folds, seed, n_draws) -> RankSelection:
+def _summarise(records, ks, tests, G, score, holdout, folds, seed, n_draws, sigmas=(None,),
+               grid: bool = False) -> RankSelection:
+    """The table and the choice from ``records`` keyed (k, sigma_M, fold) (sigma_M None: the fit's
+    default): one row per (k, sigma_M), the one-SE rule over k (module docstring); ``grid``: sigma_M
+    is chosen too (rows and ``scores`` keyed by (k, sigma_M))."""
     cells = np.concatenate(tests)
-    scores = {k: np.concatenate([np.asarray(records[(k, f)]["heldout"], float) for f in range(len(tests))])
-              for k in ks}
+    sigmas = list(sigmas)
+    models = [(k, sig) for k in ks for sig in sigmas]
+    sc = {m: np.concatenate([np.asarray(records[m + (f,)]["heldout"], float) for f in range(len(tests))])
+          for m in models}
     n = cells.size
-    means = {k: float(np.mean(s)) for k, s in scores.items()}
-    best = max(ks, key=lambda k: means[k])
+    means = {m: float(np.mean(v)) for m, v in sc.items()}
+    best = max(models, key=lambda m: means[m])
     table = []
-    for k in ks:
-        d = scores[k] - scores[best]
-        recs = [records[(k, f)] for f in range(len(tests))]
+    for m in models:
+        k, sig = m
+        d = sc[m] - sc[best]
+        recs = [records[m + (f,)] for f in range(len(tests))]
         n_tr = [int(r["n_train"]) for r in recs]
         ev = [float(r["train_evidence"]) for r in recs]
         p = n_free_params(G, k)
         khat = np.concatenate([np.asarray(r["khat"], float) for r in recs])
-        table.append({
-            "k": int(k), "heldout_mean": means[k],
-            "heldout_se": float(np.std(scores[k], ddof=1) / np.sqrt(n)),
+        row = {"k": int(k)}
+        if grid:
+            row["sigma_M"] = sig
+        row.update({
+            "heldout_mean": means[m],
+            "heldout_se": float(np.std(sc[m], ddof=1) / np.sqrt(n)),
             "diff_vs_best": float(np.mean(d)), "paired_se": float(np.std(d, ddof=1) / np.sqrt(n)),
             "train_evidence": float(np.mean(ev)),
-            "bic": float(np.mean([-2 * e * m + p * np.log(m) for e, m in zip(ev, n_tr)])),
+            "bic": float(np.mean([-2 * e * mm + p * np.log(mm) for e, mm in zip(ev, n_tr)])),
             "n_params": p, "cpu_s": float(sum(r["cpu_s"] for r in recs)),
             "wall_s": float(sum(r["wall_s"] for r in recs)),
             "n_flagged_khat_gt_0.7": int(np.sum(np.nan_to_num(khat) > 0.7)),
             "stopped": "; ".join(sorted({str(r["stopped"]) for r in recs})),
         })
-    chosen = min(r["k"] for r in table if r["diff_vs_best"] >= -r["paired_se"])
+        table.append(row)
+    ok = [m for m, r in zip(models, table) if r["diff_vs_best"] >= -r["paired_se"]]
+    chosen_k = min(k for k, _ in ok)
+    chosen = max((m for m in ok if m[0] == chosen_k), key=lambda m: means[m])
     settings = {"score": score, "holdout": holdout, "folds": folds, "seed": seed,
-                "n_draws": int(n_draws) if score == "is" else None, "n_heldout": int(n)}
-    return RankSelection(table=table, chosen_k=int(chosen), best_k=int(best), scores=scores,
-                         heldout_cells=cells, settings=settings)
+                "n_draws": int(n_draws) if score == "is" else None, "n_heldout": int(n),
+                "sigma_M": sigmas[0] if not grid else None, "sigma_M_grid": sigmas if grid else None}
+    scores = sc if grid else {k: v for (k, _), v in sc.items()}
+    return RankSelection(table=table, chosen_k=int(chosen_k), best_k=int(best[0]), scores=scores,
+                         heldout_cells=cells, settings=settings,
+                         chosen_sigma_M=chosen[1] if grid else None, best_sigma_M=best[1] if grid else None)

@@ -201,9 +201,9 @@ def test_select_rank_one_se_rule_and_folds(rank3):
     for k, shift, noise in ((1, -0.01, 0.5), (2, 0.0, 0.0), (4, -2.0, 0.1)):
         z = rng.standard_normal(200)
         z -= z.mean()  # mean difference exactly `shift`, paired SE = noise sd / sqrt(200)
-        recs[(k, 0)] = {"heldout": base + shift + noise * z, "train_evidence": -49.0,
-                        "n_train": 800, "cpu_s": 1.0, "wall_s": 1.0, "khat": np.full(200, np.nan),
-                        "stopped": "x"}
+        recs[(k, None, 0)] = {"heldout": base + shift + noise * z, "train_evidence": -49.0,
+                              "n_train": 800, "cpu_s": 1.0, "wall_s": 1.0, "khat": np.full(200, np.nan),
+                              "stopped": "x"}
     sel = _summarise(recs, [1, 2, 4], [np.arange(200)], 20, "laplace", 0.2, None, 0, 0)
     assert sel.best_k == 2 and sel.chosen_k == 1
     cv = pln_ref.select_rank(rank3, ks=(1, 2), folds=2, n_steps=30, progress=False)
@@ -212,6 +212,45 @@ def test_select_rank_one_se_rule_and_folds(rank3):
         pln_ref.select_rank(rank3, ks=(0, 2))
     with pytest.raises(ValueError, match="holdout"):
         pln_ref.select_rank(rank3, ks=(1,), holdout=1.5)
+
+
+def test_select_rank_chooses_sigma_M_with_k(rank3, tmp_path):
+    """A list of sigma_M is chosen jointly with k: one row per (k, sigma_M), scores keyed by the
+    pair, the smallest k with a pair within one paired SE of the best, the best sigma_M there."""
+    from pln_ref.select import _summarise
+
+    rng = np.random.default_rng(1)
+    base = rng.normal(-50, 5, 200)
+    recs = {}
+    # best pair (4, 0.1); both pairs of k = 2 are within one paired SE of it, (2, 0.1) the higher
+    for (k, sig), shift, noise in (((2, 0.5), -0.02, 0.5), ((2, 0.1), -0.01, 0.5), ((4, 0.5), -1.0, 0.2),
+                                   ((4, 0.1), 0.0, 0.0)):
+        z = rng.standard_normal(200)
+        z -= z.mean()
+        recs[(k, sig, 0)] = {"heldout": base + shift + noise * z, "train_evidence": -49.0, "n_train": 800,
+                             "cpu_s": 1.0, "wall_s": 1.0, "khat": np.full(200, np.nan), "stopped": "x"}
+    sel = _summarise(recs, [2, 4], [np.arange(200)], 20, "laplace", 0.2, None, 0, 0, [0.1, 0.5], True)
+    assert (sel.best_k, sel.best_sigma_M) == (4, 0.1)
+    assert (sel.chosen_k, sel.chosen_sigma_M) == (2, 0.1)
+    assert set(sel.scores) == {(2, 0.1), (2, 0.5), (4, 0.1), (4, 0.5)}
+    assert "sigma_M" in sel.to_markdown() and "**chosen**" in sel.to_markdown()
+    # end to end: every pair is fitted with its own sigma_M and resumable by its own record
+    out = tmp_path / "grid"
+    sel = pln_ref.select_rank(rank3, ks=(1, 3), sigma_M=[0.5, 0.1], out=out, n_steps=60, progress=False)
+    assert [(r["k"], r["sigma_M"]) for r in sel.table] == [(1, 0.1), (1, 0.5), (3, 0.1), (3, 0.5)]
+    assert sel.chosen_k == 3 and sel.chosen_sigma_M in (0.1, 0.5)
+    assert (out / "chosen_sigma_M.txt").read_text().strip() == f"{sel.chosen_sigma_M:g}"
+    res = pln_ref.PLNResult.load(out / "fits" / "k3_s0.1_fold0_result.npz")
+    assert res.params.capture.sigma_M == 0.1
+    assert json.loads((out / "selection.json").read_text())["chosen_sigma_M"] == sel.chosen_sigma_M
+    # a fixed value is not a grid: scores keyed by k
+    fixed = pln_ref.select_rank(rank3, ks=(3,), sigma_M=0.1, n_steps=60, progress=False)
+    assert not fixed.grid and list(fixed.scores) == [3]
+    np.testing.assert_allclose(fixed.scores[3], sel.scores[(3, 0.1)])
+    with pytest.raises(ValueError, match="positive"):
+        pln_ref.select_rank(rank3, ks=(1,), sigma_M=[0.5, -1.0])
+    with pytest.raises(ValueError, match="capture"):
+        pln_ref.select_rank(rank3, ks=(1,), sigma_M=[0.5], capture=None)
 
 
 def test_select_rank_on_dask(rank3, tmp_path):
@@ -236,6 +275,11 @@ def test_cli_select(rank3, tmp_path):
                        capture_output=True, text=True, env=env, cwd=ROOT)
     assert r.returncode == 0, r.stderr
     assert "chosen k =" in r.stdout and (tmp_path / "sel" / "heldout_vs_k.png").exists()
+    r = subprocess.run([sys.executable, "-m", "pln_ref.cli", "select", str(path), "--k", "2",
+                        "--sigma-M", "0.5", "0.2", "--out", str(tmp_path / "sel2"), "--n-steps", "30",
+                        "--quiet"], capture_output=True, text=True, env=env, cwd=ROOT)
+    assert r.returncode == 0, r.stderr
+    assert "sigma_M =" in r.stdout and (tmp_path / "sel2" / "fits" / "k2_s0.2_fold0.npz").exists()
     r = subprocess.run([sys.executable, "-m", "pln_ref.cli", "select", str(tmp_path / "missing.h5ad"),
                         "--out", str(tmp_path / "x")], capture_output=True, text=True, env=env, cwd=ROOT)
     assert r.returncode == 2 and "does not exist" in r.stderr
