@@ -116,7 +116,7 @@ class RankSelection:
         sigmas = sorted({r["sigma_M"] for r in self.table}) if self.grid else [None]
         for sig in sigmas:
             rows = [r for r in self.table if not self.grid or r["sigma_M"] == sig]
-            label = "held-out mean (paired SE vs best)" + ("" if sig is None else f", sigma_M = {sig:g}")
+            label = "held-out mean (paired SE vs best)" if sig is None else f"sigma_M = {sig:g}"
             ax.errorbar([r["k"] for r in rows], [r["heldout_mean"] for r in rows],
                         yerr=[r["paired_se"] for r in rows], fmt="o-", capsize=3, label=label)
         ks = np.array(sorted({r["k"] for r in self.table}))
@@ -127,10 +127,12 @@ class RankSelection:
         ax.set_xscale("log" if ks.max() / max(ks.min(), 1) >= 8 else "linear")
         ax.set_xticks(ks)
         ax.set_xticklabels([str(k) for k in ks])
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())  # no 6 x 10^0 labels
         ax.set_xlabel("rank k")
         ax.set_ylabel("held-out log p(u_c) per cell")
-        ax.set_title(f"Rank selection ({self.settings.get('score')} score)")
-        ax.legend()
+        ax.set_title(f"Rank selection ({self.settings.get('score')} score" +
+                     ("; error bars: paired SE vs the best)" if self.grid else ")"))
+        ax.legend(fontsize="small")
         fig.tight_layout()
         if path is not None:
             fig.savefig(path, dpi=110)

@@ -23,6 +23,8 @@ each k is not affected (``--ks`` rows are all reported).
 
 Run (about 15 min CPU for the defaults on one core):
     OMP_NUM_THREADS=1 python validation/benchmarks/bench_heldout.py --out validation/benchmarks/results/heldout
+With ``--sigma-M 0.5 0.2 0.1 0.05 0.02`` the capture prior's SD is chosen jointly with k
+(``select_rank``'s one-SE rule over (k, sigma_M)); pln-ref is then scored at the chosen pair.
 """
 
 from __future__ import annotations
@@ -155,30 +157,32 @@ def paired(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
 
 def run(name: str, u: np.ndarray, args, outdir: Path) -> list[dict]:
     import pln_ref
-    from pln_ref.select import select_rank
+    from pln_ref.select import _record_name, select_rank
 
     print(f"\n=== {name}: {u.shape[0]} cells x {u.shape[1]} genes, zeros {100 * np.mean(u == 0):.0f}%", flush=True)
     sel = select_rank(u, ks=args.ks, holdout=0.2, seed=args.seed, out=outdir / name / "select",
-                      progress=True, n_steps=args.n_steps)
+                      progress=True, n_steps=args.n_steps, sigma_M=args.sigma_M)
     print(sel.to_markdown(), flush=True)
     te = sel.heldout_cells
     tr = np.setdiff1d(np.arange(u.shape[0]), te)
-    k = sel.chosen_k
+    k, sig = sel.chosen_k, sel.chosen_sigma_M
+    model = (k, sig) if sel.grid else k
     rows = []
-    tab = {r["k"]: r for r in sel.table}
-    res = pln_ref.PLNResult.load(outdir / name / "select" / "fits" / f"k{k}_fold0_result.npz")
+    tab = {((r["k"], r["sigma_M"]) if sel.grid else r["k"]): r for r in sel.table}
+    res = pln_ref.PLNResult.load(outdir / name / "select" / "fits" / _record_name(k, sig, 0).replace(".npz", "_result.npz"))
     c0 = time.process_time()
     isc = res.score_samples(u[te], "is", n_draws=args.n_draws, seed=1)
     is_cpu = time.process_time() - c0
-    lap = sel.scores[k]
+    lap = sel.scores[model]
     ref = isc.estimate
     d_lap = ref - lap
-    print(f"pln-ref k={k}: IS vs Laplace evidence on {te.size} held-out cells: median diff "
+    what = f"k={k}" + (f", sigma_M={sig:g}" if sel.grid else "")
+    print(f"pln-ref {what}: IS vs Laplace evidence on {te.size} held-out cells: median diff "
           f"{np.median(d_lap):.3f}, mean {d_lap.mean():.3f}, |diff| p90 {np.quantile(np.abs(d_lap), 0.9):.3f}; "
           f"k-hat < 0.5: {np.mean(isc.khat < 0.5):.3f}, < 0.7: {np.mean(isc.khat < 0.7):.3f}; IS CPU {is_cpu:.1f} s",
           flush=True)
-    rec = tab[k]
-    rows.append({"data": name, "model": f"pln-ref Laplace k={k} (selected)", "k": k,
+    rec = tab[model]
+    rows.append({"data": name, "model": f"pln-ref Laplace {what} (selected)", "k": k, "sigma_M": sig,
                  "heldout_mean": float(ref.mean()), "se": float(ref.std(ddof=1) / np.sqrt(ref.size)),
                  "diff_vs_plnref": 0.0, "paired_se": 0.0, "fit_cpu_s": None,
                  "select_cpu_s_this_k": rec["cpu_s"], "khat_lt_0.7": float(np.mean(isc.khat < 0.7)),
@@ -221,6 +225,8 @@ def main(argv=None) -> int:
     ap.add_argument("--sim", action="store_true", help="also a simulated data set")
     ap.add_argument("--only-sim", action="store_true")
     ap.add_argument("--ks", type=int, nargs="+", default=[1, 2, 5, 10])
+    ap.add_argument("--sigma-M", type=float, nargs="+", default=None,
+                    help="capture prior SDs chosen jointly with k by select_rank (default: 0.5, fixed)")
     ap.add_argument("--n-draws", type=int, default=1000)
     ap.add_argument("--n-steps", type=int, default=2000)
     ap.add_argument("--maxiter", type=int, default=400, help="pyPLNmodels iterations")
