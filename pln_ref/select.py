@@ -265,7 +265,10 @@ def _sigma_grid(sigma_M, capture) -> list:
     """[None] (the fit's default) or the checked, sorted distinct sigma_M values."""
     if sigma_M is None:
         return [None]
-    vals = np.atleast_1d(np.asarray(sigma_M, dtype=float)) if not isinstance(sigma_M, str) else None
+    try:
+        vals = None if isinstance(sigma_M, str) else np.atleast_1d(np.asarray(sigma_M, dtype=float))
+    except (TypeError, ValueError):
+        vals = None
     if vals is None or vals.ndim != 1 or vals.size == 0 or not np.all(np.isfinite(vals) & (vals > 0)):
         raise ValueError(f"sigma_M must be a positive number or a list of them, got {sigma_M!r}")
     if capture is None:
