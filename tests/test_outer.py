@@ -104,6 +104,26 @@ def test_step_cap_warns_and_says_so():
     assert st.stop_rule == "step_cap" and st.step == 2
 
 
+def test_a_stall_above_the_tolerance_warns_unless_asked_not_to(monkeypatch):
+    """A stalled fit is not certified when its gap estimate is above gap_tol: a ConvergenceWarning
+    says so (the line search is made to find no decrease, so the fit stalls with no gains and an
+    infinite estimate); a sampled phase before the last passes warn_stall=False and goes on."""
+    from pln_ref.outer import lbfgs
+
+    p, u, la = _sim(N=200)
+    init = initial_globals(u, 2, p.capture, la).params
+    monkeypatch.setattr(lbfgs, "_line_search", lambda *a, **k: None)
+    with pytest.warns(ConvergenceWarning, match="stalled.*not certified"):
+        st, _ = optimize_globals(u, init, la, progress=False)
+    assert st.stop_rule == "stalled" and st.step == 0
+    ev = Evaluator(u, la, p.capture)
+    st2 = LaplaceFitState(mu=init.mu.copy(), W=init.W.copy(), rho=np.log(init.d))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ConvergenceWarning)
+        lbfgs.run_lbfgs(ev, st2, n_steps=10, gtol=1e-6, rule=StopRule(), progress=False, warn_stall=False)
+    assert st2.stop_rule == "stalled"
+
+
 def test_evaluator_does_not_resolve_at_unchanged_globals():
     p, u, la = _sim(N=100)
     ev = Evaluator(u, la, p.capture)

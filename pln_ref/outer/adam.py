@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from .evaluate import Evaluator
 from .state import LaplaceFitState
-from .stopping import warn_step_cap
+from .stopping import warn_uncertified
 
 __all__ = ["run_adam"]
 
@@ -96,6 +96,6 @@ def run_adam(ev: Evaluator, st: LaplaceFitState, *, n_steps: int, gtol: float, b
     if not st.stopped:
         st.stop_rule = "step_cap"
         st.stopped = f"n_steps={n_steps} reached before the patience rule"
-        warn_step_cap(f"Laplace fit (Adam): {st.stopped}")
+        warn_uncertified(f"Laplace fit (Adam): {st.stopped}")
     st.x_map, st.eta_map = ev.x_map, ev.eta_map
     return st

@@ -48,7 +48,7 @@ from ..constants import D_FLOOR
 from .evaluate import Evaluator
 from .precondition import eta_prior_variance, preconditioner
 from .state import LaplaceFitState
-from .stopping import StopRule, quasi_newton_gap, warn_step_cap
+from .stopping import StopRule, quasi_newton_gap, warn_uncertified
 
 __all__ = ["run_lbfgs", "newton_schedule", "newton_decrement_tol", "to_z", "from_z"]
 
@@ -148,7 +148,7 @@ def run_lbfgs(ev: Evaluator, st: LaplaceFitState, *, n_steps: int, gtol: float, 
               memory: int = 50, checkpoint: str | None = None, checkpoint_every: int = 50,
               progress: bool = True, precondition: str | None = "fisher", max_step: float = 1.0,
               max_epochs: float | None = None, n_total: int | None = None,
-              desc: str = "Laplace fit (L-BFGS)") -> LaplaceFitState:
+              desc: str = "Laplace fit (L-BFGS)", warn_stall: bool = True) -> LaplaceFitState:
     """L-BFGS from the state's globals (module docstring) until ``rule``, ``n_steps`` (total steps
     of the state) or ``max_epochs`` (total epochs of the state); updates and returns ``st``
     (globals, pairs, MAPs, history, best, epochs, stop rule and message).
@@ -157,7 +157,9 @@ def run_lbfgs(ev: Evaluator, st: LaplaceFitState, *, n_steps: int, gtol: float, 
     evaluator's cells; a sampled phase passes the whole data set's N).
 
     ``precondition``: H0 of the two-loop recursion, "fisher" (``precondition.FisherPreconditioner``,
-    the default), "diagonal" (``precondition.diagonal_curvature``) or None (identity)."""
+    the default), "diagonal" (``precondition.diagonal_curvature``) or None (identity).
+    ``warn_stall``: a ``ConvergenceWarning`` when the fit stalls with its gap estimate above the
+    rule's tolerance (False for the sampled path's phases before the last, which go on)."""
     if precondition not in ("fisher", "diagonal", None):
         raise ValueError(f"precondition must be 'fisher', 'diagonal' or None, got {precondition!r}")
     G, k = st.W.shape
@@ -210,13 +212,13 @@ def run_lbfgs(ev: Evaluator, st: LaplaceFitState, *, n_steps: int, gtol: float, 
             st.stop_rule = "epoch_cap"
             st.stopped = (f"max_epochs={max_epochs:g} reached before the stopping rule "
                           f"(estimated evidence gap {st.gap_estimate:.1e} nats/cell)")
-            warn_step_cap(f"Laplace fit: {st.stopped}")
+            warn_uncertified(f"Laplace fit: {st.stopped}")
             break
         if st.step >= n_steps:
             st.stop_rule = "step_cap"
             st.stopped = (f"n_steps={n_steps} reached before the stopping rule "
                           f"(estimated evidence gap {st.gap_estimate:.1e} nats/cell)")
-            warn_step_cap(f"Laplace fit: {st.stopped}")
+            warn_uncertified(f"Laplace fit: {st.stopped}")
             break
         res = _line_search(lambda zz: fg(zz, tol), z, F, g, p)
         if res is None:
@@ -227,6 +229,8 @@ def run_lbfgs(ev: Evaluator, st: LaplaceFitState, *, n_steps: int, gtol: float, 
             st.stop_rule = "stalled"
             st.stopped = (f"stalled: no decrease along the L-BFGS direction (estimated evidence "
                           f"gap {st.gap_estimate:.1e} nats/cell)")
+            if warn_stall and not st.gap_estimate <= rule.gap_tol:
+                warn_uncertified(f"Laplace fit: {st.stopped}, above gap_tol={rule.gap_tol:g}: not certified")
             break
         t, F_new, g_new = res
         _push_pair(S, Y, t * p, g_new - g, memory)

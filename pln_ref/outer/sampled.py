@@ -103,7 +103,7 @@ def run_sampled(ev_full: Evaluator, st: LaplaceFitState, *, n0: int, seed: int, 
         steps0, epochs0 = st.step, st.epochs
         run_lbfgs(ev, st, n_steps=n_steps, gtol=gtol, rule=rule, checkpoint=checkpoint,
                   checkpoint_every=checkpoint_every, progress=progress, max_epochs=max_epochs,
-                  n_total=N, desc=desc)
+                  n_total=N, desc=desc, warn_stall=n == N)
         last = n == N or st.stop_rule in ("step_cap", "epoch_cap")
         st.phases.append({"cells": n, "steps": st.step - steps0, "epochs": st.epochs - epochs0,
                           "rule": st.stop_rule if (last or st.stop_rule != "certificate") else "resolution",
