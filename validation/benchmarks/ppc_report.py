@@ -128,7 +128,8 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--n-steps", type=int, default=2000)
     ap.add_argument("--real-select-dir", default=None,
-                    help="bench_heldout's scrna_top<G>/select directory (uses its chosen-k fit)")
+                    help="bench_heldout's scrna_top<G>/select directory (uses its chosen-k fit, and its "
+                         "chosen sigma_M when select_rank chose one)")
     ap.add_argument("--skip-sim", action="store_true")
     ap.add_argument("--out", default="validation/benchmarks/results/ppc")
     args = ap.parse_args(argv)
@@ -164,16 +165,17 @@ def main(argv=None) -> int:
         import json
 
         from bench_heldout import datasets
-        from pln_ref.select import _splits
+        from pln_ref.select import _record_name, _splits
 
         d = Path(args.real_select_dir)
-        chosen = json.loads((d / "selection.json").read_text())["chosen_k"]
-        res = pln_ref.PLNResult.load(d / "fits" / f"k{chosen}_fold0_result.npz")
+        sel = json.loads((d / "selection.json").read_text())
+        chosen, sig = sel["chosen_k"], sel.get("chosen_sigma_M")  # sigma_M: chosen with k, if it was
+        res = pln_ref.PLNResult.load(d / "fits" / _record_name(chosen, sig, 0).replace(".npz", "_result.npz"))
         ns = argparse.Namespace(subsets=["top"], cells=args.cells, genes=args.genes, sim=False)
         u = next(iter(datasets(ns).values()))
         te = _splits(u.shape[0], 0.2, None, 0)[0]
         tr = np.setdiff1d(np.arange(u.shape[0]), te)
-        label = f"real scRNA {tr.size}x{u.shape[1]}, k={chosen}"
+        label = f"real scRNA {tr.size}x{u.shape[1]}, k={chosen}" + ("" if sig is None else f", sigma_M={sig:g}")
         print(label, flush=True)
         rows += coverage_rows(label, u[tr], res, args, outdir, plots=True)
         extra["eta_bias_real"] = eta_bias(res.posterior, u[tr], res.params, res.posterior.log_anchor)
