@@ -144,10 +144,23 @@ class LowRankCov:
         self.dinv = 1.0 / d
         self.V = W * self.dinv[:, None]  # V = D W
         self.K = np.eye(self.k) + W.T @ self.V  # K = I + W^T D W
-        self.L_K = np.linalg.cholesky(self.K)
-        L_inv = np.linalg.inv(self.L_K)
-        self.K_inv = L_inv.T @ L_inv
-        self._logdet_K = 2.0 * float(np.sum(np.log(np.diag(self.L_K))))
+        # Woodbury through the thin SVD B = D^{1/2} W = U diag(s) Q^T (D = diag(1/d), as above):
+        # K = Q diag(1 + s^2) Q^T, so with Ut = D^{1/2} U (G x k)
+        #     Sigma^{-1} = D - Ut diag(s^2 / (1 + s^2)) Ut^T,   W^T Sigma^{-1} = Q diag(s / (1 + s^2)) Ut^T,
+        # the same operators as D - V K^{-1} V^T and K^{-1} V^T, without the explicit K^{-1}: when
+        # some d_g sits at its floor (a Heywood gene), cond(K) = 1 + s_max^2 reaches 1e6 and
+        # Sigma^{-1} v through K^{-1} carried a relative error of about 1e-4 (real counts, k = 30,
+        # six genes at d = 1e-6: |Sigma a - v| 1.3e-3 against 1.9e-7 this way), enough to stall
+        # the per-cell Newton (``laplace``) and to make the evidence noisy at 1e-4 nats/cell.
+        sq = np.sqrt(self.dinv)
+        U, sv, Qt = np.linalg.svd(W * sq[:, None], full_matrices=False)
+        s2 = sv * sv
+        self._Ut = U * sq[:, None]
+        self._c_inv = s2 / (1.0 + s2)
+        self._c_w = sv / (1.0 + s2)
+        self._Qt = Qt
+        self.K_inv = (Qt.T / (1.0 + s2)) @ Qt
+        self._logdet_K = float(np.sum(np.log1p(s2)))
         iu, ju = _pair_index(self.k)
         self._iu, self._ju = iu, ju
         # table T[g, p] = W_{g a_p} W_{g b_p} for the k(k+1)/2 pairs a_p <= b_p
@@ -163,16 +176,16 @@ class LowRankCov:
         return (v @ self.W) @ self.W.T + self.d * v
 
     def inv_mv(self, v: np.ndarray) -> np.ndarray:
-        """Sigma^{-1} v = D v - V K^{-1} V^T v for v of shape (..., G)."""
-        t = v @ self.V  # (..., k) = V^T v
-        return self.dinv * v - (t @ self.K_inv) @ self.V.T
+        """Sigma^{-1} v = D v - Ut diag(s^2 / (1 + s^2)) Ut^T v (= D v - V K^{-1} V^T v, computed
+        through the SVD of D^{1/2} W: see ``__init__``) for v of shape (..., G)."""
+        t = v @ self._Ut  # (..., k)
+        return self.dinv * v - (t * self._c_inv) @ self._Ut.T
 
     def inv_mv_W(self, v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(Sigma^{-1} v, W^T Sigma^{-1} v) for v of shape (..., G), the second for free: since
-        V^T W = K - I, W^T Sigma^{-1} = V^T - (K - I) K^{-1} V^T = K^{-1} V^T, so
-        W^T Sigma^{-1} v = K^{-1} (V^T v), the k-vector ``inv_mv`` forms anyway."""
-        t = (v @ self.V) @ self.K_inv  # (..., k) = K^{-1} V^T v
-        return self.dinv * v - t @ self.V.T, t
+        """(Sigma^{-1} v, W^T Sigma^{-1} v) for v of shape (..., G), the second for free from the
+        same k-vector t = Ut^T v: W^T Sigma^{-1} v = K^{-1} V^T v = Q diag(s / (1 + s^2)) t."""
+        t = v @ self._Ut  # (..., k)
+        return self.dinv * v - (t * self._c_inv) @ self._Ut.T, (t * self._c_w) @ self._Qt
 
     def logdet(self) -> float:
         """log det Sigma = sum_g log d_g + log det K."""

@@ -143,9 +143,8 @@ class LaplaceResult(PLNResult):
         return replace(self, eta_marginal=em, settings=dict(self.settings, posterior="eta_marginal"))
 
     def factor_scores(self) -> np.ndarray:
-        """E[z | x_map] = K^{-1} W^T D (x_map - mu), shape (N, k)."""
-        cov = self.sigma
-        return ((self.x_map - self.mu) @ cov.V) @ cov.K_inv
+        """E[z | x_map] = K^{-1} W^T D (x_map - mu) = W^T Sigma^{-1} (x_map - mu), shape (N, k)."""
+        return self.sigma.inv_mv_W(self.x_map - self.mu)[1]
 
     def _summary_lines(self) -> list[str]:
         dg = self.diagnostics
