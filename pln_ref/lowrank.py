@@ -7,6 +7,9 @@ Inner Woodbury (``LowRankCov``), D = diag(1/d), K = I_k + W^T D W::
     Sigma^{-1} v  = D v - D W K^{-1} W^T D v
     log det Sigma = sum_g log d_g + log det K
 
+computed through the thin SVD D^{1/2} W = U diag(s) Q^T (K = Q diag(1 + s^2) Q^T), never through an
+explicit K^{-1}: with genes at the d floor, cond(K) reaches 1e6 (``LowRankCov.__init__``).
+
 Outer Woodbury (``PosteriorPrecision``), per cell c with lambda = lambda_c, M = diag(lambda + 1/d),
 V = D W, S = K - V^T M^{-1} V. Written without cancellation as::
 
