@@ -145,8 +145,6 @@ class LowRankCov:
         self.d = d
         self.G, self.k = W.shape
         self.dinv = 1.0 / d
-        self.V = W * self.dinv[:, None]  # V = D W
-        self.K = np.eye(self.k) + W.T @ self.V  # K = I + W^T D W
         # Woodbury through the thin SVD B = D^{1/2} W = U diag(s) Q^T (D = diag(1/d), as above):
         # K = Q diag(1 + s^2) Q^T, so with Ut = D^{1/2} U (G x k)
         #     Sigma^{-1} = D - Ut diag(s^2 / (1 + s^2)) Ut^T,   W^T Sigma^{-1} = Q diag(s / (1 + s^2)) Ut^T,
@@ -162,7 +160,6 @@ class LowRankCov:
         self._c_inv = s2 / (1.0 + s2)
         self._c_w = sv / (1.0 + s2)
         self._Qt = Qt
-        self.K_inv = (Qt.T / (1.0 + s2)) @ Qt
         self._logdet_K = float(np.sum(np.log1p(s2)))
         iu, ju = _pair_index(self.k)
         self._iu, self._ju = iu, ju

@@ -47,7 +47,7 @@ import numpy as np
 from .anchor import resolve_log_anchor
 from .io import atomic_savez, atomic_write_json, atomic_write_text
 
-__all__ = ["select_rank", "RankSelection", "n_free_params"]
+__all__ = ["select_rank", "RankSelection", "n_free_params", "result_file"]
 
 _MANIFEST = "select_manifest.json"
 
@@ -273,11 +273,22 @@ def _sigma_grid(sigma_M, capture) -> list:
         raise ValueError(f"sigma_M must be a positive number or a list of them, got {sigma_M!r}")
     if capture is None:
         raise ValueError("sigma_M is the capture prior's SD: it needs capture (drop capture=None)")
+    if not isinstance(capture, str):
+        raise ValueError("give sigma_M either inside capture=Capture(M0, sigma_M) or as select_rank's "
+                         "sigma_M with capture='auto', not both")
     return sorted({float(v) for v in vals})
 
 
-def _record_name(k: int, sig, f: int) -> str:
-    return f"k{k}_fold{f}.npz" if sig is None else f"k{k}_s{sig:g}_fold{f}.npz"
+def _record_name(k: int, sig, f: int, suffix: str = ".npz") -> str:
+    """The file name of the (k, sigma_M, fold) record (``suffix`` "_result.npz": its fitted result,
+    ".ckpt.npz": its checkpoint)."""
+    return f"k{k}_fold{f}{suffix}" if sig is None else f"k{k}_s{sig:g}_fold{f}{suffix}"
+
+
+def result_file(out, k: int, sigma_M: float | None = None, fold: int = 0) -> Path:
+    """The fitted result (``PLNResult.load``) that ``select_rank(..., out=out)`` wrote for rank k,
+    capture SD ``sigma_M`` (None: not given to select_rank) and fold ``fold``."""
+    return Path(out) / "fits" / _record_name(k, sigma_M, fold, "_result.npz")
 
 
 def select_rank(data, ks=(1, 2, 5, 10, 20), *, holdout: float = 0.2, folds: int | None = None,
@@ -343,7 +354,7 @@ def select_rank(data, ks=(1, 2, 5, 10, 20), *, holdout: float = 0.2, folds: int 
                           "fit_options": fit_options,
                           "record": None if rec_path is None else str(rec_path),
                           "checkpoint": None if out is None else
-                          str(out / "fits" / _record_name(k, sig, f).replace(".npz", ".ckpt.npz"))})
+                          str(out / "fits" / _record_name(k, sig, f, ".ckpt.npz"))})
     if progress and tasks:
         print(f"select_rank: {len(tasks)} fits to run ({len(records)} already done)", flush=True)
     for rec in _run(tasks, scheduler):

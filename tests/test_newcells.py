@@ -241,6 +241,8 @@ def test_select_rank_chooses_sigma_M_with_k(rank3, tmp_path):
     assert sel.chosen_k == 3 and sel.chosen_sigma_M in (0.1, 0.5)
     assert (out / "chosen_sigma_M.txt").read_text().strip() == f"{sel.chosen_sigma_M:g}"
     res = pln_ref.PLNResult.load(out / "fits" / "k3_s0.1_fold0_result.npz")
+    from pln_ref.select import result_file
+    assert result_file(out, 3, 0.1) == out / "fits" / "k3_s0.1_fold0_result.npz"
     assert res.params.capture.sigma_M == 0.1
     assert json.loads((out / "selection.json").read_text())["chosen_sigma_M"] == sel.chosen_sigma_M
     # a fixed value is not a grid: scores keyed by k
@@ -251,6 +253,8 @@ def test_select_rank_chooses_sigma_M_with_k(rank3, tmp_path):
         pln_ref.select_rank(rank3, ks=(1,), sigma_M=[0.5, -1.0])
     with pytest.raises(ValueError, match="capture"):
         pln_ref.select_rank(rank3, ks=(1,), sigma_M=[0.5], capture=None)
+    with pytest.raises(ValueError, match="not both"):
+        pln_ref.select_rank(rank3, ks=(1,), sigma_M=[0.5], capture=pln_ref.Capture(M0=1e4))
 
 
 def test_select_rank_on_dask(rank3, tmp_path):

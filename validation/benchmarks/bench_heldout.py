@@ -157,7 +157,7 @@ def paired(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
 
 def run(name: str, u: np.ndarray, args, outdir: Path) -> list[dict]:
     import pln_ref
-    from pln_ref.select import _record_name, select_rank
+    from pln_ref.select import result_file, select_rank
 
     print(f"\n=== {name}: {u.shape[0]} cells x {u.shape[1]} genes, zeros {100 * np.mean(u == 0):.0f}%", flush=True)
     sel = select_rank(u, ks=args.ks, holdout=0.2, seed=args.seed, out=outdir / name / "select",
@@ -169,7 +169,7 @@ def run(name: str, u: np.ndarray, args, outdir: Path) -> list[dict]:
     model = (k, sig) if sel.grid else k
     rows = []
     tab = {((r["k"], r["sigma_M"]) if sel.grid else r["k"]): r for r in sel.table}
-    res = pln_ref.PLNResult.load(outdir / name / "select" / "fits" / _record_name(k, sig, 0).replace(".npz", "_result.npz"))
+    res = pln_ref.PLNResult.load(result_file(outdir / name / "select", k, sig))
     c0 = time.process_time()
     isc = res.score_samples(u[te], "is", n_draws=args.n_draws, seed=1)
     is_cpu = time.process_time() - c0

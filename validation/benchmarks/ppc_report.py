@@ -165,12 +165,12 @@ def main(argv=None) -> int:
         import json
 
         from bench_heldout import datasets
-        from pln_ref.select import _record_name, _splits
+        from pln_ref.select import _splits, result_file
 
         d = Path(args.real_select_dir)
         sel = json.loads((d / "selection.json").read_text())
         chosen, sig = sel["chosen_k"], sel.get("chosen_sigma_M")  # sigma_M: chosen with k, if it was
-        res = pln_ref.PLNResult.load(d / "fits" / _record_name(chosen, sig, 0).replace(".npz", "_result.npz"))
+        res = pln_ref.PLNResult.load(result_file(d, chosen, sig))
         ns = argparse.Namespace(subsets=["top"], cells=args.cells, genes=args.genes, sim=False)
         u = next(iter(datasets(ns).values()))
         te = _splits(u.shape[0], 0.2, None, 0)[0]
