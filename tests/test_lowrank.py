@@ -147,3 +147,23 @@ def test_sigma_inverse_is_accurate_with_heywood_genes():
     # log det Sigma against the dense determinant
     sign, ld = np.linalg.slogdet(cov.dense())
     assert sign > 0 and abs(cov.logdet() - ld) < 1e-6 * abs(ld)
+
+
+@pytest.mark.parametrize("k", [1, 2, 5, 13])
+def test_unpack_pairs_inverts_pack_pairs(k):
+    """unpack_pairs(pack_pairs(S)) = S for stacks of symmetric matrices of any leading shape, from a
+    non-contiguous packed slice too (the Newton unpacks P[:, :n_pairs]), and the result is a new
+    writable array (callers add to its diagonal)."""
+    rng = np.random.default_rng(k)
+    cov = LowRankCov(rng.normal(size=(20, k)), rng.uniform(0.1, 1.0, 20))
+    A = rng.normal(size=(3, 4, k, k))
+    S = A + np.swapaxes(A, -1, -2)
+    P = cov.pack_pairs(S)
+    assert P.shape == (3, 4, k * (k + 1) // 2)
+    np.testing.assert_array_equal(cov.unpack_pairs(P), S)
+    wide = np.concatenate([P, rng.normal(size=(3, 4, 2))], axis=-1)[..., :P.shape[-1]]
+    wide0 = wide.copy()
+    out = cov.unpack_pairs(wide)
+    np.testing.assert_array_equal(out, S)
+    out[..., 0, 0] += 1.0
+    np.testing.assert_array_equal(wide, wide0)
