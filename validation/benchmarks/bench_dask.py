@@ -47,6 +47,7 @@ for _v in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS", "NUMEXP
 
 import argparse  # noqa: E402
 import json  # noqa: E402
+import signal  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
@@ -93,7 +94,8 @@ def start_cluster(n_workers: int, tmp: Path) -> tuple[str, list[subprocess.Popen
     addr = json.loads(sfile.read_text())["address"]
     for _ in range(n_workers):
         procs.append(subprocess.Popen(["dask", "worker", addr, "--nthreads", "1", "--nworkers", "1",
-                                       "--no-nanny", "--dashboard-address", ":0"],
+                                       "--no-nanny", "--dashboard-address", ":0",
+                                       "--death-timeout", "60"],  # exit if the scheduler is gone
                                       env=env, stdout=log, stderr=log))
     from dask.distributed import Client
 
@@ -292,6 +294,8 @@ def main(argv=None) -> int:
         print(f"in-process fit: {args.cells} x {args.genes}, k={args.k}, {args.steps} steps ...", flush=True)
         out["in_process"], r0 = timed_fit(u, args.k, args.steps, None, [], args.map_dtype)
         print(json.dumps(_brief(out["in_process"])), flush=True)
+    # a SIGTERM (kill, a job limit) unwinds through the finally below, which stops the cluster
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     with tempfile.TemporaryDirectory() as tmp:
         addr, procs = start_cluster(args.workers, Path(tmp))
         try:
