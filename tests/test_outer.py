@@ -12,7 +12,7 @@ from pln_ref.exceptions import ConvergenceWarning
 from pln_ref.fit_laplace import LaplaceFitState, optimize_globals
 from pln_ref.laplace import backtracking_line_search, newton_map
 from pln_ref.outer.evaluate import WARM_START_DTYPE, Evaluator
-from pln_ref.outer.lbfgs import from_z, newton_decrement_tol, newton_schedule, to_z
+from pln_ref.outer.lbfgs import _cap_step, from_z, newton_decrement_tol, newton_schedule, to_z
 from pln_ref.outer.start import initial_globals, raise_d
 from pln_ref.outer.state import check_fingerprint, data_fingerprint
 from pln_ref.outer.stopping import StopRule
@@ -289,3 +289,18 @@ def test_blocked_evaluator_refuses_a_bad_block_size():
     p, u, la = _sim(N=20)
     with pytest.raises(ValueError, match="block_cells must be a positive integer"):
         Evaluator(u, la, p.capture, block_cells=0)
+
+
+def test_cap_step_clips_coordinates_and_keeps_descent():
+    """Later L-BFGS steps are clipped per coordinate (a box trust region), so one large coordinate
+    does not shrink the others; when clipping would lose descent (g^T p >= 0) the whole step is
+    scaled instead, and without a gradient (the first step) it is always scaled."""
+    g = np.array([-1.0, -0.2, 0.1])
+    p = np.array([5.0, 0.3, -0.05])  # descent: g^T p < 0
+    np.testing.assert_array_equal(_cap_step(p, 1.0, g), [1.0, 0.3, -0.05])
+    np.testing.assert_allclose(_cap_step(p, 1.0), p / 5.0)
+    np.testing.assert_array_equal(_cap_step(p, 10.0, g), p)  # within the cap: unchanged
+    g2, p2 = np.array([-1.0, 19.0]), np.array([10.0, 0.5])  # g^T p = -0.5, clipped: +8.5
+    q = _cap_step(p2, 1.0, g2)
+    np.testing.assert_allclose(q, p2 / 10.0)
+    assert float(g2 @ q) < 0

@@ -103,9 +103,23 @@ def _two_loop(g, S, Y, D=None):
     return -q
 
 
-def _cap_step(p: np.ndarray, cap: float) -> np.ndarray:
-    """p scaled by min(1, cap / max|p_i|) (trial points far from the iterate cost many Newton
-    iterations and are mostly rejected)."""
+def _cap_step(p: np.ndarray, cap: float, g: np.ndarray | None = None) -> np.ndarray:
+    """The step p limited to |p_i| <= cap (trial points far from the iterate cost many Newton
+    iterations and are mostly rejected). With the gradient g: each coordinate clipped to
+    [-cap, cap] (a box trust region), if that keeps a descent direction (g^T p < 0); else, and
+    without g, p scaled by min(1, cap / max|p_i|).
+
+    Clipping instead of scaling: the quasi-Newton step of a poorly determined d_g (a gene with few
+    counts) can be several units of s_g while every other coordinate moves by 0.01-0.1, and scaling
+    shrank the whole step to that gene's cap, step after step. Measured (in-process fits to the
+    certificate, throwaway ``trace_var.py``): the first 2,000 cells of the issue-13 counts
+    (G = 14,000, k = 5) 73 -> 44 evaluations, 1190 -> 906 s CPU (both runs side by side on the
+    two cores); real 2000 x 1000 counts, k = 10: 64 -> 52 evaluations, 24.7 -> 20.3 s; real
+    2000 x 200, k = 5: 46 -> 44; the simulated benchmark cases unchanged (the cap never binds)."""
+    if g is not None:
+        q = np.clip(p, -cap, cap)
+        if float(np.dot(g, q)) < 0.0:
+            return q
     return p * min(1.0, cap / max(float(np.max(np.abs(p))), 1e-300))
 
 
@@ -194,10 +208,11 @@ def run_lbfgs(ev: Evaluator, st: LaplaceFitState, *, n_steps: int, gtol: float, 
         _record_best(st, z, F, G, k)
         D = preconditioner(ev, z, G, k, from_z, eta_var, precondition) if precondition else None
         p = _two_loop(g, S, Y, D)
-        # first step: at most 0.1 per coordinate; later at most max_step (trial points far from
-        # the iterate cost many Newton iterations and are mostly rejected)
-        p = _cap_step(p, 0.1 if not S else max_step)
-        gap_qn = quasi_newton_gap(g, p)
+        gap_qn = quasi_newton_gap(g, p)  # from the full quasi-Newton step, before its cap
+        # first step: scaled to at most 0.1 per coordinate; later each coordinate clipped to
+        # max_step (trial points far from the iterate cost many Newton iterations and are mostly
+        # rejected)
+        p = _cap_step(p, 0.1) if not S else _cap_step(p, max_step, g)
         st.gap_estimate = rule.estimate(gap_qn, gains)
         stop = rule.check(gap_qn, gains, float(np.max(np.abs(g))))
         if stop is not None:
