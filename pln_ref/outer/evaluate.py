@@ -84,7 +84,7 @@ class LaplaceTerms(NamedTuple):
 
 def _tmul(X: np.ndarray, Y: np.ndarray) -> np.ndarray:
     """X^T Y (G, m) for X (n, G), Y (n, m) with m small, computed as (Y^T X)^T: BLAS runs the
-    product with the long G axis contiguous, 1.5-2x faster than X^T Y at the block shapes here."""
+    product with the long G axis contiguous, 1.5-2.3x faster than X^T Y at the block shapes here."""
     return (Y.T @ X).T
 
 
@@ -184,13 +184,7 @@ def laplace_terms(
             rx += lam_inv
             r_eta = -lam_inv.sum(axis=1) - lb2_sum * inv_s
             if trunc:
-                # (nonzero on the bound only: the rows of those cells, or whole arrays when most are)
-                cb = 2.0 * np.where(ob, mills / sq + post.delta, 0.0)
-                rows = np.flatnonzero(ob)
-                if 2 * rows.size > N:
-                    rx -= cb[:, None] * lam
-                elif rows.size:
-                    rx[rows] -= cb[rows, None] * lam[rows]
+                rx -= (2.0 * np.where(ob, mills / sq + post.delta, 0.0))[:, None] * lam
                 r_eta -= 2.0 * np.where(ob, 0.0, mills * sq - kappa * lb2_sum)
             a2 = A.solve(rx)
             w_eta = (r_eta + np.einsum("ng,ng->n", lam, a2)) / post.s
