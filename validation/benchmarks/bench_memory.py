@@ -13,14 +13,17 @@ counts) or ``h5ad`` (the same CSR counts in an .h5ad file opened backed,
 ``anndata.read_h5ad(path, backed="r")``: the counts are read by blocks of cells and never held in
 memory), N and G in cells and genes with a ``k`` suffix for thousands (``csr20k`` = 20,000 x 2,000,
 the default G; ``csr20kx14k`` = 20,000 x 14,000; ``h5ad100k``). Counts are simulated with
-``random_params(G, 5, seed=0, capture=True)`` and ``simulate(params, N, seed=1)`` (in blocks of
-max(1000, 4e7 / G) cells with seeds 1, 2, ...; one block up to 20,000 x 2,000) in a separate process and cached under
+``random_params(G, 5, seed=0, capture=True, mean_log_rate=R)`` (R = ``--mean-log-rate``, default
+1.0) and ``simulate(params, N, seed=1)`` (in blocks of max(1000, 4e7 / G) cells with seeds 1, 2,
+...; one block up to 20,000 x 2,000) in a separate process and cached under
 ``validation/out/bench_memory_data/`` (CSR .npz and, up to 5e7 entries, dense int64 .npy; an .h5ad
 for ``h5ad`` cases), so the simulation's own arrays do not count in the fit's high-water mark. With
-G = 2000 this gives mean count ~1.1 and 59% zeros. The fit is ``pln_ref.fit(counts, k=5,
-n_steps=3, progress=False)`` (``--steps S``: S steps; ``--converged``: no step cap, the default
-stopping rule). Each case runs in a fresh Python process (``subprocess``) that loads the counts and
-reports the kernel's high-water mark ``resource.getrusage(RUSAGE_SELF).ru_maxrss`` after loading
+G = 2000 and R = 1 this gives mean count ~1.1 and 59% zeros (G = 14,000: 0.89 and 59%; R = 1.5:
+1.47 and 47%); a file name carries ``_m<R>`` when R is not 1. ``--data-only`` caches the counts and
+prints their path, mean count and share of zeros, without a fit. The fit is
+``pln_ref.fit(counts, k=5, n_steps=3, progress=False)`` (``--steps S``: S steps; ``--converged``: no
+step cap, the default stopping rule). Each case runs in a fresh Python process (``subprocess``) that
+loads the counts and reports the kernel's high-water mark ``resource.getrusage(RUSAGE_SELF).ru_maxrss`` after loading
 (``rss_data``) and after the fit (``rss_peak``), the fit's process CPU time (``time.process_time``)
 and the outer optimisation's CPU per step (``optimizer_cpu_s / steps``; it includes the cold start
 of the first evaluation, so compare sizes at the same ``--steps``). ``B/cell/gene`` is
@@ -71,7 +74,7 @@ import numpy as np
 import scipy.sparse as sp
 import pln_ref
 N, G, K, path, dense_max = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], int(sys.argv[5])
-p = pln_ref.random_params(G, K, seed=0, capture=True)
+p = pln_ref.random_params(G, K, seed=0, capture=True, mean_log_rate=float(sys.argv[6]))
 B = max(1000, 40_000_000 // G)  # cells per simulated block (bounded memory); G = 2000, N <= 20000: one block
 blocks = []
 for i, lo in enumerate(range(0, N, B)):
@@ -191,17 +194,25 @@ def parse_case(name: str) -> tuple[str, int, int]:
     raise ValueError(f"unknown case {name!r}: expected <dense|csr|h5ad><N>[x<G>], e.g. csr20k or h5ad100kx2k")
 
 
-def _data(N: int, G: int, storage: str, env: dict) -> Path:
+def data_path(N: int, G: int, mean_log_rate: float = 1.0) -> Path:
+    """The cached CSR counts of a case: ``sim_N<N>_G<G>_k5.npz``, with ``_m<rate>`` before the
+    suffix when ``mean_log_rate`` is not the default 1.0."""
+    tag = "" if mean_log_rate == 1.0 else f"_m{mean_log_rate:g}"
+    return DATA / f"sim_N{N}_G{G}_k{K}{tag}.npz"
+
+
+def _data(N: int, G: int, storage: str, env: dict, mean_log_rate: float = 1.0) -> Path:
     """The cached simulated counts (CSR .npz, dense .npy up to ``DENSE_MAX`` entries, .h5ad when
     asked), simulated in a separate process; the path to pass to the fit's process."""
-    path = DATA / f"sim_N{N}_G{G}_k{K}.npz"
+    path = data_path(N, G, mean_log_rate)
     dense = Path(str(path) + ".dense.npy")
     if not path.exists() or (storage == "dense" and not dense.exists()):
         if storage == "dense" and N * G > DENSE_MAX:
             raise ValueError(f"dense case with {N} x {G} > {DENSE_MAX} entries: use csr or h5ad")
         DATA.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(path.stem + ".tmp.npz")
-        subprocess.run([*PYTHON, "-c", SIMULATE, str(N), str(G), str(K), str(tmp), str(DENSE_MAX)],
+        subprocess.run([*PYTHON, "-c", SIMULATE, str(N), str(G), str(K), str(tmp), str(DENSE_MAX),
+                        repr(float(mean_log_rate))],
                        env=env, check=True)
         if Path(str(tmp) + ".dense.npy").exists():
             Path(str(tmp) + ".dense.npy").replace(dense)
@@ -219,7 +230,7 @@ def _data(N: int, G: int, storage: str, env: dict) -> Path:
 def _fitted(path: Path, N: int, G: int, env: dict) -> Path:
     """The cached Laplace result of ``fit(counts, k=K, n_steps=1)`` on the case's CSR counts (fitted
     in a separate process with this repository's pln_ref)."""
-    res = path.with_name(f"fit_N{N}_G{G}_k{K}_steps1.npz")
+    res = path.with_name(path.stem.replace("sim_", "fit_", 1) + "_steps1.npz")
     if not res.exists():
         tmp = res.with_name(res.stem + ".tmp.npz")
         own = dict(env, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
@@ -229,7 +240,8 @@ def _fitted(path: Path, N: int, G: int, env: dict) -> Path:
     return res
 
 
-def run_case(name: str, steps: int = 3, task: str = "fit", package: Path = ROOT) -> dict:
+def run_case(name: str, steps: int = 3, task: str = "fit", package: Path = ROOT,
+             mean_log_rate: float = 1.0) -> dict:
     """Run one case (``parse_case``) in a fresh process: the fit with ``steps`` outer steps (<= 0:
     the default stopping rule), or the secondary path ``task`` (module docstring), importing
     ``pln_ref`` from ``package``; the measured dict."""
@@ -237,7 +249,7 @@ def run_case(name: str, steps: int = 3, task: str = "fit", package: Path = ROOT)
         raise ValueError(f"unknown task {task!r}: expected one of {', '.join(TASKS)}")
     storage, N, G = parse_case(name)
     env = dict(os.environ, PYTHONPATH=str(package) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    path = _data(N, G, storage, env)
+    path = _data(N, G, storage, env, mean_log_rate)
     load = os.getloadavg()
     if task == "fit":
         cmd = [*PYTHON, "-c", CHILD, storage, str(path), str(K), str(steps)]
@@ -249,7 +261,7 @@ def run_case(name: str, steps: int = 3, task: str = "fit", package: Path = ROOT)
         raise RuntimeError(f"case {name} failed:\n{out.stderr[-3000:]}")
     r = json.loads(out.stdout.strip().splitlines()[-1])
     r.update(task=task, package=str(package), case=name, N=N, G=G, k=K, loadavg=load,
-             converged_run=steps <= 0, n_steps=steps,
+             converged_run=steps <= 0, n_steps=steps, mean_log_rate=mean_log_rate,
              bytes_per_cell_gene=r["rss_peak"] / (N * G),
              fit_bytes_per_cell_gene=(r["rss_peak"] - r["rss_data"]) / (N * G),
              nnz_fraction=_nnz_fraction(path))
@@ -274,8 +286,23 @@ def main() -> None:
                     help="what to measure: the fit (default) or a secondary path (module docstring)")
     ap.add_argument("--package", default=str(ROOT),
                     help="repository whose pln_ref is imported by the measured process (default: this one)")
+    ap.add_argument("--mean-log-rate", type=float, default=1.0,
+                    help="random_params' mean_log_rate of the simulated counts (default 1.0; 1.5 gives "
+                         "mean count ~1.5 and 47%% zeros at G = 14,000)")
+    ap.add_argument("--data-only", action="store_true",
+                    help="simulate and cache the cases' counts, print their path and sparsity, no fit")
     args = ap.parse_args()
     steps = 0 if args.converged else args.steps
+    if args.data_only:
+        import scipy.sparse as sp
+
+        for name in args.cases.split(","):
+            storage, N, G = parse_case(name.strip())
+            path = _data(N, G, storage, dict(os.environ), args.mean_log_rate)
+            u = sp.load_npz(data_path(N, G, args.mean_log_rate))
+            print(f"{path}: {N} x {G}, mean count {u.sum() / (N * G):.3f}, "
+                  f"{1 - u.nnz / (N * G):.1%} zeros", flush=True)
+        return
     from pln_ref.io import atomic_write_json
 
     path = ROOT / "validation" / "benchmarks" / "results" / args.out
@@ -283,7 +310,8 @@ def main() -> None:
     print(f"{'case':>11} {'peak GB':>8} {'B/cell/gene':>11} {'fit B/c/g':>9} {'CPU s':>7} {'wall s':>7} "
           f"{'steps':>5} {'CPU/step':>8} {'objective':>12} {'stop':>12}  load avg", flush=True)
     for name in args.cases.split(","):
-        r = run_case(name.strip(), steps=steps, task=args.task, package=Path(args.package).resolve())
+        r = run_case(name.strip(), steps=steps, task=args.task, package=Path(args.package).resolve(),
+                     mean_log_rate=args.mean_log_rate)
         r["label"] = args.label
         rows.append(r)
         atomic_write_json(path, rows)
