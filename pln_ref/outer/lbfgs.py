@@ -118,7 +118,17 @@ def _cap_step(p: np.ndarray, cap: float, g: np.ndarray | None = None) -> np.ndar
     2000 x 200, k = 5: 46 -> 44; the simulated benchmark cases unchanged (the cap never binds).
     (Those runs took the certificate's gap from the capped step; from the full step, as now, the
     four ``bench_speed.py`` cases take the same evaluations.) All 20,000 cells of the issue-13
-    counts on the 2-worker cluster: 62 -> 43 evaluations (``bench_dask_14k_stop30.json``)."""
+    counts on the 2-worker cluster: 62 -> 43 evaluations (``bench_dask_14k_stop30.json``).
+
+    The first step (no pairs yet: p = -H0 g) is scaled to ``max_step`` like the later ones, not
+    to 0.1 as before: from the pair of a step that short, the second direction extrapolated along
+    it and shrank every row of W through W = 0 (about -2.3 W on the issue-13 counts), a trial
+    point that was rejected and backtracked into the same trough. Evaluations to the certificate
+    (0.1 -> max_step; in-process fits, throwaway traces): first 2,000 cells of the issue-13
+    counts with mean count 1.47, 34 -> 25; real 2000 x 1000, k = 10, 52 -> 61; real 2000 x 200,
+    k = 5, 44 -> 37; simulated 2000 x 1000 and 2000 x 200, 21 -> 18 and 19 -> 17. All 20,000
+    cells of those counts on the cluster: 47 -> 26 evaluations, 1269 -> 699 s
+    (``bench_dask_14k_m15_stop31*.json``)."""
     if g is not None:
         q = np.clip(p, -cap, cap)
         if float(np.dot(g, q)) < 0.0:
@@ -212,10 +222,10 @@ def run_lbfgs(ev: Evaluator, st: LaplaceFitState, *, n_steps: int, gtol: float, 
         D = preconditioner(ev, z, G, k, from_z, eta_var, precondition) if precondition else None
         p = _two_loop(g, S, Y, D)
         gap_qn = quasi_newton_gap(g, p)  # from the full quasi-Newton step, before its cap
-        # first step: scaled to at most 0.1 per coordinate; later each coordinate clipped to
-        # max_step (trial points far from the iterate cost many Newton iterations and are mostly
-        # rejected)
-        p = _cap_step(p, 0.1) if not S else _cap_step(p, max_step, g)
+        # every step limited to max_step per coordinate (trial points far from the iterate cost
+        # many Newton iterations and are mostly rejected): the first, without pairs, scaled as a
+        # whole, the later ones clipped per coordinate (``_cap_step``)
+        p = _cap_step(p, max_step) if not S else _cap_step(p, max_step, g)
         st.gap_estimate = rule.estimate(gap_qn, gains)
         stop = rule.check(gap_qn, gains, float(np.max(np.abs(g))))
         if stop is not None:
