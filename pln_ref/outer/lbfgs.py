@@ -128,7 +128,8 @@ def _cap_step(p: np.ndarray, cap: float, g: np.ndarray | None = None) -> np.ndar
     counts with mean count 1.47, 34 -> 25; real 2000 x 1000, k = 10, 52 -> 61; real 2000 x 200,
     k = 5, 44 -> 37; simulated 2000 x 1000 and 2000 x 200, 21 -> 18 and 19 -> 17. All 20,000
     cells of those counts on the cluster: 47 -> 26 evaluations, 1269 -> 699 s
-    (``bench_dask_14k_m15_stop31*.json``)."""
+    (``bench_dask_14k_m15_stop31*.json``); of the original issue-13 counts (mean count 0.89):
+    43 -> 48 evaluations, 1098-1135 -> 1314 s (``bench_dask_14k_stop31*.json``)."""
     if g is not None:
         q = np.clip(p, -cap, cap)
         if float(np.dot(g, q)) < 0.0:
