@@ -218,9 +218,10 @@ class CellPosteriors:
         P = PosteriorPrecision.from_factor(
             first.precision.cov, np.concatenate([p.precision.lam for p in parts]),
             np.concatenate([p.precision.S for p in parts]),
-            np.concatenate([p.precision.L_S for p in parts]),
+            None,  # the Cholesky factor on first access (``PosteriorPrecision.L_S``)
             np.concatenate([p.precision.r for p in parts]),
-            np.concatenate([p.precision.S_inv() for p in parts]))
+            np.concatenate([p.precision.S_inv() for p in parts]),
+            np.concatenate([p.precision.logdet_S() for p in parts]))
         return cls(params=first.params, precision=P,
                    **{n: cat(n) for n in ("x_map", "bbar", *PER_CELL_FIELDS)})
 
@@ -342,7 +343,7 @@ def newton_map(
     if params.capture is not None:
         log_anchor = resolve_log_anchor(u, log_anchor)
     if block_size is None:
-        block_size = max(16, (1 << 18) // G)
+        block_size = default_block_size(G)
     ls = line_search
     blocks = []
     for lo in range(0, N, block_size):
@@ -352,6 +353,13 @@ def newton_map(
         blocks.append(_newton_block(u[sl], params, pick(log_anchor), pick(x0), pick(eta0), gtol,
                                     max_iter, grad_fn, armijo, progress, cov, ls, dec_tol))
     return blocks[0] if len(blocks) == 1 else CellPosteriors.concatenate(blocks)
+
+
+def default_block_size(G: int) -> int:
+    """Cells per Newton block: max(16, 2^18 // G), so a block's N x G work arrays hold about 2^18
+    entries (2 MB of float64 each; ``newton_map``'s default, and the cells of each block of a
+    blocked full-batch evaluation, ``fit_laplace.evaluation_block_cells``)."""
+    return max(16, (1 << 18) // int(G))
 
 
 def _offset_rows(gradient: Callable, lo: int) -> Callable:
@@ -471,9 +479,8 @@ def _newton_direction(ua, xa, ea, ma, mu, cov, sigma_M, grad_fn, active, point=N
     else:
         ext, sW, dsig, WtE = cov.eta_tables()
         k, n_pairs = cov.k, cov.pair_table.shape[1]
-        r = lam * cov.d
-        r += 1.0
-        np.reciprocal(r, out=r)  # r = 1 / (1 + lambda d)
+        r = np.add(lam, cov.dinv)
+        np.divide(cov.dinv, r, out=r)  # r = 1 / (1 + lambda d) = (1/d) / (lambda + 1/d)
         P = (lam * r) @ ext
         S = cov.unpack_pairs(P[:, :n_pairs])
         S[..., np.arange(k), np.arange(k)] += 1.0
@@ -513,12 +520,13 @@ def _point(u, usum, x, eta, mu, cov, m, sigma_M):
         f      = u^T x - eta sum(u) - 1^T lambda - 1/2 (x - mu)^T alpha - (eta - m)^2 / (2 sigma_M^2)
         g_x    = u - lambda - alpha,   g_eta = 1^T lambda - sum(u) - (eta - m) / sigma_M^2
     """
-    r = x - mu
     with np.errstate(over="ignore", invalid="ignore"):
-        lam = np.exp(x - eta[:, None])
-        alpha = cov.inv_mv(r)
+        lam = np.subtract(x, eta[:, None])
+        np.exp(lam, out=lam)
+        r = x - mu
+        alpha, quad = cov.inv_mv_quad(r)
         lsum = lam.sum(axis=1)
-        f = np.einsum("ng,ng->n", u, x) - eta * usum - lsum - 0.5 * np.einsum("ng,ng->n", r, alpha)
+        f = np.einsum("ng,ng->n", u, x) - eta * usum - lsum - 0.5 * quad
         gx = u - lam
         gx -= alpha
     if m is None:
@@ -583,7 +591,7 @@ class _BlockStore:
     def __init__(self, N, G, k, capture):
         self.lam, self.r = np.empty((N, G)), np.empty((N, G))
         self.ge, self.num_x = np.zeros(N), np.zeros(N)
-        self.S, self.L_S, self.S_inv = np.empty((N, k, k)), np.empty((N, k, k)), np.empty((N, k, k))
+        self.S, self.S_inv, self.logdet_S = np.empty((N, k, k)), np.empty((N, k, k)), np.empty(N)
         self.bbar = np.empty((N, G)) if capture else None
         self.s = np.empty(N) if capture else None
         # (allocated lazily by the OS: a block whose cells all finish together adopts the
@@ -594,7 +602,7 @@ class _BlockStore:
             self.lam, self.ge, self.r = d.lam, d.ge, d.A.r
             if d.num_x is not None:
                 self.num_x = d.num_x
-            self.S, self.L_S, self.S_inv = d.A.S, d.A.L_S, d.A.S_inv()
+            self.S, self.S_inv, self.logdet_S = d.A.S, d.A.S_inv(), d.A.logdet_S()
             if self.bbar is not None:
                 self.bbar, self.s = d.bbar_rows(slice(None)), d.s
             return
@@ -602,7 +610,7 @@ class _BlockStore:
         if d.num_x is not None:
             self.num_x[cells] = d.num_x[sel]
         self.r[cells], self.S[cells], self.S_inv[cells] = d.A.r[sel], d.A.S[sel], d.A.S_inv()[sel]
-        self.L_S[cells] = np.linalg.cholesky(d.A.S[sel])  # only the finished cells' factors
+        self.logdet_S[cells] = d.A.logdet_S()[sel]  # from the inversion (no Cholesky factor)
         if self.bbar is not None:
             self.bbar[cells], self.s[cells] = d.bbar_rows(sel), d.s[sel]
 
@@ -706,7 +714,7 @@ def _final_posterior(u, params, log_anchor, cov, x, eta, m_all, sigma_M, store: 
     """The posterior of the block from the factorisation and Schur pieces stored at each cell's
     last check; delta = g_eta / s (<= 0) for cells on the bound."""
     N = u.shape[0]
-    A = PosteriorPrecision.from_factor(cov, store.lam, store.S, store.L_S, store.r, store.S_inv)
+    A = PosteriorPrecision.from_factor(cov, store.lam, store.S, None, store.r, store.S_inv, store.logdet_S)
     s, delta = store.s, None
     on_bound = np.zeros(N, dtype=bool)
     if m_all is not None:

@@ -127,6 +127,34 @@ def test_spd_inverse_equals_lapack_and_leaves_its_input(shape):
     if S.size:
         np.testing.assert_allclose(X @ S, np.broadcast_to(np.eye(k), S.shape), atol=1e-12)
         np.testing.assert_allclose(X, np.linalg.inv(S0), rtol=1e-11, atol=1e-13)
+    # with logdet=True: the same inverse and log det S from the pivots (the LAPACK fallback: slogdet)
+    X2, ld = spd_inverse(S, logdet=True)
+    assert np.array_equal(X2, X) and ld.shape == tuple(lead)
+    if S.size:
+        np.testing.assert_allclose(ld, np.linalg.slogdet(S0)[1], rtol=1e-12, atol=1e-12)
+
+
+def test_inv_mv_quad_and_logdet_S_equal_dense():
+    """``inv_mv_quad`` gives Sigma^{-1} v and v^T Sigma^{-1} v, and ``PosteriorPrecision.logdet_S``
+    from the inversion's pivots equals 2 sum log diag(L_S) of the Cholesky factor."""
+    rng = np.random.default_rng(5)
+    G, k = 40, 4
+    d = rng.uniform(0.1, 1.0, G)
+    d[3] = 1e-6  # a Heywood gene
+    cov = LowRankCov(rng.normal(size=(G, k)), d)
+    v = rng.normal(size=(6, G))
+    a, quad = cov.inv_mv_quad(v)
+    dense = np.linalg.solve(cov.dense(), v.T).T
+    np.testing.assert_allclose(a, dense, rtol=1e-7, atol=1e-6 * np.abs(dense).max())
+    np.testing.assert_allclose(quad, np.einsum("ng,ng->n", v, dense), rtol=1e-9)
+    lam = np.exp(rng.normal(size=(70, G)))  # a stack of >= 64: the sweep route
+    P = PosteriorPrecision(cov, lam)
+    P.S_inv()
+    ld_chol = 2.0 * np.sum(np.log(np.diagonal(np.linalg.cholesky(P.S), axis1=-2, axis2=-1)), axis=-1)
+    np.testing.assert_allclose(P.logdet_S(), ld_chol, rtol=1e-12)
+    Sinv = np.linalg.inv(cov.dense())
+    dense_ld = [np.linalg.slogdet(np.diag(lam[c]) + Sinv)[1] for c in range(3)]
+    np.testing.assert_allclose(P.logdet()[:3], dense_ld, rtol=1e-9)
 
 
 def test_sigma_inverse_is_accurate_with_heywood_genes():

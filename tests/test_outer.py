@@ -43,6 +43,22 @@ def test_certificate_refuses_a_slow_linear_creep_and_accepts_a_converging_tail()
     assert StopRule(grad_tol=1e-9).check(1.0, [], 1e-10)[0] == "gradient"
 
 
+def test_certificate_completes_with_one_check_after_the_final_tolerance_resolve():
+    """After the certificate held at a loose Newton tolerance, ``run_lbfgs`` re-solves the iterate at
+    the final tolerance and sets the streak to n_confirm - 1: one more check that holds (from the
+    re-solved gradient) certifies, one that fails starts the count over; ``reset()`` starts over."""
+    fast = [10.0 ** -j for j in range(2, 12)]
+    rule = StopRule(gap_tol=1e-4)
+    rule.reset(rule.n_confirm - 1)
+    assert rule.check(1e-7, fast, 1e-3)[0] == "certificate"
+    rule.reset(rule.n_confirm - 1)
+    assert rule.check(1.0, fast, 1e-3) is None  # the re-solved quasi-Newton gap is too large
+    assert rule.check(1e-7, fast, 1e-3) is None  # ... so two consecutive checks are needed again
+    assert rule.check(1e-7, fast, 1e-3)[0] == "certificate"
+    rule.reset()
+    assert rule.check(1e-7, fast, 1e-3) is None
+
+
 def test_newton_schedule_and_coordinates():
     assert newton_schedule(10.0, 1e-6) == 1e-3
     assert newton_schedule(3e-3, 1e-6) == 1e-4

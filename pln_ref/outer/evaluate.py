@@ -184,7 +184,8 @@ def laplace_terms(
             rx += lam_inv
             r_eta = -lam_inv.sum(axis=1) - lb2_sum * inv_s
             if trunc:
-                rx -= (2.0 * np.where(ob, mills / sq + post.delta, 0.0))[:, None] * lam
+                if ob.any():  # rows of the cells on the bound only (no (n, G) temporary otherwise)
+                    rx[ob] -= (2.0 * (mills[ob] / sq[ob] + post.delta[ob]))[:, None] * lam[ob]
                 r_eta -= 2.0 * np.where(ob, 0.0, mills * sq - kappa * lb2_sum)
             a2 = A.solve(rx)
             w_eta = (r_eta + np.einsum("ng,ng->n", lam, a2)) / post.s
@@ -195,10 +196,14 @@ def laplace_terms(
         else:
             wx = A.solve(lam_inv)
         beta, bW = cov.inv_mv_W(wx)  # Sigma^{-1} w_x and W^T of it
-        ab = alpha - 0.5 * beta
+        # column sums of alpha (alpha - beta) as two reductions, then ab = alpha - beta / 2 in
+        # beta's array (no other (n, G) temporary)
+        g_d_acc += np.einsum("ng,ng->g", alpha, alpha) - np.einsum("ng,ng->g", alpha, beta)
+        ab = beta
+        ab *= -0.5
+        ab += alpha
         g_mu = ab.sum(axis=0)
         g_W += _tmul(ab, aW) - 0.5 * _tmul(alpha, bW)
-        g_d_acc += np.einsum("ng,ng->g", alpha, alpha - beta)
     else:
         wx = None
         g_mu = alpha.sum(axis=0)

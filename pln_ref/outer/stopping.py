@@ -82,8 +82,9 @@ class StopRule:
     min_window: int = 4
     _streak: int = 0
 
-    def reset(self) -> None:
-        self._streak = 0
+    def reset(self, streak: int = 0) -> None:
+        """Set the count of consecutive certified checks (0: start over)."""
+        self._streak = int(streak)
 
     def estimate(self, gap_qn: float, gains) -> float:
         """max(gap_qn, gap_tail, last gain) (module docstring); inf with fewer than
