@@ -14,7 +14,9 @@ per-gene noise from ``precondition.effective_rate`` and the certificate at 1e-4 
 (``bench_speed_stop26.json``): 58, 40 and 15 steps, each fit closer to its reference (gaps
 1.7e-5, 3.1e-6, 5.3e-4 nats/cell against 4.5e-4, 2.7e-4, 3.0e-4). With the Fisher D,
 100 pairs instead of 50, a damping of 1e-2 instead of 1e-3 or a step cap of 3 or 10 instead of
-1 did not reduce the steps on the real 2000 x 1000 counts (80, 80, 89, 95). A line search for
+1 did not reduce the steps on the real 2000 x 1000 counts (80, 80, 89, 95); at stop 32, 20 or 100
+pairs gave the same 54 and 31 steps as 50 on the real cases, and a cap of 0.5 fewer
+(``_cap_step``). A line search for
 the weak Wolfe conditions (Armijo c1 = 1e-4, curvature c2 = 0.9; backtracking by safeguarded
 quadratic interpolation, doubling while the slope is still steep at t = 1); the pair is kept when
 s^T y > 1e-10 |s| |y|.
@@ -137,7 +139,16 @@ def _cap_step(p: np.ndarray, cap: float, g: np.ndarray | None = None) -> np.ndar
     k = 5, 44 -> 37; simulated 2000 x 1000 and 2000 x 200, 21 -> 18 and 19 -> 17. All 20,000
     cells of those counts on the cluster: 47 -> 26 evaluations, 1269 -> 699 s
     (``bench_dask_14k_m15_stop31*.json``); of the original issue-13 counts (mean count 0.89):
-    43 -> 48 evaluations, 1098-1135 -> 1314 s (``bench_dask_14k_stop31*.json``)."""
+    43 -> 48 evaluations, 1098-1135 -> 1314 s (``bench_dask_14k_stop31*.json``).
+
+    The cap (``run_lbfgs``'s ``max_step``) is 0.5 since stop 32, was 1. Steps to the certificate,
+    1 -> 0.5 (in-process default fits, throwaway scripts): real 2000 x 1000, k = 10, 54 -> 48;
+    real 2000 x 200, k = 5, 31 -> 29; real 2000 x genes 1000-2000 by mean count, k = 10, 66 -> 64;
+    real 2000 x 500, k = 8, 78 -> 78; real 2000 x genes 200-700, k = 5, 53 -> 50; simulated
+    2000 x 1000 and 2000 x 200, 14 -> 13 and 11 -> 11; first 2,000 cells of the issue-13 counts
+    (G = 14,000, k = 5), 23 -> 24 evaluations at mean count 1.47 and 34 -> 34 on the original
+    counts. Caps of 0.3 / 0.7 gave 51 / 51, 34 / 28, 14 / 14 and 11 / 11 steps on the four
+    ``bench_speed.py`` cases; 3 gave 57 and 38 on the real ones."""
     if g is not None:
         q = np.clip(p, -cap, cap)
         if float(np.dot(g, q)) < 0.0:
@@ -182,7 +193,7 @@ def _line_search(fg, z, F0, g0, p, t0=1.0, c1=1e-4, c2=0.9, max_evals=30):
 
 def run_lbfgs(ev: Evaluator, st: LaplaceFitState, *, n_steps: int, gtol: float, rule: StopRule,
               memory: int = 50, checkpoint: str | None = None, checkpoint_every: int = 50,
-              progress: bool = True, precondition: str | None = "fisher", max_step: float = 1.0,
+              progress: bool = True, precondition: str | None = "fisher", max_step: float = 0.5,
               max_epochs: float | None = None, n_total: int | None = None,
               desc: str = "Laplace fit (L-BFGS)", warn_stall: bool = True) -> LaplaceFitState:
     """L-BFGS from the state's globals (module docstring) until ``rule``, ``n_steps`` (total steps
