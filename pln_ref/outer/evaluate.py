@@ -264,6 +264,37 @@ def _sum_terms(parts: list[LaplaceTerms]) -> LaplaceTerms:
                         sum(t.rate_info for t in parts))
 
 
+class TermsSum:
+    """Running sum of the ``laplace_terms`` of disjoint blocks of cells, added as each block is done:
+    l kept per block (concatenated by ``terms``), the gradient, info_mu and rate_info summed in
+    place, so no block's G-sized arrays outlive it (with blocks of 18 cells at G = 14,000, keeping
+    every block's terms until the end held about 1 MB per block, 0.28 GB per 5,000 cells). The
+    blocks are added in order, so the sums equal ``_sum_terms`` of the list to the last bit."""
+
+    def __init__(self) -> None:
+        self._l: list = []
+        self._acc: LaplaceTerms | None = None
+
+    def add(self, t: LaplaceTerms) -> None:
+        self._l.append(t.l)
+        if t.grad is None:
+            return
+        if self._acc is None:
+            self._acc = LaplaceTerms(None, {k: v.copy() for k, v in t.grad.items()}, None, None,
+                                     t.info_mu.copy(), t.rate_info.copy())
+            return
+        for k, v in t.grad.items():
+            self._acc.grad[k] += v
+        self._acc.info_mu[...] += t.info_mu
+        self._acc.rate_info[...] += t.rate_info
+
+    def terms(self) -> LaplaceTerms:
+        l = np.concatenate(self._l)
+        if self._acc is None:
+            return LaplaceTerms(l, None, None, None)
+        return self._acc._replace(l=l)
+
+
 def _blocked_evaluation(parts: list[LaplaceTerms], N: int, gtol: float, n_bound: int,
                         dec_tol: float | None = None) -> Evaluation:
     """The ``Evaluation`` of all N cells from the terms of its blocks (``_sum_terms``): L = mean_c l_c
@@ -379,7 +410,7 @@ class Evaluator:
         replaced only if the evaluation is finite), l and the gradient sums are kept."""
         N, G = self.u.shape
         x_new, e_new = np.empty((N, G), dtype=WARM_START_DTYPE), np.empty(N)
-        parts, n_bound = [], 0
+        acc, n_bound = TermsSum(), 0
         for lo in range(0, N, self.block_cells):
             hi = min(N, lo + self.block_cells)
             sl = slice(lo, hi)
@@ -392,11 +423,11 @@ class Evaluator:
             self.newton_iters += int(post.n_iter.sum())
             x_new[sl], e_new[sl] = post.x_map, post.eta_map
             n_bound += int(post.on_bound.sum())
-            parts.append(terms._replace(wx=None, kappa=None))  # the blocks' adjoints are not kept
+            acc.add(terms)  # summed as it comes; the block's adjoint and posterior are not kept
             del post, terms
         self.n_evals += 1
         self.cells_solved += N
-        ev = _blocked_evaluation(parts, N, gtol, n_bound, dec_tol)
+        ev = _blocked_evaluation([acc.terms()], N, gtol, n_bound, dec_tol)
         if np.isfinite(ev.value):
             self.x_map, self.eta_map = x_new, e_new
             self._last = (key, ev)
