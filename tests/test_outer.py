@@ -295,10 +295,40 @@ def test_blocked_evaluation_equals_the_unblocked_one(storage):
             np.testing.assert_allclose(eb.grad[key], ef.grad[key], rtol=1e-10,
                                        atol=1e-10 * np.abs(ef.grad[key]).max())
         np.testing.assert_allclose(eb.terms.info_mu, ef.terms.info_mu, rtol=1e-10)
+        np.testing.assert_allclose(eb.terms.rate_info, ef.terms.rate_info, rtol=1e-10)
         # the blocked warm start is kept in float32 (WARM_START_DTYPE): its rounding, no more
         assert blk.x_map.dtype == WARM_START_DTYPE
         np.testing.assert_array_equal(blk.x_map, full.x_map.astype(WARM_START_DTYPE))
         np.testing.assert_allclose(blk.eta_map, full.eta_map, rtol=1e-10, atol=1e-10)
+
+
+def test_terms_sum_equals_the_sum_of_the_kept_blocks():
+    """``TermsSum`` (blocks summed as they come) gives the same l, gradient, info_mu and rate_info,
+    to the last bit, as ``_sum_terms`` of every block kept to the end, and without a gradient only l."""
+    from pln_ref.outer.evaluate import LaplaceTerms, TermsSum, _sum_terms
+
+    rng = np.random.default_rng(2)
+    G, k = 7, 2
+
+    def block(n):
+        return LaplaceTerms(rng.normal(size=n), {"mu": rng.normal(size=G), "W": rng.normal(size=(G, k)),
+                                                 "d": rng.normal(size=G)}, None, None,
+                            rng.normal(size=G), rng.normal(size=G))
+
+    parts = [block(n) for n in (5, 3, 4)]
+    first_W = parts[0].grad["W"].copy()
+    acc = TermsSum()
+    for t in parts:
+        acc.add(t)
+    got, want = acc.terms(), _sum_terms(parts)
+    assert np.array_equal(got.l, want.l)
+    for key in ("mu", "W", "d"):
+        assert np.array_equal(got.grad[key], want.grad[key])
+    assert np.array_equal(got.info_mu, want.info_mu) and np.array_equal(got.rate_info, want.rate_info)
+    assert np.array_equal(parts[0].grad["W"], first_W)  # the first block's arrays are not summed into
+    acc = TermsSum()
+    acc.add(LaplaceTerms(np.ones(2), None, None, None))
+    assert acc.terms().grad is None and np.array_equal(acc.terms().l, np.ones(2))
 
 
 def test_blocked_evaluator_refuses_a_bad_block_size():
