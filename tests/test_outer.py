@@ -303,8 +303,9 @@ def test_blocked_evaluation_equals_the_unblocked_one(storage):
 
 
 def test_terms_sum_equals_the_sum_of_the_kept_blocks():
-    """``TermsSum`` (blocks summed as they come) gives the same l, gradient, info_mu and rate_info,
-    to the last bit, as ``_sum_terms`` of every block kept to the end, and without a gradient only l."""
+    """``TermsSum`` (blocks summed as they come, also behind ``_sum_terms``) gives l concatenated and
+    the gradient, info_mu and rate_info summed in block order, to the last bit, without summing into
+    the first block's arrays; without a gradient only l."""
     from pln_ref.outer.evaluate import LaplaceTerms, TermsSum, _sum_terms
 
     rng = np.random.default_rng(2)
@@ -320,11 +321,13 @@ def test_terms_sum_equals_the_sum_of_the_kept_blocks():
     acc = TermsSum()
     for t in parts:
         acc.add(t)
-    got, want = acc.terms(), _sum_terms(parts)
-    assert np.array_equal(got.l, want.l)
-    for key in ("mu", "W", "d"):
-        assert np.array_equal(got.grad[key], want.grad[key])
-    assert np.array_equal(got.info_mu, want.info_mu) and np.array_equal(got.rate_info, want.rate_info)
+    a, b, c = parts
+    for got in (acc.terms(), _sum_terms(parts)):
+        assert np.array_equal(got.l, np.concatenate([a.l, b.l, c.l]))
+        for key in ("mu", "W", "d"):
+            assert np.array_equal(got.grad[key], a.grad[key] + b.grad[key] + c.grad[key])
+        assert np.array_equal(got.info_mu, a.info_mu + b.info_mu + c.info_mu)
+        assert np.array_equal(got.rate_info, a.rate_info + b.rate_info + c.rate_info)
     assert np.array_equal(parts[0].grad["W"], first_W)  # the first block's arrays are not summed into
     acc = TermsSum()
     acc.add(LaplaceTerms(np.ones(2), None, None, None))

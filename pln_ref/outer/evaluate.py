@@ -253,23 +253,12 @@ class Evaluation(NamedTuple):
     dec_tol: float | None = None
 
 
-def _sum_terms(parts: list[LaplaceTerms]) -> LaplaceTerms:
-    """Join the ``laplace_terms`` of disjoint blocks of cells: l concatenated, the gradient and
-    info_mu and rate_info summed (sums over cells, so the block sums are exact)."""
-    l = np.concatenate([t.l for t in parts])
-    if parts[0].grad is None:
-        return LaplaceTerms(l, None, None, None)
-    grad = {k: sum(t.grad[k] for t in parts) for k in parts[0].grad}
-    return LaplaceTerms(l, grad, None, None, sum(t.info_mu for t in parts),
-                        sum(t.rate_info for t in parts))
-
-
 class TermsSum:
     """Running sum of the ``laplace_terms`` of disjoint blocks of cells, added as each block is done:
     l kept per block (concatenated by ``terms``), the gradient, info_mu and rate_info summed in
     place, so no block's G-sized arrays outlive it (with blocks of 18 cells at G = 14,000, keeping
     every block's terms until the end held about 1 MB per block, 0.28 GB per 5,000 cells). The
-    blocks are added in order, so the sums equal ``_sum_terms`` of the list to the last bit."""
+    one place where terms are summed (``_sum_terms`` of a list uses it too)."""
 
     def __init__(self) -> None:
         self._l: list = []
@@ -293,6 +282,16 @@ class TermsSum:
         if self._acc is None:
             return LaplaceTerms(l, None, None, None)
         return self._acc._replace(l=l)
+
+
+def _sum_terms(parts: list[LaplaceTerms]) -> LaplaceTerms:
+    """Join the ``laplace_terms`` of disjoint blocks of cells: l concatenated, the gradient and
+    info_mu and rate_info summed (sums over cells, so the block sums are exact); ``TermsSum`` over
+    the list."""
+    acc = TermsSum()
+    for t in parts:
+        acc.add(t)
+    return acc.terms()
 
 
 def _blocked_evaluation(parts: list[LaplaceTerms], N: int, gtol: float, n_bound: int,
