@@ -232,13 +232,14 @@ def run_lbfgs(ev: Evaluator, st: LaplaceFitState, *, n_steps: int, gtol: float, 
     bar = tqdm(total=n_steps, initial=min(st.step, n_steps), desc=desc,
                disable=not progress)
     gains: list = []
+    est = math.inf  # this run's gap estimate (not a previous run's or sampled phase's, in ``st``)
     while True:
         # the Newton tolerance for this iteration; re-solve the iterate only if it tightened
         new_tol = newton_schedule(float(np.max(np.abs(g))), final)
         if new_tol < tol:
             # once the gap estimate is within the certificate's tolerance, the fit is about to be
             # certified, which happens on values at the final tolerance: go there directly
-            tol = final if st.gap_estimate <= rule.gap_tol else new_tol
+            tol = final if est <= rule.gap_tol else new_tol
             F, g = fg(z, tol)
         _record_best(st, z, F, G, k)
         D = preconditioner(ev, z, G, k, from_z, eta_var, precondition) if precondition else None
@@ -248,7 +249,7 @@ def run_lbfgs(ev: Evaluator, st: LaplaceFitState, *, n_steps: int, gtol: float, 
         # many Newton iterations and are mostly rejected): the first, without pairs, scaled as a
         # whole, the later ones clipped per coordinate (``_cap_step``)
         p = _cap_step(p, max_step) if not S else _cap_step(p, max_step, g)
-        st.gap_estimate = rule.estimate(gap_qn, gains)
+        st.gap_estimate = est = rule.estimate(gap_qn, gains)
         stop = rule.check(gap_qn, gains, float(np.max(np.abs(g))))
         if stop is not None:
             if tol > final:  # certify only on values solved to the final Newton tolerance:
