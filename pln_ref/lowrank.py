@@ -214,8 +214,8 @@ class LowRankCov:
         return float(np.sum(np.log(self.d))) + self._logdet_K
 
     def quad(self, v: np.ndarray) -> np.ndarray:
-        """v^T Sigma^{-1} v for v of shape (..., G)."""
-        return np.einsum("...g,...g->...", v, self.inv_mv(v))
+        """v^T Sigma^{-1} v for v of shape (..., G) (``inv_mv_quad``)."""
+        return self.inv_mv_quad(v)[1]
 
     def logpdf(self, x: np.ndarray, mu: np.ndarray) -> np.ndarray:
         """log N(x | mu, Sigma) = -G/2 log 2pi - 1/2 log det Sigma - 1/2 (x-mu)^T Sigma^{-1} (x-mu)."""

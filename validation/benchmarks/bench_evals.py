@@ -114,6 +114,14 @@ def main() -> None:
             print(json.dumps(replay(args._replay)))
         return
     repos = [str(Path(r).resolve()) for r in args.repos.split(",") if r]
+    for repo in repos:
+        if not (Path(repo) / "pln_ref" / "__init__.py").is_file():
+            raise SystemExit(f"--repos: {repo} is not a checkout of pln-ref (no pln_ref/__init__.py)")
+    sys.path.insert(0, str(HERE))
+    from bench_speed import CASES
+
+    if args.case not in CASES:
+        raise SystemExit(f"unknown case {args.case!r}; choose from {', '.join(CASES)}")
     me = [sys.executable, str(Path(__file__).resolve()), "--case", args.case]
 
     def child(flag: str, value: str, repo: str) -> dict:
