@@ -14,7 +14,8 @@ evaluations, the Newton and evidence-gradient parts (``Evaluator.cpu_newton``, `
 Newton iterations and the sum of the evaluated objectives (equal across repositories when a change
 keeps the arithmetic). The minimum CPU over the repetitions of each repository is the figure (the
 machine is shared: other jobs only add time). Load average printed before each replay. Results:
-``results/<--out>`` (JSON); the recorded sequence goes to a temporary file.
+``results/<--out>`` (JSON, rewritten after every replay); the recorded sequence goes to a temporary
+file.
 """
 
 from __future__ import annotations
@@ -131,6 +132,14 @@ def main() -> None:
         return json.loads(res.stdout.strip().splitlines()[-1])
 
     out = {"case": args.case, "repos": repos, "reps": args.reps, "replays": []}
+
+    def save() -> None:  # after every replay: a crash keeps the replays already measured
+        if args.out:
+            RESULTS.mkdir(parents=True, exist_ok=True)
+            sys.path.insert(0, str(HERE.parents[1]))
+            from pln_ref.io import atomic_write_json
+
+            atomic_write_json(RESULTS / args.out, out)
     with tempfile.TemporaryDirectory() as tmp:
         path = str(Path(tmp) / "calls.pkl")
         out["calls"] = child("--_record", path, repos[0])["calls"]
@@ -141,6 +150,7 @@ def main() -> None:
                 r = child("--_replay", path, repo)
                 r.update(repo=repo, rep=rep, load_before=load)
                 out["replays"].append(r)
+                save()
                 print(f"  {repo}: {r['cpu_s']:.2f} s CPU (Newton {r['cpu_newton_s']:.2f}, gradient "
                       f"{r['cpu_gradient_s']:.2f}), {r['evaluations']} evaluations, "
                       f"{r['newton_iters']} Newton iterations, sum {r['sum_objective']:.9f}, load {load}",
@@ -148,13 +158,7 @@ def main() -> None:
     out["min_cpu_s"] = {repo: min(r["cpu_s"] for r in out["replays"] if r["repo"] == repo) for repo in repos}
     for repo in repos:
         print(f"[{args.case}] min CPU {out['min_cpu_s'][repo]:.2f} s  {repo}")
-    if args.out:
-        RESULTS.mkdir(parents=True, exist_ok=True)
-        from_repo = str(HERE.parents[1])
-        sys.path.insert(0, from_repo)
-        from pln_ref.io import atomic_write_json
-
-        atomic_write_json(RESULTS / args.out, out)
+    save()
 
 
 if __name__ == "__main__":
