@@ -188,14 +188,23 @@ def laplace_terms(
                     rx[ob] -= (2.0 * (mills[ob] / sq[ob] + post.delta[ob]))[:, None] * lam[ob]
                 r_eta -= 2.0 * np.where(ob, 0.0, mills * sq - kappa * lb2_sum)
             a2 = A.solve(rx)
-            w_eta = (r_eta + np.einsum("ng,ng->n", lam, a2)) / post.s
+            la2 = lam * a2
+            w_eta = (r_eta + la2.sum(axis=1)) / post.s
             w_eta = np.where(post.on_bound, 0.0, w_eta)  # eta held at its bound
+            # beta = Sigma^{-1} w_x without a Sigma^{-1} product: (Sigma^{-1} + Lambda) a2 = rx and
+            # Sigma^{-1} b = lambda - Lambda b = q give Sigma^{-1} (a2 + b w_eta) = rx - lambda a2 + w_eta q
+            beta = rx  # in rx's array (rx is not used again)
+            beta -= la2
+            del la2
+            beta += w_eta[:, None] * q
             wx = a2  # a2 + b w_eta with b = 1 - bbar, in a2's array
             wx += w_eta[:, None]
             wx -= post.bbar * w_eta[:, None]
         else:
             wx = A.solve(lam_inv)
-        beta, bW = cov.inv_mv_W(wx)  # Sigma^{-1} w_x and W^T of it
+            beta = lam_inv  # Sigma^{-1} w_x = lambda diag(A^{-1}) - lambda w_x, (Sigma^{-1} + Lambda) w_x = it
+            beta -= lam * wx
+        bW = beta @ W  # W^T Sigma^{-1} w_x
         # column sums of alpha (alpha - beta) as two reductions, then ab = alpha - beta / 2 in
         # beta's array (no other (n, G) temporary)
         g_d_acc += np.einsum("ng,ng->g", alpha, alpha) - np.einsum("ng,ng->g", alpha, beta)
