@@ -84,7 +84,9 @@ def rayleigh_quotient(hvp, H0, v: np.ndarray) -> float:
 
     P = len(v)
     op = LinearOperator((P, P), matvec=lambda q: H0(np.asarray(q, dtype=float).ravel()), dtype=float)
-    w, _ = cg(op, v, rtol=1e-8, maxiter=1000)
+    w, info = cg(op, v, rtol=1e-8, maxiter=1000)
+    if info != 0:
+        raise RuntimeError(f"conjugate gradients on H0 did not reach rtol 1e-8 in 1000 iterations (info {info})")
     return float(v @ hvp(v)) / float(v @ w)
 
 
