@@ -117,6 +117,18 @@ def evidence(u, la, params, tol=1e-9) -> float:
     return ev(params.mu, params.W, params.d, gtol=tol, with_grad=False).value
 
 
+def cached_reference_path(name: str) -> Path:
+    """results/reference_<name>.npz of a case, for the diagnostics that start from it
+    (``outer_hessian.py``, ``outer_probe.py``); SystemExit naming the problem when the case is
+    unknown or its reference has not been computed."""
+    if name not in CASES:
+        raise SystemExit(f"unknown case {name!r}: expected one of {', '.join(CASES)}")
+    path = RESULTS / f"reference_{name}.npz"
+    if not path.exists():
+        raise SystemExit(f"no cached reference {path.name}: run bench_speed.py --cases {name} first")
+    return path
+
+
 def reference(name, u, la, fitted: PLNParams, refresh: bool) -> dict:
     """Tight L-BFGS continuation of the fit (cached): value and globals."""
     path = RESULTS / f"reference_{name}.npz"

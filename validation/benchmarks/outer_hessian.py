@@ -159,11 +159,7 @@ def main(argv=None) -> int:
     from pln_ref.outer import lbfgs, precondition
     from pln_ref.outer.evaluate import Evaluator
 
-    if args.case not in bs.CASES:
-        raise SystemExit(f"unknown case {args.case!r}: expected one of {', '.join(bs.CASES)}")
-    ref_path = RESULTS / f"reference_{args.case}.npz"
-    if not ref_path.exists():
-        raise SystemExit(f"no cached reference {ref_path.name}: run bench_speed.py --cases {args.case} first")
+    ref_path = bs.cached_reference_path(args.case)
     warnings.simplefilter("ignore")
     u, k, truth = bs.case_data(args.case)
     N, G = u.shape
