@@ -26,6 +26,16 @@ ds = (b, 1)^T d(-H) (b, 1): partial dSigma -> -q^T dSigma q, d s / d x_g = lambd
 d s / d eta = -sum_g lambda_g bbar_g^2, and d g_eta / d x_g = lambda_g on the bound (where eta is
 held at 0, so only x* moves); its implicit part shares the adjoint solve below.
 
+The two branches meet in value but not in slope. Along globals that move x and eta together
+(mu + a 1, W + 1 b^T), an interior cell keeps lambda, A and log det(-H) fixed; a cell on the bound
+keeps eta at 0, so x* alone follows the move, and lambda and log det A change with it. A cell that
+crosses the bound thus puts a kink in L, and L can have a local maximum on each side of it. On the
+simulated 2000 x 1000 benchmark two cells that cross the bound separate two maxima (their l_c
+falls before they reach the bound and rises after): the default fit stops at one, 8.5e-4
+nats/cell below its reference at the other, while the eta-integrated evidence of
+``eta_marginal`` has a single maximum on the same segment
+(``validation/benchmarks/capture_gauge.py``).
+
 Exact total gradient (``ift=True``), alpha = Sigma^{-1}(x* - mu), C = [(-H)^{-1}]_xx
 = A^{-1} + b b^T / s::
 
