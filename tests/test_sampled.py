@@ -140,3 +140,24 @@ def test_cli_fit_with_batch_size_runs_the_sampled_path(data, tmp_path, capsys):
     diag = ad.read_h5ad(tmp_path / "out.h5ad").uns["pln"]["diagnostics"]
     assert diag["stop_rule"] == "certificate" and diag["epochs"] > 0
     assert [int(diag["phases"][i]["cells"]) for i in sorted(diag["phases"])] == [200, 400, 800]
+
+
+def test_sample_phases_carry_their_pairs_and_the_last_phase_starts_afresh(data, monkeypatch):
+    """Each sampled phase after the first inherits the L-BFGS pairs of the phase before it; the
+    full-batch phase starts without them (``sampled`` module docstring)."""
+    import pln_ref.outer.sampled as sampled
+
+    p, u, la, init, full, q_full = data
+    seen = []
+    real = sampled.run_lbfgs
+
+    def spy(ev, st, **kw):
+        seen.append((ev.N, None if st.lbfgs_s is None else len(st.lbfgs_s)))
+        return real(ev, st, **kw)
+
+    monkeypatch.setattr(sampled, "run_lbfgs", spy)
+    st, _ = optimize_globals(u, init, la, batch_size=100, seed=1, progress=False)
+    assert [n for n, _ in seen] == [100, 200, 400, 800]
+    assert seen[0][1] is None and all(m is not None and m > 0 for _, m in seen[1:3])
+    assert seen[3][1] is None
+    assert st.stop_rule == "certificate"
