@@ -58,7 +58,7 @@ import numpy as np
 from .evaluate import WARM_START_DTYPE, Evaluator
 from .lbfgs import run_lbfgs
 from .state import LaplaceFitState
-from .stopping import StopRule, resolution_tol
+from .stopping import RESOLUTION_FRACTION, StopRule, resolution_tol
 
 __all__ = ["run_sampled", "sample_sizes", "nested_sample"]
 
@@ -83,7 +83,7 @@ def _pick(a: np.ndarray | None, idx: np.ndarray) -> np.ndarray | None:
 
 
 def run_sampled(ev_full: Evaluator, st: LaplaceFitState, *, n0: int, seed: int, n_steps: int, gtol: float,
-                gap_tol: float, fraction: float = 0.01, max_epochs: float | None = None,
+                gap_tol: float, fraction: float = RESOLUTION_FRACTION, max_epochs: float | None = None,
                 checkpoint: str | None = None, checkpoint_every: int = 50,
                 progress: bool = True) -> LaplaceFitState:
     """Sampled L-BFGS (module docstring) from the state (fresh, or resumed in any phase) until the
