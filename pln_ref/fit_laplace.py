@@ -11,7 +11,8 @@ dispatches:
 - ``optimizer="lbfgs"`` with ``batch_size=n0`` < N / 2: the stochastic path for large N, L-BFGS on
   nested random samples of cells doubling from n0 to N, each sample's phase stopped at its
   statistical resolution and the last phase the full-batch L-BFGS with its certificate, so the
-  optimum is the full-batch one (``pln_ref.outer.sampled``; cost and cap in epochs);
+  fit ends at a maximum of the full-batch objective (``pln_ref.outer.sampled``; cost and cap in
+  epochs);
 - ``optimizer="adam"``: Adam on (mu, W, log d), full batch or minibatches of ``batch_size`` cells,
   stopped by its patience rule (``pln_ref.outer.adam``; it does not certify convergence).
 

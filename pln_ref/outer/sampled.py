@@ -27,8 +27,9 @@ the last phase:
 - 10,000 x 1,000, n0 = 500: 16 -> 13 steps, 60.0 -> 52.1 s;
 - 20,000 x 500, n0 = 1000: 10 -> 10 steps (14 -> 13 epochs), 37.7 -> 34.8 s.
 
-Starting every phase's pairs afresh was worse on the first case (223.5 s: the 10,000-cell phase
-took 8 steps instead of 16, the last one 22).
+(These with phases stopped at 1% of their resolution; ``stopping.RESOLUTION_FRACTION`` is now
+10%.) Starting every phase's pairs afresh was worse on the first case (223.5 s: the 10,000-cell
+phase took 8 steps instead of 16, the last one 22).
 
 The last phase is the whole data set: the full-batch L-BFGS with its certificate (``gap_tol``), so
 the fit ends at a maximum of the full-batch objective; only the path to it is cheaper, because the
