@@ -1,31 +1,14 @@
 """``validation/benchmarks/capture_gauge.py``: the gauge split recovers a known shift
 mu + a 1, W + 1 b^T behind a rotation, and its per-cell evidence is the evaluator's objective."""
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import numpy as np
 
 import pln_ref
 from pln_ref.outer.evaluate import Evaluator
 
-BENCH = Path(__file__).resolve().parents[1] / "validation" / "benchmarks"
 
-
-def _script(name):
-    sys.path.insert(0, str(BENCH))
-    try:
-        spec = importlib.util.spec_from_file_location(name, BENCH / f"{name}.py")
-        mod = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(mod)
-    finally:
-        sys.path.remove(str(BENCH))
-    return mod
-
-
-def test_gauge_components_recovers_shift_behind_rotation():
-    cg = _script("capture_gauge")
+def test_gauge_components_recovers_shift_behind_rotation(bench_script):
+    cg = bench_script("capture_gauge")
     rng = np.random.default_rng(5)
     G, k = 30, 3
     W_ref = rng.normal(size=(G, k))
@@ -45,8 +28,8 @@ def test_gauge_components_recovers_shift_behind_rotation():
     assert abs(out["mu_rms_rest"] - np.sqrt(np.mean(rest_mu**2))) < 1e-12
 
 
-def test_cell_evidence_is_the_evaluator_objective():
-    cg = _script("capture_gauge")
+def test_cell_evidence_is_the_evaluator_objective(bench_script):
+    cg = bench_script("capture_gauge")
     truth = pln_ref.random_params(6, 2, seed=2, capture=True, mean_log_rate=1.5)
     sim = pln_ref.simulate(truth, 30, seed=3)
     u, la = sim.counts.astype(float), sim.log_anchor

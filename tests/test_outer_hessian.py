@@ -4,26 +4,14 @@ Lambda_c^{-1}), with the working responses y_c = x_c* + (u_c - lambda_c) / lambd
 lambda_c held at the MAPs, z = (mu, vec W, s), d = D_FLOOR + s^2 (without capture, where
 P_c = (Sigma + Lambda_c^{-1})^{-1} exactly)."""
 
-import importlib.util
-from pathlib import Path
-
 import numpy as np
 
 import pln_ref
 from pln_ref.laplace import newton_map
 from pln_ref.outer import lbfgs
 
-SCRIPT = Path(__file__).resolve().parents[1] / "validation" / "benchmarks" / "outer_hessian.py"
 
-
-def _script():
-    spec = importlib.util.spec_from_file_location("outer_hessian", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-def test_working_information_is_the_hessian_of_the_gaussian_working_model():
+def test_working_information_is_the_hessian_of_the_gaussian_working_model(bench_script):
     G, k, N = 5, 2, 30
     truth = pln_ref.random_params(G, k, seed=3, capture=False, mean_log_rate=1.5)
     u = pln_ref.simulate(truth, N, seed=4).counts.astype(float)
@@ -49,6 +37,6 @@ def test_working_information_is_the_hessian_of_the_gaussian_working_model():
             ei, ej = np.eye(P)[i] * h, np.eye(P)[j] * h
             H[i, j] = H[j, i] = -(loglik(z + ei + ej) - loglik(z + ei - ej) - loglik(z - ei + ej)
                                   + loglik(z - ei - ej)) / (4 * h * h)
-    M = _script().working_information(params, post)
+    M = bench_script("outer_hessian").working_information(params, post)
     assert M.shape == (P, P)
     np.testing.assert_allclose(M, H, rtol=1e-4, atol=1e-5 * np.abs(H).max())

@@ -2,31 +2,14 @@
 finite-difference Hessian of ``outer_hessian.py``, and its generalised Rayleigh quotient is
 v^T H v / v^T H0^{-1} v (1 when H0 is the inverse of H itself)."""
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import numpy as np
 
 import pln_ref
 from pln_ref.outer import lbfgs
 from pln_ref.outer.evaluate import Evaluator
 
-BENCH = Path(__file__).resolve().parents[1] / "validation" / "benchmarks"
 
-
-def _script(name):
-    sys.path.insert(0, str(BENCH))
-    try:
-        spec = importlib.util.spec_from_file_location(name, BENCH / f"{name}.py")
-        mod = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(mod)
-    finally:
-        sys.path.remove(str(BENCH))
-    return mod
-
-
-def test_probe_hvp_and_rayleigh_quotient():
+def test_probe_hvp_and_rayleigh_quotient(bench_script):
     G, k, N = 4, 2, 40
     truth = pln_ref.random_params(G, k, seed=3, capture=True, mean_log_rate=1.5)
     sim = pln_ref.simulate(truth, N, seed=4)
@@ -34,7 +17,7 @@ def test_probe_hvp_and_rayleigh_quotient():
     params = pln_ref.PLNParams(truth.mu + 0.1, truth.W * 0.9, truth.d + 0.05, truth.capture)
     z = lbfgs.to_z(params.mu, params.W, params.d)
     P, h = len(z), 1e-4
-    probe, hess = _script("outer_probe"), _script("outer_hessian")
+    probe, hess = bench_script("outer_probe"), bench_script("outer_hessian")
     ev = Evaluator(u, la, truth.capture)
     fg = lbfgs._negated_objective(ev, G, k, {"failed": 0}, 1e-10)
     hvp = probe.make_hvp(fg, z, ev, h, tol=1e-10)

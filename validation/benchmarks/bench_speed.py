@@ -117,6 +117,12 @@ def evidence(u, la, params, tol=1e-9) -> float:
     return ev(params.mu, params.W, params.d, gtol=tol, with_grad=False).value
 
 
+def short_commit() -> str:
+    """The repository's HEAD as a short hash, for the provenance of a results file ("" outside git)."""
+    return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+                          text=True).stdout.strip()
+
+
 def cached_reference_path(name: str) -> Path:
     """results/reference_<name>.npz of a case, for the diagnostics that start from it
     (``outer_hessian.py``, ``outer_probe.py``); SystemExit naming the problem when the case is
@@ -249,9 +255,7 @@ def main():
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / args.out
     out = json.loads(path.read_text()) if path.exists() else {"cases": {}}
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
-                            text=True).stdout.strip()
-    out["meta"] = {"command": " ".join(["python"] + sys.argv), "commit": commit, "threads": 1,
+    out["meta"] = {"command": " ".join(["python"] + sys.argv), "commit": short_commit(), "threads": 1,
                    "loadavg_start": load(), "cpu_count": os.cpu_count()}
     for c in names:
         run_case(c, args, out)

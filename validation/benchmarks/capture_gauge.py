@@ -42,7 +42,6 @@ for _v in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
 
 import argparse  # noqa: E402
 import json  # noqa: E402
-import subprocess  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
 import warnings  # noqa: E402
@@ -203,8 +202,7 @@ def main(argv=None) -> int:
             print(f"[{args.case}] t {t:6.2f}: eta-integrated evidence {marginal[-1]:.6f}", flush=True)
         m0 = marginal[grid.index(0.0)]
         marginal = {"value": marginal, "change_from_t0": [v - m0 for v in marginal]}
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
-                            text=True).stdout.strip()
+    commit = bs.short_commit()
     out = {"case": args.case, "N": int(u.shape[0]), "G": int(u.shape[1]), "k": k, "commit": commit,
            "command": " ".join(["python"] + sys.argv), "loadavg": list(os.getloadavg()),
            "capture": {"M0": cap.M0, "sigma_M": cap.sigma_M},

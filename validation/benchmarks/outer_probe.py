@@ -44,7 +44,6 @@ for _v in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
 import argparse  # noqa: E402
 import json  # noqa: E402
 import pickle  # noqa: E402
-import subprocess  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
@@ -210,8 +209,7 @@ def main(argv=None) -> int:
               flush=True)
     for kk, vv in res.items():
         print(f"  {kk:46s} {vv:10.4g}")
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
-                            text=True).stdout.strip()
+    commit = bs.short_commit()
     out = {"case": args.case, "N": N, "G": G, "k": k, "n_params": P, "fd_step": args.h, "commit": commit,
            "command": " ".join(["python"] + sys.argv), "loadavg": list(os.getloadavg()),
            "fit_evaluations": n_calls, "singular_values_W": [float(x) for x in sv],
