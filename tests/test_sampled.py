@@ -161,3 +161,68 @@ def test_sample_phases_carry_their_pairs_and_the_last_phase_starts_afresh(data, 
     assert seen[0][1] is None and all(m is not None and m > 0 for _, m in seen[1:3])
     assert seen[3][1] is None
     assert st.stop_rule == "certificate"
+
+
+def test_joined_evaluations_equal_the_evaluation_of_all_cells(data):
+    """join_evaluations of disjoint subsets (interleaved cells) at the same globals is the
+    evaluation of their union: l per cell, value, gradient, info_mu, rate_info, cells on the bound."""
+    from pln_ref.outer.evaluate import join_evaluations
+
+    p, u, la, init, full, q_full = data
+    n = u.shape[0]
+    a, b = np.arange(0, n, 3), np.setdiff1d(np.arange(n), np.arange(0, n, 3))
+    kw = dict(gtol=1e-8)
+    whole = Evaluator(u, la, p.capture, block_cells=64)(init.mu, init.W, init.d, **kw)
+    parts = [(Evaluator(u[idx], la[idx], p.capture, block_cells=64)(init.mu, init.W, init.d, **kw), idx)
+             for idx in (a, b)]
+    j = join_evaluations(parts, n)
+    np.testing.assert_allclose(j.terms.l, whole.terms.l, rtol=1e-11, atol=1e-9)
+    assert j.value == pytest.approx(whole.value, rel=1e-12)
+    for key in ("mu", "W", "d"):
+        np.testing.assert_allclose(j.grad[key], whole.grad[key], rtol=1e-8, atol=1e-10)
+    np.testing.assert_allclose(j.terms.info_mu, whole.terms.info_mu, rtol=1e-10)
+    np.testing.assert_allclose(j.terms.rate_info, whole.terms.rate_info, rtol=1e-10)
+    assert j.n_on_bound == whole.n_on_bound and j.post is None and j.gtol == 1e-8
+    with pytest.raises(ValueError, match="do not cover"):
+        join_evaluations(parts[:1], n)
+
+
+def test_later_phases_start_from_the_joined_evaluation_and_samples_stay_at_the_loose_tolerance(
+        data, monkeypatch):
+    """At a switch the next phase's first evaluation is joined from the phase's last one and the
+    new cells' cold solve (``sampled`` module docstring): it is not recomputed, and it equals a
+    fresh evaluation at the same globals; the phases on samples never re-solve at the final
+    Newton tolerance (only the full batch certifies there)."""
+    import pln_ref.outer.sampled as sampled
+
+    p, u, la, init, full, q_full = data
+    seen, finals = [], []
+    real = sampled.run_lbfgs
+
+    def spy(ev, st, **kw):
+        cached = ev._last
+        if cached is not None:
+            q = ev.last_params
+            fresh = Evaluator(ev.u.toarray(), ev.log_anchor, p.capture, x_map=ev.x_map.astype(float),
+                              eta_map=ev.eta_map)(q.mu, q.W, q.d, gtol=cached[1].gtol,
+                                                  dec_tol=cached[1].dec_tol)
+            seen.append((ev.N, cached[1], fresh))
+        out = real(ev, st, **kw)
+        return out
+
+    orig_call = Evaluator.__call__
+
+    def call(self, mu, W, d, **kw):
+        if self.N < u.shape[0] and kw.get("gtol") == 1e-6 and kw.get("with_grad", True):
+            finals.append(self.N)
+        return orig_call(self, mu, W, d, **kw)
+
+    monkeypatch.setattr(sampled, "run_lbfgs", spy)
+    monkeypatch.setattr(Evaluator, "__call__", call)
+    st, _ = optimize_globals(u, init, la, batch_size=100, seed=1, progress=False)
+    assert [n for n, _, _ in seen] == [200, 400, 800]
+    for n, joined, fresh in seen:
+        assert joined.value == pytest.approx(fresh.value, abs=1e-6)
+        np.testing.assert_allclose(joined.grad["mu"], fresh.grad["mu"], rtol=1e-4, atol=1e-6)
+    assert finals == []
+    assert st.stop_rule == "certificate" and [ph["cells"] for ph in st.phases] == [100, 200, 400, 800]

@@ -481,7 +481,7 @@ class DaskEvaluator(Evaluator):
         ev = _blocked_evaluation(parts, self.N, gtol, n_bound, dec_tol)
         if np.isfinite(ev.value):
             self._maps, self._gathered = new_maps, None
-            self._last = (key, ev)
+            self._remember(key, ev, params)
         return ev
 
     def final_posteriors(self, params: PLNParams, *, gtol: float = 1e-6, with_evidence: bool = True,

@@ -65,7 +65,7 @@ from ..lowrank import LowRankCov
 from ..params import PLNParams
 
 __all__ = ["laplace_objective", "laplace_terms", "LaplaceTerms", "Evaluator", "Evaluation",
-           "WARM_START_DTYPE"]
+           "WARM_START_DTYPE", "join_evaluations"]
 
 #: dtype of the warm-start MAPs a blocked (full-batch) evaluation keeps between calls, the only N x G
 #: array that persists through a fit: float32 halves it. Newton copies its start into float64, and
@@ -323,6 +323,36 @@ def _blocked_evaluation(parts: list[LaplaceTerms], N: int, gtol: float, n_bound:
     return Evaluation(value, grad, None, gtol, terms, n_bound, dec_tol)
 
 
+def join_evaluations(parts: list[tuple[Evaluation, np.ndarray]], n: int) -> Evaluation:
+    """The evaluation of n cells from evaluations of disjoint subsets of them at the same globals,
+    each given with the positions of its cells among the n: l placed at those positions, the
+    gradient sums, info_mu, rate_info and the cells on the bound summed (sums over cells, so the
+    join is exact), the gradient divided by n; its tolerance is the loosest of the parts'. The
+    parts must carry gradients; no per-cell posterior is kept (``post`` None, as for a blocked
+    evaluation). Used by ``sampled`` to start a phase from the previous phase's last evaluation
+    and the new cells' first one."""
+    if any(e.terms.grad is None for e, _ in parts):
+        raise ValueError("join_evaluations needs evaluations with gradients")
+    l = np.full(n, np.nan)
+    for e, at in parts:
+        l[at] = e.terms.l
+    if np.isnan(l).any():
+        raise ValueError("join_evaluations: the parts do not cover the n cells")
+    first = parts[0][0].terms
+    grad = {k: v.copy() for k, v in first.grad.items()}
+    info_mu, rate_info = first.info_mu.copy(), first.rate_info.copy()
+    for e, _ in parts[1:]:
+        for k, v in e.terms.grad.items():
+            grad[k] += v
+        info_mu += e.terms.info_mu
+        rate_info += e.terms.rate_info
+    terms = LaplaceTerms(l, grad, None, None, info_mu, rate_info)
+    dec = [e.dec_tol for e, _ in parts]
+    dec_tol = None if all(x is None for x in dec) else max(x for x in dec if x is not None)
+    return Evaluation(float(np.mean(l)), {k: v / n for k, v in grad.items()}, None,
+                      max(e.gtol for e, _ in parts), terms, sum(e.n_on_bound for e, _ in parts), dec_tol)
+
+
 def _at_least_as_tight(done: float | None, asked: float | None) -> bool:
     """Whether a solve with decrement tolerance ``done`` meets a request for ``asked`` (None: the
     gradient criterion alone, the tightest)."""
@@ -365,6 +395,7 @@ class Evaluator:
             raise ValueError(f"block_cells must be a positive integer or None, got {block_cells!r}")
         self.block_cells = None if block_cells is None else int(block_cells)
         self._last: tuple | None = None
+        self.last_params: PLNParams | None = None  # the globals of ``_last``
         self.n_evals = self.n_cached = self.newton_iters = self.cells_solved = 0
         self.cpu_newton = self.cpu_objective = 0.0
 
@@ -420,8 +451,19 @@ class Evaluator:
                 self.x_map, self.eta_map = post.x_map, post.eta_map
             elif self.x_map is not None:
                 self.x_map[cells], self.eta_map[cells] = post.x_map, post.eta_map
-            self._last = (key, ev)
+            self._remember(key, ev, params)
         return ev
+
+    def _remember(self, key: bytes, ev: Evaluation, params: PLNParams) -> None:
+        """Cache ``ev`` as the evaluation at ``params`` (``key``: ``_key`` of them, all cells or a
+        subset)."""
+        self._last, self.last_params = (key, ev), params
+
+    def seed(self, params: PLNParams, ev: Evaluation) -> None:
+        """Take ``ev``, an evaluation of all this evaluator's cells at ``params`` computed elsewhere
+        (``join_evaluations``), as if this evaluator had made it: a call at these globals with a
+        tolerance no tighter returns it (the warm start is not changed)."""
+        self._remember(self._key(params.mu, params.W, params.d, None), ev, params)
 
     def _blocked(self, key, params, cov, gtol, with_grad, dec_tol=None) -> Evaluation:
         """All cells, block by block: the MAPs go into new (N, G) / (N,) arrays (the warm start is
@@ -448,7 +490,7 @@ class Evaluator:
         ev = _blocked_evaluation([acc.terms()], N, gtol, n_bound, dec_tol)
         if np.isfinite(ev.value):
             self.x_map, self.eta_map = x_new, e_new
-            self._last = (key, ev)
+            self._remember(key, ev, params)
         return ev
 
     def ensure_maps(self, mu, W, d, gtol: float = 1e-6) -> None:

@@ -11,12 +11,24 @@ exact IFT gradient, Newton tolerance schedule) on a nested sequence of random sa
 (each sample the first n_j cells of one random permutation, fixed by ``seed``; ``sample_sizes``).
 Phase j stops when its certified evidence gap on its own sample is below the sample's statistical
 resolution ``stopping.resolution_tol`` (rule "resolution": tol_n = max(gap_tol, fraction P / (2 n_j)));
-the next phase warm-starts from
+its certificate is checked on the values at the Newton schedule's tolerance (``run_lbfgs``'s
+``certify_final=False``: the loose solves' error, dec^2 / 2 <= 5e-7 nats per cell, is far below
+tol_n), and only the last phase re-solves at the final tolerance to certify. The next phase
+warm-starts from
 
 - the globals of the last phase,
 - its L-BFGS curvature pairs (the per-cell mean curvature of a sample estimates the full one),
-  except for the last phase, which starts its pairs afresh (below), and
-- the MAPs of the cells already seen (the new cells are cold-solved once at the current globals).
+  except for the last phase, which starts its pairs afresh (below),
+- the MAPs of the cells already seen (the new cells are cold-solved once at the current globals,
+  to the next phase's first Newton tolerance), and
+- its first evaluation: the phase's last evaluation (its cells at these globals) joined with the new
+  cells' (``evaluate.join_evaluations``: the evidence and gradient are sums over cells), so the
+  next phase does not solve the cells it has already solved there again.
+
+So a switch costs the new cells' solve only. Before, it also re-solved the sample at the final
+tolerance and then evaluated the whole next sample at unchanged globals (0.00 Newton iterations
+per cell). At 20,000 x 2,000, k = 5, n0 = 1000, the four sampled phases took 2.5 epochs instead
+of 3.5, with the same steps (5 each).
 
 The last phase does not inherit the samples' pairs. Its certificate needs the full objective's
 curvature, and pairs measured on samples slowed it. Measured with
@@ -56,8 +68,9 @@ import math
 
 import numpy as np
 
-from .evaluate import WARM_START_DTYPE, Evaluator
-from .lbfgs import run_lbfgs
+from ..params import PLNParams
+from .evaluate import WARM_START_DTYPE, Evaluator, join_evaluations
+from .lbfgs import from_z, newton_decrement_tol, newton_schedule, run_lbfgs, to_z
 from .state import LaplaceFitState
 from .stopping import RESOLUTION_FRACTION, StopRule, resolution_tol
 
@@ -102,6 +115,7 @@ def run_sampled(ev_full: Evaluator, st: LaplaceFitState, *, n0: int, seed: int, 
         raise ValueError(f"the checkpoint is in a phase of {st.phase_cells} cells, not one of the "
                          f"sample sizes {sizes} of this fit")
     la = ev_full.log_anchor
+    first = None  # (globals, evaluation): the next phase's first evaluation, joined at the switch
     while True:
         n = st.phase_cells
         idx = nested_sample(N, n, seed)
@@ -115,12 +129,15 @@ def run_sampled(ev_full: Evaluator, st: LaplaceFitState, *, n0: int, seed: int, 
                            block_cells=ev_full.block_cells)
             rule = StopRule(gap_tol=resolution_tol(n, n_params, gap_tol, fraction), min_window=2)
             desc = f"Laplace fit (L-BFGS, {n} of {N} cells)"
+        if first is not None:
+            ev.seed(*first)
+            first = None
         # objectives of different samples are not comparable: the best is tracked per phase
         st.best, st.best_value = None, -np.inf
         steps0, epochs0 = st.step, st.epochs
         run_lbfgs(ev, st, n_steps=n_steps, gtol=gtol, rule=rule, checkpoint=checkpoint,
                   checkpoint_every=checkpoint_every, progress=progress, max_epochs=max_epochs,
-                  n_total=N, desc=desc, warn_stall=n == N)
+                  n_total=N, desc=desc, warn_stall=n == N, certify_final=n == N)
         last = n == N or st.stop_rule in ("step_cap", "epoch_cap")
         st.phases.append({"cells": n, "steps": st.step - steps0, "epochs": st.epochs - epochs0,
                           "rule": st.stop_rule if (last or st.stop_rule != "certificate") else "resolution",
@@ -128,17 +145,23 @@ def run_sampled(ev_full: Evaluator, st: LaplaceFitState, *, n0: int, seed: int, 
         if last:
             return st
         # next sample: the cells seen keep their MAPs, the new ones are cold-solved at the globals
+        # the next phase starts from (``run_lbfgs``'s z of the state), to its first Newton
+        # tolerance and with their evidence terms, which join this phase's last evaluation there
         n_next = sizes[sizes.index(n) + 1]
         idx_next = nested_sample(N, n_next, seed)
         new = np.setdiff1d(idx_next, idx, assume_unique=True)
+        params = PLNParams(*from_z(to_z(st.mu, st.W, np.exp(st.rho)), G, k), ev_full.capture)
+        tol0 = newton_schedule(1.0, gtol)
         cold = Evaluator(u.subset(new), _pick(la, new), ev_full.capture, ift=ev_full.ift,
                          truncation=ev_full.truncation, block_cells=ev_full.block_cells)
-        cold(st.mu, st.W, np.exp(st.rho), gtol=1e-3, with_grad=False)
+        e_new = cold(params.mu, params.W, params.d, gtol=tol0, dec_tol=newton_decrement_tol(tol0, gtol))
         st.epochs += new.size / N
         x, e = np.empty((n_next, G), dtype=WARM_START_DTYPE), np.empty(n_next)  # as the evaluator keeps them
         old_at, new_at = np.searchsorted(idx_next, idx), np.searchsorted(idx_next, new)
         x[old_at], e[old_at] = st.x_map, st.eta_map
         x[new_at], e[new_at] = cold.x_map, cold.eta_map
+        if _at_same_globals(ev, params) and np.isfinite(e_new.value):
+            first = (params, join_evaluations([(ev._last[1], old_at), (e_new, new_at)], n_next))
         del cold, ev
         st.x_map, st.eta_map, st.phase_cells = x, e, n_next
         if n_next == N:  # the full-batch phase starts its L-BFGS pairs afresh (module docstring)
@@ -146,3 +169,13 @@ def run_sampled(ev_full: Evaluator, st: LaplaceFitState, *, n0: int, seed: int, 
         st.stopped = st.stop_rule = ""
         if checkpoint:
             st.save(checkpoint)
+
+
+def _at_same_globals(ev: Evaluator, params: PLNParams) -> bool:
+    """Whether ``ev``'s last evaluation (all its cells, with a gradient) is at ``params``: mu and W
+    equal, d to 1e-12 relative (the state keeps log d, so d comes back rounded)."""
+    last = ev.last_params
+    if last is None or ev._last is None or ev._last[1].grad is None:
+        return False
+    return (np.array_equal(last.mu, params.mu) and np.array_equal(last.W, params.W)
+            and np.allclose(last.d, params.d, rtol=1e-12, atol=0.0))
