@@ -27,8 +27,8 @@ warm-starts from
 
 So a switch costs the new cells' solve only. Before, it also re-solved the sample at the final
 tolerance and then evaluated the whole next sample at unchanged globals (0.00 Newton iterations
-per cell). At 20,000 x 2,000, k = 5, n0 = 1000, the four sampled phases took 2.5 epochs instead
-of 3.5, with the same steps (5 each).
+per cell). At 20,000 x 2,000, k = 5, n0 = 1000, the four sampled phases took 4.75 epochs instead
+of 6.56 (plus 0.97 for the cold solves), with the same steps (5 each).
 
 The last phase does not inherit the samples' pairs. Its certificate needs the full objective's
 curvature, and pairs measured on samples slowed it. Measured with
@@ -49,6 +49,21 @@ early, large steps are taken on samples of 1/2^m .. 1/2 of the cells. Where the 
 than one maximum the path decides which: on the 10,000 x 1,000 counts above, the sampled fit ends
 1.5e-3 nats/cell below the full batch, with one sparse gene (mean count 0.11) at the d floor, a
 maximum on the boundary (dL/dd < 0 there), where the full batch has d = 1.4.
+
+**The last phase's certificate can be wrong after the samples.** The samples move sparse genes
+along the valley where mu_g and d_g trade against each other (exp(mu_g + d_g / 2) is what the
+counts pin), and the full-batch phase then creeps along it with gains too small for the
+certificate to see. Measured on 40,000 x 500 (k = 5, n0 = 1000): the sampled fit stopped
+3.2e-3 nats/cell below the full batch with an estimated gap of 8.6e-5; one gene (mean count
+0.11) had d = 0.099 where the full batch has 1.76. L-BFGS continued from the sampled fit
+(pairs afresh, gap_tol 1e-7) gained 6e-5, 2e-4, 3e-4, ... per step and ended 2.6e-5 above the
+full batch, with d = 1.77 for that gene. On the 10,000 x 1,000 counts the same continuation
+gained 3.3e-4 (estimated 2.1e-5) and stayed 1.15e-3 below the full batch, at the boundary
+maximum above. Applying the start's ``start.raise_d`` to the globals at the switch to the full
+batch removed both gaps (-3e-6 and 6.9e-5 nats/cell) but made the last phase nearly a fit from
+the start (17 steps instead of 9 at 40,000 x 500; 93.4 s against 80.2 s for the full batch), so
+it is not done. The full-batch fit (no ``batch_size``) is the one to use when the optimum
+matters to 1e-3 nats/cell.
 
 Cost in **epochs** (cells whose MAP was solved, summed over evaluations, divided by N; cold
 solves of new cells count too): ``state.epochs``; the cap ``max_epochs`` stops the fit with a
