@@ -52,17 +52,21 @@ maximum on the boundary (dL/dd < 0 there), where the full batch has d = 1.4.
 
 **The last phase's certificate can be wrong after the samples.** The samples move sparse genes
 along the valley where mu_g and d_g trade against each other (exp(mu_g + d_g / 2) is what the
-counts pin), and the full-batch phase then creeps along it with gains too small for the
-certificate to see. Measured on 40,000 x 500 (k = 5, n0 = 1000): the sampled fit stopped
-3.2e-3 nats/cell below the full batch with an estimated gap of 8.6e-5; one gene (mean count
-0.11) had d = 0.099 where the full batch has 1.76. L-BFGS continued from the sampled fit
-(pairs afresh, gap_tol 1e-7) gained 4.9e-5, 6.3e-5, 2.3e-4, 3.1e-4, ... per step and ended
-2.5e-5 above the full batch, with d = 1.77 for that gene. On the 10,000 x 1,000 counts the
-same continuation gained 3.3e-4 (estimated 2.1e-5) and stayed 1.15e-3 below the full batch, at
-the boundary maximum above. Applying the start's ``start.raise_d`` to the globals at the switch to the full
-batch removed both gaps (-3e-6 and 6.9e-5 nats/cell) but made the last phase nearly a fit from
-the start (17 steps instead of 9 at 40,000 x 500; 93.4 s against 80.2 s for the full batch), so
-it is not done. The full-batch fit (no ``batch_size``) is the one to use when the optimum
+counts pin), and the full-batch phase can stop where L is not concave along such a valley.
+Measured on 40,000 x 500 (k = 5, n0 = 1000): the sampled fit stopped 3.2e-3 nats/cell below the
+full batch with an estimated gap of 8.6e-5; one gene (mean count 0.11) had d = 0.099 where the
+full batch has 1.76. There L is convex along that gene's valley: over a step of 1e-2 along it
+in (mu_g, s_g) (d = D_FLOOR + s^2), L's first-order change was +7.7e-6 and its second-order
+term +3.8e-7 (throwaway probe from the exact gradient at both ends). The fit is not at a
+maximum, and a gap estimate from a concave model (the gains' tail, the L-BFGS curvature) cannot
+see what is left. L-BFGS continued from the sampled fit (pairs afresh, gap_tol 1e-7) gained
+4.9e-5, 6.3e-5, 2.3e-4, 3.1e-4, ... per step and ended 2.5e-5 above the full batch, with
+d = 1.77 for that gene. On the 10,000 x 1,000 counts the same continuation gained 3.3e-4
+(estimated 2.1e-5) and stayed 1.15e-3 below the full batch, at the boundary maximum above.
+Applying the start's ``start.raise_d`` to the globals at the switch to the full batch removed
+both gaps (-3e-6 and 6.9e-5 nats/cell) but made the last phase nearly a fit from the start
+(17 steps instead of 9 at 40,000 x 500; 93.4 s against 80.2 s for the full batch), so it is
+not done. The full-batch fit (no ``batch_size``) is the one to use when the optimum
 matters to 1e-3 nats/cell.
 
 Cost in **epochs** (cells whose MAP was solved, summed over evaluations, divided by N; cold
