@@ -55,9 +55,9 @@ along the valley where mu_g and d_g trade against each other (exp(mu_g + d_g / 2
 counts pin), and the full-batch phase can stop where L is not concave along such a valley.
 Measured on 40,000 x 500 (k = 5, n0 = 1000): the sampled fit stopped 3.2e-3 nats/cell below the
 full batch with an estimated gap of 8.6e-5; one gene (mean count 0.11) had d = 0.099 where the
-full batch has 1.76. There L is convex along that gene's valley: over a step of 1e-2 along it
-in (mu_g, s_g) (d = D_FLOOR + s^2), L's first-order change was +7.7e-6 and its second-order
-term +3.8e-7 (throwaway probe from the exact gradient at both ends). The fit is not at a
+full batch has 1.76. There L is convex along that gene's valley: for a step along it in
+(mu_g, s_g) (d = D_FLOOR + s^2; largest coordinate 1e-2), g^T step = +7.7e-6 and
+step^T (nabla^2 L) step = +3.8e-7 (throwaway probe, the exact gradient at both ends). The fit is not at a
 maximum, and a gap estimate from a concave model (the gains' tail, the L-BFGS curvature) cannot
 see what is left. L-BFGS continued from the sampled fit (pairs afresh, gap_tol 1e-7) gained
 4.9e-5, 6.3e-5, 2.3e-4, 3.1e-4, ... per step and ended 2.5e-5 above the full batch, with
