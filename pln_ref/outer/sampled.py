@@ -66,8 +66,16 @@ d = 1.77 for that gene. On the 10,000 x 1,000 counts the same continuation gaine
 Applying the start's ``start.raise_d`` to the globals at the switch to the full batch removed
 both gaps (-3e-6 and 6.9e-5 nats/cell) but made the last phase nearly a fit from the start
 (17 steps instead of 9 at 40,000 x 500; 93.4 s against 80.2 s for the full batch), so it is
-not done. The full-batch fit (no ``batch_size``) is the one to use when the optimum
-matters to 1e-3 nats/cell.
+not done. A larger first sample helps, since it gives sparse genes more counts from the start
+(throwaway runs, process CPU against the full batch's 80.2 s and 32.9 s):
+
+- 40,000 x 500: n0 = 1000 / 2500 / 5000 end 3.2e-3 / 5.4e-4 / 1.4e-6 nats/cell below the full
+  batch, in 64.6 / 62.2 / 75.8 s;
+- 10,000 x 1,000: n0 = 500 / 1000 / 2500 end 1.47e-3 / 1.7e-4 / 7.7e-5 below, in
+  35-39 / 43.3 / 37.6 s.
+
+The full-batch fit (no ``batch_size``) is the one to use when the optimum matters to 1e-3
+nats/cell.
 
 Cost in **epochs** (cells whose MAP was solved, summed over evaluations, divided by N; cold
 solves of new cells count too): ``state.epochs``; the cap ``max_epochs`` stops the fit with a
