@@ -325,31 +325,27 @@ def _blocked_evaluation(parts: list[LaplaceTerms], N: int, gtol: float, n_bound:
 
 def join_evaluations(parts: list[tuple[Evaluation, np.ndarray]], n: int) -> Evaluation:
     """The evaluation of n cells from evaluations of disjoint subsets of them at the same globals,
-    each given with the positions of its cells among the n: l placed at those positions, the
-    gradient sums, info_mu, rate_info and the cells on the bound summed (sums over cells, so the
-    join is exact), the gradient divided by n; its tolerance is the loosest of the parts'. The
-    parts must carry gradients; no per-cell posterior is kept (``post`` None, as for a blocked
-    evaluation). Used by ``sampled`` to start a phase from the previous phase's last evaluation
-    and the new cells' first one."""
+    each given with the positions of its cells among the n: the terms summed by ``TermsSum`` (the
+    gradient, info_mu and rate_info are sums over cells, so the join is exact), l put back at the
+    positions, the cells on the bound summed, the gradient divided by n; its tolerance is the
+    loosest of the parts'. The parts must carry gradients; no per-cell posterior is kept (``post``
+    None, as for a blocked evaluation). Used by ``sampled`` to start a phase from the previous
+    phase's last evaluation and the new cells' first one."""
     if any(e.terms.grad is None for e, _ in parts):
         raise ValueError("join_evaluations needs evaluations with gradients")
-    l = np.full(n, np.nan)
-    for e, at in parts:
-        l[at] = e.terms.l
-    if np.isnan(l).any():
+    at = np.concatenate([np.asarray(a) for _, a in parts])
+    if at.size != n or not np.array_equal(np.sort(at), np.arange(n)):
         raise ValueError("join_evaluations: the parts do not cover the n cells")
-    first = parts[0][0].terms
-    grad = {k: v.copy() for k, v in first.grad.items()}
-    info_mu, rate_info = first.info_mu.copy(), first.rate_info.copy()
-    for e, _ in parts[1:]:
-        for k, v in e.terms.grad.items():
-            grad[k] += v
-        info_mu += e.terms.info_mu
-        rate_info += e.terms.rate_info
-    terms = LaplaceTerms(l, grad, None, None, info_mu, rate_info)
+    acc = TermsSum()
+    for e, _ in parts:
+        acc.add(e.terms)
+    terms = acc.terms()
+    l = np.empty(n)
+    l[at] = terms.l  # TermsSum concatenates l in the order of the parts
+    terms = terms._replace(l=l)
     dec = [e.dec_tol for e, _ in parts]
     dec_tol = None if all(x is None for x in dec) else max(x for x in dec if x is not None)
-    return Evaluation(float(np.mean(l)), {k: v / n for k, v in grad.items()}, None,
+    return Evaluation(float(np.mean(l)), {k: v / n for k, v in terms.grad.items()}, None,
                       max(e.gtol for e, _ in parts), terms, sum(e.n_on_bound for e, _ in parts), dec_tol)
 
 
