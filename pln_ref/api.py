@@ -200,6 +200,8 @@ def _fit_laplace(u, k, cap, log_anchor, cfg: LaplaceConfig, *, anchor, progress,
                "raise_d": cfg.raise_d, "em_cycles": cfg.em_cycles}
     if cfg.batch_size is not None:
         options["seed"] = cfg.seed  # the minibatches / samples of cells
+        if cfg.optimizer == "lbfgs":  # the first sample of the sampled L-BFGS
+            options["min_sample_counts"] = cfg.min_sample_counts
     fingerprint = data_fingerprint(u, log_anchor, cap, k, options)
     state = None
     if cfg.resume is not None:
@@ -218,6 +220,7 @@ def _fit_laplace(u, k, cap, log_anchor, cfg: LaplaceConfig, *, anchor, progress,
         resume=state, progress=progress, optimizer=cfg.optimizer, gap_tol=cfg.gap_tol,
         fingerprint=fingerprint, em_cycles=cfg.em_cycles, client=client, max_epochs=cfg.max_epochs,
         final=True, partitions=partitions, map_dtype=cfg.map_dtype,
+        min_sample_counts=cfg.min_sample_counts,
     )
     history = np.asarray(st.history, dtype=float).reshape(-1, 3)
     objective = float(np.mean(evidence))

@@ -152,6 +152,7 @@ def _cmd_fit(args) -> int:
                "checkpoint_every": args.checkpoint_every, "max_epochs": args.max_epochs}
     if args.method == "laplace":
         options["map_dtype"] = args.map_dtype
+        options["min_sample_counts"] = args.min_sample_counts
     res = fit(adata, inference_method=args.method, k=args.k, layer=args.layer, capture=capture,
               M0=args.M0, sigma_M=args.sigma_M, library_size=library_size, seed=args.seed,
               progress=not args.quiet, scheduler_address=args.scheduler_address, **options)
@@ -283,6 +284,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="laplace: the first sample of the sampled L-BFGS for large N (samples of cells "
                         "doubling to all cells, the last phase the full-batch fit), with --optimizer "
                         "adam the cells per step (default: full batch); vae: cells per step (256)")
+    p.add_argument("--min-sample-counts", type=float, default=None,
+                   help="laplace L-BFGS with --batch-size: raise the first sample until it holds this "
+                        "many counts of the sparsest gene (default 500; 0 keeps --batch-size)")
     p.add_argument("--max-epochs", type=float, default=None,
                    help="laplace L-BFGS: stop after this many epochs (cells solved / cells) with a "
                         "warning (default: no cap)")

@@ -12,7 +12,7 @@ import math
 import numbers
 from dataclasses import asdict, dataclass, fields, replace
 
-from .constants import GAP_TOL
+from .constants import GAP_TOL, MIN_SAMPLE_COUNTS
 
 __all__ = ["LaplaceConfig", "VAEConfig", "method_config"]
 
@@ -38,7 +38,9 @@ class LaplaceConfig:
     n_steps : step cap of the outer optimiser (steps of all phases); batch_size : None = full batch;
     with optimizer="lbfgs" the first sample size n0 of the sampled L-BFGS (nested random samples of
     cells doubling to all N, the last phase the full-batch fit with its certificate:
-    ``pln_ref.outer.sampled``; full batch when n0 > N / 2); with optimizer="adam" the cells per Adam
+    ``pln_ref.outer.sampled``; n0 is raised so that the first sample holds min_sample_counts (500)
+    counts of the sparsest gene in expectation, 0 keeps it, and the fit is full batch when that
+    first sample exceeds N / 2); with optimizer="adam" the cells per Adam
     step; max_epochs : L-BFGS cap on cells solved / N (None = no cap; a ConvergenceWarning when it
     stops the fit); lr : Adam step size; optimizer : "lbfgs" (default,
     stopped by a certificate on the evidence gap) | "adam"; ift : exact implicit-function gradient
@@ -68,9 +70,14 @@ class LaplaceConfig:
     em_cycles: int = 0
     max_epochs: float | None = None
     map_dtype: str = "float64"
+    min_sample_counts: float = MIN_SAMPLE_COUNTS
 
     def __post_init__(self) -> None:
         _positive_int(self, "n_steps")
+        m = self.min_sample_counts
+        if isinstance(m, bool) or not isinstance(m, numbers.Real) or not math.isfinite(m) or m < 0:
+            raise ValueError(f"min_sample_counts must be a finite number >= 0, got {m!r}")
+        object.__setattr__(self, "min_sample_counts", float(m))
         if self.map_dtype not in ("float64", "float32"):
             raise ValueError(f"map_dtype must be 'float64' or 'float32', got {self.map_dtype!r}")
         _positive_int(self, "checkpoint_every")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 
-__all__ = ["LOG_2PI", "D_FLOOR", "GAP_TOL"]
+__all__ = ["LOG_2PI", "D_FLOOR", "GAP_TOL", "MIN_SAMPLE_COUNTS"]
 
 #: log(2 pi), the Gaussian normaliser's constant.
 LOG_2PI = math.log(2.0 * math.pi)
@@ -20,3 +20,8 @@ D_FLOOR = 1e-6
 #: gap estimate has been measured 5-6.5 times below the true gap (real 2000 x 2000 counts, k = 10,
 #: with about 360 Heywood genes; ``outer.stopping``).
 GAP_TOL = 1e-4
+
+#: Expected counts of the sparsest expressed gene in the first sample of the sampled L-BFGS
+#: (``outer.sampled.first_sample_size``): a sample with fewer counts of a gene cannot resolve its d,
+#: and the samples can leave it where the full-batch phase stops short (``outer.sampled``).
+MIN_SAMPLE_COUNTS = 500.0

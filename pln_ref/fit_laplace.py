@@ -8,8 +8,10 @@ dispatches:
 - ``optimizer="lbfgs"`` (default): full-batch L-BFGS with a Newton tolerance scheduled by the
   outer progress, stopped by a certificate on the evidence gap (``pln_ref.outer.lbfgs``,
   ``pln_ref.outer.stopping``);
-- ``optimizer="lbfgs"`` with ``batch_size=n0`` < N / 2: the stochastic path for large N, L-BFGS on
-  nested random samples of cells doubling from n0 to N, each sample's phase stopped at its
+- ``optimizer="lbfgs"`` with ``batch_size=n0``: the stochastic path for large N, L-BFGS on
+  nested random samples of cells doubling from n0 to N (n0 raised so that the first sample holds
+  ``min_sample_counts`` = 500 counts of the sparsest gene, ``outer.sampled.first_sample_size``;
+  the full batch when it exceeds N / 2), each sample's phase stopped at its
   statistical resolution and the last phase the full-batch L-BFGS with its certificate, so the
   fit ends at a maximum of the full-batch objective (``pln_ref.outer.sampled``; cost and cap in
   epochs);
@@ -26,14 +28,14 @@ import time
 
 import numpy as np
 
-from .constants import D_FLOOR, GAP_TOL
+from .constants import D_FLOOR, GAP_TOL, MIN_SAMPLE_COUNTS
 from .counts import CountMatrix
 from .laplace import default_block_size
 from .outer.adam import run_adam
 from .outer.evaluate import Evaluator, laplace_objective, laplace_terms
 from .outer.final import FinalPosteriors, final_posteriors
 from .outer.lbfgs import run_lbfgs
-from .outer.sampled import run_sampled, sample_sizes
+from .outer.sampled import first_sample_size, run_sampled, sample_sizes
 from .outer.state import LaplaceFitState, check_fingerprint, data_fingerprint
 from .outer.stopping import StopRule
 from .params import PLNParams
@@ -79,6 +81,7 @@ def optimize_globals(
     final: bool = False,
     partitions=None,
     map_dtype: str = "float64",
+    min_sample_counts: float = MIN_SAMPLE_COUNTS,
 ) -> tuple[LaplaceFitState, PLNParams] | tuple[LaplaceFitState, PLNParams, FinalPosteriors]:
     """Maximise L(theta) = mean_c l_c(theta) from ``init`` (or ``resume``); returns the final state
     and the best globals, and with ``final=True`` also every cell's final posterior and Laplace
@@ -89,7 +92,9 @@ def optimize_globals(
     float64 block by block, then stored).
 
     ``optimizer``: "lbfgs" (``gap_tol`` nats/cell for its certificate; with ``batch_size`` = n0 the
-    sampled L-BFGS from n0 cells, its samples drawn with ``seed``, full batch when n0 > N / 2) or
+    sampled L-BFGS from n0 cells or more, so that the first sample holds ``min_sample_counts`` counts
+    of the sparsest gene (``outer.sampled.first_sample_size``; 0: n0 as given), its samples drawn
+    with ``seed``, full batch when that first sample exceeds N / 2) or
     "adam" (``lr``, ``batch_size`` cells per step, ``patience``, ``rtol``, ``seed``).
     ``max_epochs``: L-BFGS only, cap on the cells solved / N (``state.epochs``, every run), a
     ``ConvergenceWarning`` when it stops the fit; None: no cap.
@@ -112,7 +117,10 @@ def optimize_globals(
         raise ValueError(f'optimizer must be "adam" or "lbfgs", got {optimizer!r}')
     u = CountMatrix(counts)  # kept in its storage: no dense float64 copy of the counts
     N, G = u.shape
-    sampled = optimizer == "lbfgs" and batch_size is not None and len(sample_sizes(N, batch_size)) > 1
+    n_first = batch_size  # the sampled L-BFGS's first sample: at least batch_size cells, raised so
+    if optimizer == "lbfgs" and batch_size is not None:  # that it resolves the sparsest gene
+        n_first = first_sample_size(u.rmatmul(np.ones(N)), N, batch_size, min_sample_counts)
+    sampled = optimizer == "lbfgs" and batch_size is not None and len(sample_sizes(N, n_first)) > 1
     if sampled and (client is not None or em_cycles):
         raise ValueError("batch_size with optimizer='lbfgs' (the sampled L-BFGS) runs in this process "
                          "without EM cycles: drop batch_size, em_cycles or the Dask client")
@@ -161,7 +169,7 @@ def optimize_globals(
             mu, W, d, _, _ = squarem(ev, st.mu, st.W, np.exp(st.rho), n_cycles=em_cycles)
             st.mu, st.W, st.rho = mu, W, np.log(d)
         if sampled:
-            run_sampled(ev, st, n0=batch_size, seed=seed, n_steps=n_steps, gtol=gtol, gap_tol=gap_tol,
+            run_sampled(ev, st, n0=n_first, seed=seed, n_steps=n_steps, gtol=gtol, gap_tol=gap_tol,
                         max_epochs=max_epochs, checkpoint=checkpoint,
                         checkpoint_every=checkpoint_every, progress=progress)
         elif optimizer == "lbfgs":

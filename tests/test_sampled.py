@@ -13,7 +13,7 @@ from pln_ref.counts import CountMatrix
 from pln_ref.exceptions import ConvergenceWarning
 from pln_ref.fit_laplace import LaplaceFitState, optimize_globals
 from pln_ref.outer.evaluate import Evaluator
-from pln_ref.outer.sampled import nested_sample, sample_sizes
+from pln_ref.outer.sampled import first_sample_size, nested_sample, sample_sizes
 from pln_ref.outer.start import initial_globals
 from pln_ref.outer.stopping import resolution_tol
 
@@ -45,6 +45,30 @@ def test_sample_sizes_double_to_all_cells_and_samples_are_nested():
     assert resolution_tol(10**9, 14000, 3e-4) == 3e-4
 
 
+def test_first_sample_holds_the_sparsest_genes_counts():
+    """n_first = min(N, max(n0, ceil(min_counts N / T_min))) over the expressed genes."""
+    totals = np.array([0.0, 4400.0, 9000.0, 1e5])  # an all-zero gene is not counted
+    assert first_sample_size(totals, 40000, 1000) == 4546  # 500 * 40000 / 4400, rounded up
+    assert first_sample_size(totals, 40000, 6000) == 6000
+    assert first_sample_size(totals, 40000, 1000, min_counts=0) == 1000
+    assert first_sample_size(np.array([300.0, 5000.0]), 2000, 100) == 2000  # never more than N
+    assert first_sample_size(np.zeros(3), 500, 100) == 100
+    assert sample_sizes(40000, first_sample_size(totals, 40000, 1000)) == [5000, 10000, 20000, 40000]
+
+
+def test_sampled_fit_raises_its_first_sample_or_runs_the_full_batch(data):
+    """The fixture's sparsest gene has 634 counts in 800 cells: the default rule (500 counts in the
+    first sample) asks for 631 cells, more than half, so batch_size=100 runs the full batch; with
+    min_sample_counts=100 the first sample is 127 cells, so the samples are 200 and 400 cells."""
+    p, u, la, init, full, q_full = data
+    assert int(np.asarray(u.sum(axis=0)).min()) == 634
+    st, q = optimize_globals(u, init, la, batch_size=100, seed=1, progress=False)
+    assert st.phases == [] and st.step == full.step
+    np.testing.assert_allclose(q.mu, q_full.mu, rtol=0, atol=1e-12)
+    st, _ = optimize_globals(u, init, la, batch_size=100, min_sample_counts=100, seed=1, progress=False)
+    assert [ph["cells"] for ph in st.phases] == [200, 400, 800]
+
+
 def test_count_matrix_subset_reads_the_rows():
     rng = np.random.default_rng(0)
     dense = rng.poisson(1.0, (50, 7))
@@ -62,7 +86,7 @@ def test_count_matrix_subset_reads_the_rows():
 
 def test_sampled_lbfgs_reaches_the_full_batch_optimum(data):
     p, u, la, init, full, q_full = data
-    st, q = optimize_globals(u, init, la, batch_size=100, seed=1, progress=False)
+    st, q = optimize_globals(u, init, la, batch_size=100, min_sample_counts=0, seed=1, progress=False)
     assert st.stop_rule == "certificate"
     assert [ph["cells"] for ph in st.phases] == [100, 200, 400, 800]
     assert [ph["rule"] for ph in st.phases[:-1]] == ["resolution"] * 3
@@ -81,27 +105,27 @@ def test_sampled_resume_from_a_sampled_phase_ends_at_the_same_fit(data, tmp_path
     fp = {"shape": [800, 12], "optimizer": "lbfgs", "batch_size": 100, "seed": 1}
     ck = tmp_path / "ck.npz"
     with pytest.warns(ConvergenceWarning, match="n_steps=6 reached"):
-        st1, _ = optimize_globals(u, init, la, batch_size=100, seed=1, n_steps=6, checkpoint=str(ck),
-                                  checkpoint_every=2, progress=False, fingerprint=fp)
+        st1, _ = optimize_globals(u, init, la, batch_size=100, min_sample_counts=0, seed=1, n_steps=6,
+                                  checkpoint=str(ck), checkpoint_every=2, progress=False, fingerprint=fp)
     saved = LaplaceFitState.load(ck)
     assert saved.step == 6 and saved.stop_rule == "step_cap" and saved.phase_cells < 800
     assert saved.x_map.shape == (saved.phase_cells, 12) and saved.epochs > 0
     epochs_before = saved.epochs  # the resumed fit continues this state in place
-    st2, q2 = optimize_globals(u, init, la, batch_size=100, seed=1, resume=saved, progress=False,
-                               fingerprint=fp)
+    st2, q2 = optimize_globals(u, init, la, batch_size=100, min_sample_counts=0, seed=1, resume=saved,
+                               progress=False, fingerprint=fp)
     assert st2.stop_rule == "certificate" and st2.phases[-1]["cells"] == 800
     assert st2.epochs > epochs_before
     assert abs(_evidence(u, la, q2) - _evidence(u, la, q_full)) < 1e-3
     with pytest.raises(ValueError, match="seed"):  # another sample of cells: refused
-        optimize_globals(u, init, la, batch_size=100, seed=2, resume=LaplaceFitState.load(ck),
-                         progress=False, fingerprint={**fp, "seed": 2})
+        optimize_globals(u, init, la, batch_size=100, min_sample_counts=0, seed=2,
+                         resume=LaplaceFitState.load(ck), progress=False, fingerprint={**fp, "seed": 2})
 
 
 def test_epoch_cap_warns_and_final_posteriors_start_cold(data):
     p, u, la, *_ = data
     with pytest.warns(ConvergenceWarning, match="max_epochs=0.5 reached"):
-        res = pln_ref.fit(u, k=2, library_size=np.exp(la), batch_size=100, max_epochs=0.5,
-                          progress=False)
+        res = pln_ref.fit(u, k=2, library_size=np.exp(la), batch_size=100, min_sample_counts=0,
+                          max_epochs=0.5, progress=False)
     d = res.diagnostics
     assert d["stop_rule"] == "epoch_cap" and 0.5 <= d["epochs"] < 1.5
     assert d["phases"][-1]["rule"] == "epoch_cap" and d["phases"][-1]["cells"] < 800
@@ -113,6 +137,7 @@ def test_epoch_cap_warns_and_final_posteriors_start_cold(data):
     ({"optimizer": "adam", "max_epochs": 5.0}, "max_epochs needs optimizer='lbfgs'"),
     ({"max_epochs": 0.0}, "max_epochs must be a positive finite number"),
     ({"batch_size": 0}, "batch_size must be an integer >= 1"),
+    ({"batch_size": 100, "min_sample_counts": -1.0}, "min_sample_counts must be a finite number >= 0"),
     ({"batch_size": 100, "scheduler_address": "tcp://127.0.0.1:1"}, "no em_cycles or batch_size"),
 ])
 def test_bad_combinations_are_one_line_errors(data, options, match):
@@ -133,8 +158,8 @@ def test_cli_fit_with_batch_size_runs_the_sampled_path(data, tmp_path, capsys):
     a = ad.AnnData(u.astype(np.float32))
     a.obs["lib"] = np.exp(la)
     a.write_h5ad(tmp_path / "in.h5ad")
-    rc = main(["fit", str(tmp_path / "in.h5ad"), "--k", "2", "--batch-size", "200", "--quiet",
-               "--library-size", "lib",
+    rc = main(["fit", str(tmp_path / "in.h5ad"), "--k", "2", "--batch-size", "200",
+               "--min-sample-counts", "0", "--quiet", "--library-size", "lib",
                "--out", str(tmp_path / "out.h5ad")])
     assert rc == 0, capsys.readouterr().err
     diag = ad.read_h5ad(tmp_path / "out.h5ad").uns["pln"]["diagnostics"]
@@ -156,7 +181,7 @@ def test_sample_phases_carry_their_pairs_and_the_last_phase_starts_afresh(data, 
         return real(ev, st, **kw)
 
     monkeypatch.setattr(sampled, "run_lbfgs", spy)
-    st, _ = optimize_globals(u, init, la, batch_size=100, seed=1, progress=False)
+    st, _ = optimize_globals(u, init, la, batch_size=100, min_sample_counts=0, seed=1, progress=False)
     assert [n for n, _ in seen] == [100, 200, 400, 800]
     assert seen[0][1] is None and all(m is not None and m > 0 for _, m in seen[1:3])
     assert seen[3][1] is None
@@ -220,7 +245,7 @@ def test_later_phases_start_from_the_joined_evaluation_and_samples_stay_at_the_l
 
     monkeypatch.setattr(sampled, "run_lbfgs", spy)
     monkeypatch.setattr(Evaluator, "__call__", call)
-    st, _ = optimize_globals(u, init, la, batch_size=100, seed=1, progress=False)
+    st, _ = optimize_globals(u, init, la, batch_size=100, min_sample_counts=0, seed=1, progress=False)
     assert [n for n, _, _, _ in seen] == [200, 400, 800]
     for n, joined, fresh, n_cached in seen:
         assert n_cached >= 1

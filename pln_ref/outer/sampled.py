@@ -8,6 +8,8 @@ exact IFT gradient, Newton tolerance schedule) on a nested sequence of random sa
 
     n_j = ceil(N / 2^(m - j)),  j = 0 .. m,  m = floor(log2(N / n0))     (n_0 in [n0, 2 n0), n_m = N)
 
+(n0 the first sample size: ``batch_size``, raised by ``first_sample_size``, "The first sample" below)
+
 (each sample the first n_j cells of one random permutation, fixed by ``seed``; ``sample_sizes``).
 Phase j stops when its certified evidence gap on its own sample is below the sample's statistical
 resolution ``stopping.resolution_tol`` (rule "resolution": tol_n = max(gap_tol, fraction P / (2 n_j)));
@@ -46,9 +48,10 @@ phase took 8 steps instead of 16, the last one 22).
 The last phase is the whole data set: the full-batch L-BFGS with its certificate (``gap_tol``), so
 the fit ends at a maximum of the full-batch objective; only the path to it is cheaper, because the
 early, large steps are taken on samples of 1/2^m .. 1/2 of the cells. Where the objective has more
-than one maximum the path decides which: on the 10,000 x 1,000 counts above, the sampled fit ends
-1.5e-3 nats/cell below the full batch, with one sparse gene (mean count 0.11) at the d floor, a
-maximum on the boundary (dL/dd < 0 there), where the full batch has d = 1.4.
+than one maximum the path decides which: on the 10,000 x 1,000 counts above (n0 = 500, before the
+first-sample rule below), the sampled fit ended 1.5e-3 nats/cell below the full batch, with one
+sparse gene (mean count 0.11) at the d floor, a maximum on the boundary (dL/dd < 0 there), where
+the full batch has d = 1.4.
 
 **The last phase's certificate can be wrong after the samples.** The samples move sparse genes
 along the valley where mu_g and d_g trade against each other (exp(mu_g + d_g / 2) is what the
@@ -66,16 +69,39 @@ d = 1.77 for that gene. On the 10,000 x 1,000 counts the same continuation gaine
 Applying the start's ``start.raise_d`` to the globals at the switch to the full batch removed
 both gaps (-3e-6 and 6.9e-5 nats/cell) but made the last phase nearly a fit from the start
 (17 steps instead of 9 at 40,000 x 500; 93.4 s against 80.2 s for the full batch), so it is
-not done. A larger first sample helps, since it gives sparse genes more counts from the start
-(throwaway runs, process CPU against the full batch's 80.2 s and 32.9 s):
+not done. A larger first sample avoids it, since it gives sparse genes more counts from the
+start (throwaway runs, process CPU against the full batch's 80.2 s and 32.9 s):
 
 - 40,000 x 500: n0 = 1000 / 2500 / 5000 end 3.2e-3 / 5.4e-4 / 1.4e-6 nats/cell below the full
   batch, in 64.6 / 62.2 / 75.8 s;
 - 10,000 x 1,000: n0 = 500 / 1000 / 2500 end 1.47e-3 / 1.7e-4 / 7.7e-5 below, in
   35-39 / 43.3 / 37.6 s.
 
-The full-batch fit (no ``batch_size``) is the one to use when the optimum matters to 1e-3
-nats/cell.
+**The first sample** (``first_sample_size``) is therefore at least ``batch_size`` = n0 cells and
+large enough to hold ``min_sample_counts`` (``constants.MIN_SAMPLE_COUNTS`` = 500) counts of the
+sparsest expressed gene in expectation:
+
+    n_first = min(N, max(n0, ceil(500 N / T_min))),   T_min = min over genes with counts of sum_c u_cg
+
+A sample with about 110-140 counts of a gene left the gaps above (and one of 1.25e-5 at
+20,000 x 2,000); with 270 they were 5.4e-4 and 7.7e-5, with 550 1.4e-6. The fit is the full batch
+when n_first > N / 2, which is what data with a gene of fewer than 1,000 counts get: no sample
+resolves that gene better than all cells do. ``validation/benchmarks/bench_minibatch.py`` with
+this rule (``results/bench_minibatch_stop36.json``; n0 = 1000 asked, k = 5; every case has a gene
+with mean count 0.11-0.12, so the first sample is 5,000 cells), sampled against full batch, back
+to back:
+
+    case               full batch              sampled                 CPU ratio  gap full - sampled
+    40,000 x 500       75.5 s, 19 steps        77.4 s, 32 steps        1.03       1.9e-6
+    10,000 x 1,000     35.5 s, 18 steps        36.5 s, 22 steps        1.03       6.9e-5
+    20,000 x 500       39.4 s, 19 steps        29.2 s, 22 steps        0.74       2.8e-5
+    20,000 x 2,000     136.8 s, 17 steps       130.0 s, 25 steps       0.95       3.4e-5
+
+(correlation RMSE ratio sampled / full 0.99-1.00 throughout). Against n0 = 1000 as given, the
+20,000 x 2,000 fit also costs less (0.95 against 1.18 at stop 35): the samples of 1,250 and 2,500
+cells are gone and the last phase took 13 steps instead of 15. The last phase still takes 9-15
+steps, nearly as many as a full-batch fit from the start (17-19), so at these sizes the sampled
+path saves at most a quarter of the CPU. ``min_sample_counts=0`` keeps n0 as given.
 
 Cost in **epochs** (cells whose MAP was solved, summed over evaluations, divided by N; cold
 solves of new cells count too): ``state.epochs``; the cap ``max_epochs`` stops the fit with a
@@ -95,13 +121,26 @@ import math
 
 import numpy as np
 
+from ..constants import MIN_SAMPLE_COUNTS
 from ..params import PLNParams
 from .evaluate import WARM_START_DTYPE, Evaluator, join_evaluations
 from .lbfgs import from_z, newton_decrement_tol, newton_schedule, run_lbfgs, to_z
 from .state import LaplaceFitState
 from .stopping import RESOLUTION_FRACTION, StopRule, resolution_tol
 
-__all__ = ["run_sampled", "sample_sizes", "nested_sample"]
+__all__ = ["run_sampled", "sample_sizes", "nested_sample", "first_sample_size"]
+
+def first_sample_size(gene_totals: np.ndarray, N: int, n0: int,
+                      min_counts: float = MIN_SAMPLE_COUNTS) -> int:
+    """n_first = min(N, max(n0, ceil(min_counts N / T_min))): the first sample holds at least
+    ``min_counts`` counts of every gene in expectation (T_g = sum_c u_cg the gene totals, T_min the
+    smallest positive one; module docstring, "The first sample"; 0 keeps n0). ``sample_sizes`` of
+    it is [N], the full batch, when it exceeds N / 2."""
+    t = np.asarray(gene_totals, dtype=float)
+    t = t[t > 0]
+    if t.size == 0 or min_counts <= 0:
+        return int(min(N, n0))
+    return int(min(N, max(int(n0), math.ceil(min_counts * N / float(t.min())))))
 
 
 def sample_sizes(N: int, n0: int) -> list[int]:
