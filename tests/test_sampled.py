@@ -225,15 +225,15 @@ def test_later_phases_start_from_the_joined_evaluation_and_samples_stay_at_the_l
     real = sampled.run_lbfgs
 
     def spy(ev, st, **kw):
-        cached = ev._last
+        cached = ev.last_evaluation
         if cached is not None:
             q = ev.last_params
             fresh = Evaluator(ev.u.toarray(), ev.log_anchor, p.capture, x_map=ev.x_map.astype(float),
-                              eta_map=ev.eta_map)(q.mu, q.W, q.d, gtol=cached[1].gtol,
-                                                  dec_tol=cached[1].dec_tol)
+                              eta_map=ev.eta_map)(q.mu, q.W, q.d, gtol=cached.gtol,
+                                                  dec_tol=cached.dec_tol)
         out = real(ev, st, **kw)
         if cached is not None:  # the phase's first evaluation came from the cache, not a new solve
-            seen.append((ev.N, cached[1], fresh, ev.n_cached))
+            seen.append((ev.N, cached, fresh, ev.n_cached))
         return out
 
     orig_call = Evaluator.__call__

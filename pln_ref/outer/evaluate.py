@@ -450,6 +450,11 @@ class Evaluator:
             self._remember(key, ev, params)
         return ev
 
+    @property
+    def last_evaluation(self) -> Evaluation | None:
+        """The cached last evaluation (at ``last_params``), None before the first."""
+        return None if self._last is None else self._last[1]
+
     def _remember(self, key: bytes, ev: Evaluation, params: PLNParams) -> None:
         """Cache ``ev`` as the evaluation at ``params`` (``key``: ``_key`` of them, all cells or a
         subset)."""

@@ -139,10 +139,10 @@ def preconditioner(ev, z: np.ndarray, G: int, k: int, from_z, eta_var: float, ki
     "fisher", when the evaluation carries lambda sums; ``eta_var`` from ``eta_prior_variance``),
     else the diagonal 1 / ``diagonal_curvature`` as an array; None before any evaluation with
     gradient. ``from_z`` maps z to (mu, W, d)."""
-    last = ev._last
-    if last is None or last[1].terms.info_mu is None:
+    last = ev.last_evaluation
+    if last is None or last.terms.info_mu is None:
         return None
-    terms, grad = last[1].terms, last[1].grad
+    terms, grad = last.terms, last.grad
     s = z[G + G * k:]
     D = 1.0 / diagonal_curvature(terms.info_mu, ev.N, s, grad["d"], k)
     if kind != "fisher" or terms.rate_info is None:

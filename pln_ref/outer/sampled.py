@@ -227,7 +227,7 @@ def run_sampled(ev_full: Evaluator, st: LaplaceFitState, *, n0: int, seed: int, 
         x[old_at], e[old_at] = st.x_map, st.eta_map
         x[new_at], e[new_at] = cold.x_map, cold.eta_map
         if _at_same_globals(ev, params) and np.isfinite(e_new.value):
-            first = (params, join_evaluations([(ev._last[1], old_at), (e_new, new_at)], n_next))
+            first = (params, join_evaluations([(ev.last_evaluation, old_at), (e_new, new_at)], n_next))
         del cold, ev
         st.x_map, st.eta_map, st.phase_cells = x, e, n_next
         if n_next == N:  # the full-batch phase starts its L-BFGS pairs afresh (module docstring)
@@ -241,7 +241,7 @@ def _at_same_globals(ev: Evaluator, params: PLNParams) -> bool:
     """Whether ``ev``'s last evaluation (all its cells, with a gradient) is at ``params``: mu and W
     equal, d to 1e-12 relative (the state keeps log d, so d comes back rounded)."""
     last = ev.last_params
-    if last is None or ev._last is None or ev._last[1].grad is None:
+    if last is None or ev.last_evaluation is None or ev.last_evaluation.grad is None:
         return False
     return (np.array_equal(last.mu, params.mu) and np.array_equal(last.W, params.W)
             and np.allclose(last.d, params.d, rtol=1e-12, atol=0.0))

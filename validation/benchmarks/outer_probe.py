@@ -138,7 +138,7 @@ def main(argv=None) -> int:
     fg = lbfgs._negated_objective(ev, G, k, {"failed": 0}, 1e-9)
     tol = 1e-9
     F_star = fg(zs, tol)[0]
-    info_mu = ev._last[1].terms.info_mu.copy()
+    info_mu = ev.last_evaluation.terms.info_mu.copy()
     H0 = precondition.preconditioner(ev, zs, G, k, lbfgs.from_z, precondition.eta_prior_variance(cap, la))
     hvp = make_hvp(fg, zs, ev, args.h, tol)
 
