@@ -8,9 +8,8 @@ exact IFT gradient, Newton tolerance schedule) on a nested sequence of random sa
 
     n_j = ceil(N / 2^(m - j)),  j = 0 .. m,  m = floor(log2(N / n0))     (n_0 in [n0, 2 n0), n_m = N)
 
-(n0 the first sample size: ``batch_size``, raised by ``first_sample_size``, "The first sample" below)
-
-(each sample the first n_j cells of one random permutation, fixed by ``seed``; ``sample_sizes``).
+(each sample the first n_j cells of one random permutation, fixed by ``seed``; ``sample_sizes``;
+n0 the first sample size, ``batch_size`` raised by ``first_sample_size``: "The first sample" below).
 Phase j stops when its certified evidence gap on its own sample is below the sample's statistical
 resolution ``stopping.resolution_tol`` (rule "resolution": tol_n = max(gap_tol, fraction P / (2 n_j)));
 its certificate is checked on the values at the Newton schedule's tolerance (``run_lbfgs``'s
@@ -98,10 +97,14 @@ to back:
     20,000 x 2,000     136.8 s, 17 steps       130.0 s, 25 steps       0.95       3.4e-5
 
 (correlation RMSE ratio sampled / full 0.99-1.00 throughout). Against n0 = 1000 as given, the
-20,000 x 2,000 fit also costs less (0.95 against 1.18 at stop 35): the samples of 1,250 and 2,500
-cells are gone and the last phase took 13 steps instead of 15. The last phase still takes 9-15
-steps, nearly as many as a full-batch fit from the start (17-19), so at these sizes the sampled
-path saves at most a quarter of the CPU. ``min_sample_counts=0`` keeps n0 as given.
+20,000 x 2,000 fit also costs less with this permutation (0.95 against 1.18 at stop 35): the
+samples of 1,250 and 2,500 cells are gone and the last phase took 13 steps instead of 15. Two
+other permutation seeds took 14 and 16 steps there, 1.06 and 1.25 times the full batch's CPU
+(throwaway runs, back to back with a full-batch fit). The last phase still takes 9-16 steps,
+nearly as many as a full-batch fit from the start (17-19): it has to cover the difference
+between the optimum of half the cells and that of all, which no sample can remove, so at these
+sizes the sampled path saves at most a quarter of the CPU. ``min_sample_counts=0`` keeps n0 as
+given.
 
 Cost in **epochs** (cells whose MAP was solved, summed over evaluations, divided by N; cold
 solves of new cells count too): ``state.epochs``; the cap ``max_epochs`` stops the fit with a
