@@ -173,9 +173,12 @@ def optimize_globals(
                         max_epochs=max_epochs, checkpoint=checkpoint,
                         checkpoint_every=checkpoint_every, progress=progress)
         elif optimizer == "lbfgs":
+            desc = "Laplace fit (L-BFGS)"
+            if batch_size is not None:  # the sampled path was asked for; its first sample is > N / 2
+                desc = f"Laplace fit (L-BFGS, all cells: first sample {n_first} > N / 2)"
             run_lbfgs(ev, st, n_steps=n_steps, gtol=gtol, rule=StopRule(gap_tol=gap_tol),
                       checkpoint=checkpoint, checkpoint_every=checkpoint_every, progress=progress,
-                      max_epochs=max_epochs)
+                      max_epochs=max_epochs, desc=desc)
         else:
             run_adam(ev, st, n_steps=n_steps, gtol=gtol, batch_size=batch_size, patience=patience,
                      rtol=rtol, seed=seed, checkpoint=checkpoint, checkpoint_every=checkpoint_every,
