@@ -82,10 +82,11 @@ sparsest expressed gene in expectation:
 
     n_first = min(N, max(n0, ceil(500 N / T_min))),   T_min = min over genes with counts of sum_c u_cg
 
-A sample with about 110-140 counts of a gene left the gaps above (and one of 1.25e-5 at
-20,000 x 2,000); with 270 they were 5.4e-4 and 7.7e-5, with 550 1.4e-6. The fit is the full batch
-when n_first > N / 2, which is what data with a gene of fewer than 1,000 counts get: no sample
-resolves that gene better than all cells do. ``validation/benchmarks/bench_minibatch.py`` with
+First samples with 68 and 135-136 counts of the sparsest gene left the gaps above (1.47e-3 with
+68; 3.2e-3 and 1.7e-4 with 135-136; 1.25e-5 at 20,000 x 2,000 with 153); with 270-273 they were
+5.4e-4 and 7.7e-5, with 545 1.4e-6. The fit is the full batch when n_first > N / 2, which is
+what data with a gene of fewer than 1,000 counts get: no sample resolves that gene better than
+all cells do. ``validation/benchmarks/bench_minibatch.py`` with
 this rule (``results/bench_minibatch_stop36.json``; n0 = 1000 asked, k = 5; every case has a gene
 with mean count 0.11-0.12, so the first sample is 5,000 cells), sampled against full batch, back
 to back:
