@@ -169,7 +169,8 @@ def test_cli_fit_with_batch_size_runs_the_sampled_path(data, tmp_path, capsys):
 
 def test_sample_phases_carry_their_pairs_and_the_last_phase_starts_afresh(data, monkeypatch):
     """Each sampled phase after the first inherits the L-BFGS pairs of the phase before it; the
-    full-batch phase starts without them (``sampled`` module docstring)."""
+    full-batch phase starts without them, and its certificate needs 2 LAST_PHASE_MIN_WINDOW gains
+    (the samples' 2 x 2; ``sampled`` module docstring)."""
     import pln_ref.outer.sampled as sampled
 
     p, u, la, init, full, q_full = data
@@ -177,15 +178,17 @@ def test_sample_phases_carry_their_pairs_and_the_last_phase_starts_afresh(data, 
     real = sampled.run_lbfgs
 
     def spy(ev, st, **kw):
-        seen.append((ev.N, None if st.lbfgs_s is None else len(st.lbfgs_s)))
+        seen.append((ev.N, None if st.lbfgs_s is None else len(st.lbfgs_s), kw["rule"].min_window,
+                     st.step))
         return real(ev, st, **kw)
 
     monkeypatch.setattr(sampled, "run_lbfgs", spy)
     st, _ = optimize_globals(u, init, la, batch_size=100, min_sample_counts=0, seed=1, progress=False)
-    assert [n for n, _ in seen] == [100, 200, 400, 800]
-    assert seen[0][1] is None and all(m is not None and m > 0 for _, m in seen[1:3])
+    assert [s[0] for s in seen] == [100, 200, 400, 800]
+    assert seen[0][1] is None and all(s[1] is not None and s[1] > 0 for s in seen[1:3])
     assert seen[3][1] is None
-    assert st.stop_rule == "certificate"
+    assert [s[2] for s in seen] == [2, 2, 2, sampled.LAST_PHASE_MIN_WINDOW] == [2, 2, 2, 5]
+    assert st.stop_rule == "certificate" and st.step - seen[3][3] >= 2 * 5 + 1
 
 
 def test_joined_evaluations_equal_the_evaluation_of_all_cells(data):
