@@ -115,6 +115,10 @@ def test_sampled_resume_from_a_sampled_phase_ends_at_the_same_fit(data, tmp_path
                                progress=False, fingerprint=fp)
     assert st2.stop_rule == "certificate" and st2.phases[-1]["cells"] == 800
     assert st2.epochs > epochs_before
+    # the phase cut by the step cap keeps one record, summing its steps before and after the resume
+    cells = [ph["cells"] for ph in st2.phases]
+    assert cells == sorted(set(cells)) and saved.phase_cells in cells
+    assert sum(ph["steps"] for ph in st2.phases) == st2.step
     assert abs(_evidence(u, la, q2) - _evidence(u, la, q_full)) < 1e-3
     with pytest.raises(ValueError, match="seed"):  # another sample of cells: refused
         optimize_globals(u, init, la, batch_size=100, min_sample_counts=0, seed=2,

@@ -137,7 +137,8 @@ Cost in **epochs** (cells whose MAP was solved, summed over evaluations, divided
 solves of new cells count too): ``state.epochs``; the cap ``max_epochs`` stops the fit with a
 ``ConvergenceWarning`` (rule "epoch_cap"), as does the step cap ``n_steps`` (rule "step_cap",
 steps of all phases). ``state.phases`` records each finished phase (cells, steps, epochs, rule,
-objective on its sample); ``state.phase_cells`` the current phase's sample size, whose MAPs (in
+objective on its sample; a phase stopped by a cap and then resumed keeps one record, whose steps
+and epochs sum both runs); ``state.phase_cells`` the current phase's sample size, whose MAPs (in
 increasing cell order) ``state.x_map`` holds, so a checkpoint written in any phase resumes in it.
 
 Memory: the MAPs of the current sample (at most N x G, the warm start of the full-batch fit) plus
@@ -236,6 +237,10 @@ def run_sampled(ev_full: Evaluator, st: LaplaceFitState, *, n0: int, seed: int, 
         # objectives of different samples are not comparable: the best is tracked per phase
         st.best, st.best_value = None, -np.inf
         steps0, epochs0 = st.step, st.epochs
+        last_rec = st.phases[-1] if st.phases else None
+        if last_rec and last_rec["cells"] == n and last_rec["rule"] in ("step_cap", "epoch_cap"):
+            cut = st.phases.pop()  # a resumed phase: one record for the runs before and after the cap
+            steps0, epochs0 = steps0 - cut["steps"], epochs0 - cut["epochs"]
         run_lbfgs(ev, st, n_steps=n_steps, gtol=gtol, rule=rule, checkpoint=checkpoint,
                   checkpoint_every=checkpoint_every, progress=progress, max_epochs=max_epochs,
                   n_total=N, desc=desc, warn_stall=n == N, certify_final=n == N)
