@@ -234,6 +234,9 @@ def _fit_laplace(u, k, cap, log_anchor, cfg: LaplaceConfig, *, anchor, progress,
         "objective": objective, "steps": st.step, "stopped": st.stopped, "stop_rule": st.stop_rule,
         "epochs": float(st.epochs),  # L-BFGS: cells solved / N over all evaluations
         "phases": list(st.phases),  # sampled L-BFGS: cells, steps, epochs, rule of each phase
+        # sampled L-BFGS: its first sample (batch_size raised to resolve the sparsest gene); no
+        # phases with a first_sample means it exceeded N / 2 and the fit ran the full batch
+        "first_sample": st.first_sample or None,
         "gap_estimate": float(st.gap_estimate),
         "wall_time_s": earlier_wall + (time.time() - w0),
         "cpu_time_s": earlier_cpu + (time.process_time() - c0),

@@ -136,6 +136,7 @@ def optimize_globals(
     if fingerprint is not None:
         st.fingerprint = fingerprint
     st.optimizer = optimizer
+    st.first_sample = int(n_first) if optimizer == "lbfgs" and batch_size is not None else 0
     if client is not None and (optimizer != "lbfgs" or em_cycles):
         raise ValueError("a Dask client / scheduler address needs optimizer='lbfgs' without EM cycles "
                          "(the blocked full-batch evaluation)")

@@ -47,7 +47,7 @@ import numpy as np
 from .anchor import resolve_log_anchor
 from .io import atomic_savez, atomic_write_json, atomic_write_text
 
-__all__ = ["select_rank", "RankSelection", "n_free_params", "result_file"]
+__all__ = ["select_rank", "RankSelection", "n_free_params", "result_file", "holdout_splits"]
 
 _MANIFEST = "select_manifest.json"
 
@@ -146,7 +146,10 @@ class RankSelection:
         return out
 
 
-def _splits(N: int, holdout, folds, seed) -> list[np.ndarray]:
+def holdout_splits(N: int, holdout: float | None, folds: int | None, seed: int) -> list[np.ndarray]:
+    """The held-out cells of ``select_k`` (sorted indices into 0 .. N-1): ``folds`` disjoint folds of
+    one random permutation (``seed``), or one test set of round(holdout N) cells when ``folds`` is
+    None; the training cells of a split are the others."""
     perm = np.random.default_rng(seed).permutation(N)
     if folds is not None:
         return [np.sort(t) for t in np.array_split(perm, folds)]
@@ -323,7 +326,7 @@ def select_rank(data, ks=(1, 2, 5, 10, 20), *, holdout: float = 0.2, folds: int 
     lib = None if library_size is None else np.exp(resolve_log_anchor(u, library_size=library_size))
     if lib is None and capture is not None:
         resolve_log_anchor(u)  # the default anchor (total counts) must be positive: checked up front
-    tests = _splits(N, holdout, folds, seed)
+    tests = holdout_splits(N, holdout, folds, seed)
     out = None if out is None else Path(out)
     if out is not None:
         (out / "fits").mkdir(parents=True, exist_ok=True)

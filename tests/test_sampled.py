@@ -64,9 +64,11 @@ def test_sampled_fit_raises_its_first_sample_or_runs_the_full_batch(data):
     assert int(np.asarray(u.sum(axis=0)).min()) == 634
     st, q = optimize_globals(u, init, la, batch_size=100, seed=1, progress=False)
     assert st.phases == [] and st.step == full.step
+    assert st.first_sample == first_sample_size(np.asarray(u.sum(axis=0)).ravel(), 800, 100) == 631
+    assert full.first_sample == 0
     np.testing.assert_allclose(q.mu, q_full.mu, rtol=0, atol=1e-12)
     st, _ = optimize_globals(u, init, la, batch_size=100, min_sample_counts=100, seed=1, progress=False)
-    assert [ph["cells"] for ph in st.phases] == [200, 400, 800]
+    assert [ph["cells"] for ph in st.phases] == [200, 400, 800] and st.first_sample == 127
 
 
 def test_count_matrix_subset_reads_the_rows():
@@ -131,7 +133,7 @@ def test_epoch_cap_warns_and_final_posteriors_start_cold(data):
         res = pln_ref.fit(u, k=2, library_size=np.exp(la), batch_size=100, min_sample_counts=0,
                           max_epochs=0.5, progress=False)
     d = res.diagnostics
-    assert d["stop_rule"] == "epoch_cap" and 0.5 <= d["epochs"] < 1.5
+    assert d["stop_rule"] == "epoch_cap" and 0.5 <= d["epochs"] < 1.5 and d["first_sample"] == 100
     assert d["phases"][-1]["rule"] == "epoch_cap" and d["phases"][-1]["cells"] < 800
     assert res.x_map.shape == (800, 12) and np.isfinite(d["objective"])
 
@@ -167,7 +169,7 @@ def test_cli_fit_with_batch_size_runs_the_sampled_path(data, tmp_path, capsys):
                "--out", str(tmp_path / "out.h5ad")])
     assert rc == 0, capsys.readouterr().err
     diag = ad.read_h5ad(tmp_path / "out.h5ad").uns["pln"]["diagnostics"]
-    assert diag["stop_rule"] == "certificate" and diag["epochs"] > 0
+    assert diag["stop_rule"] == "certificate" and diag["epochs"] > 0 and int(diag["first_sample"]) == 200
     assert [int(diag["phases"][i]["cells"]) for i in sorted(diag["phases"])] == [200, 400, 800]
 
 

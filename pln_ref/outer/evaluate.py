@@ -460,6 +460,14 @@ class Evaluator:
         subset)."""
         self._last, self.last_params = (key, ev), params
 
+    def set_warm_start(self, x_map: np.ndarray, eta_map: np.ndarray) -> None:
+        """Warm-start the next evaluation from these MAPs (every cell's, (N, G) and (N,); kept, not
+        copied) and forget the cached last evaluation, so that the next call solves again even at
+        the same globals (a finite-difference Hessian-vector product solves both sides from one
+        point, ``validation/benchmarks/outer_probe.py``)."""
+        self.x_map, self.eta_map = x_map, eta_map
+        self._last, self.last_params = None, None
+
     def seed(self, params: PLNParams, ev: Evaluation) -> None:
         """Take ``ev``, an evaluation of all this evaluator's cells at ``params`` computed elsewhere
         (``join_evaluations``), as if this evaluator had made it: a call at these globals with a

@@ -85,7 +85,10 @@ class LaplaceFitState:
     whose MAP was solved over all evaluations / N (every run); phase_cells: the sample size of the
     current phase of the sampled L-BFGS (``pln_ref.outer.sampled``; 0 for a full-batch fit), whose
     cells' MAPs (in increasing cell order) x_map / eta_map then hold; phases: one dict per finished
-    phase of the sampled L-BFGS (cells, steps, epochs, rule, objective).
+    phase of the sampled L-BFGS (cells, steps, epochs, rule, objective); first_sample: the first
+    sample size n_first the sampled L-BFGS was asked for (``batch_size`` raised by
+    ``sampled.first_sample_size``; the fit ran the full batch when n_first > N / 2), 0 without
+    ``batch_size``.
     """
 
     mu: np.ndarray
@@ -112,6 +115,7 @@ class LaplaceFitState:
     epochs: float = 0.0
     phase_cells: int = 0
     phases: list = field(default_factory=list)
+    first_sample: int = 0
 
     def params(self, capture) -> PLNParams:
         return PLNParams(self.mu, self.W, np.exp(self.rho), capture)
@@ -143,7 +147,7 @@ class LaplaceFitState:
                 "gap_estimate": self.gap_estimate, "elapsed_s": self.elapsed_s,
                 "elapsed_cpu_s": self.elapsed_cpu_s, "fingerprint": self.fingerprint,
                 "optimizer": self.optimizer, "epochs": self.epochs, "phase_cells": self.phase_cells,
-                "phases": self.phases}
+                "phases": self.phases, "first_sample": self.first_sample}
         arrays["meta"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
         atomic_savez(path, arrays)
 
@@ -157,7 +161,7 @@ class LaplaceFitState:
                  elapsed_s=meta.get("elapsed_s", 0.0), elapsed_cpu_s=meta.get("elapsed_cpu_s", 0.0),
                  fingerprint=meta.get("fingerprint", {}), optimizer=meta.get("optimizer", ""),
                  epochs=meta.get("epochs", 0.0), phase_cells=meta.get("phase_cells", 0),
-                 phases=meta.get("phases", []))
+                 phases=meta.get("phases", []), first_sample=meta.get("first_sample", 0))
         st.m1 = {k[3:]: z[k] for k in z.files if k.startswith("m1_")}
         st.m2 = {k[3:]: z[k] for k in z.files if k.startswith("m2_")}
         st.history = [tuple(r) for r in z["history"]]

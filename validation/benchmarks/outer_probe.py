@@ -68,9 +68,9 @@ def make_hvp(fg, z: np.ndarray, ev, h: float, tol: float = 1e-9):
         step = h / float(np.max(np.abs(v)))
         out = []
         for sgn in (1.0, -1.0):
-            ev.x_map, ev.eta_map, ev._last = x_ref.copy(), e_ref.copy(), None
+            ev.set_warm_start(x_ref.copy(), e_ref.copy())
             out.append(fg(z + sgn * step * v, tol)[1])
-        ev.x_map, ev.eta_map, ev._last = x_ref.copy(), e_ref.copy(), None
+        ev.set_warm_start(x_ref.copy(), e_ref.copy())
         return (out[0] - out[1]) / (2.0 * step)
 
     return hvp

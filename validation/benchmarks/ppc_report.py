@@ -165,7 +165,7 @@ def main(argv=None) -> int:
         import json
 
         from bench_heldout import datasets
-        from pln_ref.select import _splits, result_file
+        from pln_ref.select import holdout_splits, result_file
 
         d = Path(args.real_select_dir)
         sel = json.loads((d / "selection.json").read_text())
@@ -173,7 +173,7 @@ def main(argv=None) -> int:
         res = pln_ref.PLNResult.load(result_file(d, chosen, sig))
         ns = argparse.Namespace(subsets=["top"], cells=args.cells, genes=args.genes, sim=False)
         u = next(iter(datasets(ns).values()))
-        te = _splits(u.shape[0], 0.2, None, 0)[0]
+        te = holdout_splits(u.shape[0], 0.2, None, 0)[0]
         tr = np.setdiff1d(np.arange(u.shape[0]), te)
         label = f"real scRNA {tr.size}x{u.shape[1]}, k={chosen}" + ("" if sig is None else f", sigma_M={sig:g}")
         print(label, flush=True)
