@@ -189,16 +189,31 @@ class LocalState:
     covariance of q(z | eta) (replacing diag(exp(logvar))), and ``kappa`` (N, G), the slope of e_g
     on z (e | z, eta has mean shifted by -kappa_g W_g (z - E[z | eta]))."""
 
+    #: the fields that (o, W m) (``PLNVAE._o_st``) and c = beta - W c_z depend on: a ``replace`` that
+    #: sets none of them keeps the value computed for the state it replaces
+    _O_DEPS = ("m", "logvar", "S", "kappa")
+    _C_DEPS = ("beta", "c_z")
+    _M_DEPS = ("beta", "a", "b")  # log M(beta - 1) = log E_q e^{(beta - 1) eta} (``PLNVAE._log_m``)
+
     def __init__(self, m, logvar, r, v, a, b, c_z=None, beta=None, eta_r=None, S=None, kappa=None):
         self.m, self.logvar, self.r, self.v, self.a, self.b = m, logvar, r, v, a, b
         self.c_z, self.beta, self.eta_r = c_z, beta, eta_r
         self.S, self.kappa = S, kappa
         self.w_r = None
+        self.o_cache = None  # (o, W m) of this state, computed without grad (``PLNVAE._o_st``)
+        self.c_cache = None  # c = beta - W c_z of this state (``PLNVAE._c``)
+        self.logm_cache = None  # log M(beta - 1) of this state (``PLNVAE._log_m``)
 
     def replace(self, **kw) -> "LocalState":
         names = ("m", "logvar", "r", "v", "a", "b", "c_z", "beta", "eta_r", "S", "kappa")
         st = LocalState(*(kw.get(n, getattr(self, n)) for n in names))
         st.w_r = kw.get("w_r", self.w_r)
+        if not any(n in kw for n in self._O_DEPS):
+            st.o_cache = self.o_cache
+        if not any(n in kw for n in self._C_DEPS):
+            st.c_cache = self.c_cache
+        if not any(n in kw for n in self._M_DEPS):
+            st.logm_cache = self.logm_cache
         return st
 
     @property
@@ -392,10 +407,30 @@ class PLNVAE(nn.Module):
         """(o, W m) of a local state: ``_o`` with diag(exp(logvar)), or with the full covariance S
         of q(z | eta) and the e-on-z slope kappa: o_g = mu_g + W_g m + (1 - kappa_g)^2 W_g S W_g^T / 2
         (the z part of Var(x_g | eta); S, kappa enter as constants)."""
+        if st.o_cache is not None and not torch.is_grad_enabled():
+            return st.o_cache
         if st.S is None:
-            return self._o(st.m, st.logvar)
-        Wm = st.m @ self.W.T
-        return self.mu + Wm + 0.5 * (1.0 - st.kappa) ** 2 * self._wsw(st.S), Wm
+            out = self._o(st.m, st.logvar)
+        else:
+            Wm = st.m @ self.W.T
+            out = self.mu + Wm + 0.5 * (1.0 - st.kappa) ** 2 * self._wsw(st.S), Wm
+        if not torch.is_grad_enabled():  # the local updates: kept until m, logvar, S or kappa change
+            st.o_cache = out
+        return out
+
+    def _log_m(self, st: LocalState) -> torch.Tensor:
+        """log M(beta - 1) = log E_q e^{(beta_g - 1) eta} (N, G) of a structured state with q(eta) =
+        TruncN(a, b^2, 0) (``eta_log_mgf``; no grad; kept on the state until beta, a or b change)."""
+        if st.logm_cache is None:
+            st.logm_cache = eta_log_mgf(st.beta - 1.0, st.a, st.b)
+        return st.logm_cache
+
+    def _c(self, st: LocalState) -> torch.Tensor:
+        """c = beta - W c_z (N, G), the slope of e on eta, of a structured state (no grad; kept on the
+        state until beta or c_z change)."""
+        if st.c_cache is None:
+            st.c_cache = st.beta - st.c_z @ self.W.T
+        return st.c_cache
 
     def _wsw(self, S: torch.Tensor) -> torch.Tensor:
         """W_g S_n W_g^T for every cell n and gene g, (N, G), as one (N, k^2) x (k^2, G) product."""
@@ -523,32 +558,39 @@ class PLNVAE(nn.Module):
         """q(eta) = Laplace approximation of exp f(eta) (module docstring, step 1)."""
         d, W = self.d, self.W
         o, _ = self._o_st(st)
-        c = st.beta - st.c_z @ W.T
+        c = self._c(st)
         t = st.beta - 1.0
         log_lam0 = o + st.r + 0.5 * st.v - st.beta * st.eta_r[:, None]
         lin = (st.m * st.c_z).sum(1) + (st.r * c / d).sum(1)
         P = (st.c_z**2).sum(1) + (c**2 / d).sum(1)
         s2 = self.capture.sigma_M**2
         eta = st.a.clone()
-        for _ in range(n_newton):
-            ex = torch.exp(torch.clamp(log_lam0 + t * eta[:, None], max=700.0))
-            g = (t * (u - ex)).sum(1) - lin - P * (eta - st.eta_r) - (eta - prior_m) / s2
-            H = (t * t * ex).sum(1) + P + 1.0 / s2
-            eta = eta + torch.clamp(g / H, -2.0, 2.0)
-        ex = torch.exp(torch.clamp(log_lam0 + t * eta[:, None], max=700.0))
-        H = (t * t * ex).sum(1) + P + 1.0 / s2
+        tt = t * t
+        tu = torch.linalg.vecdot(t, u, dim=1)  # sum_g t_g u_g
+        # at most n_newton steps; a cell whose step is at round-off (<= 1e-13 (1 + |eta|)) keeps
+        # the eta after that step (so its result does not depend on the other cells of the batch),
+        # and the loop ends when every cell has; H is at the final eta
+        done = torch.zeros_like(eta, dtype=torch.bool)
+        for i in range(n_newton + 1):
+            ex = torch.addcmul(log_lam0, t, eta[:, None]).clamp_(max=700.0).exp_()
+            H = torch.linalg.vecdot(tt, ex, dim=1) + P + 1.0 / s2
+            if i == n_newton or bool(done.all()):
+                break
+            g = tu - torch.linalg.vecdot(t, ex, dim=1) - lin - P * (eta - st.eta_r) - (eta - prior_m) / s2
+            step = torch.where(done, 0.0, torch.clamp(g / H, -2.0, 2.0))
+            eta = eta + step
+            done |= step.abs() <= 1e-13 * (1.0 + eta.abs())
         a, b = eta, torch.sqrt(1.0 / H)
         # Gaussian-VI fixed point (Bonnet / Price): E_q f'(eta) = 0, 1/b^2 = -E_q f''(eta), with
         # E_q e^{t eta} = M(t) in closed form; moves (a, b) from the Laplace point towards the
         # ELBO's optimum (exact for an untruncated q; the truncation's boundary terms are ignored)
-        A1 = (t * u).sum(1) - lin + P * st.eta_r + prior_m / s2
+        A1 = tu - lin + P * st.eta_r + prior_m / s2
         A2 = P + 1.0 / s2
-        lam0 = torch.exp(log_lam0)
         for _ in range(n_vi):
             mean, _ = eta_moments(a, b)
-            tM = lam0 * torch.exp(eta_log_mgf(t, a, b))
-            g = A1 - A2 * mean - (t * tM).sum(1)
-            Hq = A2 + (t * t * tM).sum(1)
+            tM = eta_log_mgf(t, a, b).add_(log_lam0).exp_()  # lam0 M(t), lam0 = e^{log_lam0}
+            g = A1 - A2 * mean - torch.linalg.vecdot(t, tM, dim=1)
+            Hq = A2 + torch.linalg.vecdot(tt, tM, dim=1)
             a = a + torch.clamp(g / Hq, -1.0, 1.0)
             b = torch.sqrt(1.0 / Hq)
         return st.replace(a=a, b=b)
@@ -557,10 +599,10 @@ class PLNVAE(nn.Module):
         """(r, v): exact coordinate optimum given the slopes and q(eta) (step 2, Lambert W)."""
         d, W = self.d, self.W
         o, _ = self._o_st(st)
-        c = st.beta - st.c_z @ W.T
+        c = self._c(st)
         mean, _ = eta_moments(st.a, st.b)
         mu_d = (mean - st.eta_r)[:, None]
-        logM = eta_log_mgf(st.beta - 1.0, st.a, st.b)
+        logM = self._log_m(st)
         Lr = o - st.beta * st.eta_r[:, None] + logM - c * mu_d + 0.5 * st.v + torch.log(d) + u * d
         w_r = lambert_log_solve(Lr, n_iter=4 if st.w_r is None else 2, w0=st.w_r)
         y = torch.exp(w_r)
@@ -571,14 +613,14 @@ class PLNVAE(nn.Module):
         """One exact Newton step on the slopes (c_z, c) (step 3; k x k Schur complement)."""
         d, W = self.d, self.W
         o, _ = self._o_st(st)
-        c = st.beta - st.c_z @ W.T
+        c = self._c(st)
         a_np, b_np = _np(st.a), _np(st.b)
         mean, var = truncnorm.mean_var(a_np, b_np)
         mean, var = _t(mean), _t(var)
         mu_d = mean - st.eta_r
         E2 = (mu_d**2 + var)[:, None]
         t = _np(st.beta - 1.0)
-        logM = _t(_log_mgf_np(t, a_np, b_np))
+        logM = self._log_m(st)
         mt, vt = _tilted_mean_var_np(t, a_np, b_np)
         mt, vt = _t(mt), _t(vt)
         lam = torch.exp(o + st.r + 0.5 * st.v - st.beta * st.eta_r[:, None] + logM)  # E e^{x - eta}
@@ -593,7 +635,9 @@ class PLNVAE(nn.Module):
         step = torch.clamp(0.5 / torch.clamp(big, min=1e-300), max=1.0)[:, None]
         c_z = st.c_z + step * dz
         c = c + step * dc
-        return st.replace(c_z=c_z, beta=c_z @ W.T + c)
+        out = st.replace(c_z=c_z, beta=c_z @ W.T + c)
+        out.c_cache = c  # = beta - W c_z to round-off
+        return out
 
     def _slope_solve(self, h, E2, g_z, g_c):
         """Solve [[W^T h W + E2 I, W^T h], [h W, h + E2/d]] (dz, dc) = (g_z, g_c) per cell through
@@ -614,7 +658,9 @@ class PLNVAE(nn.Module):
         lam = self.expected_rate(u, st)
         one = torch.ones(u.shape[0], 1, dtype=u.dtype)
         c_z, c = self._slope_solve(lam, one, lam @ self.W, lam)
-        return st.replace(c_z=c_z, beta=c_z @ self.W.T + c)
+        out = st.replace(c_z=c_z, beta=c_z @ self.W.T + c)
+        out.c_cache = c  # = beta - W c_z to round-off
+        return out
 
     def local(self, u, m, logvar, prior_m=None, w_r=None, n_rounds=None, init=None) -> LocalState:
         """The family's closed-form local updates (``local_updates`` or ``local_updates_structured``)."""
@@ -629,7 +675,7 @@ class PLNVAE(nn.Module):
         if self.capture is None:
             return torch.exp(o + st.r + 0.5 * st.v)
         if st.structured:
-            logM = eta_log_mgf(st.beta - 1.0, st.a, st.b)
+            logM = self._log_m(st)
             return torch.exp(o + st.r + 0.5 * st.v - st.beta * st.eta_r[:, None] + logM)
         logK = torch.from_numpy(truncnorm.log_mgf(-1.0, _np(st.a), _np(st.b)))
         return torch.exp(o + st.r + 0.5 * st.v + logK[:, None])
