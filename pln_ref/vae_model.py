@@ -190,7 +190,9 @@ class LocalState:
     on z (e | z, eta has mean shifted by -kappa_g W_g (z - E[z | eta]))."""
 
     #: the fields that (o, W m) (``PLNVAE._o_st``) and c = beta - W c_z depend on: a ``replace`` that
-    #: sets none of them keeps the value computed for the state it replaces
+    #: sets none of them keeps the value computed for the state it replaces. The values are
+    #: computed with the decoder's current mu and W, so a state is not reused across an update of
+    #: the decoder with its caches (``local_updates_structured`` drops them from ``init``).
     _O_DEPS = ("m", "logvar", "S", "kappa")
     _C_DEPS = ("beta", "c_z")
     _M_DEPS = ("beta", "a", "b")  # log M(beta - 1) = log E_q e^{(beta - 1) eta} (``PLNVAE._log_m``)
@@ -526,8 +528,9 @@ class PLNVAE(nn.Module):
                 st = self._rv_step(u, st)
                 if self.z_cov == "full":
                     st = self._cov_step(u, st)
-        else:
+        else:  # (o and c depend on the decoder's mu and W too: an init state may predate an update)
             st = init.replace(m=m, logvar=logvar)
+            st.c_cache = None
         if cap is None:
             return st
         for _ in range(max(1, n_rounds)):

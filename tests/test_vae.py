@@ -415,6 +415,35 @@ def _structured_state(n_rounds=12, seed=3, G=10, k=2, n_cells=6, z_cov="diag"):
     return p, model, u, pm, st
 
 
+def test_local_state_caches_are_dropped_when_their_inputs_change():
+    """(o, W m), c = beta - W c_z and log M(beta - 1) are kept on a local state (no grad) and equal
+    the recomputed values; a replace that changes an input drops them, one that does not keeps
+    them; under grad nothing is read from the cache."""
+    from pln_ref.vae_model import eta_log_mgf
+
+    p, model, u, pm, st = _structured_state(n_rounds=3, z_cov="full")
+    W = model.W.detach()
+    with torch.no_grad():
+        o = model._o_st(st)[0]
+        assert model._o_st(st)[0] is o and st.replace(r=st.r + 1.0).o_cache is st.o_cache
+        fresh = model.mu + st.m @ W.T + 0.5 * (1.0 - st.kappa) ** 2 * model._wsw(st.S)
+        np.testing.assert_allclose(o.numpy(), fresh.numpy(), rtol=1e-13)
+        for name in ("m", "logvar", "S", "kappa"):
+            assert st.replace(**{name: getattr(st, name) * 1.0}).o_cache is None
+        o2 = model._o_st(st.replace(kappa=0.5 * st.kappa))[0]
+        assert not torch.allclose(o2, o)
+        c = model._c(st)
+        np.testing.assert_allclose(c.numpy(), (st.beta - st.c_z @ W.T).numpy(), rtol=1e-12, atol=1e-14)
+        st3 = st.replace(beta=st.beta + 1.0)
+        assert st3.c_cache is None and st3.logm_cache is None
+        np.testing.assert_allclose(model._c(st3).numpy(), (c + 1.0).numpy(), rtol=1e-12, atol=1e-14)
+        lm = model._log_m(st)
+        np.testing.assert_array_equal(lm.numpy(), eta_log_mgf(st.beta - 1.0, st.a, st.b).numpy())
+        assert st.replace(a=st.a + 0.1).logm_cache is None and st.replace(r=st.r).logm_cache is lm
+    st.o_cache = (torch.zeros_like(o), torch.zeros_like(o))  # a wrong cached value is not read under grad
+    np.testing.assert_allclose(model._o_st(st)[0].detach().numpy(), o.numpy(), rtol=1e-13)
+
+
 @pytest.mark.parametrize("z_cov", ["diag", "full"])
 def test_structured_closed_form_elbo_equals_monte_carlo(z_cov):
     """Every structured ELBO term (through the truncated-normal MGF) against a Monte Carlo estimate
