@@ -280,13 +280,9 @@ def main(argv=None) -> int:
            "dask_tasks_per_evaluation": _dask_tasks(args.cells, evaluation_block_cells(args.genes), args.workers),
            "nproc": os.cpu_count(), "loadavg_before": list(os.getloadavg()),
            "started_utc": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime())}
-    try:
-        import subprocess as sp_
+    from bench_speed import short_commit
 
-        out["commit"] = sp_.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"],
-                                capture_output=True, text=True).stdout.strip()
-    except OSError:
-        pass
+    out["commit"] = short_commit()
     out["counts"] = args.counts
     out["counts_dtype"], out["map_dtype"] = str(u.dtype), args.map_dtype
     r0 = None

@@ -117,10 +117,26 @@ def evidence(u, la, params, tol=1e-9) -> float:
     return ev(params.mu, params.W, params.d, gtol=tol, with_grad=False).value
 
 
+def float_list(text: str, option: str) -> list[float]:
+    """The numbers of a comma-separated command-line value; SystemExit naming ``option`` when one
+    of them is not a finite number or there is none."""
+    try:
+        vals = [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise SystemExit(f"{option} must be comma-separated numbers, got {text!r}") from None
+    if not vals or not all(np.isfinite(vals)):
+        raise SystemExit(f"{option} must be comma-separated finite numbers, got {text!r}")
+    return vals
+
+
 def short_commit() -> str:
-    """The repository's HEAD as a short hash, for the provenance of a results file ("" outside git)."""
-    return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
-                          text=True).stdout.strip()
+    """The repository's HEAD as a short hash, for the provenance of a results file ("" outside git
+    or without a git executable)."""
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+                              text=True).stdout.strip()
+    except OSError:
+        return ""
 
 
 def cached_reference_path(name: str) -> Path:

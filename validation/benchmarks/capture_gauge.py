@@ -101,17 +101,15 @@ def main(argv=None) -> int:
     ap.add_argument("--eta-marginal", action="store_true", help="also the eta-integrated evidence on the segment")
     ap.add_argument("--out", default=None, help="results file name under results/")
     args = ap.parse_args(argv)
-    try:
-        grid = [float(x) for x in args.grid.split(",") if x]
-    except ValueError:
-        raise SystemExit(f"--grid must be comma-separated numbers, got {args.grid!r}") from None
-    if not grid or 0.0 not in grid or 1.0 not in grid or not all(np.isfinite(grid)):
-        raise SystemExit(f"--grid must be finite numbers including 0 and 1, got {args.grid!r}")
-    if args.cells < 1:
-        raise SystemExit(f"--cells must be >= 1, got {args.cells}")
     sys.path.insert(0, str(ROOT))
     sys.path.insert(1, str(HERE))
     import bench_speed as bs
+
+    grid = bs.float_list(args.grid, "--grid")
+    if 0.0 not in grid or 1.0 not in grid:
+        raise SystemExit(f"--grid must include 0 and 1, got {args.grid!r}")
+    if args.cells < 1:
+        raise SystemExit(f"--cells must be >= 1, got {args.cells}")
 
     from scipy.special import log_ndtr
 

@@ -100,18 +100,16 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     if not (np.isfinite(args.h) and args.h > 0):
         raise SystemExit(f"--h must be a positive finite step, got {args.h}")
-    try:
-        fracs = [float(x) for x in args.evals.split(",") if x]
-    except ValueError:
-        raise SystemExit(f"--evals must be comma-separated fractions, got {args.evals!r}") from None
-    if not fracs or not all(0.0 <= f < 1.0 for f in fracs):
-        raise SystemExit(f"--evals must be fractions in [0, 1), got {args.evals!r}")
-    if args.genes < 1:
-        raise SystemExit(f"--genes must be >= 1, got {args.genes}")
     sys.path.insert(0, str(ROOT))
     sys.path.insert(1, str(HERE))
     import bench_evals
     import bench_speed as bs
+
+    fracs = bs.float_list(args.evals, "--evals")
+    if not all(0.0 <= f < 1.0 for f in fracs):
+        raise SystemExit(f"--evals must be fractions in [0, 1), got {args.evals!r}")
+    if args.genes < 1:
+        raise SystemExit(f"--genes must be >= 1, got {args.genes}")
     from scipy.linalg import orthogonal_procrustes
 
     from pln_ref.fit_laplace import evaluation_block_cells
