@@ -422,14 +422,19 @@ class PLNVAE(nn.Module):
 
     def _log_m(self, st: LocalState) -> torch.Tensor:
         """log M(beta - 1) = log E_q e^{(beta_g - 1) eta} (N, G) of a structured state with q(eta) =
-        TruncN(a, b^2, 0) (``eta_log_mgf``; no grad; kept on the state until beta, a or b change)."""
+        TruncN(a, b^2, 0) (``eta_log_mgf``); without autograd kept on the state until beta, a or b
+        change."""
+        if torch.is_grad_enabled():
+            return eta_log_mgf(st.beta - 1.0, st.a, st.b)
         if st.logm_cache is None:
             st.logm_cache = eta_log_mgf(st.beta - 1.0, st.a, st.b)
         return st.logm_cache
 
     def _c(self, st: LocalState) -> torch.Tensor:
-        """c = beta - W c_z (N, G), the slope of e on eta, of a structured state (no grad; kept on the
-        state until beta or c_z change)."""
+        """c = beta - W c_z (N, G), the slope of e on eta, of a structured state; without autograd
+        kept on the state until beta or c_z change."""
+        if torch.is_grad_enabled():
+            return st.beta - st.c_z @ self.W.T
         if st.c_cache is None:
             st.c_cache = st.beta - st.c_z @ self.W.T
         return st.c_cache

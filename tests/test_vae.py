@@ -440,8 +440,11 @@ def test_local_state_caches_are_dropped_when_their_inputs_change():
         lm = model._log_m(st)
         np.testing.assert_array_equal(lm.numpy(), eta_log_mgf(st.beta - 1.0, st.a, st.b).numpy())
         assert st.replace(a=st.a + 0.1).logm_cache is None and st.replace(r=st.r).logm_cache is lm
-    st.o_cache = (torch.zeros_like(o), torch.zeros_like(o))  # a wrong cached value is not read under grad
+    # wrong cached values are not read under grad
+    st.o_cache, st.c_cache, st.logm_cache = (torch.zeros_like(o), torch.zeros_like(o)), o, o
     np.testing.assert_allclose(model._o_st(st)[0].detach().numpy(), o.numpy(), rtol=1e-13)
+    np.testing.assert_allclose(model._c(st).detach().numpy(), c.numpy(), rtol=1e-12, atol=1e-14)
+    np.testing.assert_array_equal(model._log_m(st).numpy(), lm.numpy())
 
 
 @pytest.mark.parametrize("z_cov", ["diag", "full"])
