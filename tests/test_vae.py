@@ -418,7 +418,7 @@ def _structured_state(n_rounds=12, seed=3, G=10, k=2, n_cells=6, z_cov="diag"):
 def test_local_state_caches_are_dropped_when_their_inputs_change():
     """(o, W m), c = beta - W c_z and log M(beta - 1) are kept on a local state (no grad) and equal
     the recomputed values; a replace that changes an input drops them, one that does not keeps
-    them; under grad nothing is read from the cache."""
+    them; an ``init`` state's c is recomputed; under grad nothing is read from the cache."""
     from pln_ref.vae_model import eta_log_mgf
 
     p, model, u, pm, st = _structured_state(n_rounds=3, z_cov="full")
@@ -440,6 +440,12 @@ def test_local_state_caches_are_dropped_when_their_inputs_change():
         lm = model._log_m(st)
         np.testing.assert_array_equal(lm.numpy(), eta_log_mgf(st.beta - 1.0, st.a, st.b).numpy())
         assert st.replace(a=st.a + 0.1).logm_cache is None and st.replace(r=st.r).logm_cache is lm
+        # an init state's c is recomputed (c depends on the decoder's W, which may have moved since)
+        clean, stale = st.replace(m=st.m), st.replace(m=st.m)
+        clean.c_cache, stale.c_cache = None, torch.zeros_like(c)
+        out = [model.local_updates_structured(u, st.m, st.logvar, pm, n_rounds=1, init=s) for s in (clean, stale)]
+        np.testing.assert_array_equal(out[0].beta.numpy(), out[1].beta.numpy())
+        np.testing.assert_array_equal(out[0].a.numpy(), out[1].a.numpy())
     # wrong cached values are not read under grad
     st.o_cache, st.c_cache, st.logm_cache = (torch.zeros_like(o), torch.zeros_like(o)), o, o
     np.testing.assert_allclose(model._o_st(st)[0].detach().numpy(), o.numpy(), rtol=1e-13)
