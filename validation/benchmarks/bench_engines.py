@@ -38,6 +38,7 @@ for _v in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
 import argparse  # noqa: E402
 import json  # noqa: E402
 import platform  # noqa: E402
+import subprocess  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
 import warnings  # noqa: E402
@@ -211,9 +212,11 @@ def main(argv=None) -> int:
         args.N, args.calls, args.repeats, args.warmup, args.draws = 20, 200, 2, 100, 100
     out = Path(args.out or f"validation/out/bench_engines{'_quick' if args.quick else ''}")
     out.mkdir(parents=True, exist_ok=True)
-    from bench_speed import short_commit
-
-    commit = short_commit() or "unknown"
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                cwd=Path(__file__).resolve().parent).stdout.strip()
+    except OSError:
+        commit = "unknown"
     import bridgestan
 
     res: dict = {"meta": {"commit": commit, "python": platform.python_version(), "cpus": os.cpu_count(),
