@@ -117,10 +117,10 @@ def optimize_globals(
         raise ValueError(f'optimizer must be "adam" or "lbfgs", got {optimizer!r}')
     u = CountMatrix(counts)  # kept in its storage: no dense float64 copy of the counts
     N, G = u.shape
-    n_first = batch_size  # the sampled L-BFGS's first sample: at least batch_size cells, raised so
-    if optimizer == "lbfgs" and batch_size is not None:  # that it resolves the sparsest gene
-        n_first = first_sample_size(u.rmatmul(np.ones(N)), N, batch_size, min_sample_counts)
-    sampled = optimizer == "lbfgs" and batch_size is not None and len(sample_sizes(N, n_first)) > 1
+    asked = optimizer == "lbfgs" and batch_size is not None  # the sampled L-BFGS: its first sample
+    # has at least batch_size cells, raised so that it resolves the sparsest gene
+    n_first = first_sample_size(u.rmatmul(np.ones(N)), N, batch_size, min_sample_counts) if asked else 0
+    sampled = asked and len(sample_sizes(N, n_first)) > 1
     if sampled and (client is not None or em_cycles):
         raise ValueError("batch_size with optimizer='lbfgs' (the sampled L-BFGS) runs in this process "
                          "without EM cycles: drop batch_size, em_cycles or the Dask client")
@@ -136,7 +136,7 @@ def optimize_globals(
     if fingerprint is not None:
         st.fingerprint = fingerprint
     st.optimizer = optimizer
-    st.first_sample = int(n_first) if optimizer == "lbfgs" and batch_size is not None else 0
+    st.first_sample = int(n_first)
     if client is not None and (optimizer != "lbfgs" or em_cycles):
         raise ValueError("a Dask client / scheduler address needs optimizer='lbfgs' without EM cycles "
                          "(the blocked full-batch evaluation)")
@@ -175,7 +175,7 @@ def optimize_globals(
                         checkpoint_every=checkpoint_every, progress=progress)
         elif optimizer == "lbfgs":
             desc = "Laplace fit (L-BFGS)"
-            if batch_size is not None:  # the sampled path was asked for; its first sample is > N / 2
+            if asked:  # the sampled path was asked for; its first sample is > N / 2
                 desc = f"Laplace fit (L-BFGS, all cells: first sample {n_first} > N / 2)"
             run_lbfgs(ev, st, n_steps=n_steps, gtol=gtol, rule=StopRule(gap_tol=gap_tol),
                       checkpoint=checkpoint, checkpoint_every=checkpoint_every, progress=progress,
